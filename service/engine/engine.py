@@ -1,0 +1,142 @@
+"""Engine: the transport-free data plane both the WebSocket and REST layers call.
+
+It loads and warms the models, owns one state table and one micro-batcher per model,
+opens streaming sessions and scores clips. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from service.engine.batcher import MicroBatcher
+from service.engine.model import ModelHandle
+from service.engine.offline import OfflineChunk, score_clip
+from service.engine.runtime import run_warmup
+from service.engine.session import Encoding, ResultSink, StreamSession
+from service.engine.state import StateTable
+from service.engine.store import StoredModel, _version_key, discover, open_graphs
+from service.errors import ContractError, ModelNotFound
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("lookback.engine")
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.models: dict[str, ModelHandle] = {}
+        self._versions: dict[str, list[str]] = {}  # name -> versions, newest first
+        self._offline = ThreadPoolExecutor(settings.max_concurrent_scores,
+                                           thread_name_prefix="offline")
+        self.ready = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        stored = self._select(discover(self.settings.model_store))
+        if not stored:
+            raise ContractError(
+                f"no models to serve in {self.settings.model_store} "
+                f"(wanted: {self.settings.models or 'all'})")
+        for sm in stored:
+            handle = await asyncio.to_thread(self._load, sm)
+            handle.batcher = MicroBatcher(handle, max_batch_size=self.settings.max_batch_size,
+                                          max_wait_ms=self.settings.max_wait_ms)
+            await handle.batcher.start()
+            self.models[handle.spec.key] = handle
+            self._versions.setdefault(handle.spec.name, []).append(handle.spec.version)
+            self.metrics.model_info.labels(handle.spec.name, handle.spec.version,
+                                           handle.provider).set(1)
+            log.info("model %s ready on %s (hop %d, context %d, %s)", handle.spec.key,
+                     handle.provider, handle.spec.hop_samples, handle.spec.context_samples,
+                     "sequence graph" if handle.sequence else "step graph only")
+        for versions in self._versions.values():
+            versions.sort(key=_version_key, reverse=True)
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        for handle in self.models.values():
+            await handle.batcher.stop()
+        self._offline.shutdown(wait=False, cancel_futures=True)
+
+    def _select(self, stored: list[StoredModel]) -> list[StoredModel]:
+        wanted = self.settings.models
+        if not wanted:
+            return stored
+        chosen = []
+        for sm in stored:
+            if sm.spec.name in wanted or sm.spec.key in wanted:
+                chosen.append(sm)
+        missing = [w for w in wanted if not any(w in (s.spec.name, s.spec.key) for s in chosen)]
+        if missing:
+            raise ModelNotFound(f"models {missing} not found in {self.settings.model_store}")
+        return chosen
+
+    def _load(self, sm: StoredModel) -> ModelHandle:
+        s = self.settings
+        step, seq = open_graphs(sm, providers=s.providers, intra_op_threads=s.intra_op_threads,
+                                inter_op_threads=s.inter_op_threads)
+        capacity = s.max_sessions + s.max_concurrent_scores + s.max_queued_scores
+        table = StateTable(ModelHandle.slab_specs(sm.spec),
+                           initial_capacity=min(s.initial_slots, capacity),
+                           max_capacity=capacity)
+        handle = ModelHandle(sm.spec, sm.path, step, seq, table, self.metrics)
+        run_warmup(step, handle.step_feeds, s.warmup_batch_sizes)
+        if seq is not None:
+            run_warmup(seq, lambda b: handle.sequence_feeds(1, b), [1, 64])
+        return handle
+
+    # -- lookup ----------------------------------------------------------------------------
+    def resolve(self, name: str | None = None, version: str | None = None) -> ModelHandle:
+        name = name or self.settings.default_model
+        versions = self._versions.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} is not loaded; loaded: {sorted(self._versions)}")
+        if version is None or version == "latest":
+            version = versions[0]
+        handle = self.models.get(f"{name}/{version}")
+        if handle is None:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; loaded: {versions}",
+                                code="unknown_version")
+        return handle
+
+    @property
+    def backlog(self) -> int:
+        """Ready steps waiting for a batch, over all models (load-shedding signal)."""
+        return sum(h.batcher.backlog for h in self.models.values())
+
+    @property
+    def provider(self) -> str:
+        providers = {h.provider for h in self.models.values()}
+        return ",".join(sorted(providers)) if providers else "none"
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        for key, h in self.models.items():
+            d = h.spec.model_dump(mode="json")
+            d.update(key=key, provider=h.provider, sequence_graph=h.sequence is not None,
+                     latest=self._versions[h.spec.name][0] == h.spec.version,
+                     sessions=h.table.used, state_bytes_per_session=h.table.bytes_per_slot)
+            out.append(d)
+        return out
+
+    # -- work ------------------------------------------------------------------------------
+    def open_session(self, handle: ModelHandle, sink: ResultSink, *,
+                     encoding: Encoding = "pcm_s16le") -> StreamSession:
+        return StreamSession(handle, sink, encoding=encoding,
+                             max_pending_steps=self.settings.max_pending_steps)
+
+    def score(self, handle: ModelHandle,
+              chunks: AsyncIterator[np.ndarray]) -> AsyncIterator[OfflineChunk]:
+        return score_clip(handle, chunks, executor=self._offline,
+                          max_pending_steps=self.settings.offline_chunk_steps)

@@ -1,0 +1,206 @@
+"""Offline scoring: a clip in, chunks of scores and events out, in bounded memory.
+
+The clip arrives as an async iterator of float32 chunks (samples in [-1, 1)); nothing
+here ever holds more than one chunk plus a partial hop. With a ``sequence`` graph each
+chunk is scored in one call of up to ``max_steps`` steps (in the offline executor, so
+the event loop and the streaming batcher stay responsive); without one, the chunk goes
+through an ordinary StreamSession and the shared micro-batcher. Either way the end is
+padded like a streaming ``flush`` and events come from the same detector, so offline
+and streaming results agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine.events import Event, EventDetector
+from service.engine.model import ModelHandle, np_dtype
+from service.engine.session import StreamSession
+from service.errors import LookbackError
+
+
+@dataclass
+class OfflineChunk:
+    first_step: int
+    scores: np.ndarray  # [n, labels] float32
+    events: list[Event] = field(default_factory=list)
+
+
+class SequenceScorer:
+    """Carries context, states and a partial hop across chunks for the sequence graph."""
+
+    def __init__(self, handle: ModelHandle) -> None:
+        spec = handle.spec
+        assert spec.sequence is not None and handle.sequence is not None
+        self.handle = handle
+        self.spec = spec
+        self.rt = handle.sequence
+        self.max_steps = spec.sequence.max_steps
+        self.audio_name = spec.sequence.audio_input or spec.audio_input.name
+        self.scale = np.float32(32768.0 if spec.audio_input.scale == "raw" else 1.0)
+        self.states: dict[str, np.ndarray] = {}
+        for st in spec.states:
+            shape = list(st.shape)
+            shape.insert(st.batch_axis, 1)
+            self.states[st.input] = np.full(shape, st.initial, dtype=np_dtype(st.dtype))
+        self.context = np.zeros(spec.context_samples, np.float32)
+        self.leftover = np.zeros(0, np.float32)
+        self.constants = handle.step_feeds(1)
+        for name in [spec.audio_input.name, *self.states]:
+            self.constants.pop(name, None)
+        self.out_names = [o.sequence_name or o.name for o in spec.outputs]
+
+    def feed(self, samples: np.ndarray) -> np.ndarray:
+        """Score every whole hop available; keep the remainder for the next chunk."""
+        hop = self.spec.hop_samples
+        audio = np.concatenate([self.leftover, samples.astype(np.float32, copy=False)])
+        n = audio.size // hop
+        self.leftover = audio[n * hop:].copy()
+        parts = []
+        for start in range(0, n, self.max_steps):
+            k = min(self.max_steps, n - start)
+            parts.append(self._run(audio[start * hop:(start + k) * hop], k))
+        if not parts:
+            return np.zeros((0, len(self.spec.labels)), np.float32)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def finish(self) -> np.ndarray:
+        """Zero-pad the partial hop, exactly as a streaming flush does."""
+        if not self.leftover.size:
+            return np.zeros((0, len(self.spec.labels)), np.float32)
+        pad = np.zeros(self.spec.hop_samples - self.leftover.size, np.float32)
+        self.padded = pad.size
+        tail, self.leftover = np.concatenate([self.leftover, pad]), np.zeros(0, np.float32)
+        return self._run(tail, 1)
+
+    def _run(self, new: np.ndarray, steps: int) -> np.ndarray:
+        spec = self.spec
+        window = np.concatenate([self.context, new])
+        if spec.context_samples:
+            self.context = window[-spec.context_samples:].copy()
+        if self.scale != 1.0:
+            window = window * self.scale
+        feeds = dict(self.constants)
+        batch = window[None, :] if spec.audio_input.layout == "BT" else window[None, None, :]
+        feeds[self.audio_name] = batch
+        feeds.update(self.states)
+        outs = dict(zip(self.rt.output_names, self.rt.run(feeds), strict=True))
+        for st in spec.states:
+            self.states[st.input] = outs[st.output]
+        cols = [np.asarray(outs[name], np.float32).reshape(steps, -1) for name in self.out_names]
+        return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
+
+
+async def score_clip(
+    handle: ModelHandle,
+    chunks: AsyncIterator[np.ndarray],
+    *,
+    executor: Executor,
+    max_pending_steps: int = 1024,
+) -> AsyncIterator[OfflineChunk]:
+    """Score a clip chunk by chunk; yields each chunk's scores and new events."""
+    if handle.sequence is not None:
+        async for out in _with_sequence(handle, chunks, executor):
+            yield out
+    else:
+        async for out in _with_batcher(handle, chunks, max_pending_steps):
+            yield out
+
+
+async def _with_sequence(
+    handle: ModelHandle, chunks: AsyncIterator[np.ndarray], executor: Executor
+) -> AsyncIterator[OfflineChunk]:
+    spec = handle.spec
+    loop = asyncio.get_running_loop()
+    scorer = SequenceScorer(handle)
+    detector = EventDetector(spec.events, spec.event_label, sample_rate=spec.sample_rate,
+                             hop=spec.hop_samples)
+    col = spec.labels.index(spec.event_label)
+    step = 0
+
+    def emit(scores: np.ndarray) -> OfflineChunk:
+        nonlocal step
+        events: list[Event] = []
+        for i, s in enumerate(scores[:, col].tolist()):
+            ev = detector.update(s, (step + i + 1) * spec.hop_samples)
+            if ev:
+                events.extend(ev)
+        out = OfflineChunk(step, scores, events)
+        step += len(scores)
+        return out
+
+    async for chunk in chunks:
+        scores = await loop.run_in_executor(executor, scorer.feed, chunk)
+        if len(scores):
+            yield emit(scores)
+    tail = emit(await loop.run_in_executor(executor, scorer.finish))
+    tail.events.extend(detector.finish(step * spec.hop_samples))
+    yield tail
+
+
+class _Collect:
+    """ResultSink that keeps one chunk's results for the offline batcher path."""
+
+    def __init__(self, labels: int) -> None:
+        self.rows: list[np.ndarray] = []
+        self.events: list[Event] = []
+        self.error: LookbackError | None = None
+        self.labels = labels
+
+    def on_result(self, index: int, time: float, scores: np.ndarray,
+                  events: list[Event] | None) -> None:
+        self.rows.append(scores)
+        if events:
+            self.events.extend(events)
+
+    def on_error(self, index: int, error: LookbackError) -> None:
+        self.error = error
+
+    def take(self, first_step: int) -> OfflineChunk:
+        if self.error is not None:
+            raise self.error
+        scores = (np.stack(self.rows).astype(np.float32) if self.rows
+                  else np.zeros((0, self.labels), np.float32))
+        out = OfflineChunk(first_step, scores, self.events)
+        self.rows, self.events = [], []
+        return out
+
+
+async def _with_batcher(
+    handle: ModelHandle, chunks: AsyncIterator[np.ndarray], max_pending_steps: int
+) -> AsyncIterator[OfflineChunk]:
+    spec = handle.spec
+    sink = _Collect(len(spec.labels))
+    session = StreamSession(handle, sink, encoding="pcm_f32le",
+                            max_pending_steps=max_pending_steps)
+    frame = spec.frame_samples
+    carry = np.zeros(0, np.float32)
+    piece = max_pending_steps * spec.hop_samples
+    try:
+        step = 0
+        async for chunk in chunks:
+            audio = np.concatenate([carry, chunk.astype(np.float32, copy=False)])
+            whole = (audio.size // frame) * frame
+            carry = audio[whole:].copy()
+            for start in range(0, whole, piece):
+                session.push(audio[start:min(whole, start + piece)].tobytes())
+                await session.wait_idle()
+            if sink.rows:
+                out = sink.take(step)
+                step += len(out.scores)
+                yield out
+        if carry.size:  # pad the last partial frame; flush pads the partial hop
+            session.push(np.concatenate(
+                [carry, np.zeros(frame - carry.size, np.float32)]).tobytes())
+        session.flush()
+        await session.wait_idle()
+        out = sink.take(step)
+        out.events.extend(session.finish())
+        yield out
+    finally:
+        session.close()

@@ -1,0 +1,98 @@
+"""StateTable: every session's lookback buffers and recurrent states, one slab per tensor.
+
+Rows are batch-first ``[capacity, *shape]`` whatever the model's own batch axis; a batch
+gathers ``slab[slots]``, moves the batch axis where the graph wants it, runs, and
+scatters back. One table per model means one allocation per tensor, not per client, and
+a batch touches memory with vectorised fancy indexing instead of a Python loop.
+
+Threading: slots are taken and released on the event loop; gathers and scatters run in
+the batcher's executor thread. Rows of different sessions never overlap, so the only
+conflict is growth (which reallocates the slabs); ``lock`` serialises growth with a
+running batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import CapacityError
+
+CONTEXT = "__context__"
+
+
+@dataclass(frozen=True)
+class SlabSpec:
+    name: str
+    shape: tuple[int, ...]  # without batch
+    dtype: np.dtype
+    initial: float
+    batch_axis: int = 0
+
+
+class StateTable:
+    def __init__(self, specs: Sequence[SlabSpec], *, initial_capacity: int, max_capacity: int):
+        if initial_capacity < 1 or max_capacity < initial_capacity:
+            raise ValueError("need 1 <= initial_capacity <= max_capacity")
+        self.specs = {s.name: s for s in specs}
+        self.max_capacity = max_capacity
+        self.capacity = initial_capacity
+        self.lock = threading.Lock()
+        self.slabs: dict[str, np.ndarray] = {
+            s.name: np.full((initial_capacity, *s.shape), s.initial, dtype=s.dtype) for s in specs
+        }
+        # Free list as a stack: the most recently freed (and reset) slot is reused first.
+        self._free: list[int] = list(range(initial_capacity - 1, -1, -1))
+        self._used = 0
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def bytes_per_slot(self) -> int:
+        return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in self.specs.values())
+
+    def acquire(self) -> int:
+        if not self._free:
+            self._grow()
+        slot = self._free.pop()
+        self._used += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Reset the row to its initial value, then make it reusable (never stale state)."""
+        for spec in self.specs.values():
+            self.slabs[spec.name][slot] = spec.initial
+        self._free.append(slot)
+        self._used -= 1
+
+    def _grow(self) -> None:
+        if self.capacity >= self.max_capacity:
+            raise CapacityError(f"state table full ({self.capacity} sessions)")
+        new_cap = min(self.capacity * 2, self.max_capacity)
+        with self.lock:
+            for spec in self.specs.values():
+                old = self.slabs[spec.name]
+                slab = np.full((new_cap, *spec.shape), spec.initial, dtype=spec.dtype)
+                slab[: self.capacity] = old
+                self.slabs[spec.name] = slab
+            self._free = list(range(new_cap - 1, self.capacity - 1, -1)) + self._free
+            self.capacity = new_cap
+
+    def gather(self, name: str, slots: np.ndarray) -> np.ndarray:
+        """Rows for ``slots`` in the graph's layout (batch axis moved into place)."""
+        spec = self.specs[name]
+        rows = self.slabs[name][slots]
+        if spec.batch_axis:
+            rows = np.ascontiguousarray(np.moveaxis(rows, 0, spec.batch_axis))
+        return rows
+
+    def scatter(self, name: str, slots: np.ndarray, value: np.ndarray) -> None:
+        spec = self.specs[name]
+        if spec.batch_axis:
+            value = np.moveaxis(value, spec.batch_axis, 0)
+        self.slabs[name][slots] = value

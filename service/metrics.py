@@ -1,0 +1,128 @@
+"""Prometheus metrics on an injectable registry (never the global one).
+
+Per-step histograms (queue wait, frame-to-result latency) are observed a whole batch at
+a time with numpy: prometheus-client's ``observe`` takes a lock and ~1 us per call,
+which at tens of thousands of steps per second would cost a noticeable share of a core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.030, 0.050, 0.1, 0.25,
+    0.5, 1.0, 2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class BatchHistogram(Collector):
+    """A labelled histogram fed with arrays; exported like a native Histogram."""
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str],
+                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self._series: dict[tuple[str, ...], list] = {}
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray, *labels: str) -> None:
+        if values.size == 0:
+            return
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [np.zeros(self.bounds.size + 1, np.int64), 0.0]
+        idx = np.searchsorted(self.bounds, values, side="left")
+        series[0] += np.bincount(idx, minlength=self.bounds.size + 1)
+        series[1] += float(values.sum())
+
+    def observe(self, value: float, *labels: str) -> None:
+        self.observe_many(np.asarray([value], dtype=np.float64), *labels)
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for labels, (counts, total) in self._series.items():
+            cum = np.cumsum(counts)
+            buckets = [(_fmt(b), int(c)) for b, c in zip(self.bounds, cum[:-1], strict=True)]
+            buckets.append(("+Inf", int(cum[-1])))
+            fam.add_metric(list(labels), buckets, total)
+        yield fam
+
+    def describe(self) -> Iterable[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+
+
+def _fmt(b: float) -> str:
+    return repr(float(b))
+
+
+class Metrics:
+    """Every metric Lookback exports. Label values are bounded: model keys, reasons, codes."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions_active = Gauge(
+            "lookback_sessions_active", "Open streaming sessions", ["model"], registry=r)
+        self.sessions_started = Counter(
+            "lookback_sessions_started_total", "Streaming sessions accepted", ["model"],
+            registry=r)
+        self.sessions_ended = Counter(
+            "lookback_sessions_ended_total", "Streaming sessions ended, by reason",
+            ["model", "reason"], registry=r)
+        self.sessions_refused = Counter(
+            "lookback_sessions_refused_total",
+            "Connections refused before a session started (shed load, auth, bad request)",
+            ["reason"], registry=r)
+        self.frames = Counter(
+            "lookback_frames_received_total", "128-sample frames accepted", ["model"], registry=r)
+        self.steps = Counter(
+            "lookback_steps_total", "Model steps run (one per session per batch)", ["model"],
+            registry=r)
+        self.batches = Counter(
+            "lookback_batches_total", "Model calls made by the micro-batcher", ["model"],
+            registry=r)
+        self.batch_failures = Counter(
+            "lookback_batch_failures_total", "Model calls that raised; all their steps failed",
+            ["model"], registry=r)
+        self.batch_size = Histogram(
+            "lookback_batch_size", "Steps per model call", ["model"], buckets=BATCH_BUCKETS,
+            registry=r)
+        self.model_run = Histogram(
+            "lookback_model_run_seconds", "Wall time of one batched model call (gather, run, "
+            "scatter)", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = BatchHistogram(
+            "lookback_queue_wait_seconds", "Time a ready step waited for its batch to start",
+            ["model"], LATENCY_BUCKETS, r)
+        self.frame_latency = BatchHistogram(
+            "lookback_frame_to_result_seconds",
+            "From arrival of the frame that completed a step to its result handed to the "
+            "transport", ["model"], LATENCY_BUCKETS, r)
+        self.backlog = Gauge(
+            "lookback_backlog_steps", "Ready steps waiting for the batcher", ["model"],
+            registry=r)
+        self.slots = Gauge(
+            "lookback_state_slots", "State-table rows", ["model", "kind"], registry=r)
+        self.errors = Counter(
+            "lookback_errors_total", "Errors sent to clients, by code", ["code"], registry=r)
+        self.bytes_in = Counter(
+            "lookback_bytes_received_total", "Audio bytes received", ["transport"], registry=r)
+        self.bytes_out = Counter(
+            "lookback_bytes_sent_total", "Result bytes sent", ["transport"], registry=r)
+        self.offline_clips = Counter(
+            "lookback_offline_clips_total", "Clips scored offline", ["model"], registry=r)
+        self.offline_seconds = Counter(
+            "lookback_offline_audio_seconds_total", "Audio seconds scored offline", ["model"],
+            registry=r)
+        self.model_info = Gauge(
+            "lookback_model_info", "Loaded models: version and active execution provider",
+            ["model", "version", "provider"], registry=r)
+        self.ready = Gauge("lookback_ready", "1 when models are loaded and warm", registry=r)
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()

@@ -1,0 +1,126 @@
+"""The wire protocol in one place: error codes, close codes, message encoders.
+
+README's "Errors and limits" table is generated from ``ERRORS`` and ``CLOSE_CODES``
+(``lookback protocol``) so the docs cannot drift from the code. Domain errors carry
+only a code; the HTTP status and the close code for a code are decided here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import orjson
+
+
+class Close(IntEnum):
+    """WebSocket close codes Lookback uses (RFC 6455 range plus the private 4000-4999)."""
+
+    NORMAL = 1000  # after {"type":"end"} and the summary
+    GOING_AWAY = 1001  # server draining (SIGTERM), after a summary
+    MESSAGE_TOO_BIG = 1009  # transport limit (uvicorn ws_max_size) exceeded
+    INTERNAL_ERROR = 1011  # unexpected server failure
+    TRY_AGAIN_LATER = 1013  # capacity reached after the upgrade (a race with the cap)
+    BAD_REQUEST = 4400  # handshake query invalid: bad encoding, sample rate, results, ...
+    UNKNOWN_MODEL = 4404  # model or version not loaded
+    IDLE_TIMEOUT = 4408  # nothing received for idle_timeout_s
+    MAX_DURATION = 4409  # session open longer than max_session_s
+    SLOW_CONSUMER = 4429  # the client does not read results fast enough
+
+
+CLOSE_CODES: dict[Close, str] = {
+    Close.NORMAL: "normal end after `end` and `summary`",
+    Close.GOING_AWAY: "server is draining (SIGTERM); buffered audio was scored and a summary sent",
+    Close.MESSAGE_TOO_BIG: "message above the transport limit (4 x max_message_bytes)",
+    Close.INTERNAL_ERROR: "unexpected server error",
+    Close.TRY_AGAIN_LATER: "session cap reached after the upgrade; retry with backoff",
+    Close.BAD_REQUEST: "invalid query parameter at connect (see the error code)",
+    Close.UNKNOWN_MODEL: "model or version not loaded",
+    Close.IDLE_TIMEOUT: "no message for idle_timeout_s",
+    Close.MAX_DURATION: "session reached max_session_s",
+    Close.SLOW_CONSUMER: "client did not read results; send queue bound exceeded",
+}
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    code: str
+    http: int  # status when this code answers a REST request
+    close: Close | None  # None: the WebSocket session stays open
+    summary: str
+
+
+_SPECS = [
+    # -- WebSocket messages (session stays open unless a close code is given) --
+    ErrorSpec("bad_frame_size", 400, None,
+              "binary message is not a whole number of 128-sample frames; dropped"),
+    ErrorSpec("empty_message", 400, None, "empty binary message; ignored"),
+    ErrorSpec("message_too_large", 413, None, "binary message above max_message_bytes; dropped"),
+    ErrorSpec("too_many_frames", 400, None,
+              "more frames in one message than max_frames_per_message; dropped"),
+    ErrorSpec("non_finite_audio", 400, None,
+              "pcm_f32le message holds NaN or Inf; dropped whole so state is never poisoned"),
+    ErrorSpec("too_many_pending_steps", 429, None,
+              "audio arrives faster than it is scored; message dropped (max_pending_steps)"),
+    ErrorSpec("bad_json", 400, None, "text message is not valid JSON"),
+    ErrorSpec("missing_type", 400, None, "JSON message without a string `type`"),
+    ErrorSpec("unknown_type", 400, None, "JSON `type` is not flush or end"),
+    ErrorSpec("audio_after_end", 400, None, "audio or flush received after `end`; ignored"),
+    ErrorSpec("inference_failed", 500, None,
+              "the model call failed for the batch holding this step; the step has no result"),
+    # -- connect / request parameters --
+    ErrorSpec("bad_encoding", 400, Close.BAD_REQUEST, "encoding must be pcm_s16le or pcm_f32le"),
+    ErrorSpec("bad_sample_rate", 400, Close.BAD_REQUEST,
+              "sample_rate differs from the model's; Lookback never resamples silently"),
+    ErrorSpec("bad_query", 400, Close.BAD_REQUEST, "a query parameter has an invalid value"),
+    ErrorSpec("unknown_model", 404, Close.UNKNOWN_MODEL, "model not loaded"),
+    ErrorSpec("unknown_version", 404, Close.UNKNOWN_MODEL, "version of the model not loaded"),
+    ErrorSpec("unauthorized", 401, None,
+              "missing or wrong API key (WebSocket: HTTP 401 before the upgrade)"),
+    ErrorSpec("origin_not_allowed", 403, None,
+              "browser Origin not in allowed_origins (HTTP 403 before the upgrade)"),
+    ErrorSpec("server_busy", 503, Close.TRY_AGAIN_LATER,
+              "session cap, scoring queue or batcher backlog full; retry after Retry-After"),
+    ErrorSpec("draining", 503, Close.GOING_AWAY, "server is shutting down; connect elsewhere"),
+    # -- REST bodies --
+    ErrorSpec("empty_body", 400, None, "request body is empty"),
+    ErrorSpec("bad_audio", 415, None,
+              "body is not decodable audio (or wrong content type / truncated file)"),
+    ErrorSpec("bad_channels", 400, None, "audio must be mono"),
+    ErrorSpec("upload_too_large", 413, None, "body above max_upload_bytes"),
+    ErrorSpec("audio_too_long", 413, None, "audio above max_upload_seconds"),
+    ErrorSpec("idle_timeout", 408, Close.IDLE_TIMEOUT, "no data for idle_timeout_s"),
+    ErrorSpec("max_duration", 400, Close.MAX_DURATION, "session reached max_session_s"),
+    ErrorSpec("slow_consumer", 400, Close.SLOW_CONSUMER, "send queue overflow"),
+    ErrorSpec("internal_error", 500, Close.INTERNAL_ERROR, "unexpected server error"),
+]
+
+ERRORS: dict[str, ErrorSpec] = {s.code: s for s in _SPECS}
+
+
+def spec_for(code: str) -> ErrorSpec:
+    return ERRORS.get(code, ERRORS["internal_error"])
+
+
+# --- encoders (hot path: orjson, floats at full float32 precision) ------------------------
+
+def encode(msg: dict[str, Any]) -> str:
+    return orjson.dumps(msg).decode()
+
+
+def error_message(code: str, message: str, **extra: Any) -> str:
+    body: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    body.update(extra)
+    return encode(body)
+
+
+def markdown_tables() -> str:
+    """The README tables, rendered from the definitions above."""
+    lines = ["| code | HTTP | WebSocket | meaning |", "| --- | --- | --- | --- |"]
+    for s in _SPECS:
+        ws = f"closes {int(s.close)}" if s.close is not None else "stays open"
+        lines.append(f"| `{s.code}` | {s.http} | {ws} | {s.summary} |")
+    lines += ["", "| close code | meaning |", "| --- | --- |"]
+    lines += [f"| {int(c)} | {d} |" for c, d in CLOSE_CODES.items()]
+    return "\n".join(lines)

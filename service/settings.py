@@ -1,0 +1,99 @@
+"""All configuration in one place: every knob is a ``LOOKBACK_*`` env var (or ``.env`` line).
+
+The same object is passed into ``create_app`` so tests build servers with explicit
+settings instead of patching globals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_REPO_STORE = Path(__file__).resolve().parent.parent / "model_store"
+
+
+def _csv(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LOOKBACK_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- server -------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    ws_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = Field(
+        "websockets-sansio", description="uvicorn WebSocket implementation; sansio is fastest"
+    )
+    ws_per_message_deflate: bool = Field(
+        False, description="PCM barely compresses and deflate costs ~27% per small message"
+    )
+    ws_ping_interval_s: float | None = Field(20.0, description="uvicorn keep-alive pings; None off")
+
+    # --- models ---------------------------------------------------------------------------
+    model_store: Path = _REPO_STORE
+    default_model: str = "lookback-vad"
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="models to load as name or name/version (comma-separated); empty: all",
+    )
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when it loads, CPU otherwise"
+    )
+    intra_op_threads: int = Field(1, ge=0, description="ORT threads per model call; 0 = ORT default")
+    inter_op_threads: int = Field(1, ge=0)
+
+    # --- batching -------------------------------------------------------------------------
+    max_batch_size: int = Field(256, ge=1)
+    max_wait_ms: float = Field(0.0, ge=0.0, description="hold a batch this long to fill it")
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 8, 64])
+    initial_slots: int = Field(64, ge=1, description="state-table rows allocated at start")
+
+    # --- limits ---------------------------------------------------------------------------
+    max_sessions: int = Field(1000, ge=1, description="open WebSocket sessions per server")
+    max_message_bytes: int = Field(64 * 1024, ge=256, description="largest binary message")
+    max_frames_per_message: int = Field(64, ge=1)
+    max_pending_steps: int = Field(
+        64, ge=1, description="ready-but-unrun steps one session may queue before it is refused"
+    )
+    send_queue_messages: int = Field(
+        1024, ge=8, description="results waiting for a slow reader before its session is closed"
+    )
+    idle_timeout_s: float = Field(60.0, gt=0, description="close a session silent this long")
+    max_session_s: float = Field(4 * 3600.0, gt=0, description="close a session open this long")
+    shed_backlog_steps: int = Field(
+        4096, ge=1, description="refuse new sessions while this many steps wait for the batcher"
+    )
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_upload_seconds: float = Field(4 * 3600.0, gt=0)
+    max_concurrent_scores: int = Field(2, ge=1, description="offline clips scored at once")
+    max_queued_scores: int = Field(8, ge=0, description="offline clips waiting; more get 503")
+    offline_chunk_steps: int = Field(1024, ge=1, description="steps scored per offline chunk")
+    drain_grace_s: float = Field(20.0, ge=0, description="SIGTERM: time to finish open sessions")
+
+    # --- security -------------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated; empty disables auth"
+    )
+    metrics_require_auth: bool = False
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="browser Origins allowed on /v1/stream; empty: any"
+    )
+    demo_enabled: bool = True
+
+    @field_validator("models", "allowed_origins", "api_keys", "warmup_batch_sizes", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        return _csv(value)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
