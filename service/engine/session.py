@@ -60,6 +60,7 @@ class StreamSession:
         self._in_flight: Step | None = None
         self._batcher = handle.batcher
         self._idle: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None
         labels = spec.labels
         self._event_col = labels.index(spec.event_label)
         self.detector = EventDetector(spec.events, spec.event_label,
@@ -167,6 +168,8 @@ class StreamSession:
         self.sink.on_error(step.index, err)
 
     def _advance(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
         if self.closed:
             self._in_flight = None
             self._release()
@@ -178,6 +181,23 @@ class StreamSession:
             self._in_flight = None
             if self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
+
+    def steps_for(self, nbytes: int) -> int:
+        return (len(self._buf) + nbytes) // self.hop_bytes
+
+    async def wait_for_room(self, nbytes: int) -> None:
+        """Wait until a message of ``nbytes`` fits the step bound (transport backpressure).
+
+        The transport calls this instead of dropping audio from a client that sends
+        faster than real time: while it waits it reads nothing, so TCP slows the client.
+        """
+        need = self.steps_for(nbytes)
+        if need > self.max_pending:
+            raise BackpressureError(
+                f"one message makes {need} steps; max_pending_steps is {self.max_pending}")
+        while not self.closed and self.pending_steps + need > self.max_pending:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
     # -- end of stream -------------------------------------------------------------------
     async def wait_idle(self) -> None:
@@ -202,8 +222,9 @@ class StreamSession:
             self._in_flight = None
         if self._in_flight is None:
             self._release()
-        if self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
+        for fut in (self._idle, self._room):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
     def _release(self) -> None:
         if self.slot >= 0:

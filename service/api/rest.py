@@ -1,0 +1,373 @@
+"""REST: ``POST /v1/score``, ``GET /v1/models``, health, readiness and metrics.
+
+The upload is never held in memory whole. Raw PCM is decoded and scored as the body
+arrives. WAV/FLAC/OGG need a seekable file for libsndfile, so the body is spooled to a
+temporary file (counting bytes, 413 the moment ``max_upload_bytes`` is passed), then
+decoded and scored block by block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import numpy as np
+import orjson
+import soundfile as sf
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
+from starlette.requests import ClientDisconnect
+
+from service.api import auth
+from service.engine.offline import OfflineChunk
+from service.errors import LookbackError
+from service.protocol import spec_for
+
+if TYPE_CHECKING:
+    from service.api.state import ScoreLease, ServiceState
+    from service.engine.model import ModelHandle
+
+router = APIRouter()
+_OPT = orjson.OPT_SERIALIZE_NUMPY
+_CONTAINER_TYPES = {"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/flac",
+                    "audio/x-flac", "audio/ogg"}
+_RAW_TYPES = {"application/octet-stream", "audio/l16", "audio/pcm"}
+
+
+class RestError(LookbackError):
+    """A request-level refusal; its HTTP status comes from the protocol table."""
+
+
+def _svc(request: Request) -> ServiceState:
+    svc: ServiceState = request.app.state.lookback
+    return svc
+
+
+def require_key(request: Request) -> None:
+    if not auth.key_ok(_svc(request).settings, auth.bearer(request)):
+        raise RestError("missing or wrong API key (Authorization: Bearer <key>)",
+                        code="unauthorized")
+
+
+def error_response(exc: LookbackError, retry_after: int | None = None) -> JSONResponse:
+    status = spec_for(exc.code).http
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if status == 503:
+        headers["Retry-After"] = str(retry_after or 1)
+    return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
+                        status_code=status, headers=headers or None)
+
+
+# -- health --------------------------------------------------------------------------------
+
+@router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], summary="Readiness: models loaded and warm, not draining",
+            responses={503: {"description": "not ready (loading or draining)"}})
+async def readyz(request: Request) -> JSONResponse:
+    svc = _svc(request)
+    ok = svc.engine.ready and not svc.draining
+    body = {"ready": ok, "draining": svc.draining, "provider": svc.engine.provider,
+            "models": sorted(svc.engine.models), "sessions": len(svc.connections)}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    svc = _svc(request)
+    if svc.settings.metrics_require_auth:
+        require_key(request)
+    svc.tick_metrics()
+    return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -- models --------------------------------------------------------------------------------
+
+@router.get("/v1/models", tags=["models"], dependencies=[Depends(require_key)],
+            summary="Loaded models: their contract and active execution provider")
+async def models(request: Request) -> dict[str, Any]:
+    svc = _svc(request)
+    return {"default_model": svc.settings.default_model, "provider": svc.engine.provider,
+            "models": svc.engine.describe()}
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+@router.post(
+    "/v1/score", tags=["scoring"], dependencies=[Depends(require_key)],
+    summary="Score a whole clip offline (same numbers as streaming it)",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+        "audio/flac": {"schema": {"type": "string", "format": "binary"}},
+        "audio/ogg": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    }}},
+    responses={400: {"description": "bad request"}, 401: {"description": "unauthorized"},
+               404: {"description": "unknown model"}, 413: {"description": "too large"},
+               415: {"description": "not audio"}, 503: {"description": "busy"}},
+)
+async def score(
+    request: Request,
+    model: Annotated[str | None, Query(description="default: the configured model")] = None,
+    version: Annotated[str | None, Query(description="default: latest")] = None,
+    format: Annotated[Literal["json", "ndjson"], Query()] = "json",
+    encoding: Annotated[Literal["pcm_s16le", "pcm_f32le"], Query(
+        description="raw PCM bodies only")] = "pcm_s16le",
+    sample_rate: Annotated[int | None, Query(ge=1, le=384000, description="raw PCM: required")] = None,
+) -> Response:
+    svc = _svc(request)
+    s = svc.settings
+    handle = svc.engine.resolve(model, version)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in _CONTAINER_TYPES and ctype not in _RAW_TYPES:
+        raise RestError(f"unsupported content type {ctype[:60]!r}; send audio/wav, audio/flac, "
+                        "audio/ogg or application/octet-stream", code="bad_audio")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > s.max_upload_bytes:
+        raise RestError(f"body of {length} bytes exceeds max_upload_bytes={s.max_upload_bytes}",
+                        code="upload_too_large")
+    lease = svc.admit_score()
+    if lease is None:
+        raise RestError("offline scoring queue is full; retry later", code="server_busy")
+    try:
+        if ctype in _RAW_TYPES:
+            if sample_rate is not None and sample_rate != handle.spec.sample_rate:
+                raise RestError(f"sample_rate {sample_rate} differs from the model's "
+                                f"{handle.spec.sample_rate}", code="bad_sample_rate")
+            if sample_rate is None:
+                raise RestError("raw PCM needs the sample_rate query parameter",
+                                code="bad_sample_rate")
+            source: _Source = _RawSource(request, encoding, handle, s.max_upload_bytes,
+                                         s.max_upload_seconds, s.offline_chunk_steps)
+        else:
+            source = await _ContainerSource.open(request, handle, s.max_upload_bytes,
+                                                 s.max_upload_seconds, s.offline_chunk_steps)
+        await source.check()
+    except BaseException:
+        lease.release()
+        raise
+    return await _respond(svc, handle, source, format, lease)
+
+
+async def _respond(svc: ServiceState, handle: ModelHandle, source: _Source,
+                   fmt: str, lease: ScoreLease) -> Response:
+    spec = handle.spec
+    head = {"model": spec.name, "version": spec.version, "sample_rate": spec.sample_rate,
+            "hop_samples": spec.hop_samples, "labels": spec.labels}
+
+    async def chunks() -> AsyncIterator[OfflineChunk]:
+        try:
+            async with lease.running():
+                async for chunk in svc.engine.score(handle, source.chunks()):
+                    yield chunk
+            svc.metrics.offline_clips.labels(spec.key).inc()
+            svc.metrics.offline_seconds.labels(spec.key).inc(source.samples / spec.sample_rate)
+        finally:
+            cleanup()
+
+    def cleanup() -> None:
+        source.close()
+        lease.release()
+
+    if fmt == "ndjson":
+        async def lines() -> AsyncIterator[bytes]:
+            steps, events = 0, []
+            yield orjson.dumps({"type": "header", **head}) + b"\n"
+            try:
+                async for c in chunks():
+                    steps += len(c.scores)
+                    events += [e.as_dict() for e in c.events]
+                    yield orjson.dumps({
+                        "type": "scores", "first_step": c.first_step,
+                        "scores": _columns(c.scores, spec.labels),
+                        "events": [e.as_dict() for e in c.events]}, option=_OPT) + b"\n"
+            except LookbackError as exc:
+                yield orjson.dumps({"type": "error", "code": exc.code,
+                                    "message": exc.message}) + b"\n"
+                return
+            yield orjson.dumps({"type": "summary", "steps": steps, "events": events,
+                                "duration": source.samples / spec.sample_rate}) + b"\n"
+        return StreamingResponse(lines(), media_type="application/x-ndjson",
+                                 background=BackgroundTask(cleanup))
+
+    parts: list[np.ndarray] = []
+    events: list[dict[str, object]] = []
+    try:
+        async for c in chunks():
+            parts.append(c.scores)
+            events += [e.as_dict() for e in c.events]
+    finally:
+        cleanup()
+    scores = np.concatenate(parts) if parts else np.zeros((0, len(spec.labels)), np.float32)
+    body = {**head, "steps": int(scores.shape[0]), "duration": source.samples / spec.sample_rate,
+            "scores": _columns(scores, spec.labels),
+            "events": events}
+    return Response(orjson.dumps(body, option=_OPT), media_type="application/json")
+
+
+def _columns(scores: np.ndarray, labels: list[str]) -> dict[str, np.ndarray]:
+    """Per-label float64 columns: JSON then carries each float32 score exactly."""
+    wide = scores.astype(np.float64)
+    return {lab: np.ascontiguousarray(wide[:, i]) for i, lab in enumerate(labels)}
+
+
+class _Source:
+    samples = 0
+
+    async def check(self) -> None:
+        """Fail before the response starts when the audio is unusable."""
+
+    def chunks(self) -> AsyncIterator[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _RawSource(_Source):
+    """Raw PCM decoded while the body streams in: memory is one chunk, whatever the size."""
+
+    def __init__(self, request: Request, encoding: str, handle: ModelHandle, max_bytes: int,
+                 max_seconds: float, chunk_steps: int) -> None:
+        self.request = request
+        self.dtype = np.dtype("<i2" if encoding == "pcm_s16le" else "<f4")
+        self.max_bytes = max_bytes
+        self.max_samples = int(max_seconds * handle.spec.sample_rate)
+        self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
+        self._first: bytes | None = None
+        self._stream = request.stream()
+
+    async def check(self) -> None:
+        try:
+            self._first = await anext(self._stream, b"")
+            while self._first == b"":
+                nxt = await anext(self._stream, None)
+                if nxt is None:
+                    break
+                self._first = nxt
+        except ClientDisconnect as exc:
+            raise RestError("client disconnected mid-body", code="bad_audio") from exc
+        if not self._first:
+            raise RestError("request body is empty", code="empty_body")
+
+    async def chunks(self) -> AsyncIterator[np.ndarray]:
+        buf = bytearray(self._first or b"")
+        received = len(buf)
+        scale = np.float32(1 / 32768) if self.dtype.kind == "i" else None
+        done = False
+        while not done:
+            while len(buf) < self.chunk_bytes:
+                try:
+                    part = await anext(self._stream, None)
+                except ClientDisconnect as exc:
+                    raise RestError("client disconnected mid-body", code="bad_audio") from exc
+                if part is None:
+                    done = True
+                    break
+                received += len(part)
+                if received > self.max_bytes:
+                    raise RestError(f"body exceeds max_upload_bytes={self.max_bytes}",
+                                    code="upload_too_large")
+                buf += part
+            usable = len(buf) - len(buf) % self.dtype.itemsize if done else (
+                len(buf) // self.dtype.itemsize) * self.dtype.itemsize
+            if done and len(buf) % self.dtype.itemsize:
+                raise RestError("raw body length is not a whole number of samples",
+                                code="bad_audio")
+            data = np.frombuffer(bytes(buf[:usable]), self.dtype)
+            del buf[:usable]
+            if scale is not None:
+                audio = data.astype(np.float32) * scale
+            else:
+                audio = data.astype(np.float32)
+                if not np.isfinite(audio).all():
+                    raise RestError("pcm_f32le body holds NaN or Inf", code="non_finite_audio")
+            self.samples += audio.size
+            if self.samples > self.max_samples:
+                raise RestError("audio exceeds max_upload_seconds", code="audio_too_long")
+            if audio.size:
+                yield audio
+
+
+class _ContainerSource(_Source):
+    """WAV/FLAC/OGG through libsndfile, from a spooled temp file, block by block."""
+
+    def __init__(self, path: str, info: sf.SoundFile, chunk: int) -> None:
+        self.path = path
+        self.file = info
+        self.chunk = chunk
+
+    @classmethod
+    async def open(cls, request: Request, handle: ModelHandle, max_bytes: int,
+                   max_seconds: float, chunk_steps: int) -> _ContainerSource:
+        fd, path = tempfile.mkstemp(prefix="lookback-", suffix=".upload")
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as f:
+                try:
+                    async for part in request.stream():
+                        size += len(part)
+                        if size > max_bytes:
+                            raise RestError(f"body exceeds max_upload_bytes={max_bytes}",
+                                            code="upload_too_large")
+                        f.write(part)
+                except ClientDisconnect as exc:
+                    raise RestError("client disconnected mid-body", code="bad_audio") from exc
+            if size == 0:
+                raise RestError("request body is empty", code="empty_body")
+            try:
+                snd = sf.SoundFile(path)
+            except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+                raise RestError(f"body is not decodable audio: {exc}", code="bad_audio") from exc
+            spec = handle.spec
+            if snd.channels != 1:
+                snd.close()
+                raise RestError(f"audio has {snd.channels} channels; send mono",
+                                code="bad_channels")
+            if snd.samplerate != spec.sample_rate:
+                snd.close()
+                raise RestError(f"audio is {snd.samplerate} Hz; the model needs "
+                                f"{spec.sample_rate} Hz (Lookback never resamples silently)",
+                                code="bad_sample_rate")
+            if snd.frames > max_seconds * spec.sample_rate:
+                snd.close()
+                raise RestError(f"audio of {snd.frames / spec.sample_rate:.0f}s exceeds "
+                                f"max_upload_seconds={max_seconds:g}", code="audio_too_long")
+            return cls(path, snd, chunk_steps * spec.hop_samples)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+
+    async def chunks(self) -> AsyncIterator[np.ndarray]:
+        while True:
+            try:
+                block = await asyncio.to_thread(self.file.read, self.chunk, "float32")
+            except (sf.LibsndfileError, RuntimeError) as exc:
+                raise RestError(f"audio is truncated or corrupt: {exc}", code="bad_audio") from exc
+            if block.size == 0:
+                break
+            self.samples += block.size
+            yield block
+            if block.size < self.chunk:
+                break
+        if self.samples < self.file.frames:
+            raise RestError(f"audio is truncated: header promises {self.file.frames} samples, "
+                            f"body holds {self.samples}", code="bad_audio")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)

@@ -1,0 +1,351 @@
+"""WebSocket ``/v1/stream``: parse, hand frames to the engine, write results back.
+
+Each connection has a reader (this handler) and a writer task that owns the sending
+side; results go through a bounded queue between them so a slow reader costs at most
+``send_queue_messages`` strings before its session is closed with 4429. Refusals that
+need no session (auth, origin, capacity, drain) are HTTP responses before the upgrade;
+bad query values are reported after the upgrade as an ``error`` plus a 44xx close, since
+browsers cannot read a refused handshake's body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+from fastapi import APIRouter, WebSocket
+from starlette.responses import JSONResponse
+
+from service.api import auth
+from service.engine.events import Event
+from service.engine.session import BYTES_PER_SAMPLE, StreamSession
+from service.errors import BackpressureError, LookbackError
+from service.protocol import Close, error_message, spec_for
+
+if TYPE_CHECKING:
+    from service.api.state import ServiceState
+    from service.engine.model import ModelHandle
+
+log = logging.getLogger("lookback.ws")
+router = APIRouter()
+
+_CLOSE = object()  # queue sentinel: (code, reason) follows
+
+
+def _refuse(status: int, code: str, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers=headers)
+
+
+class Connection:
+    """One WebSocket session: the engine's ResultSink and the socket's only writer."""
+
+    def __init__(self, ws: WebSocket, svc: ServiceState, handle: ModelHandle,
+                 results: str, session_id: str) -> None:
+        self.ws = ws
+        self.svc = svc
+        self.handle = handle
+        self.id = session_id
+        self.want_results = results == "all"
+        self.labels = handle.spec.labels
+        self.single = self.labels[0] if len(self.labels) == 1 else None
+        self.out: deque[Any] = deque()
+        self.limit = svc.settings.send_queue_messages
+        self.wake = asyncio.Event()
+        self.session: StreamSession | None = None
+        self.opened = time.monotonic()
+        self.last_seen = self.opened
+        self.ended = False
+        self.end_reason: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.frames_reported = 0
+        self.writer: asyncio.Task[None] | None = None
+        self.finisher: asyncio.Task[None] | None = None
+
+    # -- ResultSink ----------------------------------------------------------------------
+    def on_result(self, index: int, time: float, scores: np.ndarray,
+                  events: list[Event] | None) -> None:
+        if self.want_results:
+            if self.single is not None:
+                body = {"type": "result", "step": index, "time": time,
+                        "scores": {self.single: float(scores[0])}}
+            else:
+                body = {"type": "result", "step": index, "time": time,
+                        "scores": dict(zip(self.labels, scores.tolist(), strict=True))}
+            self._put(orjson.dumps(body).decode())
+        if events:
+            for ev in events:
+                self._put(orjson.dumps({"type": "event", **ev.as_dict()}).decode())
+
+    def on_error(self, index: int, error: LookbackError) -> None:
+        self.svc.metrics.error(error.code)
+        self._put(error_message(error.code, error.message, step=index))
+
+    # -- writer side ---------------------------------------------------------------------
+    def _put(self, text: str) -> None:
+        if self.end_reason is not None:
+            return
+        if len(self.out) >= self.limit:
+            self.svc.metrics.error("slow_consumer")
+            self.close_now(Close.SLOW_CONSUMER, "slow_consumer",
+                           "send queue full: read results faster")
+            return
+        self.out.append(text)
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def send_error(self, code: str, message: str) -> None:
+        self.svc.metrics.error(code)
+        self._put(error_message(code, message))
+
+    def close_after_queue(self, code: int, reason: str) -> None:
+        """Close once every queued message is sent (normal end, drain)."""
+        if self.end_reason is None:
+            self.end_reason = reason
+            self.out.append(_CLOSE)
+            self.out.append((code, reason))
+            self.wake.set()
+
+    def close_now(self, code: int, reason: str, message: str) -> None:
+        """Close ahead of queued results (slow consumer, timeouts): they would not be read."""
+        if self.end_reason is not None:
+            return
+        self.out.clear()
+        self.end_reason = reason
+        self.out.extend([error_message(reason, message), _CLOSE, (code, reason)])
+        self.wake.set()
+        if self.writer is not None and code == Close.SLOW_CONSUMER:
+            # The writer may be blocked in send() on a full transport: give up on it.
+            self.writer.cancel()
+
+    async def run_writer(self) -> None:
+        send = self.ws.send
+        out = self.out
+        try:
+            while True:
+                if not out:
+                    self.wake.clear()
+                    await self.wake.wait()
+                    continue
+                item = out.popleft()
+                if item is _CLOSE:
+                    code, reason = out.popleft()
+                    await self.ws.close(code=code, reason=reason)
+                    return
+                self.bytes_out += len(item)
+                await send({"type": "websocket.send", "text": item})
+        except asyncio.CancelledError:
+            if self.end_reason == "slow_consumer":
+                await self._abort(Close.SLOW_CONSUMER)
+            raise
+        except Exception:  # socket gone under us: the reader sees the disconnect
+            return
+
+    async def _abort(self, code: int) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code=code, reason="slow_consumer"), 1.0)
+
+    # -- reader side ---------------------------------------------------------------------
+    async def run(self) -> str:
+        svc = self.svc
+        s = svc.settings
+        session = self.session
+        assert session is not None
+        receive = self.ws.receive
+        max_bytes = s.max_message_bytes
+        max_frames_bytes = s.max_frames_per_message * session.frame_bytes
+        loop = asyncio.get_running_loop()
+        perf = time.perf_counter
+        while True:
+            msg = await receive()
+            mtype = msg["type"]
+            if mtype == "websocket.disconnect":
+                return self.end_reason or "client_gone"
+            self.last_seen = loop.time()
+            data = msg.get("bytes")
+            if data is not None:
+                n = len(data)
+                self.bytes_in += n
+                if self.ended:
+                    self.send_error("audio_after_end", "audio received after end; ignored")
+                elif n > max_bytes:
+                    self.send_error("message_too_large",
+                                    f"message of {n} bytes exceeds max_message_bytes={max_bytes}")
+                elif n > max_frames_bytes:
+                    self.send_error("too_many_frames",
+                                    f"message holds {n // session.frame_bytes} frames; "
+                                    f"max_frames_per_message={s.max_frames_per_message}")
+                else:
+                    try:
+                        session.push(data, perf())
+                    except BackpressureError:
+                        try:  # stop reading until the session has room: TCP slows the client
+                            await session.wait_for_room(n)
+                            session.push(data, perf())
+                        except LookbackError as exc:
+                            self.send_error(exc.code, exc.message)
+                    except LookbackError as exc:
+                        self.send_error(exc.code, exc.message)
+            else:
+                self._control(msg.get("text") or "")
+
+    def _control(self, text: str) -> None:
+        try:
+            body = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            self.send_error("bad_json", "text messages must be JSON objects")
+            return
+        kind = body.get("type") if isinstance(body, dict) else None
+        if not isinstance(kind, str):
+            self.send_error("missing_type", 'a JSON message needs a string "type"')
+        elif kind == "flush":
+            if self.ended:
+                self.send_error("audio_after_end", "flush after end; ignored")
+            elif self.session is not None:
+                self.session.flush()
+        elif kind == "end":
+            if not self.ended:
+                self.ended = True
+                self.finisher = asyncio.create_task(self.finish(Close.NORMAL, "normal"))
+        else:
+            self.send_error("unknown_type", f'unknown message type {kind[:40]!r}; '
+                            'expected "flush" or "end"')
+
+    async def finish(self, code: int, reason: str) -> None:
+        """Score what is buffered, send the summary, then close with ``code``."""
+        session = self.session
+        assert session is not None
+        self.ended = True
+        session.flush()
+        await session.wait_idle()
+        tail = session.finish()
+        for ev in tail:
+            self._put(orjson.dumps({"type": "event", **ev.as_dict()}).decode())
+        self._put(orjson.dumps({
+            "type": "summary", "session_id": self.id, "frames": session.frames,
+            "steps": session.steps_done, "failed_steps": session.steps_failed,
+            "padded_samples": session.padded_samples,
+            "duration": session.samples / self.handle.spec.sample_rate,
+            "events": [e.as_dict() for e in session.events],
+        }).decode())
+        self.close_after_queue(code, reason)
+
+
+def _parse_query(ws: WebSocket, svc: ServiceState) -> tuple[ModelHandle, str, str]:
+    q = ws.query_params
+    handle = svc.engine.resolve(q.get("model") or None, q.get("version") or None)
+    encoding = q.get("encoding", "pcm_s16le")
+    if encoding not in BYTES_PER_SAMPLE:
+        raise LookbackError(f"encoding {encoding[:40]!r} not supported; use pcm_s16le or "
+                            "pcm_f32le", code="bad_encoding")
+    rate = q.get("sample_rate")
+    if rate is not None:
+        try:
+            ok = int(rate) == handle.spec.sample_rate
+        except ValueError:
+            ok = False
+        if not ok:
+            raise LookbackError(
+                f"sample_rate {rate[:20]!r} does not match the model's "
+                f"{handle.spec.sample_rate}; resample on the client", code="bad_sample_rate")
+    results = q.get("results", "all")
+    if results not in ("all", "events"):
+        raise LookbackError(f"results must be all or events, not {results[:20]!r}",
+                            code="bad_query")
+    return handle, encoding, results
+
+
+@router.websocket("/v1/stream")
+async def stream(ws: WebSocket) -> None:
+    svc: ServiceState = ws.app.state.lookback
+    s = svc.settings
+    # Refusals that need no session: HTTP answers before the upgrade.
+    if not auth.origin_ok(s, ws):
+        svc.metrics.sessions_refused.labels("origin").inc()
+        await ws.send_denial_response(_refuse(403, "origin_not_allowed", "Origin not allowed"))
+        return
+    if not auth.key_ok(s, auth.ws_key(ws)):
+        svc.metrics.sessions_refused.labels("unauthorized").inc()
+        await ws.send_denial_response(_refuse(401, "unauthorized", "missing or wrong API key"))
+        return
+    busy = svc.refusal()
+    if busy is not None:
+        code, message = busy
+        svc.metrics.sessions_refused.labels(code).inc()
+        await ws.send_denial_response(_refuse(503, "draining" if code == "draining"
+                                              else "server_busy", message, retry_after=1))
+        return
+    svc.reserved += 1
+    try:
+        await ws.accept()
+        try:
+            handle, encoding, results = _parse_query(ws, svc)
+        except LookbackError as exc:
+            svc.metrics.sessions_refused.labels("bad_request").inc()
+            svc.metrics.error(exc.code)
+            await ws.send_text(error_message(exc.code, exc.message))
+            close = spec_for(exc.code).close or Close.BAD_REQUEST
+            await ws.close(code=close, reason=exc.code)
+            return
+        conn = Connection(ws, svc, handle, results, uuid.uuid4().hex[:16])
+        try:
+            conn.session = svc.engine.open_session(handle, conn, encoding=encoding)  # type: ignore[arg-type]
+        except LookbackError as exc:
+            svc.metrics.sessions_refused.labels("capacity").inc()
+            await ws.send_text(error_message(exc.code, exc.message))
+            await ws.close(code=Close.TRY_AGAIN_LATER, reason=exc.code)
+            return
+        await _serve(conn, svc, handle)
+    finally:
+        svc.reserved -= 1
+
+
+async def _serve(conn: Connection, svc: ServiceState, handle: ModelHandle) -> None:
+    spec = handle.spec
+    key = spec.key
+    m = svc.metrics
+    m.sessions_started.labels(key).inc()
+    m.sessions_active.labels(key).inc()
+    svc.connections.add(conn)
+    conn.writer = asyncio.create_task(conn.run_writer())
+    conn._put(orjson.dumps({
+        "type": "ready", "session_id": conn.id, "model": spec.name, "version": spec.version,
+        "sample_rate": spec.sample_rate, "frame_samples": spec.frame_samples,
+        "hop_samples": spec.hop_samples, "labels": spec.labels,
+        "encoding": conn.session.encoding if conn.session else None,
+        "threshold": spec.events.threshold,
+    }).decode())
+    reason = "error"
+    try:
+        reason = await conn.run()
+    except Exception:
+        log.exception("session %s failed", conn.id)
+        m.error("internal_error")
+    finally:
+        svc.connections.discard(conn)
+        if conn.finisher is not None and not conn.finisher.done():
+            conn.finisher.cancel()
+        if conn.session is not None:
+            svc.account_frames(conn)
+            conn.session.close()
+        if conn.writer is not None and not conn.writer.done():
+            if reason == "client_gone":
+                conn.writer.cancel()
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.shield(conn.writer), 2.0)
+                except Exception:
+                    conn.writer.cancel()
+        m.sessions_active.labels(key).dec()
+        m.sessions_ended.labels(key, reason).inc()
+        m.bytes_in.labels("ws").inc(conn.bytes_in)
+        m.bytes_out.labels("ws").inc(conn.bytes_out)

@@ -1,0 +1,79 @@
+"""create_app(settings): the FastAPI app; its lifespan starts and stops the engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from service import __version__
+from service.api import rest, ws
+from service.api.state import ServiceState
+from service.engine.engine import Engine
+from service.errors import LookbackError
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("lookback")
+WEB = Path(__file__).parent / "web"
+
+DESCRIPTION = """Real-time inference server for streaming audio models.
+
+Stream 128-sample PCM frames over the WebSocket `/v1/stream` (protocol in the README and
+at `/protocol`), or score whole clips with `POST /v1/score`.
+"""
+
+
+def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,
+               engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = metrics or Metrics()
+    engine = engine or Engine(settings, metrics)
+    svc = ServiceState(settings, engine, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        svc.start()
+        log.info("Lookback ready: %d model(s), provider %s", len(engine.models), engine.provider)
+        try:
+            yield
+        finally:
+            if not svc.draining:
+                await svc.drain(settings.drain_grace_s)
+            await svc.stop()
+            await engine.stop()
+
+    app = FastAPI(title="Lookback", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.lookback = svc
+    app.include_router(rest.router)
+    app.include_router(ws.router)
+
+    @app.exception_handler(LookbackError)
+    async def _lookback_error(request: Request, exc: LookbackError) -> JSONResponse:
+        metrics.error(exc.code)
+        return rest.error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.error("bad_query")
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return rest.error_response(
+            LookbackError(f"{where}: {first.get('msg', 'invalid')}", code="bad_query"))
+
+    if settings.demo_enabled and WEB.is_dir():
+        app.mount("/demo", StaticFiles(directory=WEB, html=True), name="demo")
+
+        @app.get("/", include_in_schema=False)
+        async def _root() -> RedirectResponse:
+            return RedirectResponse("/demo/")
+
+    return app

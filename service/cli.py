@@ -1,0 +1,186 @@
+"""``lookback serve | models | stream | score | protocol`` (and ``loadtest``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+
+def _progress(done: float, total: float, label: str) -> None:
+    """A one-line progress bar on stderr, only for terminals and long files."""
+    if not sys.stderr.isatty() or total <= 0:
+        return
+    width = 30
+    frac = min(1.0, done / total)
+    bar = "#" * int(frac * width)
+    sys.stderr.write(f"\r{label} [{bar:<{width}}] {frac * 100:5.1f}%")
+    if frac >= 1.0:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "model_store", "default_model"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    serve(Settings(**overrides))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from service.engine.store import discover, open_graphs
+
+    settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
+    if args.action == "import":
+        from service.engine.importer import import_model
+
+        path = import_model(args.name, settings.model_store)
+        print(f"imported {args.name} into {path}")
+        return 0
+    rows = []
+    for sm in discover(settings.model_store):
+        entry: dict[str, Any] = {"key": sm.spec.key, "path": str(sm.path)}
+        try:
+            step, seq = open_graphs(sm, providers=settings.providers, intra_op_threads=1,
+                                    inter_op_threads=1)
+            entry.update(provider=step.provider, status="ok", sequence_graph=seq is not None)
+        except Exception as exc:  # report every model, even a broken one
+            entry.update(status=f"refused: {exc}")
+        entry["contract"] = sm.spec.model_dump(mode="json")
+        rows.append(entry)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models in {settings.model_store}")
+        return 1
+    for r in rows:
+        c = r["contract"]
+        print(f"{r['key']}: {r['status']} on {r.get('provider', '-')}")
+        print(f"  {c['sample_rate']} Hz, frame {c['frame_samples']}, hop {c['hop_samples']}, "
+              f"context {c['context_samples']}, labels {[lab for o in c['outputs'] for lab in o['labels']]}")
+        states = ", ".join(f"{s['input']}{s['shape']}@{s['batch_axis']}" for s in c["states"])
+        print(f"  states: {states or '-'}; sequence graph: {r.get('sequence_graph', False)}")
+    return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from service.client import LookbackClient, frames_of, read_wav
+
+    samples, rate = read_wav(args.file)
+    messages = frames_of(samples, args.frames_per_message)
+    client = LookbackClient(args.url, api_key=args.api_key)
+    total = len(samples) / rate
+
+    async def run() -> int:
+        async for msg in client.stream(messages, model=args.model, realtime=args.realtime,
+                                       results="all" if args.all else "events",
+                                       frame_seconds=128 / rate):
+            kind = msg.get("type")
+            if kind == "result":
+                _progress(msg["time"], total, "streaming")
+                if args.all:
+                    print(json.dumps(msg))
+            elif kind == "event":
+                print(f"{msg['time']:8.3f}s  {msg['label']} {msg['event']}")
+            elif kind == "error":
+                print(f"error {msg['code']}: {msg['message']}", file=sys.stderr)
+            elif kind == "summary":
+                _progress(total, total, "streaming")
+                print(f"summary: {msg['frames']} frames, {msg['steps']} steps, "
+                      f"{len(msg['events'])} events")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from service.client import LookbackClient
+
+    client = LookbackClient(args.url, api_key=args.api_key, timeout=3600)
+    size = Path(args.file).stat().st_size
+    if size > 8 << 20:
+        print(f"uploading {size / 1e6:.0f} MB ...", file=sys.stderr)
+    result = asyncio.run(client.score(args.file, model=args.model))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for ev in result["events"]:
+        print(f"{ev['time']:8.3f}s  {ev['label']} {ev['event']}")
+    print(f"{result['steps']} steps, {len(result['events'])} events "
+          f"({result['model']}/{result['version']})")
+    return 0
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    from service.protocol import markdown_tables
+
+    print(markdown_tables())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lookback", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server (settings from LOOKBACK_* env too)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--model-store", type=Path)
+    s.add_argument("--default-model")
+    s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("models", help="list the store's models with their contract, or import")
+    m.add_argument("action", nargs="?", choices=["list", "import"], default="list")
+    m.add_argument("name", nargs="?", default="silero-vad")
+    m.add_argument("--model-store", type=Path)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+
+    for name, func, helptext in (("stream", cmd_stream, "stream a file over the WebSocket"),
+                                 ("score", cmd_score, "score a file with POST /v1/score")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("file", type=Path)
+        c.add_argument("--url", default="http://127.0.0.1:8000")
+        c.add_argument("--model")
+        c.add_argument("--api-key")
+        if name == "stream":
+            c.add_argument("--realtime", action="store_true", help="pace frames at real time")
+            c.add_argument("--all", action="store_true", help="print every score too")
+            c.add_argument("--frames-per-message", type=int, default=1)
+        else:
+            c.add_argument("--json", action="store_true")
+        c.set_defaults(func=func)
+
+    pr = sub.add_parser("protocol", help="print the error and close code tables")
+    pr.set_defaults(func=cmd_protocol)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from service.errors import LookbackError
+
+        if isinstance(exc, LookbackError):
+            print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

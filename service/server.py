@@ -1,0 +1,85 @@
+"""Run the app under uvicorn with a graceful drain on SIGTERM/SIGINT.
+
+uvicorn's own shutdown closes every WebSocket at once with 1012; a streaming server
+must first finish what it accepted. The first signal therefore marks the service
+draining (``/readyz`` 503, new sessions 503), scores every open session's buffered
+audio, sends its summary and closes it with 1001, and only then lets uvicorn exit.
+A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from service.api.state import ServiceState
+from service.app import create_app
+from service.settings import Settings
+
+log = logging.getLogger("lookback")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self.settings = settings
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_task is not None or self._loop is None:
+            super().handle_exit(sig, frame)  # second signal: stop now
+            return
+        log.info("received %s: draining", signal.Signals(sig).name)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        app = self.config.loaded_app
+        svc = _find_state(app)
+        try:
+            if svc is not None:
+                await svc.drain(self.settings.drain_grace_s)
+        finally:
+            self.should_exit = True
+
+
+def _find_state(app: object) -> ServiceState | None:
+    """The ServiceState of the app, looking through middleware wrappers."""
+    for _ in range(8):
+        state = getattr(getattr(app, "state", None), "lookback", None)
+        if state is not None:
+            return state
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        ws=settings.ws_impl,
+        ws_max_size=settings.max_message_bytes * 4,
+        ws_max_queue=32,
+        ws_per_message_deflate=settings.ws_per_message_deflate,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        limit_concurrency=settings.max_sessions + settings.max_queued_scores + 64,
+        timeout_graceful_shutdown=max(1, int(settings.drain_grace_s)),
+        access_log=settings.log_level == "debug",
+        lifespan="on",
+    )
+    DrainingServer(config, settings).run()
