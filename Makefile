@@ -1,0 +1,64 @@
+# Lookback — two commands for a new user: `make serve` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install serve test lint bench silero system-deps train clean protocol
+
+install: $(STAMP)
+
+# Idempotent: re-runs pip only when pyproject.toml changed (the stamp carries its checksum).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+serve: install
+	$(BIN)/lookback serve --host $(HOST) --port $(PORT)
+
+# Debian tools some tests drive (headless Chromium, promtool, espeak-ng/sox). Installed
+# when missing and we are root; the tests that need them fail loudly if they are absent.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
+	command -v sox >/dev/null || missing="$$missing sox"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "WARNING: apt-get install$$missing failed; tests that need them will fail"; \
+	  else echo "WARNING: missing$$missing (install them with apt-get); tests that need them will fail"; fi; \
+	fi
+
+# Silero VAD 6.2.3 from its PyPI wheel (hash-checked); the parity tests need it.
+silero: install
+	$(BIN)/lookback models import silero-vad
+
+test: install system-deps silero
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check service tests model_store/recipes
+	$(BIN)/mypy
+
+bench: install silero
+	$(BIN)/python -m tests.bench.run_all
+
+protocol: install
+	$(BIN)/lookback protocol
+
+# Retrain the shipped default model (needs the train extra, espeak-ng and sox).
+train: install system-deps
+	$(BIN)/python -m pip install -q -e '.[train]'
+	bash model_store/recipes/run.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,175 @@
+"""Shared fixtures: clips, and real uvicorn servers on free ports.
+
+``running_server`` runs uvicorn in a thread of this process (so a test can inject an
+engine, e.g. one whose model call fails); ``spawn_server`` runs ``lookback serve`` as a
+subprocess (for signals). Both wait for readiness by asking the server (uvicorn's
+``started`` flag, or ``/readyz``), never by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import uvicorn
+
+from service.app import create_app
+from service.engine.engine import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+AUDIO = FIXTURES / "audio"
+STORE = REPO / "model_store"
+DEFAULT_MODEL = "lookback-vad"
+SILERO = "silero-vad"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_clip(name: str) -> np.ndarray:
+    data, rate = sf.read(str(AUDIO / name), dtype="int16")
+    assert rate == 16000 and data.ndim == 1
+    return data
+
+
+@pytest.fixture(scope="session")
+def speech_clip() -> np.ndarray:
+    """~10 s of generated speech with pauses (int16, 16 kHz)."""
+    return read_clip("silero_ref_speech.wav")
+
+
+def silero_available() -> bool:
+    return (STORE / SILERO / "6.2.3" / "silero_vad.onnx").is_file()
+
+
+@pytest.fixture(scope="session")
+def silero_model() -> str:
+    """Ensure Silero is imported (``make test`` runs ``make silero`` first); fail loudly if not."""
+    if not silero_available():
+        from service.engine.importer import import_model
+
+        try:
+            import_model(SILERO, STORE)
+        except Exception as exc:  # pragma: no cover - only without PyPI
+            pytest.fail(f"Silero VAD could not be imported (run `make silero`): {exc}")
+    return SILERO
+
+
+def test_settings(**overrides: object) -> Settings:
+    """Settings for tests: the repo store, small warm-up, no .env influence."""
+    base: dict[str, object] = dict(model_store=STORE, warmup_batch_sizes=[1], port=0,
+                                   initial_slots=8, log_level="warning", drain_grace_s=5.0)
+    base.update(overrides)
+    return Settings(_env_file=None, **base)  # type: ignore[call-arg]
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    app: object
+    settings: Settings
+    metrics: Metrics
+
+    @property
+    def ws(self) -> str:
+        return self.url.replace("http://", "ws://")
+
+    def get(self, path: str, **kw: object) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30, **kw)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings | None = None, *, engine: Engine | None = None,
+                   metrics: Metrics | None = None) -> Iterator[Server]:
+    """A real uvicorn server (sansio WebSockets, as in production) in a background thread."""
+    settings = settings or test_settings()
+    metrics = metrics or (engine.metrics if engine else Metrics())
+    app = create_app(settings, metrics=metrics, engine=engine)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            ws=settings.ws_impl, ws_per_message_deflate=False,
+                            ws_max_size=settings.max_message_bytes * 4, lifespan="on")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)  # polls uvicorn's started flag; bounded by the deadline
+    try:
+        yield Server(f"http://127.0.0.1:{port}", port, app, settings, metrics)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@dataclass
+class Spawned:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    @property
+    def ws(self) -> str:
+        return self.url.replace("http://", "ws://")
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def spawn_server(tmp_path: Path, **env: str) -> Iterator[Spawned]:
+    """``lookback serve`` in a subprocess, ready when ``/readyz`` answers 200."""
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    full_env = {**os.environ, "LOOKBACK_MODEL_STORE": str(STORE), "LOOKBACK_PORT": str(port),
+                "LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_WARMUP_BATCH_SIZES": "1", **env}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=full_env,
+                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{log.read_text()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready:\n{log.read_text()}")
+            time.sleep(0.05)  # readiness poll interval, bounded by the deadline
+        yield Spawned(proc, url, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(silero_model: str) -> Iterator[Server]:
+    """A shared server with every model in the store (default model + Silero)."""
+    with running_server() as srv:
+        yield srv
