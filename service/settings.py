@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _REPO_STORE = Path(__file__).resolve().parent.parent / "model_store"
@@ -27,9 +27,10 @@ class Settings(BaseSettings):
     )
 
     # --- server -------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 in containers")
+    port: int = Field(8000, ge=0, le=65535, description="listen port")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug also enables the access log")
     ws_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = Field(
         "websockets-sansio", description="uvicorn WebSocket implementation; sansio is fastest"
     )
@@ -39,8 +40,8 @@ class Settings(BaseSettings):
     ws_ping_interval_s: float | None = Field(20.0, description="uvicorn keep-alive pings; None off")
 
     # --- models ---------------------------------------------------------------------------
-    model_store: Path = _REPO_STORE
-    default_model: str = "lookback-vad"
+    model_store: Path = Field(_REPO_STORE, description="folder of <name>/<version>/model.json")
+    default_model: str = Field("lookback-vad", description="model used when a client names none")
     models: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="models to load as name or name/version (comma-separated); empty: all",
@@ -49,20 +50,23 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA when it loads, CPU otherwise"
     )
     intra_op_threads: int = Field(1, ge=0, description="ORT threads per model call; 0 = ORT default")
-    inter_op_threads: int = Field(1, ge=0)
+    inter_op_threads: int = Field(1, ge=0, description="ORT inter-op threads")
 
     # --- batching -------------------------------------------------------------------------
-    max_batch_size: int = Field(256, ge=1)
+    max_batch_size: int = Field(256, ge=1, description="steps per model call at most")
     max_wait_ms: float = Field(0.0, ge=0.0, description="hold a batch this long to fill it")
-    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [1, 8, 64])
+    warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
+        default_factory=lambda: [1, 8, 64], description="batch sizes run once at load")
     initial_slots: int = Field(64, ge=1, description="state-table rows allocated at start")
 
     # --- limits ---------------------------------------------------------------------------
     max_sessions: int = Field(1000, ge=1, description="open WebSocket sessions per server")
     max_message_bytes: int = Field(64 * 1024, ge=256, description="largest binary message")
-    max_frames_per_message: int = Field(64, ge=1)
+    max_frames_per_message: int = Field(64, ge=1, description="128-sample frames in one message")
     max_pending_steps: int = Field(
-        64, ge=1, description="ready-but-unrun steps one session may queue before it is refused"
+        64, ge=1,
+        description="steps one session may queue; past it the server stops reading that socket "
+        "(TCP backpressure) instead of dropping audio"
     )
     send_queue_messages: int = Field(
         1024, ge=8, description="results waiting for a slow reader before its session is closed"
@@ -72,8 +76,8 @@ class Settings(BaseSettings):
     shed_backlog_steps: int = Field(
         4096, ge=1, description="refuse new sessions while this many steps wait for the batcher"
     )
-    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024)
-    max_upload_seconds: float = Field(4 * 3600.0, gt=0)
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="REST body size limit (413)")
+    max_upload_seconds: float = Field(4 * 3600.0, gt=0, description="REST audio duration limit (413)")
     max_concurrent_scores: int = Field(2, ge=1, description="offline clips scored at once")
     max_queued_scores: int = Field(8, ge=0, description="offline clips waiting; more get 503")
     offline_chunk_steps: int = Field(1024, ge=1, description="steps scored per offline chunk")
@@ -83,16 +87,25 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables auth"
     )
-    metrics_require_auth: bool = False
+    metrics_require_auth: bool = Field(False, description="require the API key on /metrics")
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="browser Origins allowed on /v1/stream; empty: any"
     )
-    demo_enabled: bool = True
+    demo_enabled: bool = Field(True, description="serve the browser demo at /demo/")
 
     @field_validator("models", "allowed_origins", "api_keys", "warmup_batch_sizes", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         return _csv(value)
+
+    @model_validator(mode="after")
+    def _limits_consistent(self) -> Settings:
+        if self.max_frames_per_message > self.max_pending_steps:
+            # A message may make one step per frame (hop 128): it must fit the step bound.
+            raise ValueError("max_frames_per_message must not exceed max_pending_steps")
+        if self.max_message_bytes < self.max_frames_per_message * 128 * 2:
+            raise ValueError("max_message_bytes is below max_frames_per_message int16 frames")
+        return self
 
     @property
     def auth_enabled(self) -> bool:
