@@ -60,5 +60,21 @@ train: install system-deps
 	$(BIN)/python -m pip install -q -e '.[train]'
 	bash model_store/recipes/run.sh
 
+# Containers (need a Docker engine) and offline validation of the deployment files.
+IMAGE ?= lookback
+.PHONY: docker docker-cpu compose compose-cpu k8s-render deploy-check
+docker:
+	docker build -t $(IMAGE):gpu .
+docker-cpu:
+	docker build --target cpu -t $(IMAGE):cpu .
+compose:
+	docker compose -f docker/compose.yaml up --build
+compose-cpu:
+	docker compose -f docker/compose.yaml --profile cpu up --build lookback-cpu prometheus grafana
+k8s-render:
+	kubectl kustomize docker/k8s
+deploy-check: install system-deps silero
+	$(BIN)/python -m pytest -q tests/deploy
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -52,7 +52,7 @@ class Engine:
             await handle.batcher.start()
             self.models[handle.spec.key] = handle
             self._versions.setdefault(handle.spec.name, []).append(handle.spec.version)
-            self.metrics.model_info.labels(handle.spec.name, handle.spec.version,
+            self.metrics.model_info.labels(handle.spec.key, handle.spec.version,
                                            handle.provider).set(1)
             log.info("model %s ready on %s (hop %d, context %d, %s)", handle.spec.key,
                      handle.provider, handle.spec.hop_samples, handle.spec.context_samples,
