@@ -26,7 +26,7 @@ serve: install
 # when missing and we are root; the tests that need them fail loudly if they are absent.
 system-deps:
 	@missing=""; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromium >/dev/null || missing="$$missing chromium fonts-dejavu-core"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from service import __version__
+from service import __version__, protocol
 from service.api import rest, ws
 from service.api.state import ServiceState
 from service.engine.engine import Engine
@@ -25,8 +25,8 @@ WEB = Path(__file__).parent / "web"
 
 DESCRIPTION = """Real-time inference server for streaming audio models.
 
-Stream 128-sample PCM frames over the WebSocket `/v1/stream` (protocol in the README and
-at `/protocol`), or score whole clips with `POST /v1/score`.
+Stream 128-sample PCM frames over the WebSocket `/v1/stream` (protocol and error codes in
+the README; `lookback protocol` prints the tables), or score whole clips with `POST /v1/score`.
 """
 
 
@@ -68,6 +68,11 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         where = ".".join(str(p) for p in first.get("loc", ()))
         return rest.error_response(
             LookbackError(f"{where}: {first.get('msg', 'invalid')}", code="bad_query"))
+
+    @app.get("/protocol", include_in_schema=False, response_class=PlainTextResponse)
+    async def _protocol() -> str:
+        """The WebSocket error and close codes, from the one definition in protocol.py."""
+        return protocol.markdown_tables()
 
     if settings.demo_enabled and WEB.is_dir():
         app.mount("/demo", StaticFiles(directory=WEB, html=True), name="demo")

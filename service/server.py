@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from types import FrameType
 
@@ -21,6 +22,33 @@ from service.app import create_app
 from service.settings import Settings
 
 log = logging.getLogger("lookback")
+_TOKEN = re.compile(r"([?&]token=)[^&\s\"]*", re.IGNORECASE)
+
+
+class LogHygiene(logging.Filter):
+    """Keeps API keys out of uvicorn's log lines and demotes one spurious error.
+
+    uvicorn logs every WebSocket handshake with its query string, and browsers send the
+    key as ``?token=``: its value is replaced by ``***``. uvicorn's websockets-sansio
+    protocol also logs "ASGI callable returned without completing handshake" at ERROR
+    after every denial response (our 401/403/503 before the upgrade; Kludex/uvicorn#3138):
+    that record is demoted to DEBUG so alerts on ERROR lines mean real errors.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "token=" in msg.lower():
+            record.msg, record.args = _TOKEN.sub(r"\1***", msg), None
+        if msg.startswith("ASGI callable returned without completing handshake"):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def install_log_hygiene() -> None:
+    hygiene = LogHygiene()
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).addFilter(hygiene)
 
 
 class DrainingServer(uvicorn.Server):
@@ -66,9 +94,21 @@ def _find_state(app: object) -> ServiceState | None:
     return None
 
 
+class _DenialNoise(logging.Filter):
+    """Drop uvicorn 0.54 sansio's ERROR for a handshake refused with an HTTP response.
+
+    Refusing before the upgrade (401/403/503) is deliberate here; upstream logs it as an
+    error (uvicorn PR #3138), which would page whoever alerts on ERROR during load shedding.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing handshake" not in record.getMessage()
+
+
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -82,4 +122,5 @@ def serve(settings: Settings) -> None:
         access_log=settings.log_level == "debug",
         lifespan="on",
     )
+    install_log_hygiene()  # after Config, which (re)configures uvicorn's loggers
     DrainingServer(config, settings).run()

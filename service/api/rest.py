@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -53,6 +54,32 @@ def require_key(request: Request) -> None:
     if not auth.key_ok(_svc(request).settings, auth.bearer(request)):
         raise RestError("missing or wrong API key (Authorization: Bearer <key>)",
                         code="unauthorized")
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    """The request body; a client silent for ``idle_timeout_s`` mid-body gets 408, so a
+    stalled upload cannot hold its place in the scoring queue forever."""
+    timeout = _svc(request).settings.idle_timeout_s
+    stream = request.stream()
+    while True:
+        try:
+            part = await asyncio.wait_for(anext(stream, None), timeout)
+        except TimeoutError:
+            raise RestError(f"no body data for idle_timeout_s={timeout:g}",
+                            code="idle_timeout") from None
+        if part is None:
+            return
+        yield part
+
+
+# libsndfile quietly shortens a WAV whose data chunk runs past the end of the file; its
+# log says so. 0xFFFFFFFF-style lengths mean "unknown" (streamed WAVs) and are fine.
+_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+def _truncated(snd: sf.SoundFile) -> bool:
+    m = _SHORT_DATA.search(snd.extra_info)
+    return m is not None and int(m.group(2)) < int(m.group(1)) < 0x7FFFFFFF
 
 
 def error_response(exc: LookbackError, retry_after: int | None = None) -> JSONResponse:
@@ -246,7 +273,7 @@ class _RawSource(_Source):
         self.max_samples = int(max_seconds * handle.spec.sample_rate)
         self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
         self._first: bytes | None = None
-        self._stream = request.stream()
+        self._stream = _body(request)
 
     async def check(self) -> None:
         try:
@@ -316,7 +343,7 @@ class _ContainerSource(_Source):
             size = 0
             with os.fdopen(fd, "wb") as f:
                 try:
-                    async for part in request.stream():
+                    async for part in _body(request):
                         size += len(part)
                         if size > max_bytes:
                             raise RestError(f"body exceeds max_upload_bytes={max_bytes}",
@@ -340,6 +367,10 @@ class _ContainerSource(_Source):
                 raise RestError(f"audio is {snd.samplerate} Hz; the model needs "
                                 f"{spec.sample_rate} Hz (Lookback never resamples silently)",
                                 code="bad_sample_rate")
+            if _truncated(snd):
+                snd.close()
+                raise RestError("audio is truncated: the WAV header promises more data than "
+                                "the body holds", code="bad_audio")
             if snd.frames > max_seconds * spec.sample_rate:
                 snd.close()
                 raise RestError(f"audio of {snd.frames / spec.sample_rate:.0f}s exceeds "
