@@ -25,8 +25,8 @@ WEB = Path(__file__).parent / "web"
 
 DESCRIPTION = """Real-time inference server for streaming audio models.
 
-Stream 128-sample PCM frames over the WebSocket `/v1/stream` (protocol and error codes in
-the README; `lookback protocol` prints the tables), or score whole clips with `POST /v1/score`.
+Stream 128-sample PCM frames over the WebSocket `/v1/stream` (protocol in the README and
+at `/protocol`), or score whole clips with `POST /v1/score`.
 """
 
 

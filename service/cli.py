@@ -122,6 +122,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from service.loadtest import main_args
+
+    return main_args(args)
+
+
 def cmd_protocol(args: argparse.Namespace) -> int:
     from service.protocol import markdown_tables
 
@@ -162,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--json", action="store_true")
         c.set_defaults(func=func)
 
+    lt = sub.add_parser("loadtest", help="N real-time WebSocket sessions: latency percentiles, "
+                        "or --ramp to find how many stay under a p99 bound")
+    from service.loadtest import add_arguments
+
+    add_arguments(lt)
+    lt.set_defaults(func=cmd_loadtest)
+
     pr = sub.add_parser("protocol", help="print the error and close code tables")
     pr.set_defaults(func=cmd_protocol)
     return p
@@ -174,11 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
+        import httpx
+
+        from service.client import LookbackClientError
         from service.errors import LookbackError
 
-        if isinstance(exc, LookbackError):
+        if isinstance(exc, LookbackError | LookbackClientError):  # server refusals too
             print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
             return 2
+        if isinstance(exc, OSError | httpx.HTTPError):  # server down or unreachable
+            print(f"error [unreachable]: {exc}", file=sys.stderr)
+            return 3
         raise
 
 

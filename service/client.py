@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import orjson
 import websockets
+from websockets.exceptions import InvalidStatus
 
 FRAME = 128
 
@@ -98,8 +99,13 @@ class LookbackClient:
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream audio messages; yield every server message up to and including summary."""
         url = self.ws_url(model=model, version=version, encoding=encoding, results=results)
-        async with websockets.connect(url, additional_headers=self._headers, compression=None,
-                                      max_size=2**24, open_timeout=self.timeout) as ws:
+        try:
+            conn = await websockets.connect(url, additional_headers=self._headers,
+                                            compression=None, max_size=2**24,
+                                            open_timeout=self.timeout)
+        except InvalidStatus as exc:  # refused before the upgrade (401, 403, 503)
+            raise _refused(exc) from exc
+        async with conn as ws:
             ready = orjson.loads(await ws.recv())
             if ready.get("type") == "error":
                 raise LookbackClientError(ready["code"], ready["message"])
@@ -134,6 +140,16 @@ class LookbackClient:
                     if delay > 0:
                         await asyncio.sleep(delay)  # pacing to real time, not waiting on state
         await ws.send(orjson.dumps({"type": "end"}).decode())
+
+
+def _refused(exc: InvalidStatus) -> LookbackClientError:
+    """A WebSocket handshake answered with an HTTP error: the code from its JSON body."""
+    status = exc.response.status_code
+    try:
+        err = orjson.loads(bytes(exc.response.body or b""))["error"]
+        return LookbackClientError(err["code"], err["message"], status)
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return LookbackClientError("http_error", f"WebSocket refused with HTTP {status}", status)
 
 
 def _json_or_raise(r: httpx.Response) -> dict[str, Any]:

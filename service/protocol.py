@@ -62,7 +62,8 @@ _SPECS = [
     ErrorSpec("non_finite_audio", 400, None,
               "pcm_f32le message holds NaN or Inf; dropped whole so state is never poisoned"),
     ErrorSpec("too_many_pending_steps", 429, None,
-              "audio arrives faster than it is scored; message dropped (max_pending_steps)"),
+              "one message would queue more steps than max_pending_steps (misconfiguration); "
+              "faster-than-real-time clients are slowed by backpressure, not refused"),
     ErrorSpec("bad_json", 400, None, "text message is not valid JSON"),
     ErrorSpec("missing_type", 400, None, "JSON message without a string `type`"),
     ErrorSpec("unknown_type", 400, None, "JSON `type` is not flush or end"),

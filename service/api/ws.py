@@ -234,7 +234,8 @@ class Connection:
             "type": "summary", "session_id": self.id, "frames": session.frames,
             "steps": session.steps_done, "failed_steps": session.steps_failed,
             "padded_samples": session.padded_samples,
-            "duration": session.samples / self.handle.spec.sample_rate,
+            "duration": session.frames * self.handle.spec.frame_samples
+            / self.handle.spec.sample_rate,
             "events": [e.as_dict() for e in session.events],
         }).decode())
         self.close_after_queue(code, reason)

@@ -1,0 +1,306 @@
+"""REST: ``POST /v1/score`` (WAV, FLAC, raw PCM, NDJSON, limits), models, health, OpenAPI.
+
+Also the central promise: streaming a clip over the WebSocket and scoring it over REST
+give the same scores and the same events.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.protocol import ERRORS
+from tests.api.protocol_util import (
+    END,
+    HOPS,
+    RATE,
+    error_code,
+    frames,
+    manifest,
+    run_session,
+    score,
+)
+from tests.conftest import SILERO, Server, running_server
+from tests.conftest import test_settings as make_settings
+
+RAW = "application/octet-stream"
+
+
+def _wav(samples: np.ndarray, fmt: str = "WAV", rate: int = RATE) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=fmt, subtype="PCM_16")
+    return buf.getvalue()
+
+
+def _assert_same(model: str, a: list[float], b: list[float]) -> None:
+    """Silero runs one step graph on every path: equal. Others: within 1e-5."""
+    assert len(a) == len(b)
+    if model == SILERO:
+        assert a == b
+    else:
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wav_result() -> dict[str, dict]:
+    """The JSON answer for the speech clip, per model (scored once per module)."""
+    return {}
+
+
+def _score_wav(server: Server, model: str, body: bytes, cache: dict[str, dict]) -> dict:
+    if model not in cache:
+        r = score(server.url, body, model=model)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json"
+        cache[model] = r.json()
+    return cache[model]
+
+
+# -- /v1/score -------------------------------------------------------------------------------
+
+def test_score_wav(server: Server, model: str, speech_wav: bytes, speech_clip: np.ndarray,
+                   wav_result: dict) -> None:
+    spec = manifest(model)
+    body = _score_wav(server, model, speech_wav, wav_result)
+    labels = [lab for out in spec["outputs"] for lab in out["labels"]]
+    hop = HOPS[model]
+    steps = -(-len(speech_clip) // hop)
+    assert body["model"] == model and body["version"] == spec["version"]
+    assert body["sample_rate"] == 16000 and body["hop_samples"] == hop
+    assert body["labels"] == labels
+    assert body["steps"] == steps
+    assert body["duration"] == len(speech_clip) / RATE  # the audio sent, without padding
+    assert list(body["scores"]) == labels
+    for lab in labels:
+        col = np.asarray(body["scores"][lab])
+        assert col.shape == (steps,)
+        assert np.isfinite(col).all() and (col >= 0).all() and (col <= 1).all()
+        assert (col.astype(np.float32).astype(np.float64) == col).all()  # float32, exact
+    kinds = [e["event"] for e in body["events"]]
+    assert kinds and kinds == ["start", "end"] * (len(kinds) // 2)
+    assert all(set(e) == {"event", "label", "time"} for e in body["events"])
+
+
+@pytest.mark.parametrize("encoding", ["pcm_s16le", "pcm_f32le"])
+def test_raw_pcm_matches_wav(server: Server, model: str, speech_wav: bytes,
+                             speech_clip: np.ndarray, wav_result: dict, encoding: str) -> None:
+    ref = _score_wav(server, model, speech_wav, wav_result)
+    if encoding == "pcm_s16le":
+        raw = speech_clip.astype("<i2").tobytes()
+    else:
+        raw = (speech_clip.astype(np.float32) / 32768).astype("<f4").tobytes()
+    r = score(server.url, raw, RAW, model=model, encoding=encoding, sample_rate=16000)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["steps"] == ref["steps"]
+    for lab in ref["labels"]:
+        _assert_same(model, body["scores"][lab], ref["scores"][lab])
+    assert body["events"] == ref["events"]
+
+
+def test_flac_matches_wav(server: Server, silero_model: str, speech_wav: bytes,
+                          speech_clip: np.ndarray, wav_result: dict) -> None:
+    ref = _score_wav(server, SILERO, speech_wav, wav_result)
+    r = score(server.url, _wav(speech_clip, "FLAC"), "audio/flac", model=SILERO)
+    assert r.status_code == 200, r.text
+    assert r.json()["scores"] == ref["scores"]
+    assert r.json()["events"] == ref["events"]
+
+
+def test_ndjson_stream(server: Server, model: str, speech_wav: bytes, wav_result: dict) -> None:
+    ref = _score_wav(server, model, speech_wav, wav_result)
+    with httpx.stream("POST", f"{server.url}/v1/score", params={"model": model, "format": "ndjson"},
+                      content=speech_wav, headers={"content-type": "audio/wav"}, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    head, chunks, summary = lines[0], lines[1:-1], lines[-1]
+    assert head == {"type": "header", "model": model, "version": ref["version"],
+                    "sample_rate": 16000, "hop_samples": HOPS[model], "labels": ref["labels"]}
+    assert chunks and all(c["type"] == "scores" for c in chunks)
+    expected_first = 0
+    for c in chunks:
+        assert c["first_step"] == expected_first
+        expected_first += len(c["scores"][ref["labels"][0]])
+    for lab in ref["labels"]:
+        joined = [x for c in chunks for x in c["scores"][lab]]
+        assert joined == ref["scores"][lab]
+    assert [e for c in chunks for e in c["events"]] == ref["events"]
+    assert summary == {"type": "summary", "steps": ref["steps"], "events": ref["events"],
+                       "duration": ref["duration"]}
+
+
+def test_raw_needs_the_model_sample_rate(server: Server, silero_model: str,
+                                         speech_clip: np.ndarray) -> None:
+    raw = speech_clip[:RATE].tobytes()
+    for params in ({}, {"sample_rate": 8000}):
+        r = score(server.url, raw, RAW, model=SILERO, **params)
+        assert r.status_code == 400, params
+        assert error_code(r) == "bad_sample_rate"
+    r = score(server.url, _wav(speech_clip[:8000], rate=8000), model=SILERO)
+    assert (r.status_code, error_code(r)) == (400, "bad_sample_rate")
+
+
+@pytest.mark.parametrize(("params", "status", "code"), [
+    ({"model": "no-such-model"}, 404, "unknown_model"),
+    ({"model": SILERO, "version": "9.9.9"}, 404, "unknown_version"),
+    ({"model": SILERO, "format": "xml"}, 400, "bad_query"),
+    ({"model": SILERO, "encoding": "pcm_u8"}, 400, "bad_query"),
+])
+def test_score_query_errors(server: Server, silero_model: str, speech_wav: bytes,
+                            params: dict[str, str], status: int, code: str) -> None:
+    r = score(server.url, speech_wav, **params)
+    assert r.status_code == status == ERRORS[code].http
+    assert error_code(r) == code
+
+
+def test_score_body_errors(server: Server, silero_model: str, speech_clip: np.ndarray) -> None:
+    cases = [
+        (b"", "audio/wav", 400, "empty_body"),
+        (b"", RAW, 400, "empty_body"),
+        (b"RIFF not really a wav file at all", "audio/wav", 415, "bad_audio"),
+        (speech_clip[:RATE].tobytes(), "text/plain", 415, "bad_audio"),
+        (_wav(np.stack([speech_clip[:RATE]] * 2, axis=1)), "audio/wav", 400, "bad_channels"),
+    ]
+    for body, ctype, status, code in cases:
+        params = {"sample_rate": 16000} if ctype == RAW else {}
+        r = score(server.url, body, ctype, model=SILERO, **params)
+        assert (r.status_code, error_code(r)) == (status, code), (ctype, r.text)
+        assert ERRORS[code].http == status
+
+
+# -- upload limits ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_server(silero_model: str) -> Iterator[Server]:
+    """Limits small enough to hit: 100 kB bodies, 1 s of audio."""
+    settings = make_settings(models=[SILERO], default_model=SILERO, max_upload_bytes=100_000,
+                             max_upload_seconds=1.0)
+    with running_server(settings) as srv:
+        yield srv
+
+
+def _chunked(data: bytes, size: int = 8192) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+def test_content_length_above_limit(small_server: Server, speech_clip: np.ndarray) -> None:
+    big = _wav(speech_clip[: 4 * RATE])  # 128 kB
+    for body, ctype, params in ((big, "audio/wav", {}),
+                                (speech_clip[: 4 * RATE].tobytes(), RAW, {"sample_rate": 16000})):
+        r = score(small_server.url, body, ctype, **params)
+        assert (r.status_code, error_code(r)) == (413, "upload_too_large"), ctype
+
+
+def test_chunked_body_above_limit(small_server: Server, speech_clip: np.ndarray) -> None:
+    """No Content-Length to check up front: the server counts while it reads."""
+    big = speech_clip[: 4 * RATE].tobytes()
+    for ctype, body, params in (("audio/wav", _wav(speech_clip[: 4 * RATE]), {}),
+                                (RAW, big, {"sample_rate": 16000})):
+        r = score(small_server.url, _chunked(body), ctype, **params)
+        assert "content-length" not in r.request.headers
+        assert r.request.headers["transfer-encoding"] == "chunked"
+        assert (r.status_code, error_code(r)) == (413, "upload_too_large"), ctype
+
+
+def test_audio_longer_than_limit(small_server: Server, speech_clip: np.ndarray) -> None:
+    two_s = speech_clip[: 2 * RATE]  # 64 kB: under the byte limit, over 1 s
+    for body, ctype, params in ((_wav(two_s), "audio/wav", {}),
+                                (_wav(two_s, "FLAC"), "audio/flac", {}),
+                                (two_s.tobytes(), RAW, {"sample_rate": 16000}),
+                                (_chunked(two_s.tobytes()), RAW, {"sample_rate": 16000})):
+        r = score(small_server.url, body, ctype, **params)
+        assert (r.status_code, error_code(r)) == (413, "audio_too_long"), ctype
+    ok = score(small_server.url, _wav(speech_clip[:RATE]))
+    assert ok.status_code == 200, ok.text
+
+
+# -- parity: streaming == offline ---------------------------------------------------------------
+
+async def test_ws_rest_parity(server: Server, model: str, speech_clip: np.ndarray,
+                              speech_wav: bytes) -> None:
+    s = await run_session(server.ws, [*frames(speech_clip, 5), END], model=model)
+    async with httpx.AsyncClient(timeout=60) as http:
+        r = await http.post(f"{server.url}/v1/score", params={"model": model}, content=speech_wav,
+                            headers={"content-type": "audio/wav"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["steps"] == len(s.results) == s.summary["steps"]
+    for lab in body["labels"]:
+        _assert_same(model, s.scores(lab), body["scores"][lab])
+    streamed = [{k: e[k] for k in ("event", "label", "time")} for e in s.events]
+    assert streamed == body["events"] == s.summary["events"]
+    assert streamed, "the speech clip should produce events"
+
+
+# -- models, health, OpenAPI --------------------------------------------------------------------
+
+def test_models(server: Server, model: str) -> None:
+    r = server.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["provider"] == "CPUExecutionProvider"
+    assert body["default_model"] == "lookback-vad"
+    spec = manifest(model)
+    entry = next(m for m in body["models"] if m["name"] == model)
+    assert entry["key"] == f"{model}/{spec['version']}"
+    assert entry["provider"] == "CPUExecutionProvider"
+    assert entry["latest"] is True
+    for field in ("sample_rate", "frame_samples", "hop_samples", "context_samples"):
+        assert entry[field] == spec[field], field
+    assert entry["hop_samples"] == HOPS[model]
+    assert [s["input"] for s in entry["states"]] == [s["input"] for s in spec["states"]]
+    assert [o["labels"] for o in entry["outputs"]] == [o["labels"] for o in spec["outputs"]]
+    assert entry["graph"]["sha256"] == spec["graph"]["sha256"]
+    assert entry["sequence_graph"] is ("sequence" in spec and spec["sequence"] is not None)
+    assert entry["state_bytes_per_session"] > 0
+
+
+def test_health_and_readiness(server: Server, silero_model: str) -> None:
+    assert server.get("/healthz").json() == {"status": "ok"}
+    r = server.get("/readyz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["ready"] is True and body["draining"] is False
+    assert body["provider"] == "CPUExecutionProvider"
+    assert f"{SILERO}/{manifest(SILERO)['version']}" in body["models"]
+
+
+def test_openapi_and_docs(silero_model: str) -> None:
+    app = create_app(make_settings(models=[SILERO], default_model=SILERO))
+    with TestClient(app) as client:
+        spec = client.get("/openapi.json").json()
+        paths = spec["paths"]
+        for path in ("/v1/score", "/v1/models", "/healthz", "/readyz"):
+            assert path in paths, path
+        score_op = paths["/v1/score"]["post"]
+        assert {"audio/wav", "audio/flac", "application/octet-stream"} <= set(
+            score_op["requestBody"]["content"])
+        params = {p["name"] for p in score_op["parameters"]}
+        assert {"model", "version", "format", "encoding", "sample_rate"} <= params
+        docs = client.get("/docs")
+        assert docs.status_code == 200
+        assert docs.headers["content-type"].startswith("text/html")
+        assert "swagger" in docs.text.lower()
+        # the in-process app scores too (TestClient drives the same lifespan)
+        r = client.get("/v1/models")
+        assert [m["name"] for m in r.json()["models"]] == [SILERO]
+
+
+def test_protocol_page(server: Server) -> None:
+    """``/protocol`` serves the same tables as ``lookback protocol`` and the README."""
+    from service.protocol import markdown_tables
+
+    r = server.get("/protocol")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert r.text == markdown_tables()
+    assert all(f"`{code}`" in r.text for code in ERRORS)
