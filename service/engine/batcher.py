@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from service.errors import InferenceError, LookbackError
+from service.errors import BadAudio, InferenceError, LookbackError
 
 if TYPE_CHECKING:
     from service.engine.model import ModelHandle
@@ -77,6 +77,8 @@ class MicroBatcher:
         self._m_wait = m.queue_wait
         self._m_latency = m.frame_latency
         self._label = label
+        self._hop = handle.spec.hop_samples
+        self._hop_bytes = 2 * self._hop  # pcm_s16le payloads
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,6 +108,12 @@ class MicroBatcher:
 
     # -- submission --------------------------------------------------------------------
     def submit(self, step: Step) -> None:
+        """Queue a step for the next batch; a malformed one fails alone, here, not its batch."""
+        p = step.payload
+        if (len(p) != self._hop_bytes) if type(p) is bytes else (p.shape != (self._hop,)):
+            step.waiter.set_exception(BadAudio(
+                f"a step must carry exactly {self._hop} samples; refused before batching"))
+            return
         step.t_ready = time.perf_counter()
         self._ready.append(step)
         if not self._wake.is_set():

@@ -29,3 +29,22 @@ def silero_store() -> Path:
             pytrace=False,
         )
     return MODEL_STORE
+
+
+@pytest.fixture
+def default_model() -> str:
+    """The shipped default model ``lookback-vad/1``; fails (never skips) when it is missing."""
+    from tests.engine.engine_support import require_default_model
+
+    require_default_model()
+    return "lookback-vad"
+
+
+@pytest.fixture(params=["silero-vad", "lookback-vad"])
+def any_model(request: pytest.FixtureRequest) -> str:
+    """Each served model in turn: Silero (hop 512, batch axis 1) and the default model."""
+    if request.param == "silero-vad":
+        request.getfixturevalue("silero_model")
+    else:
+        request.getfixturevalue("default_model")
+    return str(request.param)

@@ -1,0 +1,266 @@
+"""StreamSession: frames -> ordered steps, bounded queue, flush, bad input refused whole."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from service.engine.batcher import Step
+from service.engine.model import ModelHandle
+from service.errors import BackpressureError, BadAudio, CapacityError, SessionClosed
+from tests.engine.engine_support import (
+    FRAME,
+    SR,
+    Collect,
+    even_bursts,
+    push_all,
+    running_engine,
+    speech,
+    stream_clip,
+    to_s16,
+    whole_frames,
+)
+
+
+class Gate:
+    """Holds model calls in the executor until released; counts the calls."""
+
+    def __init__(self, handle: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = handle.compute
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        monkeypatch.setattr(handle, "compute", self)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30)
+
+    def __call__(self, batch: Sequence[Step]) -> np.ndarray:
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(30)
+        return self.real(batch)
+
+
+def clip_f32(x: np.ndarray) -> bytes:
+    return (x.astype(np.float32) / np.float32(32768.0)).astype("<f4").tobytes()
+
+
+async def test_results_arrive_in_step_order_with_times(any_model: str) -> None:
+    name = any_model
+    clip = speech()[: 3 * SR]
+    async with running_engine(name) as engine:
+        handle = engine.resolve(name)
+        hop = handle.spec.hop_samples
+        sinks = [Collect() for _ in range(4)]
+        sessions = [engine.open_session(handle, s) for s in sinks]
+        data = to_s16(whole_frames(clip))
+        n = len(data) // 256
+
+        async def drive(i: int) -> None:
+            await push_all(sessions[i], data, even_bursts(n, 1 + 5 * i))
+            sessions[i].flush()
+            await sessions[i].wait_idle()
+
+        await asyncio.gather(*(drive(i) for i in range(4)))
+        for s in sessions:
+            s.close()
+    steps = -(-n * FRAME // hop)
+    for sink in sinks:
+        assert sink.indices == list(range(steps))
+        assert sink.times == [(i + 1) * hop / SR for i in range(steps)]
+        np.testing.assert_array_equal(sink.scores, sinks[0].scores)
+
+
+async def test_pending_queue_is_bounded_and_wait_for_room_unblocks(
+        silero_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running_engine("silero-vad", max_pending_steps=4, max_frames_per_message=4) as engine:
+        handle = engine.resolve("silero-vad")
+        gate = Gate(handle, monkeypatch)
+        sink = Collect()
+        session = engine.open_session(handle, sink)
+        hop = session.hop_bytes
+        data = to_s16(speech()[: 8 * 512])
+        assert session.push(data[:hop]) == 1
+        await gate.wait_entered()  # step 0 is running, held
+        assert session.push(data[hop:4 * hop]) == 3  # 1 in flight + 3 queued = the bound
+        assert session.pending_steps == 4
+        frames_before = session.frames
+        with pytest.raises(BackpressureError) as info:
+            session.push(data[4 * hop:5 * hop])
+        assert info.value.code == "too_many_pending_steps"
+        assert session.frames == frames_before and session.steps_made == 4  # refused whole
+        # a partial hop makes no step: still accepted
+        assert session.push(data[4 * hop:4 * hop + 256]) == 0
+        with pytest.raises(BackpressureError):  # one message that could never fit
+            await session.wait_for_room(5 * hop)
+        waiter = asyncio.create_task(session.wait_for_room(hop))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        gate.release.set()  # steps complete; room appears
+        await asyncio.wait_for(waiter, 30)
+        assert session.pending_steps <= 3
+        session.push(data[4 * hop + 256:5 * hop + 256])
+        await session.wait_idle()
+        session.close()
+    assert sink.indices == [0, 1, 2, 3, 4]
+    assert not sink.errors
+
+
+async def test_flush_zero_pads_and_counts_padding(silero_model: str) -> None:
+    clip = speech()[SR: SR + 512 + 3 * FRAME]  # one hop and three frames
+    async with running_engine("silero-vad") as engine:
+        handle = engine.resolve("silero-vad")
+        sink = Collect()
+        session = engine.open_session(handle, sink)
+        assert session.flush() == 0  # nothing buffered: nothing to do
+        assert session.push(to_s16(clip)) == 1
+        assert session.buffered_samples == 3 * FRAME
+        assert session.flush() == 1
+        assert session.padded_samples == FRAME and session.buffered_samples == 0
+        assert session.samples == 1024
+        assert session.flush() == 0
+        await session.wait_idle()
+        session.close()
+        # the same audio with the zero frame sent explicitly
+        padded = await stream_clip(engine, handle, np.concatenate([clip, np.zeros(FRAME, np.int16)]),
+                                   flush=False)
+    assert sink.indices == [0, 1] and sink.times == [512 / SR, 1024 / SR]
+    np.testing.assert_array_equal(sink.scores, padded.scores)
+
+
+async def test_flush_pads_float32_too(silero_model: str) -> None:
+    async with running_engine("silero-vad") as engine:
+        handle = engine.resolve("silero-vad")
+        session = engine.open_session(handle, Collect(), encoding="pcm_f32le")
+        session.push(clip_f32(speech()[:FRAME]))
+        assert session.flush() == 1 and session.padded_samples == 512 - FRAME
+        await session.wait_idle()
+        session.close()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+async def test_non_finite_float_audio_is_refused_and_touches_nothing(any_model: str,
+                                                                     bad: float) -> None:
+    name = any_model
+    clip = speech()[SR: SR + 2 * 4 * 512]
+    frames = [clip_f32(clip[i:i + FRAME]) for i in range(0, clip.size, FRAME)]
+    async with running_engine(name) as engine:
+        handle = engine.resolve(name)
+        sink = Collect()
+        session = engine.open_session(handle, sink, encoding="pcm_f32le")
+        poisoned = np.frombuffer(frames[3], "<f4").copy()
+        poisoned[17] = bad
+        for i, frame in enumerate(frames):
+            if i in (3, 6):  # mid-hop for Silero: the partial hop must survive untouched
+                state = (session.frames, session.buffered_samples, session.steps_made)
+                for msg in (poisoned.tobytes(), frame + poisoned.tobytes()):
+                    with pytest.raises(BadAudio) as info:
+                        session.push(msg)
+                    assert info.value.code == "non_finite_audio"
+                assert (session.frames, session.buffered_samples, session.steps_made) == state
+            await session.wait_for_room(len(frame))
+            session.push(frame)
+        await session.wait_idle()
+        session.close()
+        clean = Collect()
+        other = engine.open_session(handle, clean, encoding="pcm_f32le")
+        other.push(b"".join(frames))
+        await other.wait_idle()
+        other.close()
+    assert not sink.errors and len(sink.rows) == len(clean.rows) > 0
+    np.testing.assert_array_equal(sink.scores, clean.scores)
+
+
+async def test_int16_and_float32_encodings_give_identical_scores(any_model: str) -> None:
+    name = any_model
+    clip = whole_frames(speech()[: 4 * SR])
+    clip[100] = -32768  # the extremes convert exactly too
+    clip[101] = 32767
+    async with running_engine(name) as engine:
+        handle = engine.resolve(name)
+        results = []
+        for encoding, data in (("pcm_s16le", to_s16(clip)), ("pcm_f32le", clip_f32(clip))):
+            sink = Collect()
+            session = engine.open_session(handle, sink, encoding=encoding)
+            assert session.frame_bytes == FRAME * (2 if encoding == "pcm_s16le" else 4)
+            await push_all(session, data, even_bursts(clip.size // FRAME, 3))
+            await session.wait_idle()
+            session.close()
+            results.append(sink.scores)
+    assert len(results[0]) == clip.size // handle.spec.hop_samples
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+async def test_closed_session_refuses_audio_and_frees_its_slot(silero_model: str) -> None:
+    async with running_engine("silero-vad") as engine:
+        handle = engine.resolve("silero-vad")
+        session = engine.open_session(handle, Collect())
+        assert handle.table.used == 1
+        session.close()
+        session.close()  # idempotent
+        assert handle.table.used == 0 and session.slot == -1
+        with pytest.raises(SessionClosed):
+            session.push(bytes(256))
+        assert session.flush() == 0
+        await session.wait_idle()
+
+
+async def test_unknown_encoding_is_refused(silero_model: str) -> None:
+    async with running_engine("silero-vad") as engine:
+        with pytest.raises(BadAudio) as info:
+            engine.open_session(engine.resolve("silero-vad"), Collect(), encoding="mulaw")  # type: ignore[arg-type]
+        assert info.value.code == "bad_encoding"
+        assert engine.resolve("silero-vad").table.used == 0
+
+
+async def test_sessions_beyond_capacity_are_refused(silero_model: str) -> None:
+    async with running_engine("silero-vad", max_sessions=1, max_concurrent_scores=1,
+                              max_queued_scores=0) as engine:
+        handle = engine.resolve("silero-vad")
+        a = engine.open_session(handle, Collect())
+        b = engine.open_session(handle, Collect())
+        with pytest.raises(CapacityError):
+            engine.open_session(handle, Collect())
+        a.close()
+        c = engine.open_session(handle, Collect())
+        b.close()
+        c.close()
+
+
+async def test_failed_batch_reaches_the_sink_as_an_error_and_the_session_goes_on(
+        silero_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with running_engine("silero-vad") as engine:
+        handle = engine.resolve("silero-vad")
+        real = handle.compute
+        calls = []
+
+        def flaky(batch: Sequence[Step]) -> np.ndarray:
+            calls.append(len(batch))
+            if len(calls) == 2:
+                raise RuntimeError("boom")
+            return real(batch)
+
+        monkeypatch.setattr(handle, "compute", flaky)
+        sink = Collect()
+        session = engine.open_session(handle, sink)
+        session.push(to_s16(speech()[: 3 * 512]))
+        await session.wait_idle()
+        session.close()
+    assert sink.indices == [0, 2]
+    assert [(i, e.code) for i, e in sink.errors] == [(1, "inference_failed")]
+    assert session.steps_done == 2 and session.steps_failed == 1
+
+
+async def test_finish_closes_an_open_segment_at_the_stream_end(silero_model: str) -> None:
+    x = speech()
+    start = int(np.argmax(np.abs(x) > 3000))
+    clip = whole_frames(x[start: start + SR // 2])  # cut in the middle of speech
+    async with running_engine("silero-vad") as engine:
+        got = await stream_clip(engine, engine.resolve("silero-vad"), clip)
+    assert [e.event for e in got.events] == ["start", "end"]
+    assert got.events[-1].sample == len(got.rows) * 512
