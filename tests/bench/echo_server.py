@@ -1,0 +1,111 @@
+"""Echo ceiling: Lookback's WebSocket stack with the model call replaced by an instant reply.
+
+Same FastAPI app type, same uvicorn settings as ``service/server.py`` (from the same
+``LOOKBACK_*`` settings: websockets-sansio, no permessage-deflate, same size and queue
+limits), same raw ASGI receive/send calls as ``service/api/ws.py``. Each completed hop is
+answered at once with a result message of the same shape and size as Lookback's; ``end``
+gets a summary and a 1000 close. ``/readyz`` reports open sessions like Lookback's.
+
+    python -m tests.bench.echo_server --port 8001 [--hop 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import uuid
+
+import orjson
+import uvicorn
+from fastapi import FastAPI, WebSocket
+
+from service.settings import Settings
+
+SCORE = 0.12345679104328156  # a float32 score written as a double, as Lookback writes it
+
+
+def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI:
+    app = FastAPI(title="Lookback echo ceiling")
+    state = {"sessions": 0}
+    hop_frames = max(1, hop_samples // frame_samples)
+    frame_bytes = frame_samples * 2
+    hop_seconds = hop_samples / 16000
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> dict[str, object]:
+        return {"ready": True, "draining": False, "models": ["echo"], "sessions": state["sessions"]}
+
+    @app.websocket("/v1/stream")
+    async def stream(ws: WebSocket) -> None:
+        await ws.accept()
+        state["sessions"] += 1
+        receive, send = ws.receive, ws.send
+        dumps = orjson.dumps
+        try:
+            await send({"type": "websocket.send", "text": dumps({
+                "type": "ready", "session_id": uuid.uuid4().hex[:16], "model": "echo",
+                "version": "1", "sample_rate": 16000, "frame_samples": frame_samples,
+                "hop_samples": hop_samples, "labels": ["speech"], "encoding": "pcm_s16le",
+                "threshold": 0.5}).decode()})
+            frames = 0
+            steps = 0
+            while True:
+                msg = await receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                data = msg.get("bytes")
+                if data is not None:
+                    frames += len(data) // frame_bytes
+                    while (steps + 1) * hop_frames <= frames:
+                        await send({"type": "websocket.send", "text": dumps({
+                            "type": "result", "step": steps,
+                            "time": (steps + 1) * hop_seconds,
+                            "scores": {"speech": SCORE}}).decode()})
+                        steps += 1
+                    continue
+                body = orjson.loads(msg.get("text") or "{}")
+                if isinstance(body, dict) and body.get("type") == "end":
+                    if frames > steps * hop_frames:  # flush: a padded last step
+                        await send({"type": "websocket.send", "text": dumps({
+                            "type": "result", "step": steps, "time": (steps + 1) * hop_seconds,
+                            "scores": {"speech": SCORE}}).decode()})
+                        steps += 1
+                    await send({"type": "websocket.send", "text": dumps({
+                        "type": "summary", "frames": frames, "steps": steps, "failed_steps": 0,
+                        "padded_samples": 0, "duration": steps * hop_seconds,
+                        "events": []}).decode()})
+                    await ws.close(1000, "normal")
+                    return
+        finally:
+            state["sessions"] -= 1
+
+    return app
+
+
+def serve(port: int, hop: int, settings: Settings | None = None) -> None:
+    """uvicorn exactly as ``service.server.serve`` configures it (minus the drain)."""
+    s = settings or Settings()
+    config = uvicorn.Config(
+        create_echo_app(hop), host=s.host, port=port, log_level=s.log_level,
+        ws=s.ws_impl,
+        ws_max_size=s.max_message_bytes * 4,
+        ws_max_queue=32,
+        ws_per_message_deflate=s.ws_per_message_deflate,
+        ws_ping_interval=s.ws_ping_interval_s,
+        limit_concurrency=s.max_sessions + s.max_queued_scores + 64,
+        timeout_graceful_shutdown=1,
+        access_log=s.log_level == "debug",
+        lifespan="on",
+    )
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=8001)
+    ap.add_argument("--hop", type=int, default=128)
+    a = ap.parse_args()
+    serve(a.port, a.hop)

@@ -1,0 +1,687 @@
+"""``make bench``: how many real-time streams one core holds, against the stack's own ceiling.
+
+Server pinned to CPU 0, load generator (``service.loadtest``) to CPU 1, all figures from
+one run so their ratios hold on a noisy machine:
+
+1. echo ceiling: the same FastAPI/uvicorn WebSocket stack answering at once (ramp);
+2. Lookback (default model ``lookback-vad``): real-time sessions at p99 <= 20 ms (ramp);
+3. naive baseline: the same with ``LOOKBACK_MAX_BATCH_SIZE=1``;
+4. Silero VAD (hop 512), batched and naive;
+5. a client sending 10 frames per message;
+6. offline: a 1-hour generated clip through ``POST /v1/score`` vs a 1-minute clip
+   (seconds, x real time, server peak RSS, each on a fresh server);
+7. memory per session: server RSS at 0 and at 1000 idle sessions;
+8. the engine-only table (``tests/bench/engine_bench.py``), whose ORT ceiling gives the
+   bound ``1 / (1/echo + 1/model_alone)``, model_alone = ceiling frames/s / 125;
+9. not a target: two server processes (one per core, two ports, sessions split; ``lookback
+   serve`` runs one process) with the client unpinned.
+
+Writes ``tests/bench/results/<date>-<host>.{json,md}`` and prints the table.
+
+    python -m tests.bench.run_all [--quick] [--only echo,lookback,...] [--model lookback-vad]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from service.loadtest import IdleSessions, LoadConfig, format_ramp, raise_fd_limit, ramp
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = Path(__file__).resolve().parent / "results"
+FIXTURE = REPO / "tests" / "fixtures" / "audio" / "silero_ref_speech.wav"
+BIN = Path(sys.executable).parent
+STEPS = ("engine", "echo", "lookback", "naive", "fpm10", "silero", "silero_naive", "offline",
+         "memory", "workers")
+
+
+@dataclass(frozen=True)
+class Plan:
+    warmup: float
+    duration: float
+    max_trials: int
+    ramp_time: float
+    offline_short_s: float
+    offline_long_s: float
+    idle_sessions: int
+    engine_seconds: float
+    engine_sessions: tuple[int, ...]
+    start: int
+
+
+FULL = Plan(warmup=2.0, duration=6.0, max_trials=8, ramp_time=140.0, offline_short_s=60.0,
+            offline_long_s=3600.0, idle_sessions=1000, engine_seconds=3.0,
+            engine_sessions=(1, 64, 512, 2048), start=64)
+QUICK = Plan(warmup=0.5, duration=1.5, max_trials=3, ramp_time=25.0, offline_short_s=10.0,
+             offline_long_s=120.0, idle_sessions=100, engine_seconds=0.3,
+             engine_sessions=(1, 64), start=16)
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------
+# machine and processes
+
+
+def cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process in bytes (Linux)."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(val.split()[0]) * 1024
+    return out
+
+
+class Server:
+    """A server subprocess pinned to ``cpu``: started, polled for /readyz, SIGTERM-stopped."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int,
+                 cpu: int | None) -> None:
+        self.name, self.argv, self.port, self.cpu = name, argv, port, cpu
+        self.env = {**os.environ, **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+        fd, name_ = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
+        os.close(fd)
+        self.logpath = Path(name_)
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def __enter__(self) -> Server:
+        cpu = self.cpu
+
+        def pin() -> None:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+        with open(self.logpath, "wb") as logfile:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=REPO, stdout=logfile,
+                                         stderr=subprocess.STDOUT, preexec_fn=pin)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
+                                   + self.log_tail())
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} not ready after 180 s:\n{self.log_tail()}")
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.stop()
+        if exc_type is None:
+            self.logpath.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_tail(self, n: int = 3000) -> str:
+        with contextlib.suppress(OSError):
+            return self.logpath.read_text(errors="replace")[-n:]
+        return ""
+
+
+def lookback_server(model: str, port: int, cpu: int | None, **env: Any) -> Server:
+    base = {"LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_PORT": str(port),
+            "LOOKBACK_LOG_LEVEL": "warning", "LOOKBACK_MODELS": model,
+            "LOOKBACK_DEFAULT_MODEL": model, "LOOKBACK_MAX_SESSIONS": "4200"}
+    base.update({f"LOOKBACK_{k.upper()}": str(v) for k, v in env.items()})
+    script = BIN / "lookback"
+    argv = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "service.cli",
+                                                             "serve"]
+    return Server(f"lookback-{model}", argv, base, port, cpu)
+
+
+def echo_server(port: int, cpu: int | None, hop: int = 128) -> Server:
+    env = {"LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_LOG_LEVEL": "warning",
+           "LOOKBACK_MAX_SESSIONS": "4200"}
+    return Server("echo", [sys.executable, "-m", "tests.bench.echo_server", "--port", str(port),
+                           "--hop", str(hop)], env, port, cpu)
+
+
+# ------------------------------------------------------------------------------------------
+# the steps
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.plan = QUICK if args.quick else FULL
+        self.cpus = cpus()
+        self.pinned = len(self.cpus) >= 2
+        self.server_cpu = self.cpus[0] if self.pinned else None
+        self.client_cpus = self.cpus[1:] if self.pinned else None
+        self.model = args.model
+        self.results: dict[str, Any] = {}
+        self.t0 = time.monotonic()
+        self.budget = args.budget_s
+
+    def load_cfg(self, url: str | list[str], fpm: int = 1, **kw: Any) -> LoadConfig:
+        p = self.plan
+        return LoadConfig(urls=[url] if isinstance(url, str) else url, warmup=p.warmup,
+                          duration=p.duration, wav=str(FIXTURE) if FIXTURE.exists() else None,
+                          frames_per_message=fpm, p99_ms=self.args.p99_ms,
+                          cpus=self.client_cpus, end_timeout=6.0, quiet=False, **kw)
+
+    def ramp(self, cfg: LoadConfig, start: int) -> dict[str, Any]:
+        p = self.plan
+        res = ramp(cfg, start=max(1, start), max_sessions=4000, max_trials=p.max_trials,
+                   max_time=p.ramp_time)
+        print(format_ramp(res), file=sys.stderr, flush=True)
+        return res
+
+    def ramp_start(self, key: str, frac: float = 0.5, default: int | None = None) -> int:
+        """Start a ramp near a known result (a power of two below frac * it)."""
+        prev = self.results.get(key, {}).get("max_sessions")
+        if not prev:
+            return default or self.plan.start
+        return max(8, 2 ** int(math.log2(max(1, prev * frac))))
+
+    # 8. engine-only --------------------------------------------------------------------
+    def step_engine(self) -> dict[str, Any]:
+        p = self.plan
+        out = Path(tempfile.mkstemp(prefix="engine-bench-", suffix=".json")[1])
+        code = (
+            "import inspect, json, sys\n"
+            "import tests.bench.engine_bench as eb\n"
+            "if not hasattr(eb, 'main'):\n"
+            "    sys.exit(3)\n"
+            "want = json.loads(sys.argv[2])\n"
+            "params = inspect.signature(eb.main).parameters\n"
+            "kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in want.items() if k in params}\n"
+            "res = eb.main(sys.argv[1], **kw)\n"
+            "open(sys.argv[1], 'w').write(json.dumps(res, default=str))\n"
+        )
+        want = {"model": self.model, "seconds": p.engine_seconds,
+                "sessions": list(p.engine_sessions)}
+        cpu = self.server_cpu
+
+        def pin() -> None:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+        r = subprocess.run([sys.executable, "-c", code, str(out), json.dumps(want)], cwd=REPO,
+                           preexec_fn=pin, timeout=900, stdout=sys.stderr)
+        if r.returncode == 3:
+            return {"skipped": "tests/bench/engine_bench.py has no main()"}
+        if r.returncode != 0:
+            raise RuntimeError(f"engine bench exited with {r.returncode} (its output is above)")
+        res: dict[str, Any] = json.loads(out.read_text())
+        out.unlink(missing_ok=True)
+        return res
+
+    # 1. echo ceiling -------------------------------------------------------------------
+    def step_echo(self) -> dict[str, Any]:
+        with echo_server(free_port(), self.server_cpu) as srv:
+            return self.ramp(self.load_cfg(srv.url), self.plan.start * 2)
+
+    # 2./3./5. Lookback ---------------------------------------------------------------
+    def _lookback_ramp(self, model: str, fpm: int, start: int, **env: Any) -> dict[str, Any]:
+        with lookback_server(model, free_port(), self.server_cpu, **env) as srv:
+            res = self.ramp(self.load_cfg(srv.url, fpm, model=model), start)
+            res["server_rss_bytes"] = proc_status(srv.pid)
+            return res
+
+    def step_lookback(self) -> dict[str, Any]:
+        return self._lookback_ramp(self.model, 1, self.ramp_start("echo"))
+
+    def step_naive(self) -> dict[str, Any]:
+        return self._lookback_ramp(self.model, 1, self.ramp_start("lookback", 0.25),
+                                   max_batch_size=1)
+
+    def step_fpm10(self) -> dict[str, Any]:
+        return self._lookback_ramp(self.model, 10, self.ramp_start("lookback", 1.0))
+
+    # 4. Silero -----------------------------------------------------------------------
+    def step_silero(self) -> dict[str, Any]:
+        if self.model == "silero-vad" and "lookback" in self.results:
+            return {**self.results["lookback"], "same_as": "lookback"}
+        if not has_model("silero-vad"):
+            return {"skipped": "silero-vad is not imported (make silero)"}
+        return self._lookback_ramp("silero-vad", 1, self.ramp_start("lookback", 1.0))
+
+    def step_silero_naive(self) -> dict[str, Any]:
+        if self.model == "silero-vad" and "naive" in self.results:
+            return {**self.results["naive"], "same_as": "naive"}
+        if not has_model("silero-vad"):
+            return {"skipped": "silero-vad is not imported (make silero)"}
+        return self._lookback_ramp("silero-vad", 1, self.ramp_start("silero", 0.25),
+                                   max_batch_size=1)
+
+    # 9. two server processes -----------------------------------------------------------
+    def step_workers(self) -> dict[str, Any]:
+        if not self.pinned:
+            return {"skipped": "needs 2 CPUs"}
+        ports = [free_port(), free_port()]
+        with lookback_server(self.model, ports[0], self.cpus[0]) as a, \
+                lookback_server(self.model, ports[1], self.cpus[1]) as b:
+            cfg = replace(self.load_cfg([a.url, b.url], model=self.model), cpus=self.cpus)
+            res = self.ramp(cfg, self.ramp_start("lookback", 1.0))
+        res["how"] = ("2 `lookback serve` processes on 2 ports, one pinned per CPU; sessions "
+                      "alternate between them; client processes unpinned (share both CPUs)")
+        return res
+
+    # 6. offline ----------------------------------------------------------------------
+    def step_offline(self) -> dict[str, Any]:
+        p = self.plan
+        out: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="bench-offline-") as tmp:
+            for label, seconds in (("short", p.offline_short_s), ("long", p.offline_long_s)):
+                path = Path(tmp) / f"{label}.wav"
+                t = time.perf_counter()
+                make_clip(path, seconds)
+                gen_s = time.perf_counter() - t
+                with lookback_server(self.model, free_port(), self.server_cpu) as srv:
+                    before = proc_status(srv.pid)
+                    r = score_file(srv.port, path, self.model, srv.pid)
+                    r.update(audio_s=seconds, file_bytes=path.stat().st_size,
+                             generate_s=gen_s, rss_before=before.get("VmRSS"),
+                             hwm_before=before.get("VmHWM"))
+                log(f"offline {label}: {seconds:.0f} s audio in {r['seconds']:.2f} s "
+                    f"({r['x_realtime']:.0f}x real time), server peak RSS "
+                    f"{r['peak_rss'] / 2**20:.0f} MiB")
+                out[label] = r
+                path.unlink()
+        out["peak_rss_ratio"] = out["long"]["peak_rss"] / out["short"]["peak_rss"]
+        return out
+
+    # 7. memory per session -------------------------------------------------------------
+    def step_memory(self) -> dict[str, Any]:
+        n = self.plan.idle_sessions
+        raise_fd_limit(n + 64)
+        with lookback_server(self.model, free_port(), self.server_cpu,
+                             max_sessions=max(n + 16, 1200)) as srv:
+            time.sleep(0.5)
+            rss0 = proc_status(srv.pid)["VmRSS"]
+
+            async def hold() -> tuple[int, int, dict[str, int]]:
+                async with IdleSessions(srv.url, n, model=self.model) as idle:
+                    await asyncio.sleep(1.0)
+                    rss = proc_status(srv.pid)["VmRSS"]
+                    return idle.ready, rss, idle.failures
+
+            ready, rss1, failures = asyncio.run(hold())
+        per = (rss1 - rss0) / max(1, ready)
+        log(f"memory: {ready}/{n} idle sessions: RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB "
+            f"= {per / 1024:.1f} KiB per session")
+        return {"sessions": n, "ready": ready, "failures": failures, "rss_0": rss0,
+                "rss_n": rss1, "bytes_per_session": per}
+
+    # -----------------------------------------------------------------------------------
+    def run(self, steps: list[str]) -> dict[str, Any]:
+        for name in steps:
+            elapsed = time.monotonic() - self.t0
+            if elapsed > self.budget:
+                log(f"skipping {name}: past the {self.budget:.0f} s budget")
+                self.results[name] = {"skipped": "time budget"}
+                continue
+            log(f"--- {name} ---")
+            t = time.monotonic()
+            try:
+                res = getattr(self, f"step_{name}")()
+            except Exception as exc:  # one failed step must not lose the others
+                log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+                res = {"error": f"{type(exc).__name__}: {exc}"[:4000]}
+            res["step_s"] = time.monotonic() - t
+            self.results[name] = res
+        return self.results
+
+
+# ------------------------------------------------------------------------------------------
+# offline helpers
+
+
+def make_clip(path: Path, seconds: float, seed: int = 0) -> None:
+    """Loop the fixture clip with varying gain and added noise, written chunk by chunk."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    if FIXTURE.exists():
+        base, rate = sf.read(str(FIXTURE), dtype="float32")
+    else:  # pragma: no cover - the fixture ships with the repo
+        rate = 16000
+        base = (rng.standard_normal(rate * 10) * 0.1).astype(np.float32)
+    total = int(seconds * rate)
+    written = 0
+    with sf.SoundFile(str(path), "w", samplerate=rate, channels=1, subtype="PCM_16") as f:
+        while written < total:
+            n = min(len(base), total - written)
+            gain = rng.uniform(0.3, 1.0)
+            noise = rng.standard_normal(n).astype(np.float32) * rng.uniform(0.001, 0.02)
+            f.write(np.clip(base[:n] * gain + noise, -1.0, 0.999))
+            written += n
+
+
+@contextlib.contextmanager
+def rss_sampler(pid: int, period: float = 0.05) -> Iterator[Callable[[], int]]:
+    """Peak VmRSS sampled in a thread (VmHWM is the authoritative figure; this is a cross-check)."""
+    peak = [0]
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc_status(pid).get("VmRSS", 0))
+            stop.wait(period)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        yield lambda: peak[0]
+    finally:
+        stop.set()
+        th.join()
+
+
+def score_file(port: int, path: Path, model: str, pid: int) -> dict[str, Any]:
+    def body() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                yield block
+
+    with rss_sampler(pid) as sampled:
+        t = time.perf_counter()
+        with httpx.Client(timeout=1800) as http:
+            r = http.post(f"http://127.0.0.1:{port}/v1/score", params={"model": model},
+                          content=body(), headers={"Content-Type": "audio/wav"})
+        seconds = time.perf_counter() - t
+        peak_sampled = sampled()
+    if r.status_code != 200:
+        raise RuntimeError(f"/v1/score answered {r.status_code}: {r.text[:500]}")
+    data = r.json()
+    st = proc_status(pid)
+    return {"seconds": seconds, "x_realtime": data["duration"] / seconds, "steps": data["steps"],
+            "duration": data["duration"], "response_bytes": len(r.content),
+            "peak_rss": st.get("VmHWM", peak_sampled), "peak_rss_sampled": peak_sampled,
+            "rss_after": st.get("VmRSS")}
+
+
+# ------------------------------------------------------------------------------------------
+# report
+
+
+def _ms(res: dict[str, Any] | None) -> int | None:
+    if not res or "max_sessions" not in res:
+        return None
+    return int(res["max_sessions"])
+
+
+def _p99(res: dict[str, Any] | None) -> str:
+    best = (res or {}).get("best")
+    if not best:
+        return "-"
+    return f"{best['latency_ms']['p99']:.1f}"
+
+
+def has_model(name: str) -> bool:
+    return any((REPO / "model_store" / name).glob("*/model.json"))
+
+
+def _hop_of(model: str) -> int:
+    for mj in sorted((REPO / "model_store" / model).glob("*/model.json")):
+        with contextlib.suppress(Exception):
+            return int(json.loads(mj.read_text())["hop_samples"])
+    return 128
+
+
+def summarize(res: dict[str, Any], model: str) -> dict[str, Any]:
+    """The derived figures: model-alone sessions, the bound, ratios vs targets."""
+    echo, look, naive = _ms(res.get("echo")), _ms(res.get("lookback")), _ms(res.get("naive"))
+    sil, sil_naive, f10 = _ms(res.get("silero")), _ms(res.get("silero_naive")), _ms(res.get("fpm10"))
+    model_alone = None
+    eng = res.get("engine") or {}
+    rows = eng.get("rows") or []
+    if rows:
+        hop = _hop_of(model)
+        mid = [r for r in rows if 64 <= r.get("sessions", 0) <= 512] or rows
+        ceiling = max(float(r.get("ort_ceiling_fps", 0)) for r in mid)
+        model_alone = ceiling * hop / 128 / 125
+    bound = (1 / (1 / echo + 1 / model_alone)) if echo and model_alone else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    off = res.get("offline") or {}
+    x_rt = (off.get("long") or {}).get("x_realtime")
+    rss_ratio = off.get("peak_rss_ratio")
+    targets = [
+        ("Lookback / echo (1 frame/msg)", ratio(look, echo), 0.8),
+        ("Lookback / naive (1 frame/msg)", ratio(look, naive), 2.5),
+        ("Silero / Silero naive", ratio(sil, sil_naive), 2.0),
+        ("10 frames/msg / naive", ratio(f10, naive), 4.0),
+        ("10 frames/msg / bound", ratio(f10, bound), 0.9),
+        ("offline x real time (long clip)", x_rt, 2000.0),
+    ]
+    rows_t = [{"name": n, "value": v, "target": t, "met": None if v is None else v >= t}
+              for n, v, t in targets]
+    rows_t.append({"name": "long / short clip peak RSS", "value": rss_ratio, "target": 1.2,
+                   "met": None if rss_ratio is None else rss_ratio <= 1.2, "at_most": True})
+    return {"echo_sessions": echo, "model_alone_sessions": model_alone, "bound_sessions": bound,
+            "targets": rows_t}
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    res = report["results"]
+    s = report["summary"]
+    m = report["machine"]
+    model = report["model"]
+    lines = [
+        f"# Lookback benchmark {report['date']} on {m['host']}",
+        "",
+        f"{m['cpu_model']}, nproc {m['nproc']}; server pinned to CPU {m['server_cpu']}, "
+        f"load generator to CPU(s) {m['client_cpus']}; load average {m['loadavg_start']} at "
+        f"start, {m['loadavg_end']} at end. Model `{model}`"
+        + (" (quick smoke pass: tiny durations, numbers not meaningful)" if report["quick"] else "")
+        + ".",
+        "",
+        f"Real-time sessions: each streams 128-sample frames at 16 kHz (one frame per 8 ms); "
+        f"the largest N with p99 frame-to-result latency <= {report['p99_ms']:g} ms and no "
+        "result lost (ramp: doubling, then bisection).",
+        "",
+        "| run | frames/msg | max sessions | p99 ms at max | results/s at max | client CPU at max "
+        "| client send lateness p99 ms | trials |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    names = [("echo", "echo ceiling (same stack, instant reply)", 1),
+             ("lookback", f"Lookback `{model}`", 1),
+             ("naive", f"Lookback `{model}`, max_batch_size=1", 1),
+             ("fpm10", f"Lookback `{model}`", 10),
+             ("silero", "Lookback `silero-vad` (hop 512)", 1),
+             ("silero_naive", "Lookback `silero-vad`, max_batch_size=1", 1),
+             ("workers", f"2 server processes (one per CPU), `{model}`", 1)]
+    for key, label, fpm in names:
+        r = res.get(key)
+        if r is None:
+            continue
+        if "max_sessions" not in r:
+            lines.append(f"| {label} | {fpm} | {r.get('error') or r.get('skipped') or '-'} "
+                         "| | | | | |")
+            continue
+        best = r.get("best") or {}
+        client = best.get("client", {})
+        cpu = client.get("cpu_total")
+        warn = " (client-bound?)" if r.get("client_bottleneck") else ""
+        lines.append(f"| {label} | {fpm} | {r['max_sessions']}{warn} | {_p99(r)} | "
+                     f"{_fmt(best.get('results_per_s'), '.0f')} | "
+                     f"{'-' if cpu is None else f'{cpu * 100:.0f}%'} | "
+                     f"{_fmt(client.get('slip_p99_ms'), '.1f')} | {len(r['trials'])} |")
+    flagged = [(label, r["best"]["client"]["reasons"]) for key, label, _ in names
+               if (r := res.get(key)) and r.get("client_bottleneck") and r.get("best")]
+    if flagged:
+        lines.append("")
+    for label, reasons in flagged:
+        lines.append(f"- {label}: client may have been the limit: {'; '.join(reasons)}")
+    lines += ["", f"Model alone (ORT ceiling / 125 frames/s): "
+              f"{_fmt(s['model_alone_sessions'], '.0f')} sessions; bound "
+              f"1/(1/echo + 1/model_alone) = {_fmt(s['bound_sessions'], '.0f')} sessions.", ""]
+    off = res.get("offline") or {}
+    if "long" in off:
+        lines += ["| offline clip | audio s | wall s | x real time | server peak RSS MiB |",
+                  "| --- | --- | --- | --- | --- |"]
+        for k in ("short", "long"):
+            o = off[k]
+            lines.append(f"| {k} | {o['audio_s']:.0f} | {o['seconds']:.2f} | {o['x_realtime']:.0f} | "
+                         f"{o['peak_rss'] / 2**20:.0f} |")
+        lines.append("")
+    elif off:
+        lines += [f"Offline: {off.get('error') or off.get('skipped')}", ""]
+    mem = res.get("memory") or {}
+    if "bytes_per_session" in mem:
+        lines += [f"Memory: server RSS {mem['rss_0'] / 2**20:.0f} MiB with 0 sessions, "
+                  f"{mem['rss_n'] / 2**20:.0f} MiB with {mem['ready']} idle sessions: "
+                  f"{mem['bytes_per_session'] / 1024:.1f} KiB per session.", ""]
+    lines += ["| ratio | value | target | met |", "| --- | --- | --- | --- |"]
+    for t in s["targets"]:
+        op = "<=" if t.get("at_most") else ">="
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['name']} | {_fmt(t['value'], '.2f')} | {op} {t['target']:g} | {met} |")
+    eng = res.get("engine") or {}
+    if eng.get("markdown"):
+        lines += ["", eng["markdown"]]
+    elif eng:
+        lines += ["", f"Engine bench: {eng.get('error') or eng.get('skipped')}"]
+    w = res.get("workers") or {}
+    if w.get("how"):
+        lines += ["", f"Two server processes: {w['how']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _strip(obj: Any) -> Any:
+    """JSON-safe copy without raw byte blobs."""
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if not isinstance(v, bytes | bytearray)}
+    if isinstance(obj, list | tuple):
+        return [_strip(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fast smoke pass with tiny durations")
+    ap.add_argument("--model", default=None, help="Lookback's model (default lookback-vad, or "
+                    "silero-vad while lookback-vad is not in model_store)")
+    ap.add_argument("--only", help=f"comma-separated subset of {','.join(STEPS)}")
+    ap.add_argument("--skip", help="comma-separated steps to leave out")
+    ap.add_argument("--p99-ms", type=float, default=20.0)
+    ap.add_argument("--budget-s", type=float, default=23 * 60.0,
+                    help="skip the remaining steps once this much time has passed")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    notes = []
+    if args.model is None:
+        if has_model("lookback-vad"):
+            args.model = "lookback-vad"
+        else:
+            args.model = "silero-vad"
+            notes.append("lookback-vad is not in model_store yet: Lookback rows use silero-vad")
+            log(notes[-1])
+    steps = list(STEPS)
+    if args.only:
+        steps = [s for s in steps if s in args.only.split(",")]
+    if args.skip:
+        steps = [s for s in steps if s not in args.skip.split(",")]
+
+    bench = Bench(args)
+    if bench.pinned and bench.client_cpus:
+        # The harness itself (mostly idle during trials) stays off the server's CPU.
+        os.sched_setaffinity(0, set(bench.client_cpus))
+    else:
+        notes.append("fewer than 2 CPUs: server and client are not pinned apart")
+    raise_fd_limit(8192)
+    load_start = os.getloadavg()
+    t0 = time.monotonic()
+    results = bench.run(steps)
+    now = dt.datetime.now()
+    host = socket.gethostname()
+    report = {
+        "date": now.isoformat(timespec="seconds"), "quick": args.quick, "model": args.model,
+        "p99_ms": args.p99_ms, "notes": notes, "elapsed_s": time.monotonic() - t0,
+        "machine": {"host": host, "nproc": os.cpu_count(), "cpus_available": bench.cpus,
+                    "cpu_model": cpu_model(), "server_cpu": bench.server_cpu,
+                    "client_cpus": bench.client_cpus, "python": sys.version.split()[0],
+                    "loadavg_start": [round(x, 2) for x in load_start],
+                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "results": results,
+    }
+    report["summary"] = summarize(results, args.model)
+    md = to_markdown(report)
+    if notes:
+        md += "\nNotes: " + "; ".join(notes) + "\n"
+    report["markdown"] = md
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{now:%Y-%m-%d}-{host}" + ("-quick" if args.quick else "")
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(_strip(report), indent=2, default=str))
+    (args.out_dir / f"{stem}.md").write_text(md)
+    print(md)
+    log(f"wrote {args.out_dir / stem}.json and .md in {report['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
