@@ -22,26 +22,33 @@ from service.app import create_app
 from service.settings import Settings
 
 log = logging.getLogger("lookback")
-_TOKEN = re.compile(r"([?&]token=)[^&\s\"]*", re.IGNORECASE)
+_SECRETS = re.compile(r"([?&]token=|authorization:\s*(?:bearer\s+)?)[^&\s\"]*", re.IGNORECASE)
 
 
 class LogHygiene(logging.Filter):
-    """Keeps API keys out of uvicorn's log lines and demotes one spurious error.
+    """Keeps API keys out of uvicorn's log lines, and one deliberate refusal out of ERROR.
 
     uvicorn logs every WebSocket handshake with its query string, and browsers send the
-    key as ``?token=``: its value is replaced by ``***``. uvicorn's websockets-sansio
-    protocol also logs "ASGI callable returned without completing handshake" at ERROR
-    after every denial response (our 401/403/503 before the upgrade; Kludex/uvicorn#3138):
-    that record is demoted to DEBUG so alerts on ERROR lines mean real errors.
+    key as ``?token=``; at debug level the handshake's headers are logged too, with
+    ``Authorization``. Both values are replaced by ``***``. uvicorn 0.54's sansio protocol
+    also logs "ASGI callable returned without completing handshake" at ERROR after every
+    HTTP refusal before the upgrade (our 401/403/503; upstream PR #3138): dropped, so
+    alerts on ERROR lines mean real errors, not load shedding.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        if "token=" in msg.lower():
-            record.msg, record.args = _TOKEN.sub(r"\1***", msg), None
-        if msg.startswith("ASGI callable returned without completing handshake"):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        if "returned without completing handshake" in msg:
+            return False
+        low = msg.lower()
+        if "token=" not in low and "authorization:" not in low:
+            return True
+        if isinstance(record.args, tuple) and record.name == "uvicorn.access":
+            # its formatter unpacks the args (client, method, path, ...): redact each one
+            record.args = tuple(_SECRETS.sub(r"\1***", a) if isinstance(a, str) else a
+                                for a in record.args)
+        else:
+            record.msg, record.args = _SECRETS.sub(r"\1***", msg), ()
         return True
 
 
@@ -94,21 +101,9 @@ def _find_state(app: object) -> ServiceState | None:
     return None
 
 
-class _DenialNoise(logging.Filter):
-    """Drop uvicorn 0.54 sansio's ERROR for a handshake refused with an HTTP response.
-
-    Refusing before the upgrade (401/403/503) is deliberate here; upstream logs it as an
-    error (uvicorn PR #3138), which would page whoever alerts on ERROR during load shedding.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "returned without completing handshake" not in record.getMessage()
-
-
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -140,7 +140,9 @@ async def models(request: Request) -> dict[str, Any]:
         "audio/ogg": {"schema": {"type": "string", "format": "binary"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     }}},
-    responses={400: {"description": "bad request"}, 401: {"description": "unauthorized"},
+    responses={200: {"description": "scores and events (format=ndjson: one JSON line per chunk)",
+                     "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+               400: {"description": "bad request"}, 401: {"description": "unauthorized"},
                404: {"description": "unknown model"}, 413: {"description": "too large"},
                415: {"description": "not audio"}, 503: {"description": "busy"}},
 )
@@ -356,7 +358,8 @@ class _ContainerSource(_Source):
             try:
                 snd = sf.SoundFile(path)
             except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-                raise RestError(f"body is not decodable audio: {exc}", code="bad_audio") from exc
+                detail = str(exc).replace(path, "<upload>")  # never reveal server paths
+                raise RestError(f"body is not decodable audio: {detail}", code="bad_audio") from exc
             spec = handle.spec
             if snd.channels != 1:
                 snd.close()

@@ -70,6 +70,9 @@ class Connection:
         self.frames_reported = 0
         self.writer: asyncio.Task[None] | None = None
         self.finisher: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[Any] | None = None  # the handler task, blocked in receive()
+        self.sending = False  # the writer is inside send(): a full transport may block it
+        self.end_code: int | None = None  # set by close_now (forced closes only)
 
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: np.ndarray,
@@ -122,9 +125,10 @@ class Connection:
         self.out.clear()
         self.end_reason = reason
         self.out.extend([error_message(reason, message), _CLOSE, (code, reason)])
+        self.end_code = code
         self.wake.set()
-        if self.writer is not None and code == Close.SLOW_CONSUMER:
-            # The writer may be blocked in send() on a full transport: give up on it.
+        if self.writer is not None and self.sending:
+            # The writer is blocked in send() on a full transport: give up on it.
             self.writer.cancel()
 
     async def run_writer(self) -> None:
@@ -142,17 +146,24 @@ class Connection:
                     await self.ws.close(code=code, reason=reason)
                     return
                 self.bytes_out += len(item)
+                self.sending = True
                 await send({"type": "websocket.send", "text": item})
+                self.sending = False
         except asyncio.CancelledError:
-            if self.end_reason == "slow_consumer":
-                await self._abort(Close.SLOW_CONSUMER)
+            if self.end_code is not None:  # cancelled by close_now, not by the server
+                await self._abort(self.end_code, self.end_reason or "")
             raise
         except Exception:  # socket gone under us: the reader sees the disconnect
             return
 
-    async def _abort(self, code: int) -> None:
+    async def _abort(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.ws.close(code=code, reason="slow_consumer"), 1.0)
+            await asyncio.wait_for(self.ws.close(code=code, reason=reason), 1.0)
+            return
+        # Not even the close frame goes out to a client that reads nothing, and the reader
+        # would wait forever on one that sends nothing either: stop it to free the session.
+        if self.reader is not None and not self.reader.done():
+            self.reader.cancel()
 
     # -- reader side ---------------------------------------------------------------------
     async def run(self) -> str:
@@ -327,7 +338,13 @@ async def _serve(conn: Connection, svc: ServiceState, handle: ModelHandle) -> No
     }).decode())
     reason = "error"
     try:
+        conn.reader = asyncio.current_task()
         reason = await conn.run()
+    except asyncio.CancelledError:  # from Connection._abort only; anything else propagates
+        task = asyncio.current_task()
+        if conn.end_code is None or task is None or task.uncancel() > 0:
+            raise
+        reason = conn.end_reason or "error"
     except Exception:
         log.exception("session %s failed", conn.id)
         m.error("internal_error")

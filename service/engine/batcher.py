@@ -110,7 +110,7 @@ class MicroBatcher:
     def submit(self, step: Step) -> None:
         """Queue a step for the next batch; a malformed one fails alone, here, not its batch."""
         p = step.payload
-        if (len(p) != self._hop_bytes) if type(p) is bytes else (p.shape != (self._hop,)):
+        if (len(p) != self._hop_bytes) if isinstance(p, bytes) else (p.shape != (self._hop,)):
             step.waiter.set_exception(BadAudio(
                 f"a step must carry exactly {self._hop} samples; refused before batching"))
             return

@@ -52,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FIXTURE = REPO / "tests" / "fixtures" / "audio" / "silero_ref_speech.wav"
 BIN = Path(sys.executable).parent
 STEPS = ("engine", "echo", "lookback", "naive", "fpm10", "silero", "silero_naive", "offline",
-         "memory", "workers")
+         "memory", "workers", "soak")
 
 
 @dataclass(frozen=True)
@@ -367,6 +367,17 @@ class Bench:
         return {"sessions": n, "ready": ready, "failures": failures, "rss_0": rss0,
                 "rss_n": rss1, "bytes_per_session": per}
 
+    # 9. soak: session churn (issue 6's long variant) --------------------------------------
+    def step_soak(self) -> dict[str, Any]:
+        from tests.bench.soak import run_soak
+
+        n = 2000 if self.plan.idle_sessions < 1000 else 20_000
+        r = run_soak(n, warm=500)
+        log(f"soak: {n} sessions in {r['seconds']} s; RSS {r['rss_warm_mib']} -> "
+            f"{r['rss_end_mib']} MiB ({r['rss_change_pct']:+.2f}%); slots used "
+            f"{r['slots_used']}; fds {r['fds_warm']} -> {r['fds_end']}")
+        return r
+
     # -----------------------------------------------------------------------------------
     def run(self, steps: list[str]) -> dict[str, Any]:
         for name in steps:
@@ -584,6 +595,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     elif off:
         lines += [f"Offline: {off.get('error') or off.get('skipped')}", ""]
+    soak = res.get("soak") or {}
+    if "rss_end_mib" in soak:
+        lines += [f"Soak: {soak['sessions']} sessions churned in {soak['seconds']} s; RSS after "
+                  f"warm-up {soak['rss_warm_mib']} MiB, at end {soak['rss_end_mib']} MiB "
+                  f"({soak['rss_change_pct']:+.2f}%, target within 5%); slots in use "
+                  f"{soak['slots_used']}; fds {soak['fds_warm']} -> {soak['fds_end']}.", ""]
     mem = res.get("memory") or {}
     if "bytes_per_session" in mem:
         lines += [f"Memory: server RSS {mem['rss_0'] / 2**20:.0f} MiB with 0 sessions, "

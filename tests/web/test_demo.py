@@ -214,9 +214,8 @@ def test_wav_file_streams_at_real_time(browser: Any, demo_server: Server, model:
         d = page.demo()
         _report(f"file {model}", d)
         assert d["source"] == "file"
-        hop = d["ready"]["hop_samples"]
-        # Real-time pace through the worklet: the whole 4.5 s (16 kHz) arrives, plus the
-        # padded tail of the last partial hop; the render quanta round it up a little.
+        # Real-time pace through the worklet: the whole 4.5 s (16 kHz) arrives (duration
+        # counts audio received, not padding); the render quanta round it up a little.
         assert 4.5 * 16000 <= d["summary"]["duration"] * 16000 <= 4.5 * 16000 + 2048
         assert d["results"] == d["summary"]["steps"]
         # One utterance, 0.5-3.4 s: it opens with a start near 0.5 s and its last end falls
