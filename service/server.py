@@ -14,6 +14,7 @@ import logging
 import re
 import signal
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -101,12 +102,11 @@ def _find_state(app: object) -> ServiceState | None:
     return None
 
 
-def serve(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> uvicorn.Config:
+    """The uvicorn configuration Lookback runs under (the bench's echo ceiling uses it too)."""
+    return uvicorn.Config(
+        app, host=settings.host, port=settings.port if port is None else port,
+        log_level=settings.log_level,
         ws=settings.ws_impl,
         ws_max_size=settings.max_message_bytes * 4,
         ws_max_queue=32,
@@ -117,5 +117,11 @@ def serve(settings: Settings) -> None:
         access_log=settings.log_level == "debug",
         lifespan="on",
     )
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = uvicorn_config(create_app(settings), settings)
     install_log_hygiene()  # after Config, which (re)configures uvicorn's loggers
     DrainingServer(config, settings).run()

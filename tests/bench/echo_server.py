@@ -18,6 +18,7 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, WebSocket
 
+from service.server import uvicorn_config
 from service.settings import Settings
 
 SCORE = 0.12345679104328156  # a float32 score written as a double, as Lookback writes it
@@ -88,19 +89,7 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI
 def serve(port: int, hop: int, settings: Settings | None = None) -> None:
     """uvicorn exactly as ``service.server.serve`` configures it (minus the drain)."""
     s = settings or Settings()
-    config = uvicorn.Config(
-        create_echo_app(hop), host=s.host, port=port, log_level=s.log_level,
-        ws=s.ws_impl,
-        ws_max_size=s.max_message_bytes * 4,
-        ws_max_queue=32,
-        ws_per_message_deflate=s.ws_per_message_deflate,
-        ws_ping_interval=s.ws_ping_interval_s,
-        limit_concurrency=s.max_sessions + s.max_queued_scores + 64,
-        timeout_graceful_shutdown=1,
-        access_log=s.log_level == "debug",
-        lifespan="on",
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config(create_echo_app(hop), s, port=port)).run()
 
 
 if __name__ == "__main__":
