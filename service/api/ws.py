@@ -18,7 +18,6 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.responses import JSONResponse
@@ -75,15 +74,15 @@ class Connection:
         self.end_code: int | None = None  # set by close_now (forced closes only)
 
     # -- ResultSink ----------------------------------------------------------------------
-    def on_result(self, index: int, time: float, scores: np.ndarray,
+    def on_result(self, index: int, time: float, scores: list[float],
                   events: list[Event] | None) -> None:
         if self.want_results:
             if self.single is not None:
                 body = {"type": "result", "step": index, "time": time,
-                        "scores": {self.single: float(scores[0])}}
+                        "scores": {self.single: scores[0]}}
             else:
                 body = {"type": "result", "step": index, "time": time,
-                        "scores": dict(zip(self.labels, scores.tolist(), strict=True))}
+                        "scores": dict(zip(self.labels, scores, strict=True))}
             self._put(orjson.dumps(body).decode())
         if events:
             for ev in events:

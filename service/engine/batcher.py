@@ -62,10 +62,12 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self._ready: deque[Step] = deque()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # stop() and max_wait filling
+        self._idle: asyncio.Future[None] | None = None  # set while the loop waits for work
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running = False
+        self._filling = False
         label = handle.spec.key
         m = handle.metrics
         self._m_steps = m.steps.labels(label)
@@ -92,6 +94,9 @@ class MicroBatcher:
         """Stop after the batch in flight; steps still queued fail with a clear error."""
         self._running = False
         self._wake.set()
+        if self._idle is not None:
+            self._idle.set_result(None)
+            self._idle = None
         if self._task is not None:
             await self._task
             self._task = None
@@ -114,9 +119,16 @@ class MicroBatcher:
             step.waiter.set_exception(BadAudio(
                 f"a step must carry exactly {self._hop} samples; refused before batching"))
             return
+        self.enqueue(step)
+
+    def enqueue(self, step: Step) -> None:
+        """Queue a step built by a StreamSession (exact hop by construction: unchecked)."""
         step.t_ready = time.perf_counter()
         self._ready.append(step)
-        if not self._wake.is_set():
+        if self._idle is not None:
+            self._idle.set_result(None)
+            self._idle = None
+        elif self._filling:
             self._wake.set()
 
     def submit_future(self, slot: int, index: int, payload: bytes | np.ndarray) -> asyncio.Future:
@@ -138,12 +150,16 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while self._running:
             if not self._ready:
-                self._wake.clear()
                 self._m_backlog.set(0)
-                await self._wake.wait()
+                self._idle = loop.create_future()
+                await self._idle
                 continue
             if self.max_wait and len(self._ready) < self.max_batch_size:
-                await self._fill(loop)
+                self._filling = True
+                try:
+                    await self._fill(loop)
+                finally:
+                    self._filling = False
             n = min(len(self._ready), self.max_batch_size)
             batch = [self._ready.popleft() for _ in range(n)]
             self._m_backlog.set(len(self._ready))
@@ -162,7 +178,8 @@ class MicroBatcher:
             self._m_run.observe(t1 - t0)
             self._m_wait.observe_many(
                 t0 - np.fromiter((s.t_ready for s in batch), np.float64, n), self._label)
-            for step, row in zip(batch, out, strict=True):
+            rows = out.tolist()  # python floats: cheaper per step than numpy row views
+            for step, row in zip(batch, rows, strict=True):
                 try:
                     step.waiter.set_result(row)
                 except Exception:  # a broken consumer must not stop the batcher

@@ -46,6 +46,7 @@ class ModelHandle:
     _constants: dict[str, np.ndarray] = field(init=False)
     _s16_scale: np.float32 = field(init=False)
     _f32_scale: np.float32 | None = field(init=False)
+    _buffers: dict[str, np.ndarray] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         spec = self.spec
@@ -65,7 +66,9 @@ class ModelHandle:
         slabs = [SlabSpec(s.input, tuple(s.shape), np_dtype(s.dtype), s.initial, s.batch_axis)
                  for s in spec.states]
         if spec.context_samples:
-            slabs.append(SlabSpec(CONTEXT, (spec.context_samples,), np.dtype(np.float32), 0.0))
+            # Window-wide rows ([context | spare hop]) so a batch's windows are gathered with
+            # one contiguous take; the last hop_samples columns are never read.
+            slabs.append(SlabSpec(CONTEXT, (spec.window_samples,), np.dtype(np.float32), 0.0))
         return slabs
 
     # -- the batched step (executor thread) ---------------------------------------------
@@ -73,24 +76,38 @@ class ModelHandle:
         spec = self.spec
         n = len(batch)
         ctx, hop = spec.context_samples, spec.hop_samples
-        window = np.empty((n, ctx + hop), dtype=np.float32)
+        window = self._scratch("window", n, (ctx + hop,))
         slots = np.fromiter((s.slot for s in batch), dtype=np.intp, count=n)
-        self._fill_audio(window[:, ctx:], batch)
         table = self.table
         with table.lock:
-            if ctx:
-                window[:, :ctx] = table.slabs[CONTEXT][slots]
+            if ctx:  # context rows are window-wide: one contiguous take, no temporary
+                np.take(table.slabs[CONTEXT], slots, axis=0, out=window, mode="clip")
+            self._fill_audio(window[:, ctx:], batch)
             feeds = dict(self._constants)
             feeds[spec.audio_input.name] = (
                 window if spec.audio_input.layout == "BT" else window[:, None, :])
             for st in spec.states:
-                feeds[st.input] = table.gather(st.input, slots)
+                feeds[st.input] = table.gather(st.input, slots,
+                                               out=self._scratch(st.input, n, tuple(st.shape)))
             outs = dict(zip(self.step.output_names, self.step.run(feeds), strict=True))
             for st in spec.states:
                 table.scatter(st.input, slots, outs[st.output])
             if ctx:
-                table.slabs[CONTEXT][slots] = window[:, -ctx:]
+                table.slabs[CONTEXT][slots, :ctx] = window[:, -ctx:]
         return self._scores(outs, n)
+
+    def _scratch(self, name: str, n: int, shape: tuple[int, ...]) -> np.ndarray:
+        """A reusable [n, *shape] buffer: fresh megabyte arrays per batch cost page faults.
+
+        Only the batcher's single executor thread calls ``compute``, so reuse is safe.
+        """
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < n:
+            dtype = np.float32 if name == "window" else np_dtype(
+                next(s.dtype for s in self.spec.states if s.input == name))
+            buf = np.empty((max(n, 2 * (0 if buf is None else buf.shape[0])), *shape), dtype)
+            self._buffers[name] = buf
+        return buf[:n]
 
     def _fill_audio(self, dest: np.ndarray, batch: Sequence[Step]) -> None:
         """Write each step's new samples into ``dest`` [n, hop], refusing a wrong length."""

@@ -147,12 +147,12 @@ class _Collect:
     """ResultSink that keeps one chunk's results for the offline batcher path."""
 
     def __init__(self, labels: int) -> None:
-        self.rows: list[np.ndarray] = []
+        self.rows: list[list[float]] = []
         self.events: list[Event] = []
         self.error: LookbackError | None = None
         self.labels = labels
 
-    def on_result(self, index: int, time: float, scores: np.ndarray,
+    def on_result(self, index: int, time: float, scores: list[float],
                   events: list[Event] | None) -> None:
         self.rows.append(scores)
         if events:
@@ -164,7 +164,7 @@ class _Collect:
     def take(self, first_step: int) -> OfflineChunk:
         if self.error is not None:
             raise self.error
-        scores = (np.stack(self.rows).astype(np.float32) if self.rows
+        scores = (np.asarray(self.rows, dtype=np.float32) if self.rows
                   else np.zeros((0, self.labels), np.float32))
         out = OfflineChunk(first_step, scores, self.events)
         self.rows, self.events = [], []

@@ -34,8 +34,9 @@ BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
 class ResultSink(Protocol):
     """Where a session's outputs go, in step order (called on the event loop)."""
 
-    def on_result(self, index: int, time: float, scores: np.ndarray,
-                  events: list[Event] | None) -> None: ...
+    def on_result(self, index: int, time: float, scores: list[float],
+                  events: list[Event] | None) -> None:
+        """``scores`` holds one float per label: the model's float32 values, exactly."""
 
     def on_error(self, index: int, error: LookbackError) -> None: ...
 
@@ -59,6 +60,12 @@ class StreamSession:
         self._queue: deque[Step] = deque()  # ready, not yet submitted
         self._in_flight: Step | None = None
         self._batcher = handle.batcher
+        self._enqueue_ready = handle.batcher.enqueue
+        # Messages of exactly one int16 hop take push()'s fast path (0: never, for f32).
+        self._fast_bytes = 0 if encoding == "pcm_f32le" else self.hop_bytes
+        self._frames_per_hop = spec.frames_per_hop
+        self._rate = spec.sample_rate
+        self._thr = spec.events.threshold
         self._idle: asyncio.Future[None] | None = None
         self._room: asyncio.Future[None] | None = None
         labels = spec.labels
@@ -77,9 +84,26 @@ class StreamSession:
     # -- input ---------------------------------------------------------------------------
     def push(self, data: bytes, t_arrival: float | None = None) -> int:
         """Accept whole frames; returns the number of new steps. Refuses, whole, on error."""
+        n = len(data)
+        if n == self._fast_bytes and not self._buf and not self.closed:
+            # The hot path: one int16 message holding exactly one hop, no partial hop kept.
+            if self._in_flight is None:
+                step = Step(self.slot, self.steps_made, data, self,
+                            time.perf_counter() if t_arrival is None else t_arrival)
+                self._in_flight = step
+                self._enqueue_ready(step)
+            else:
+                if len(self._queue) + 2 > self.max_pending:
+                    raise BackpressureError(
+                        f"{len(self._queue) + 1} steps already waiting; audio arrives faster "
+                        "than it is scored")
+                self._queue.append(Step(self.slot, self.steps_made, data, self,
+                                        time.perf_counter() if t_arrival is None else t_arrival))
+            self.steps_made += 1
+            self.frames += self._frames_per_hop
+            return 1
         if self.closed:
             raise SessionClosed("session is closed")
-        n = len(data)
         if n == 0:
             raise BadAudio("empty audio message", code="empty_message")
         if n % self.frame_bytes:
@@ -97,9 +121,6 @@ class StreamSession:
         if t_arrival is None:
             t_arrival = time.perf_counter()
         self.frames += n // self.frame_bytes
-        if not self._buf and n == self.hop_bytes and not self._is_f32:
-            self._enqueue(data, t_arrival)  # the common case: one hop, zero copies
-            return 1
         self._buf += data
         for _ in range(new_steps):
             chunk = bytes(self._buf[: self.hop_bytes])
@@ -126,7 +147,7 @@ class StreamSession:
         self.steps_made += 1
         if self._in_flight is None:
             self._in_flight = step
-            self._batcher.submit(step)
+            self._enqueue_ready(step)
         else:
             self._queue.append(step)
 
@@ -144,18 +165,25 @@ class StreamSession:
         return self.steps_made * self.hop
 
     # -- completion (called by the batcher on the event loop) ----------------------------
-    def set_result(self, row: np.ndarray) -> None:
+    def set_result(self, row: list[float]) -> None:
         step = self._in_flight
         assert step is not None
-        self._advance()
-        if self.closed:
-            return
+        if self._room is None and not self.closed and self._queue:
+            self._in_flight = nxt = self._queue.popleft()  # _advance's common case, inlined
+            self._enqueue_ready(nxt)
+        else:
+            self._advance()
+            if self.closed:
+                return
         self.steps_done += 1
         end_sample = (step.index + 1) * self.hop
-        events = self.detector.update(float(row[self._event_col]), end_sample)
-        if events:
-            self.events.extend(events)
-        self.sink.on_result(step.index, end_sample / self.handle.spec.sample_rate, row, events)
+        score = row[self._event_col]
+        events = None
+        if score >= self._thr or self.detector.triggered:  # otherwise nothing can change
+            events = self.detector.update(score, end_sample)
+            if events:
+                self.events.extend(events)
+        self.sink.on_result(step.index, end_sample / self._rate, row, events)
 
     def set_exception(self, exc: BaseException) -> None:
         step = self._in_flight
@@ -168,15 +196,17 @@ class StreamSession:
         self.sink.on_error(step.index, err)
 
     def _advance(self) -> None:
-        if self._room is not None and not self._room.done():
-            self._room.set_result(None)
+        if self._room is not None:
+            if not self._room.done():
+                self._room.set_result(None)
+            self._room = None
         if self.closed:
             self._in_flight = None
             self._release()
             return
         if self._queue:
             self._in_flight = self._queue.popleft()
-            self._batcher.submit(self._in_flight)
+            self._enqueue_ready(self._in_flight)
         else:
             self._in_flight = None
             if self._idle is not None and not self._idle.done():

@@ -83,10 +83,13 @@ class StateTable:
             self._free = list(range(new_cap - 1, self.capacity - 1, -1)) + self._free
             self.capacity = new_cap
 
-    def gather(self, name: str, slots: np.ndarray) -> np.ndarray:
+    def gather(self, name: str, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Rows for ``slots`` in the graph's layout (batch axis moved into place)."""
         spec = self.specs[name]
-        rows = self.slabs[name][slots]
+        if out is None:
+            rows = self.slabs[name][slots]
+        else:
+            rows = np.take(self.slabs[name], slots, axis=0, out=out, mode="clip")
         if spec.batch_axis:
             rows = np.ascontiguousarray(np.moveaxis(rows, 0, spec.batch_axis))
         return rows

@@ -38,7 +38,7 @@ class _Refill:
         self.session: Any = None
         self.done = 0
 
-    def on_result(self, index: int, time: float, scores: np.ndarray,
+    def on_result(self, index: int, time: float, scores: list[float],
                   events: list[Event] | None) -> None:
         self.done += 1
         self.session.push(self.frame)

@@ -97,7 +97,7 @@ async def test_failing_compute_fails_the_whole_batch_then_recovers(
         futs = [handle.batcher.submit_future(s, 1, payload(s)) for s in ss]
         rows = await asyncio.gather(*futs)
         assert calls == [3, 3]
-        assert all(r.shape == (1,) and 0.0 <= r[0] <= 1.0 for r in rows)
+        assert all(len(r) == 1 and 0.0 <= r[0] <= 1.0 for r in rows)
         assert metric(engine, "lookback_batch_failures_total") == 1
         assert metric(engine, "lookback_batches_total") == 1
         assert metric(engine, "lookback_steps_total") == 3
@@ -144,8 +144,8 @@ async def test_a_broken_waiter_does_not_starve_the_batch() -> None:
         a, b = slots(handle, 2)
         handle.batcher.submit(Step(a, 0, payload(a), Broken(), time.perf_counter()))
         fut = handle.batcher.submit_future(b, 0, payload(b))
-        assert (await fut).shape == (1,)
-        assert (await handle.batcher.submit_future(a, 1, payload(a))).shape == (1,)
+        assert len(await fut) == 1
+        assert len(await handle.batcher.submit_future(a, 1, payload(a))) == 1
 
 
 async def test_greedy_batching_next_batch_forms_while_one_runs(
@@ -155,7 +155,7 @@ async def test_greedy_batching_next_batch_forms_while_one_runs(
         rec = Recorder(handle, monkeypatch)
         ss = slots(handle, 6)
         # idle runtime: a single step starts a batch at once
-        assert (await handle.batcher.submit_future(ss[0], 0, payload(0))).shape == (1,)
+        assert len(await handle.batcher.submit_future(ss[0], 0, payload(0))) == 1
         assert rec.sizes == [1]
         rec.hold_next()
         first = handle.batcher.submit_future(ss[0], 1, payload(1))
@@ -223,7 +223,7 @@ async def test_max_wait_deadline_runs_a_partial_batch(monkeypatch: pytest.Monkey
         handle = engine.resolve("silero-vad")
         rec = Recorder(handle, monkeypatch)
         (s,) = slots(handle, 1)
-        assert (await handle.batcher.submit_future(s, 0, payload(0))).shape == (1,)
+        assert len(await handle.batcher.submit_future(s, 0, payload(0))) == 1
         assert rec.sizes == [1]
 
 
@@ -242,7 +242,7 @@ async def test_stop_fails_queued_steps_after_the_running_batch(
         assert not stopping.done()  # waits for the batch in flight
         rec.gate.set()
         await stopping
-        assert (await running).shape == (1,)  # the running batch completes
+        assert len(await running) == 1  # the running batch completes
         for fut in queued:
             with pytest.raises(InferenceError) as info:
                 await fut
