@@ -61,8 +61,8 @@ class StreamSession:
         self._in_flight: Step | None = None
         self._batcher = handle.batcher
         self._enqueue_ready = handle.batcher.enqueue
-        # Messages of exactly one int16 hop take push()'s fast path (0: never, for f32).
-        self._fast_bytes = 0 if encoding == "pcm_f32le" else self.hop_bytes
+        # Messages of exactly one int16 hop take push()'s fast path (-1: never, for f32).
+        self._fast_bytes = -1 if encoding == "pcm_f32le" else self.hop_bytes
         self._frames_per_hop = spec.frames_per_hop
         self._rate = spec.sample_rate
         self._thr = spec.events.threshold

@@ -264,3 +264,17 @@ async def test_finish_closes_an_open_segment_at_the_stream_end(silero_model: str
         got = await stream_clip(engine, engine.resolve("silero-vad"), clip)
     assert [e.event for e in got.events] == ["start", "end"]
     assert got.events[-1].sample == len(got.rows) * 512
+
+
+@pytest.mark.parametrize("encoding", ["pcm_s16le", "pcm_f32le"])
+async def test_empty_message_is_refused_for_every_encoding(encoding: str) -> None:
+    """The one-hop fast path must never take an empty message (regression: f32 did)."""
+    async with running_engine("silero-vad") as engine:
+        sink = Collect()
+        session = engine.open_session(engine.resolve("silero-vad"), sink,
+                                      encoding=encoding)  # type: ignore[arg-type]
+        with pytest.raises(BadAudio) as info:
+            session.push(b"")
+        assert info.value.code == "empty_message"
+        assert session.steps_made == 0 and session.frames == 0
+        session.close()
