@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     max_upload_seconds: float = Field(4 * 3600.0, gt=0, description="REST audio duration limit (413)")
     max_concurrent_scores: int = Field(2, ge=1, description="offline clips scored at once")
     max_queued_scores: int = Field(8, ge=0, description="offline clips waiting; more get 503")
-    offline_chunk_steps: int = Field(1024, ge=1, description="steps scored per offline chunk")
+    offline_chunk_steps: int = Field(2048, ge=1, description="steps scored per offline chunk")
     drain_grace_s: float = Field(20.0, ge=0, description="SIGTERM: time to finish open sessions")
 
     # --- security -------------------------------------------------------------------------

@@ -126,10 +126,12 @@ async def _with_sequence(
     def emit(scores: np.ndarray) -> OfflineChunk:
         nonlocal step
         events: list[Event] = []
+        thr, hop = spec.events.threshold, spec.hop_samples
         for i, s in enumerate(scores[:, col].tolist()):
-            ev = detector.update(s, (step + i + 1) * spec.hop_samples)
-            if ev:
-                events.extend(ev)
+            if s >= thr or detector.triggered:  # otherwise the detector cannot change
+                ev = detector.update(s, (step + i + 1) * hop)
+                if ev:
+                    events.extend(ev)
         out = OfflineChunk(step, scores, events)
         step += len(scores)
         return out
