@@ -177,7 +177,7 @@ class MicroBatcher:
             self._m_size.observe(n)
             self._m_run.observe(t1 - t0)
             self._m_wait.observe_many(
-                t0 - np.fromiter((s.t_ready for s in batch), np.float64, n), self._label)
+                t0 - np.array([s.t_ready for s in batch], np.float64), self._label)
             rows = out.tolist()  # python floats: cheaper per step than numpy row views
             for step, row in zip(batch, rows, strict=True):
                 try:
@@ -185,7 +185,7 @@ class MicroBatcher:
                 except Exception:  # a broken consumer must not stop the batcher
                     log.exception("waiter raised on a result")
             self._m_latency.observe_many(
-                time.perf_counter() - np.fromiter((s.t_arrival for s in batch), np.float64, n),
+                time.perf_counter() - np.array([s.t_arrival for s in batch], np.float64),
                 self._label)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:

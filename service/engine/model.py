@@ -77,7 +77,7 @@ class ModelHandle:
         n = len(batch)
         ctx, hop = spec.context_samples, spec.hop_samples
         window = self._scratch("window", n, (ctx + hop,))
-        slots = np.fromiter((s.slot for s in batch), dtype=np.intp, count=n)
+        slots = np.array([s.slot for s in batch], dtype=np.intp)
         table = self.table
         with table.lock:
             if ctx:  # context rows are window-wide: one contiguous take, no temporary
@@ -113,10 +113,10 @@ class ModelHandle:
         """Write each step's new samples into ``dest`` [n, hop], refusing a wrong length."""
         hop = self.spec.hop_samples
         payloads = [s.payload for s in batch]
-        if all(type(p) is bytes for p in payloads):
-            blob = b"".join(payloads)  # type: ignore[arg-type]
-            if len(blob) != len(payloads) * hop * 2:
-                raise BadAudio(f"a step must carry exactly {hop} samples ({hop * 2} bytes)")
+        # join takes any buffer: a float32 payload (4 bytes a sample) makes the blob longer
+        # than n int16 hops, so the length alone tells an all-int16 batch (the common case).
+        blob = b"".join(payloads)  # type: ignore[arg-type]
+        if len(blob) == len(payloads) * hop * 2 and type(payloads[0]) is bytes:
             np.multiply(np.frombuffer(blob, _S16).reshape(len(payloads), hop),
                         self._s16_scale, out=dest, casting="unsafe")
             return

@@ -168,9 +168,12 @@ class StreamSession:
     def set_result(self, row: list[float]) -> None:
         step = self._in_flight
         assert step is not None
-        if self._room is None and not self.closed and self._queue:
-            self._in_flight = nxt = self._queue.popleft()  # _advance's common case, inlined
-            self._enqueue_ready(nxt)
+        if self._room is None and self._idle is None and not self.closed:
+            if self._queue:  # _advance's common cases, inlined (hot path)
+                self._in_flight = nxt = self._queue.popleft()
+                self._enqueue_ready(nxt)
+            else:
+                self._in_flight = None
         else:
             self._advance()
             if self.closed:
@@ -209,8 +212,10 @@ class StreamSession:
             self._enqueue_ready(self._in_flight)
         else:
             self._in_flight = None
-            if self._idle is not None and not self._idle.done():
-                self._idle.set_result(None)
+            if self._idle is not None:
+                if not self._idle.done():
+                    self._idle.set_result(None)
+                self._idle = None
 
     def steps_for(self, nbytes: int) -> int:
         return (len(self._buf) + nbytes) // self.hop_bytes
