@@ -99,16 +99,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings | None = None, *, engine: Engine | None = None,
-                   metrics: Metrics | None = None) -> Iterator[Server]:
-    """A real uvicorn server (sansio WebSockets, as in production) in a background thread."""
-    settings = settings or test_settings()
-    metrics = metrics or (engine.metrics if engine else Metrics())
-    app = create_app(settings, metrics=metrics, engine=engine)
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            ws=settings.ws_impl, ws_per_message_deflate=False,
-                            ws_max_size=settings.max_message_bytes * 4, lifespan="on")
+def uvicorn_in_thread(config: uvicorn.Config) -> Iterator[uvicorn.Server]:
+    """Run a uvicorn server in a daemon thread; ready when uvicorn says it started."""
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     thread = threading.Thread(target=server.run, daemon=True)
@@ -119,10 +111,25 @@ def running_server(settings: Settings | None = None, *, engine: Engine | None = 
             raise RuntimeError("test server did not start")
         time.sleep(0.01)  # polls uvicorn's started flag; bounded by the deadline
     try:
-        yield Server(f"http://127.0.0.1:{port}", port, app, settings, metrics)
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def running_server(settings: Settings | None = None, *, engine: Engine | None = None,
+                   metrics: Metrics | None = None) -> Iterator[Server]:
+    """A real uvicorn server (sansio WebSockets, as in production) in a background thread."""
+    settings = settings or test_settings()
+    metrics = metrics or (engine.metrics if engine else Metrics())
+    app = create_app(settings, metrics=metrics, engine=engine)
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            ws=settings.ws_impl, ws_per_message_deflate=False,
+                            ws_max_size=settings.max_message_bytes * 4, lifespan="on")
+    with uvicorn_in_thread(config):
+        yield Server(f"http://127.0.0.1:{port}", port, app, settings, metrics)
 
 
 @dataclass

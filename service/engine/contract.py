@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import ContractError
 
@@ -126,11 +126,6 @@ class ModelSpec(_Strict):
     outputs: list[OutputSpec] = Field(min_length=1)
     events: EventSpec = Field(default_factory=lambda: EventSpec())
     sequence: SequenceGraph | None = None
-
-    @field_validator("hop_samples")
-    @classmethod
-    def _hop_positive(cls, v: int) -> int:
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:

@@ -74,7 +74,6 @@ class SequenceScorer:
         if not self.leftover.size:
             return np.zeros((0, len(self.spec.labels)), np.float32)
         pad = np.zeros(self.spec.hop_samples - self.leftover.size, np.float32)
-        self.padded = pad.size
         tail, self.leftover = np.concatenate([self.leftover, pad]), np.zeros(0, np.float32)
         return self._run(tail, 1)
 

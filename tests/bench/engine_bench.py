@@ -24,6 +24,7 @@ import numpy as np
 
 from service.engine.engine import Engine
 from service.engine.events import Event
+from service.engine.store import discover
 from service.errors import LookbackError
 from service.settings import Settings
 
@@ -86,8 +87,8 @@ async def engine_rate(model: str, sessions: int, max_batch: int, seconds: float)
 def ort_ceiling(model: str, batch: int, seconds: float) -> float:
     """Steps/s of the raw step graph at ``batch`` with states fed back, no engine."""
     eng = Engine(_settings(model, batch, batch))
-    handle = eng._load(next(sm for sm in __import__("service.engine.store", fromlist=["x"])
-                            .discover(eng.settings.model_store) if sm.spec.name == model))
+    handle = eng._load(next(sm for sm in discover(eng.settings.model_store)
+                            if sm.spec.name == model))
     feeds = handle.step_feeds(batch)
     rng = np.random.default_rng(0)
     feeds[handle.spec.audio_input.name] = (

@@ -8,8 +8,6 @@ import base64
 import contextlib
 import hashlib
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +30,7 @@ from service.loadtest import (
     ws_frame,
 )
 from tests.bench.echo_server import create_echo_app
-from tests.conftest import STORE, free_port, running_server
+from tests.conftest import STORE, free_port, running_server, uvicorn_in_thread
 from tests.conftest import test_settings as make_settings
 
 
@@ -213,19 +211,8 @@ def _echo(hop: int) -> Iterator[str]:
     config = uvicorn.Config(create_echo_app(hop), host="127.0.0.1", port=port,
                             log_level="warning", ws="websockets-sansio",
                             ws_per_message_deflate=False, lifespan="on")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "echo server did not start"
-        time.sleep(0.01)  # polls uvicorn's started flag; bounded by the deadline
-    try:
+    with uvicorn_in_thread(config):
         yield f"ws://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("client", ["raw", "websockets"])
