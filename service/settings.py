@@ -54,7 +54,15 @@ class Settings(BaseSettings):
 
     # --- batching -------------------------------------------------------------------------
     max_batch_size: int = Field(256, ge=1, description="steps per model call at most")
-    max_wait_ms: float = Field(0.0, ge=0.0, description="hold a batch this long to fill it")
+    max_wait_ms: float = Field(
+        0.0, ge=0.0,
+        description="hold a small batch up to this long (from its oldest step) to fill it; "
+        "0: greedy. Never waits once every open session has a step ready")
+    model_calls: Literal["auto", "thread", "inline"] = Field(
+        "auto",
+        description="where CPU model calls run: thread (overlaps the event loop on another "
+        "core), inline (on the event loop: no hand-off, best on one core); auto: inline when "
+        "the process may use one CPU only")
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 8, 64], description="batch sizes run once at load")
     initial_slots: int = Field(64, ge=1, description="state-table rows allocated at start")

@@ -75,9 +75,14 @@ def silero_model() -> str:
 
 
 def test_settings(**overrides: object) -> Settings:
-    """Settings for tests: the repo store, small warm-up, no .env influence."""
+    """Settings for tests: the repo store, small warm-up, no .env influence.
+
+    Model calls in the executor thread whatever the CPU count, so tests that hold a batch
+    in the model call behave the same under ``taskset -c 0``; inline is tested by name.
+    """
     base: dict[str, object] = dict(model_store=STORE, warmup_batch_sizes=[1], port=0,
-                                   initial_slots=8, log_level="warning", drain_grace_s=5.0)
+                                   initial_slots=8, log_level="warning", drain_grace_s=5.0,
+                                   model_calls="thread")
     base.update(overrides)
     return Settings(_env_file=None, **base)  # type: ignore[call-arg]
 

@@ -2,7 +2,10 @@
 
 Each connection has a reader (this handler) and a writer task that owns the sending
 side; results go through a bounded queue between them so a slow reader costs at most
-``send_queue_messages`` strings before its session is closed with 4429. Refusals that
+``send_queue_messages`` strings before its session is closed with 4429. A result that
+finds the writer parked with nothing queued is sent at once from the batcher's callback
+instead (the send completes without suspending unless the transport is paused, in which
+case the writer finishes it before anything else): that saves a task switch per result. Refusals that
 need no session (auth, origin, capacity, drain) are HTTP responses before the upgrade;
 bad query values are reported after the upgrade as an ``error`` plus a 44xx close, since
 browsers cannot read a refused handshake's body.
@@ -44,6 +47,34 @@ def _refuse(status: int, code: str, message: str, retry_after: int | None = None
                         headers=headers)
 
 
+async def finish_coroutine(coro: Any, yielded: Any) -> Any:
+    """Run to completion, in the calling task, a coroutine first stepped by hand.
+
+    ``coro.send(None)`` returned ``yielded``: the future it waits on (or None for a bare
+    yield). Do what a Task would: wait for it, then resume the coroutine, passing in a
+    failure or a cancellation of ours.
+    """
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                # A Task clears this flag on the future its coroutine yielded before
+                # waiting on it; awaiting it again with the flag set is refused.
+                yielded._asyncio_future_blocking = False
+                await yielded
+        except BaseException as exc:  # the coroutine decides what a failure means
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+            continue
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+
 class Connection:
     """One WebSocket session: the engine's ResultSink and the socket's only writer."""
 
@@ -72,6 +103,9 @@ class Connection:
         self.finisher: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[Any] | None = None  # the handler task, blocked in receive()
         self.sending = False  # the writer is inside send(): a full transport may block it
+        self._send = ws.send
+        self._parked: tuple[Any, Any] | None = None  # a direct send that had to suspend
+        self._broken = False  # a direct send raised: the socket is gone
         self.end_code: int | None = None  # set by close_now (forced closes only)
 
     # -- ResultSink ----------------------------------------------------------------------
@@ -97,7 +131,10 @@ class Connection:
 
     # -- writer side ---------------------------------------------------------------------
     def _put(self, text: str) -> None:
-        if self.end_reason is not None:
+        if self.end_reason is not None or self._broken:
+            return
+        if self._idle is not None and not self.out:  # writer parked, nothing queued
+            self._send_now(text)
             return
         if len(self.out) >= self.limit:
             self.svc.metrics.error("slow_consumer")
@@ -107,6 +144,21 @@ class Connection:
         self.out.append(text)
         if self._idle is not None:
             self._wake()
+
+    def _send_now(self, text: str) -> None:
+        """Send without a task switch; if the send must wait, the writer takes it over."""
+        self.bytes_out += len(text)
+        coro = self._send({"type": "websocket.send", "text": text})
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:  # socket gone under us: the reader sees the disconnect
+            self._broken = True
+            self._wake()
+            return
+        self._parked = (coro, yielded)
+        self._wake()
 
     def send_error(self, code: str, message: str) -> None:
         self.svc.metrics.error(code)
@@ -129,8 +181,9 @@ class Connection:
         self.out.extend([error_message(reason, message), _CLOSE, (code, reason)])
         self.end_code = code
         self._wake()
-        if self.writer is not None and self.sending:
-            # The writer is blocked in send() on a full transport: give up on it.
+        if self.writer is not None and (self.sending or self._parked is not None):
+            # The writer is blocked in send() on a full transport (or about to take over a
+            # direct send that blocked): give up on it.
             self.writer.cancel()
 
     def _wake(self) -> None:
@@ -144,6 +197,15 @@ class Connection:
         out = self.out
         try:
             while True:
+                if self._parked is not None:
+                    coro, yielded = self._parked
+                    self._parked = None
+                    self.sending = True
+                    await finish_coroutine(coro, yielded)
+                    self.sending = False
+                    continue
+                if self._broken:
+                    return
                 if not out:
                     self._idle = asyncio.get_running_loop().create_future()
                     await self._idle
@@ -158,6 +220,9 @@ class Connection:
                 await send({"type": "websocket.send", "text": item})
                 self.sending = False
         except asyncio.CancelledError:
+            if self._parked is not None:  # cancelled before it took over a blocked send
+                self._parked[0].close()
+                self._parked = None
             if self.end_code is not None:  # cancelled by close_now, not by the server
                 await self._abort(self.end_code, self.end_reason or "")
             raise

@@ -1,12 +1,19 @@
 """MicroBatcher: one per model; gathers the ready steps of all sessions into one call.
 
-Greedy continuous batching: when the runtime is idle a batch starts at once; while it
-runs, ready steps pile up and form the next one. ``max_batch_size`` caps a batch and
-``max_wait_ms`` (default 0) may hold one back to fill it, waiting on an event with a
-deadline (never a sleep-poll). A session has at most one step in flight because its
-next step needs the state this one produces, so a batch never holds two steps of one
-session. The model call (gather, run, scatter) runs in a dedicated executor thread:
-ONNX Runtime releases the GIL, so the event loop keeps receiving frames meanwhile.
+Continuous batching: when the runtime is idle a batch starts with whatever is ready;
+while it runs, ready steps pile up and form the next one. ``max_batch_size`` caps a
+batch. ``max_wait_ms`` (0 = greedy) may hold a small batch back to fill it, counted from
+when its oldest step became ready, and never once every open session has a step ready
+(nobody else could add one). The wait is one future with a deadline timer, woken early
+only when the batch is full: no sleep-polling and no per-step wake-up. A session has at
+most one step in flight because its next step needs the state this one produces, so a
+batch never holds two steps of one session.
+
+The model call (gather, run, scatter) runs in a dedicated executor thread, so the event
+loop keeps receiving frames while ONNX Runtime (which releases the GIL) computes on
+another core. When the process may use a single CPU that thread buys no parallelism and
+costs two thread hand-offs per batch, so ``model_calls=auto`` then calls the model
+inline on the event loop, yielding to it once per batch.
 
 Every step carries a waiter with the ``asyncio.Future`` interface (``set_result`` /
 ``set_exception``): a Future by default, or the session itself on the streaming hot
@@ -57,17 +64,19 @@ class Step:
 
 
 class MicroBatcher:
-    def __init__(self, handle: ModelHandle, *, max_batch_size: int, max_wait_ms: float) -> None:
+    def __init__(self, handle: ModelHandle, *, max_batch_size: int, max_wait_ms: float,
+                 inline: bool = False) -> None:
         self.handle = handle
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
+        self.inline = inline  # call the model on the event loop (single-CPU processes)
         self._ready: deque[Step] = deque()
-        self._wake = asyncio.Event()  # stop() and max_wait filling
         self._idle: asyncio.Future[None] | None = None  # set while the loop waits for work
+        self._full: asyncio.Future[None] | None = None  # set while a batch waits to fill
+        self._fill_target = 0  # steps that end the fill wait early
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running = False
-        self._filling = False
         label = handle.spec.key
         m = handle.metrics
         self._m_steps = m.steps.labels(label)
@@ -86,17 +95,18 @@ class MicroBatcher:
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{self._label}")
+        if not self.inline:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"batch-{self._label}")
         self._running = True
         self._task = asyncio.create_task(self._run(), name=f"batcher:{self._label}")
 
     async def stop(self) -> None:
         """Stop after the batch in flight; steps still queued fail with a clear error."""
         self._running = False
-        self._wake.set()
-        if self._idle is not None:
-            self._idle.set_result(None)
-            self._idle = None
+        for waiting in (self._idle, self._full):
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None)
+        self._idle = self._full = None
         if self._task is not None:
             await self._task
             self._task = None
@@ -128,8 +138,8 @@ class MicroBatcher:
         if self._idle is not None:
             self._idle.set_result(None)
             self._idle = None
-        elif self._filling:
-            self._wake.set()
+        elif self._full is not None and len(self._ready) >= self._fill_target:
+            self._end_fill()
 
     def submit_future(self, slot: int, index: int, payload: bytes | np.ndarray) -> asyncio.Future:
         """Submit a step and get a Future for its output row (tests, offline)."""
@@ -154,18 +164,23 @@ class MicroBatcher:
                 self._idle = loop.create_future()
                 await self._idle
                 continue
-            if self.max_wait and len(self._ready) < self.max_batch_size:
-                self._filling = True
-                try:
-                    await self._fill(loop)
-                finally:
-                    self._filling = False
+            if self.max_wait:
+                await self._fill(loop)
+            elif self.inline:
+                # Let the loop read what has arrived before taking the batch: chained
+                # steps of backlogged sessions would otherwise keep it from ever reading.
+                await asyncio.sleep(0)
+            if not self._ready:  # every step was withdrawn (sessions closed) meanwhile
+                continue
             n = min(len(self._ready), self.max_batch_size)
             batch = [self._ready.popleft() for _ in range(n)]
             self._m_backlog.set(len(self._ready))
             t0 = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._executor, self.handle.compute, batch)
+                if self.inline:
+                    out = self.handle.compute(batch)
+                else:
+                    out = await loop.run_in_executor(self._executor, self.handle.compute, batch)
                 if len(out) != n:
                     raise InferenceError(f"model returned {len(out)} rows for a batch of {n}")
             except Exception as exc:  # a failed batch must not stop the batcher
@@ -189,16 +204,29 @@ class MicroBatcher:
                 self._label)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
-        deadline = loop.time() + self.max_wait
-        while len(self._ready) < self.max_batch_size and self._running:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+        """Hold the batch until it is full, every open session is in it, or its oldest
+        step has waited ``max_wait``."""
+        target = min(self.max_batch_size, self.handle.table.used)
+        if len(self._ready) >= target:
+            await asyncio.sleep(0)  # still yield once, as the greedy inline path does
+            return
+        remaining = self._ready[0].t_ready + self.max_wait - time.perf_counter()
+        if remaining <= 0:
+            await asyncio.sleep(0)
+            return
+        self._fill_target = target
+        self._full = full = loop.create_future()
+        timer = loop.call_later(remaining, self._end_fill)
+        try:
+            await full
+        finally:
+            timer.cancel()
+            self._full = None
+
+    def _end_fill(self) -> None:
+        full, self._full = self._full, None
+        if full is not None:
+            full.set_result(None)
 
     def _fail(self, batch: list[Step], exc: BaseException) -> None:
         err = exc if isinstance(exc, LookbackError) else InferenceError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 from service.engine.batcher import MicroBatcher
 from service.engine.model import ModelHandle
 from service.engine.offline import OfflineChunk, score_clip
-from service.engine.runtime import run_warmup
+from service.engine.runtime import CPU, run_warmup
 from service.engine.session import Encoding, ResultSink, StreamSession
 from service.engine.state import StateTable
 from service.engine.store import StoredModel, _version_key, discover, open_graphs
@@ -26,6 +27,21 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("lookback.engine")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def inline_model_calls(mode: str, provider: str) -> bool:
+    """Whether a model's calls run on the event loop instead of in an executor thread."""
+    if mode == "auto":
+        return provider == CPU and usable_cpus() == 1
+    return mode == "inline"
 
 
 class Engine:
@@ -47,16 +63,19 @@ class Engine:
                 f"(wanted: {self.settings.models or 'all'})")
         for sm in stored:
             handle = await asyncio.to_thread(self._load, sm)
+            inline = inline_model_calls(self.settings.model_calls, handle.provider)
             handle.batcher = MicroBatcher(handle, max_batch_size=self.settings.max_batch_size,
-                                          max_wait_ms=self.settings.max_wait_ms)
+                                          max_wait_ms=self.settings.max_wait_ms, inline=inline)
             await handle.batcher.start()
             self.models[handle.spec.key] = handle
             self._versions.setdefault(handle.spec.name, []).append(handle.spec.version)
             self.metrics.model_info.labels(handle.spec.key, handle.spec.version,
                                            handle.provider).set(1)
-            log.info("model %s ready on %s (hop %d, context %d, %s)", handle.spec.key,
-                     handle.provider, handle.spec.hop_samples, handle.spec.context_samples,
-                     "sequence graph" if handle.sequence else "step graph only")
+            log.info("model %s ready on %s (hop %d, context %d, %s, model calls %s)",
+                     handle.spec.key, handle.provider, handle.spec.hop_samples,
+                     handle.spec.context_samples,
+                     "sequence graph" if handle.sequence else "step graph only",
+                     "inline" if inline else "in a thread")
         for versions in self._versions.values():
             versions.sort(key=_version_key, reverse=True)
         self.ready = True

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.engine import engine as engine_module
 from service.engine.batcher import MicroBatcher, Step
 from service.engine.engine import Engine
 from service.engine.model import ModelHandle
@@ -225,6 +226,83 @@ async def test_max_wait_deadline_runs_a_partial_batch(monkeypatch: pytest.Monkey
         (s,) = slots(handle, 1)
         assert len(await handle.batcher.submit_future(s, 0, payload(0))) == 1
         assert rec.sizes == [1]
+
+
+async def test_max_wait_never_waits_once_every_open_session_is_ready(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # two open sessions, a 60 s wait and room for 8: nobody else can add a step, so go now
+    async with running_engine("silero-vad", max_batch_size=8, max_wait_ms=60_000) as engine:
+        handle = engine.resolve("silero-vad")
+        rec = Recorder(handle, monkeypatch)
+        ss = slots(handle, 2)
+        t0 = time.monotonic()
+        await asyncio.gather(*(handle.batcher.submit_future(s, 0, payload(s)) for s in ss))
+        assert rec.sizes == [2]
+        assert time.monotonic() - t0 < 30
+
+
+async def test_fill_deadline_and_a_new_step_in_the_same_tick(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline timer fires and, before the batcher resumes, a step completes the
+    batch: the step is queued once and nothing raises (it used to resolve a done future)."""
+    async with running_engine("silero-vad", max_batch_size=2, max_wait_ms=60_000) as engine:
+        handle = engine.resolve("silero-vad")
+        batcher = handle.batcher
+        rec = Recorder(handle, monkeypatch)
+        filling = asyncio.Event()
+        real_fill = batcher._fill
+
+        async def fill(loop: asyncio.AbstractEventLoop) -> None:
+            filling.set()
+            await real_fill(loop)
+
+        monkeypatch.setattr(batcher, "_fill", fill)
+        ss = slots(handle, 3)
+        first = batcher.submit_future(ss[0], 0, payload(0))
+        await filling.wait()
+        batcher._end_fill()  # what the deadline timer calls
+        second = batcher.submit_future(ss[1], 0, payload(1))  # same tick: batch now full
+        await asyncio.gather(first, second)
+        assert rec.sizes == [2]
+
+
+@pytest.mark.parametrize(("mode", "provider", "cpus", "inline"), [
+    ("auto", "CPUExecutionProvider", 1, True),
+    ("auto", "CPUExecutionProvider", 2, False),
+    ("auto", "CUDAExecutionProvider", 1, False),
+    ("inline", "CPUExecutionProvider", 4, True),
+    ("thread", "CPUExecutionProvider", 1, False),
+])
+def test_model_calls_inline_only_where_a_thread_buys_nothing(
+        mode: str, provider: str, cpus: int, inline: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "usable_cpus", lambda: cpus)
+    assert engine_module.inline_model_calls(mode, provider) is inline
+
+
+async def test_inline_batcher_still_lets_the_loop_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model calls on the event loop: a session that always has a next step ready must
+    not keep the loop from running anything else."""
+    async with running_engine("silero-vad", model_calls="inline") as engine:
+        handle = engine.resolve("silero-vad")
+        assert handle.batcher.inline
+        (s,) = slots(handle, 1)
+        done = 0
+        stop = False
+
+        def chain(fut: asyncio.Future[Any]) -> None:
+            nonlocal done
+            done += 1
+            if not stop:
+                handle.batcher.submit_future(s, 0, payload(0)).add_done_callback(chain)
+
+        handle.batcher.submit_future(s, 0, payload(0)).add_done_callback(chain)
+        ticks = 0
+        while done < 20:  # this task gets turns while the chain keeps the batcher busy
+            ticks += 1
+            await asyncio.sleep(0)
+        stop = True
+        assert ticks >= 20
 
 
 async def test_stop_fails_queued_steps_after_the_running_batch(

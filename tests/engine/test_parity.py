@@ -76,7 +76,16 @@ async def finish_session(session: StreamSession, sink: Collect) -> Collect:
 
 # --- batched == solo ----------------------------------------------------------------------------
 
-async def test_batched_equals_solo(any_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+BATCHING = {  # model calls in the executor thread or on the loop, greedy or held to fill
+    "thread": {"model_calls": "thread"},
+    "inline": {"model_calls": "inline"},
+    "inline-wait": {"model_calls": "inline", "max_wait_ms": 2.0},
+}
+
+
+@pytest.mark.parametrize("batching", list(BATCHING))
+async def test_batched_equals_solo(any_model: str, batching: str,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """64 sessions, different clips, random bursts and interleavings, batched by the
     MicroBatcher, give for every step the numbers each session gets alone at batch 1."""
     name = any_model
@@ -99,7 +108,8 @@ async def test_batched_equals_solo(any_model: str, monkeypatch: pytest.MonkeyPat
         assert set(log.sizes) == {1}
 
     # batched: all 64 at once, random bursts, random arrival interleavings
-    async with running_engine(name, max_batch_size=256, initial_slots=N_SESSIONS) as engine:
+    async with running_engine(name, max_batch_size=256, initial_slots=N_SESSIONS,
+                              **BATCHING[batching]) as engine:
         handle = engine.resolve(name)
         log = BatchLog(handle, monkeypatch)
 
@@ -134,7 +144,7 @@ async def test_batched_equals_solo(any_model: str, monkeypatch: pytest.MonkeyPat
         assert a.events == b.events, f"session {i}: events differ"
     worst = max(diffs)
     exact = sum(d == 0.0 for d in diffs)
-    print(f"\n[batched==solo {name}] {N_SESSIONS} sessions, {sum(sizes)} steps in "
+    print(f"\n[batched==solo {name}, {batching}] {N_SESSIONS} sessions, {sum(sizes)} steps in "
           f"{len(sizes)} batches (mean {np.mean(sizes):.1f}, max {max(sizes)}); "
           f"max |batched - solo| = {worst:.3g}; exactly equal: {worst == 0.0} "
           f"({exact}/{N_SESSIONS} sessions bit-identical)")
