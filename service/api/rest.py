@@ -1,9 +1,11 @@
 """REST: ``POST /v1/score``, ``GET /v1/models``, health, readiness and metrics.
 
-The upload is never held in memory whole. Raw PCM is decoded and scored as the body
-arrives. WAV/FLAC/OGG need a seekable file for libsndfile, so the body is spooled to a
-temporary file (counting bytes, 413 the moment ``max_upload_bytes`` is passed), then
-decoded and scored block by block.
+The upload is never held in memory whole. Raw PCM, and WAV holding 16-bit PCM (what
+nearly every recorder writes), are decoded and scored as the body arrives: the WAV
+header is parsed from the first bytes, then the data chunk is raw PCM. Other WAVs,
+FLAC and OGG need a seekable file for libsndfile, so the body is spooled to a temporary
+file (counting bytes, 413 the moment ``max_upload_bytes`` is passed), then decoded and
+scored block by block.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import os
 import re
+import struct
 import tempfile
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -177,11 +180,11 @@ async def score(
             if sample_rate is None:
                 raise RestError("raw PCM needs the sample_rate query parameter",
                                 code="bad_sample_rate")
-            source: _Source = _RawSource(request, encoding, handle, s.max_upload_bytes,
+            source: _Source = _RawSource(_body(request), encoding, handle, s.max_upload_bytes,
                                          s.max_upload_seconds, s.offline_chunk_steps)
         else:
-            source = await _ContainerSource.open(request, handle, s.max_upload_bytes,
-                                                 s.max_upload_seconds, s.offline_chunk_steps)
+            source = await _open_container(request, handle, s.max_upload_bytes,
+                                           s.max_upload_seconds, s.offline_chunk_steps)
         await source.check()
     except BaseException:
         lease.release()
@@ -227,8 +230,8 @@ async def _respond(svc: ServiceState, handle: ModelHandle, source: _Source,
                 return
             yield orjson.dumps({"type": "summary", "steps": steps, "events": events,
                                 "duration": source.samples / spec.sample_rate}) + b"\n"
-        return StreamingResponse(lines(), media_type="application/x-ndjson",
-                                 background=BackgroundTask(cleanup))
+        return _BodyReadingStream(lines(), media_type="application/x-ndjson",
+                                  background=BackgroundTask(cleanup))
 
     parts: list[np.ndarray] = []
     events: list[dict[str, object]] = []
@@ -243,6 +246,20 @@ async def _respond(svc: ServiceState, handle: ModelHandle, source: _Source,
             "scores": _columns(scores, spec.labels),
             "events": events}
     return Response(orjson.dumps(body, option=_OPT), media_type="application/json")
+
+
+class _BodyReadingStream(StreamingResponse):
+    """A streamed response whose generator is still reading the request body.
+
+    Starlette's StreamingResponse, under ASGI spec < 2.4 (uvicorn says 2.3), runs a task
+    that calls ``receive()`` to notice a disconnect, and that task would swallow body
+    parts meant for the scorer. Here the body reader itself notices a client that goes.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.stream_response(send)
+        if self.background is not None:
+            await self.background()
 
 
 def _columns(scores: np.ndarray, labels: list[str]) -> dict[str, np.ndarray]:
@@ -265,19 +282,29 @@ class _Source:
 
 
 class _RawSource(_Source):
-    """Raw PCM decoded while the body streams in: memory is one chunk, whatever the size."""
+    """Raw PCM decoded while the body streams in: memory is one chunk, whatever the size.
 
-    def __init__(self, request: Request, encoding: str, handle: ModelHandle, max_bytes: int,
-                 max_seconds: float, chunk_steps: int) -> None:
-        self.request = request
+    Also the data chunk of a streamed 16-bit WAV: ``first`` holds the bytes already read
+    past its header and ``limit`` the length the header declares (None: up to the end),
+    so trailing chunks are not scored and a short body is reported as truncated.
+    """
+
+    def __init__(self, stream: AsyncIterator[bytes], encoding: str, handle: ModelHandle,
+                 max_bytes: int, max_seconds: float, chunk_steps: int, *,
+                 first: bytes | None = None, received: int = 0,
+                 limit: int | None = None) -> None:
         self.dtype = np.dtype("<i2" if encoding == "pcm_s16le" else "<f4")
         self.max_bytes = max_bytes
         self.max_samples = int(max_seconds * handle.spec.sample_rate)
         self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
-        self._first: bytes | None = None
-        self._stream = _body(request)
+        self._first = first
+        self._received = received  # body bytes already read (a WAV header, say)
+        self._limit = limit
+        self._stream = stream
 
     async def check(self) -> None:
+        if self._first is not None:  # a WAV: its header was read, data may be empty
+            return
         try:
             self._first = await anext(self._stream, b"")
             while self._first == b"":
@@ -289,44 +316,160 @@ class _RawSource(_Source):
             raise RestError("client disconnected mid-body", code="bad_audio") from exc
         if not self._first:
             raise RestError("request body is empty", code="empty_body")
+        self._received = len(self._first)
+
+    async def _next(self) -> bytes | None:
+        try:
+            part = await anext(self._stream, None)
+        except ClientDisconnect as exc:
+            raise RestError("client disconnected mid-body", code="bad_audio") from exc
+        if part is not None:
+            self._received += len(part)
+            if self._received > self.max_bytes:
+                raise RestError(f"body exceeds max_upload_bytes={self.max_bytes}",
+                                code="upload_too_large")
+        return part
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
-        buf = bytearray(self._first or b"")
-        received = len(buf)
-        scale = np.float32(1 / 32768) if self.dtype.kind == "i" else None
+        """Chunks of exactly ``chunk_bytes`` (the last one shorter), however the body was
+        cut into parts on the way: so the scores do not depend on TCP packetisation."""
+        size, step = self.dtype.itemsize, self.chunk_bytes
+        left = self._limit  # data bytes not yet scored (None: all of the body)
+        parts = [self._first] if self._first else []
+        have = len(self._first or b"")
         done = False
         while not done:
-            while len(buf) < self.chunk_bytes:
-                try:
-                    part = await anext(self._stream, None)
-                except ClientDisconnect as exc:
-                    raise RestError("client disconnected mid-body", code="bad_audio") from exc
+            while have < step and (left is None or have < left):
+                part = await self._next()
                 if part is None:
                     done = True
                     break
-                received += len(part)
-                if received > self.max_bytes:
-                    raise RestError(f"body exceeds max_upload_bytes={self.max_bytes}",
-                                    code="upload_too_large")
-                buf += part
-            usable = len(buf) - len(buf) % self.dtype.itemsize if done else (
-                len(buf) // self.dtype.itemsize) * self.dtype.itemsize
-            if done and len(buf) % self.dtype.itemsize:
-                raise RestError("raw body length is not a whole number of samples",
-                                code="bad_audio")
-            data = np.frombuffer(bytes(buf[:usable]), self.dtype)
-            del buf[:usable]
-            if scale is not None:
-                audio = data.astype(np.float32) * scale
+                parts.append(part)
+                have += len(part)
+            blob = b"".join(parts) if len(parts) != 1 else parts[0]
+            if left is not None and len(blob) >= left:
+                blob, done = blob[:left], True
+            if done:
+                usable = len(blob) - len(blob) % size
+                if usable != len(blob):
+                    raise RestError("audio is truncated: the body ends inside a sample"
+                                    if self._limit is not None else
+                                    "raw body length is not a whole number of samples",
+                                    code="bad_audio")
             else:
-                audio = data.astype(np.float32)
-                if not np.isfinite(audio).all():
-                    raise RestError("pcm_f32le body holds NaN or Inf", code="non_finite_audio")
-            self.samples += audio.size
-            if self.samples > self.max_samples:
-                raise RestError("audio exceeds max_upload_seconds", code="audio_too_long")
-            if audio.size:
+                usable = len(blob) - len(blob) % step
+            if left is not None:
+                left -= usable
+            parts = [blob[usable:]] if usable != len(blob) else []
+            have = len(blob) - usable
+            for at in range(0, usable, step):
+                audio = self._decode(blob, at, min(step, usable - at))
+                self.samples += audio.size
+                if self.samples > self.max_samples:
+                    raise RestError("audio exceeds max_upload_seconds", code="audio_too_long")
                 yield audio
+        if left:  # the header promised more than the body held
+            raise RestError(f"audio is truncated: header promises "
+                            f"{self.samples + left // size} samples, body holds {self.samples}",
+                            code="bad_audio")
+
+    def _decode(self, blob: bytes, at: int, nbytes: int) -> np.ndarray:
+        data = np.frombuffer(blob, self.dtype, count=nbytes // self.dtype.itemsize, offset=at)
+        audio = np.empty(data.size, np.float32)
+        if self.dtype.kind == "i":
+            np.multiply(data, np.float32(1 / 32768), out=audio, casting="unsafe")
+        else:
+            audio[:] = data
+            if not np.isfinite(audio).all():
+                raise RestError("pcm_f32le body holds NaN or Inf", code="non_finite_audio")
+        return audio
+
+
+# -- WAV: 16-bit PCM streams; anything else is spooled for libsndfile ---------------------------
+
+_PCM_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")  # KSDATAFORMAT_SUBTYPE_PCM
+_WAV_HEAD_MAX = 64 * 1024  # a header longer than this is left to libsndfile
+_NEED_MORE = object()
+
+
+class _WavHead:
+    __slots__ = ("channels", "data_bytes", "data_offset", "rate")
+
+    def __init__(self, channels: int, rate: int, data_offset: int, data_bytes: int | None):
+        self.channels, self.rate = channels, rate
+        self.data_offset, self.data_bytes = data_offset, data_bytes
+
+
+def _parse_wav_head(buf: bytes) -> object:
+    """A ``_WavHead`` for a 16-bit PCM WAV, ``_NEED_MORE``, or None (not streamable)."""
+    if len(buf) < 12:
+        return _NEED_MORE
+    if buf[:4] != b"RIFF" or buf[8:12] != b"WAVE":
+        return None
+    pos, fmt = 12, None
+    while pos <= _WAV_HEAD_MAX:
+        if pos + 8 > len(buf):
+            return _NEED_MORE
+        cid = buf[pos:pos + 4]
+        (size,) = struct.unpack_from("<I", buf, pos + 4)
+        if cid == b"fmt ":
+            if size < 16 or pos + 8 + size > len(buf):
+                return _NEED_MORE if size >= 16 else None
+            code, channels, rate = struct.unpack_from("<HHI", buf, pos + 8)
+            (bits,) = struct.unpack_from("<H", buf, pos + 22)
+            if code == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the real format is in the GUID
+                sub = buf[pos + 32:pos + 48] if size >= 40 else b""
+                code = struct.unpack_from("<H", sub)[0] if sub[2:] == _PCM_GUID_TAIL else 0
+            fmt = (code, channels, rate, bits)
+        elif cid == b"data":
+            if fmt is None or fmt[0] != 1 or fmt[3] != 16:
+                return None
+            known = size not in (0, 0xFFFFFFFF)  # streamed WAVs leave the length open
+            return _WavHead(fmt[1], fmt[2], pos + 8, size if known else None)
+        pos += 8 + size + (size & 1)  # chunks are word-aligned
+    return None
+
+
+async def _open_container(request: Request, handle: ModelHandle, max_bytes: int,
+                          max_seconds: float, chunk_steps: int) -> _Source:
+    """Stream a 16-bit PCM WAV as it arrives; spool anything else for libsndfile."""
+    stream = _body(request)
+    head = b""
+    parsed: object = _NEED_MORE
+    while parsed is _NEED_MORE:
+        try:
+            part = await anext(stream, None)
+        except ClientDisconnect as exc:
+            raise RestError("client disconnected mid-body", code="bad_audio") from exc
+        if part is None:
+            break
+        head += part
+        if len(head) > max_bytes:
+            raise RestError(f"body exceeds max_upload_bytes={max_bytes}",
+                            code="upload_too_large")
+        parsed = _parse_wav_head(head)
+    if not isinstance(parsed, _WavHead):  # not one we stream: libsndfile decides
+        return await _ContainerSource.open(stream, head, handle, max_bytes, max_seconds,
+                                           chunk_steps)
+    spec = handle.spec
+    _check_format(parsed.channels, parsed.rate, spec.sample_rate)
+    if parsed.data_bytes is not None and parsed.data_offset + parsed.data_bytes > max_bytes:
+        raise RestError(f"the WAV header declares {parsed.data_offset + parsed.data_bytes} "
+                        f"bytes; max_upload_bytes={max_bytes}", code="upload_too_large")
+    if parsed.data_bytes is not None and parsed.data_bytes // 2 > max_seconds * spec.sample_rate:
+        raise RestError(f"audio of {parsed.data_bytes / 2 / spec.sample_rate:.0f}s exceeds "
+                        f"max_upload_seconds={max_seconds:g}", code="audio_too_long")
+    return _RawSource(stream, "pcm_s16le", handle, max_bytes, max_seconds, chunk_steps,
+                      first=head[parsed.data_offset:], received=len(head),
+                      limit=parsed.data_bytes)
+
+
+def _check_format(channels: int, rate: int, model_rate: int) -> None:
+    if channels != 1:
+        raise RestError(f"audio has {channels} channels; send mono", code="bad_channels")
+    if rate != model_rate:
+        raise RestError(f"audio is {rate} Hz; the model needs {model_rate} Hz (Lookback never "
+                        "resamples silently)", code="bad_sample_rate")
 
 
 class _ContainerSource(_Source):
@@ -338,14 +481,16 @@ class _ContainerSource(_Source):
         self.chunk = chunk
 
     @classmethod
-    async def open(cls, request: Request, handle: ModelHandle, max_bytes: int,
-                   max_seconds: float, chunk_steps: int) -> _ContainerSource:
+    async def open(cls, stream: AsyncIterator[bytes], head: bytes, handle: ModelHandle,
+                   max_bytes: int, max_seconds: float, chunk_steps: int) -> _ContainerSource:
+        """Spool ``head`` (the bytes already read) and the rest of ``stream``, then open."""
         fd, path = tempfile.mkstemp(prefix="lookback-", suffix=".upload")
         try:
-            size = 0
+            size = len(head)
             with os.fdopen(fd, "wb") as f:
+                f.write(head)
                 try:
-                    async for part in _body(request):
+                    async for part in stream:
                         size += len(part)
                         if size > max_bytes:
                             raise RestError(f"body exceeds max_upload_bytes={max_bytes}",
@@ -361,15 +506,11 @@ class _ContainerSource(_Source):
                 detail = str(exc).replace(path, "<upload>")  # never reveal server paths
                 raise RestError(f"body is not decodable audio: {detail}", code="bad_audio") from exc
             spec = handle.spec
-            if snd.channels != 1:
+            try:
+                _check_format(snd.channels, snd.samplerate, spec.sample_rate)
+            except RestError:
                 snd.close()
-                raise RestError(f"audio has {snd.channels} channels; send mono",
-                                code="bad_channels")
-            if snd.samplerate != spec.sample_rate:
-                snd.close()
-                raise RestError(f"audio is {snd.samplerate} Hz; the model needs "
-                                f"{spec.sample_rate} Hz (Lookback never resamples silently)",
-                                code="bad_sample_rate")
+                raise
             if _truncated(snd):
                 snd.close()
                 raise RestError("audio is truncated: the WAV header promises more data than "

@@ -124,14 +124,7 @@ async def _with_sequence(
 
     def emit(scores: np.ndarray) -> OfflineChunk:
         nonlocal step
-        events: list[Event] = []
-        thr, hop = spec.events.threshold, spec.hop_samples
-        for i, s in enumerate(scores[:, col].tolist()):
-            if s >= thr or detector.triggered:  # otherwise the detector cannot change
-                ev = detector.update(s, (step + i + 1) * hop)
-                if ev:
-                    events.extend(ev)
-        out = OfflineChunk(step, scores, events)
+        out = OfflineChunk(step, scores, detector.scan(scores[:, col], step))
         step += len(scores)
         return out
 

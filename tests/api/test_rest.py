@@ -177,6 +177,97 @@ def test_score_body_errors(server: Server, silero_model: str, speech_clip: np.nd
         assert ERRORS[code].http == status
 
 
+# -- WAV streamed as it arrives -------------------------------------------------------------------
+
+def _wav_variant(samples: np.ndarray, kind: str) -> bytes:
+    """The same 16-bit PCM audio in WAV layouts the streaming parser must follow."""
+    data = samples.astype("<i2").tobytes()
+    fmt = (1, 1, RATE, RATE * 2, 2, 16)
+    fmt_chunk = b"fmt " + (16).to_bytes(4, "little") + b"".join(
+        v.to_bytes(n, "little") for v, n in zip(fmt, (2, 2, 4, 4, 2, 2), strict=True))
+    if kind == "extensible":  # WAVE_FORMAT_EXTENSIBLE with the PCM sub-format GUID
+        body = b"".join(v.to_bytes(n, "little") for v, n in zip(
+            (0xFFFE, 1, RATE, RATE * 2, 2, 16, 22, 16, 4), (2, 2, 4, 4, 2, 2, 2, 2, 4),
+            strict=True)) + bytes.fromhex("0100000000001000800000aa00389b71")
+        fmt_chunk = b"fmt " + len(body).to_bytes(4, "little") + body
+    extra = b"LIST" + (5).to_bytes(4, "little") + b"INFOx\0"  # odd size: padded
+    size = 0xFFFFFFFF if kind == "open_length" else len(data)
+    chunks = [fmt_chunk]
+    if kind == "chunk_before_data":
+        chunks.append(extra)
+    chunks.append(b"data" + size.to_bytes(4, "little") + data)
+    if kind == "chunk_after_data":
+        chunks.append(b"LIST" + (8).to_bytes(4, "little") + b"\x7f" * 8)  # not audio
+    riff = b"WAVE" + b"".join(chunks)
+    return b"RIFF" + len(riff).to_bytes(4, "little") + riff
+
+
+@pytest.fixture(scope="module")
+def short_chunk_server(default_model: str) -> Iterator[Server]:
+    """Offline chunks of 7 steps (1,792 bytes): a clip spans hundreds of them, so body
+    parts of any size split samples across chunk boundaries."""
+    with running_server(make_settings(models=[default_model], default_model=default_model,
+                                      offline_chunk_steps=7)) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("kind", ["plain", "extensible", "open_length", "chunk_before_data",
+                                  "chunk_after_data"])
+@pytest.mark.parametrize("part", [999, 1000, 65537])  # odd parts split samples
+def test_streamed_wav_layouts_score_like_the_plain_wav(
+        short_chunk_server: Server, default_model: str,
+        speech_clip: np.ndarray, kind: str, part: int) -> None:
+    clip = speech_clip[: 3 * RATE + 77]
+    want = score(short_chunk_server.url, _wav(clip), model=default_model).json()
+    body = _wav(clip) if kind == "plain" else _wav_variant(clip, kind)
+    got = score(short_chunk_server.url, _chunked(body, part), model=default_model)
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert body["steps"] == want["steps"] and body["duration"] == want["duration"]
+    assert body["scores"] == want["scores"] and body["events"] == want["events"]
+
+
+def test_float_wav_is_decoded_by_libsndfile(server: Server, default_model: str,
+                                            speech_clip: np.ndarray) -> None:
+    """Not 16-bit PCM: spooled and decoded as before, same numbers."""
+    clip = speech_clip[: 2 * RATE]
+    buf = io.BytesIO()
+    sf.write(buf, clip.astype(np.float32) / 32768, RATE, format="WAV", subtype="FLOAT")
+    got = score(server.url, buf.getvalue(), model=default_model)
+    want = score(server.url, _wav(clip), model=default_model)
+    assert got.status_code == want.status_code == 200, got.text
+    assert got.json()["scores"] == want.json()["scores"]
+
+
+@pytest.mark.parametrize("ctype", ["audio/wav", RAW])
+def test_ndjson_reads_a_body_that_arrives_in_many_parts(server: Server, default_model: str,
+                                                        speech_clip: np.ndarray,
+                                                        ctype: str) -> None:
+    """The scorer reads the body while the response streams: no other reader may take
+    parts of it (Starlette's disconnect listener once did, losing audio)."""
+    clip = speech_clip[: 5 * RATE]
+    body = _wav(clip) if ctype == "audio/wav" else clip.astype("<i2").tobytes()
+    params = {"model": default_model, "format": "ndjson"}
+    if ctype == RAW:
+        params["sample_rate"] = RATE
+    with httpx.stream("POST", f"{server.url}/v1/score", params=params,
+                      content=_chunked(body, 4096), headers={"content-type": ctype},
+                      timeout=60) as r:
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[-1]["type"] == "summary", lines[-1]
+    assert lines[-1]["duration"] == len(clip) / RATE
+    assert sum(len(c["scores"]["speech"]) for c in lines[1:-1]) == lines[-1]["steps"]
+
+
+def test_truncated_streamed_wav_is_bad_audio(short_chunk_server: Server, default_model: str,
+                                             speech_clip: np.ndarray) -> None:
+    wav = _wav(speech_clip[: 2 * RATE])
+    for cut, part in ((len(wav) // 2, 1000), (len(wav) // 2 + 1, 1000), (len(wav) - 2, 999)):
+        r = score(short_chunk_server.url, _chunked(wav[:cut], part), model=default_model)
+        assert (r.status_code, error_code(r)) == (415, "bad_audio")
+        assert "truncated" in r.json()["error"]["message"]
+
+
 # -- upload limits ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from service.engine.contract import EventSpec
@@ -194,3 +195,58 @@ def test_matches_silero_vaditerator_on_random_scores(seed: int, hop: int) -> Non
     want = reference_events(scores, hop)
     assert got == want
     assert len(want) >= 4  # the sequence really exercises starts and ends
+
+
+# --- scan: the offline fast path -----------------------------------------------------------
+
+def runs_of_scores(rng: random.Random, n: int) -> list[float]:
+    """Bimodal scores in runs (speech, silence, hovering near the thresholds), float32."""
+    out: list[float] = []
+    while len(out) < n:
+        kind = rng.choice(["hi", "lo", "mid", "edge"])
+        length = rng.choice([1, 2, 3, 5, 8, 20, 60])
+        for _ in range(length):
+            if kind == "hi":
+                v = rng.uniform(0.5, 1.0)
+            elif kind == "lo":
+                v = rng.uniform(0.0, 0.35)
+            elif kind == "mid":
+                v = rng.uniform(0.3, 0.55)
+            else:
+                v = rng.choice([0.5, 0.35, 0.49999, 0.34999])
+            out.append(float(np.float32(v)))
+    return out[:n]
+
+
+@pytest.mark.parametrize("spec", [
+    {},
+    {"min_silence_ms": 0},
+    {"min_speech_ms": 250},
+    {"min_speech_ms": 40, "min_silence_ms": 30, "speech_pad_ms": 0},
+    {"neg_threshold": 0.5},
+])
+@pytest.mark.parametrize("hop", [128, 512])
+def test_scan_gives_exactly_the_events_of_update(spec: dict[str, float], hop: int) -> None:
+    """Chunk by chunk, ``scan`` emits what ``update`` step by step emits: same events,
+    same samples, same state left for the next chunk and for ``finish``."""
+    for seed in range(40):
+        rng = random.Random(seed)
+        scores = runs_of_scores(rng, rng.randint(1, 1500))
+        ref, fast = make_pair(spec, hop)
+        want = [ev for i, s in enumerate(scores) for ev in ref.update(s, (i + 1) * hop) or []]
+        got: list[Event] = []
+        pos = 0
+        while pos < len(scores):
+            k = rng.choice([1, 2, 7, 64, 2048])
+            got += fast.scan(np.asarray(scores[pos:pos + k], np.float32), pos)
+            pos += k
+        assert got == want, f"seed {seed}"
+        total = len(scores) * hop
+        assert fast.finish(total) == ref.finish(total), f"seed {seed}"
+
+
+def make_pair(spec: dict[str, float], hop: int) -> tuple[EventDetector, EventDetector]:
+    full = EventSpec(**{"threshold": 0.5, "neg_threshold": 0.35, "min_silence_ms": 100,
+                        "speech_pad_ms": 30, "min_speech_ms": 0, **spec})
+    return (EventDetector(full, "speech", sample_rate=SR, hop=hop),
+            EventDetector(full, "speech", sample_rate=SR, hop=hop))
