@@ -17,7 +17,7 @@ import re
 import struct
 import tempfile
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import orjson
@@ -59,20 +59,34 @@ def require_key(request: Request) -> None:
                         code="unauthorized")
 
 
-async def _body(request: Request) -> AsyncIterator[bytes]:
-    """The request body; a client silent for ``idle_timeout_s`` mid-body gets 408, so a
-    stalled upload cannot hold its place in the scoring queue forever."""
-    timeout = _svc(request).settings.idle_timeout_s
-    stream = request.stream()
-    while True:
+class _Body:
+    """The request body, part by part, counted against ``max_upload_bytes``.
+
+    Every source reads through this. A client that hangs up mid-body is ``bad_audio``;
+    one silent for ``idle_timeout_s`` mid-body gets 408, so a stalled upload cannot hold
+    its place in the scoring queue forever.
+    """
+
+    def __init__(self, request: Request, max_bytes: int) -> None:
+        self._parts = request.stream()
+        self._timeout = _svc(request).settings.idle_timeout_s
+        self.max_bytes = max_bytes
+        self.received = 0
+
+    async def next(self) -> bytes | None:
         try:
-            part = await asyncio.wait_for(anext(stream, None), timeout)
+            part = await asyncio.wait_for(anext(self._parts, None), self._timeout)
         except TimeoutError:
-            raise RestError(f"no body data for idle_timeout_s={timeout:g}",
+            raise RestError(f"no body data for idle_timeout_s={self._timeout:g}",
                             code="idle_timeout") from None
-        if part is None:
-            return
-        yield part
+        except ClientDisconnect as exc:
+            raise RestError("client disconnected mid-body", code="bad_audio") from exc
+        if part is not None:
+            self.received += len(part)
+            if self.received > self.max_bytes:
+                raise RestError(f"body exceeds max_upload_bytes={self.max_bytes}",
+                                code="upload_too_large")
+        return part
 
 
 # libsndfile quietly shortens a WAV whose data chunk runs past the end of the file; its
@@ -180,10 +194,10 @@ async def score(
             if sample_rate is None:
                 raise RestError("raw PCM needs the sample_rate query parameter",
                                 code="bad_sample_rate")
-            source: _Source = _RawSource(_body(request), encoding, handle, s.max_upload_bytes,
+            source: _Source = _RawSource(_Body(request, s.max_upload_bytes), encoding, handle,
                                          s.max_upload_seconds, s.offline_chunk_steps)
         else:
-            source = await _open_container(request, handle, s.max_upload_bytes,
+            source = await _open_container(_Body(request, s.max_upload_bytes), handle,
                                            s.max_upload_seconds, s.offline_chunk_steps)
         await source.check()
     except BaseException:
@@ -289,46 +303,25 @@ class _RawSource(_Source):
     so trailing chunks are not scored and a short body is reported as truncated.
     """
 
-    def __init__(self, stream: AsyncIterator[bytes], encoding: str, handle: ModelHandle,
-                 max_bytes: int, max_seconds: float, chunk_steps: int, *,
-                 first: bytes | None = None, received: int = 0,
+    def __init__(self, body: _Body, encoding: str, handle: ModelHandle, max_seconds: float,
+                 chunk_steps: int, *, first: bytes | None = None,
                  limit: int | None = None) -> None:
         self.dtype = np.dtype("<i2" if encoding == "pcm_s16le" else "<f4")
-        self.max_bytes = max_bytes
         self.max_samples = int(max_seconds * handle.spec.sample_rate)
         self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
         self._first = first
-        self._received = received  # body bytes already read (a WAV header, say)
         self._limit = limit
-        self._stream = stream
+        self._body = body
 
     async def check(self) -> None:
         if self._first is not None:  # a WAV: its header was read, data may be empty
             return
-        try:
-            self._first = await anext(self._stream, b"")
-            while self._first == b"":
-                nxt = await anext(self._stream, None)
-                if nxt is None:
-                    break
-                self._first = nxt
-        except ClientDisconnect as exc:
-            raise RestError("client disconnected mid-body", code="bad_audio") from exc
-        if not self._first:
+        part = await self._body.next()
+        while part == b"":
+            part = await self._body.next()
+        if not part:
             raise RestError("request body is empty", code="empty_body")
-        self._received = len(self._first)
-
-    async def _next(self) -> bytes | None:
-        try:
-            part = await anext(self._stream, None)
-        except ClientDisconnect as exc:
-            raise RestError("client disconnected mid-body", code="bad_audio") from exc
-        if part is not None:
-            self._received += len(part)
-            if self._received > self.max_bytes:
-                raise RestError(f"body exceeds max_upload_bytes={self.max_bytes}",
-                                code="upload_too_large")
-        return part
+        self._first = part
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
         """Chunks of exactly ``chunk_bytes`` (the last one shorter), however the body was
@@ -340,7 +333,7 @@ class _RawSource(_Source):
         done = False
         while not done:
             while have < step and (left is None or have < left):
-                part = await self._next()
+                part = await self._body.next()
                 if part is None:
                     done = True
                     break
@@ -392,12 +385,11 @@ _WAV_HEAD_MAX = 64 * 1024  # a header longer than this is left to libsndfile
 _NEED_MORE = object()
 
 
-class _WavHead:
-    __slots__ = ("channels", "data_bytes", "data_offset", "rate")
-
-    def __init__(self, channels: int, rate: int, data_offset: int, data_bytes: int | None):
-        self.channels, self.rate = channels, rate
-        self.data_offset, self.data_bytes = data_offset, data_bytes
+class _WavHead(NamedTuple):
+    channels: int
+    rate: int
+    data_offset: int
+    data_bytes: int | None  # None: open-ended, up to the end of the body
 
 
 def _parse_wav_head(buf: bytes) -> object:
@@ -430,28 +422,20 @@ def _parse_wav_head(buf: bytes) -> object:
     return None
 
 
-async def _open_container(request: Request, handle: ModelHandle, max_bytes: int,
-                          max_seconds: float, chunk_steps: int) -> _Source:
+async def _open_container(body: _Body, handle: ModelHandle, max_seconds: float,
+                          chunk_steps: int) -> _Source:
     """Stream a 16-bit PCM WAV as it arrives; spool anything else for libsndfile."""
-    stream = _body(request)
     head = b""
     parsed: object = _NEED_MORE
     while parsed is _NEED_MORE:
-        try:
-            part = await anext(stream, None)
-        except ClientDisconnect as exc:
-            raise RestError("client disconnected mid-body", code="bad_audio") from exc
+        part = await body.next()
         if part is None:
             break
         head += part
-        if len(head) > max_bytes:
-            raise RestError(f"body exceeds max_upload_bytes={max_bytes}",
-                            code="upload_too_large")
         parsed = _parse_wav_head(head)
     if not isinstance(parsed, _WavHead):  # not one we stream: libsndfile decides
-        return await _ContainerSource.open(stream, head, handle, max_bytes, max_seconds,
-                                           chunk_steps)
-    spec = handle.spec
+        return await _ContainerSource.open(body, head, handle, max_seconds, chunk_steps)
+    spec, max_bytes = handle.spec, body.max_bytes
     _check_format(parsed.channels, parsed.rate, spec.sample_rate)
     if parsed.data_bytes is not None and parsed.data_offset + parsed.data_bytes > max_bytes:
         raise RestError(f"the WAV header declares {parsed.data_offset + parsed.data_bytes} "
@@ -459,9 +443,8 @@ async def _open_container(request: Request, handle: ModelHandle, max_bytes: int,
     if parsed.data_bytes is not None and parsed.data_bytes // 2 > max_seconds * spec.sample_rate:
         raise RestError(f"audio of {parsed.data_bytes / 2 / spec.sample_rate:.0f}s exceeds "
                         f"max_upload_seconds={max_seconds:g}", code="audio_too_long")
-    return _RawSource(stream, "pcm_s16le", handle, max_bytes, max_seconds, chunk_steps,
-                      first=head[parsed.data_offset:], received=len(head),
-                      limit=parsed.data_bytes)
+    return _RawSource(body, "pcm_s16le", handle, max_seconds, chunk_steps,
+                      first=head[parsed.data_offset:], limit=parsed.data_bytes)
 
 
 def _check_format(channels: int, rate: int, model_rate: int) -> None:
@@ -481,24 +464,16 @@ class _ContainerSource(_Source):
         self.chunk = chunk
 
     @classmethod
-    async def open(cls, stream: AsyncIterator[bytes], head: bytes, handle: ModelHandle,
-                   max_bytes: int, max_seconds: float, chunk_steps: int) -> _ContainerSource:
-        """Spool ``head`` (the bytes already read) and the rest of ``stream``, then open."""
+    async def open(cls, body: _Body, head: bytes, handle: ModelHandle, max_seconds: float,
+                   chunk_steps: int) -> _ContainerSource:
+        """Spool ``head`` (the bytes already read) and the rest of ``body``, then open."""
         fd, path = tempfile.mkstemp(prefix="lookback-", suffix=".upload")
         try:
-            size = len(head)
             with os.fdopen(fd, "wb") as f:
                 f.write(head)
-                try:
-                    async for part in stream:
-                        size += len(part)
-                        if size > max_bytes:
-                            raise RestError(f"body exceeds max_upload_bytes={max_bytes}",
-                                            code="upload_too_large")
-                        f.write(part)
-                except ClientDisconnect as exc:
-                    raise RestError("client disconnected mid-body", code="bad_audio") from exc
-            if size == 0:
+                while (part := await body.next()) is not None:
+                    f.write(part)
+            if body.received == 0:
                 raise RestError("request body is empty", code="empty_body")
             try:
                 snd = sf.SoundFile(path)

@@ -3,12 +3,12 @@
 Each connection has a reader (this handler) and a writer task that owns the sending
 side; results go through a bounded queue between them so a slow reader costs at most
 ``send_queue_messages`` strings before its session is closed with 4429. A result that
-finds the writer parked with nothing queued is sent at once from the batcher's callback
-instead (the send completes without suspending unless the transport is paused, in which
-case the writer finishes it before anything else): that saves a task switch per result. Refusals that
-need no session (auth, origin, capacity, drain) are HTTP responses before the upgrade;
-bad query values are reported after the upgrade as an ``error`` plus a 44xx close, since
-browsers cannot read a refused handshake's body.
+finds the writer parked (so nothing is queued) is sent at once from the batcher's
+callback instead, saving a task switch per result: the send completes without
+suspending unless the transport is paused, and then the writer finishes it before
+anything else. Refusals that need no session (auth, origin, capacity, drain) are HTTP
+responses before the upgrade; bad query values are reported after the upgrade as an
+``error`` plus a 44xx close, since browsers cannot read a refused handshake's body.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class Connection:
     def _put(self, text: str) -> None:
         if self.end_reason is not None or self._broken:
             return
-        if self._idle is not None and not self.out:  # writer parked, nothing queued
+        if self._idle is not None:  # the writer parks only with nothing queued
             self._send_now(text)
             return
         if len(self.out) >= self.limit:
@@ -158,6 +158,7 @@ class Connection:
             self._wake()
             return
         self._parked = (coro, yielded)
+        self.sending = True  # blocked in send(), as far as close_now is concerned
         self._wake()
 
     def send_error(self, code: str, message: str) -> None:
@@ -181,9 +182,8 @@ class Connection:
         self.out.extend([error_message(reason, message), _CLOSE, (code, reason)])
         self.end_code = code
         self._wake()
-        if self.writer is not None and (self.sending or self._parked is not None):
-            # The writer is blocked in send() on a full transport (or about to take over a
-            # direct send that blocked): give up on it.
+        if self.writer is not None and self.sending:
+            # The writer is blocked in send() on a full transport: give up on it.
             self.writer.cancel()
 
     def _wake(self) -> None:
@@ -200,7 +200,6 @@ class Connection:
                 if self._parked is not None:
                     coro, yielded = self._parked
                     self._parked = None
-                    self.sending = True
                     await finish_coroutine(coro, yielded)
                     self.sending = False
                     continue

@@ -164,9 +164,7 @@ class MicroBatcher:
                 self._idle = loop.create_future()
                 await self._idle
                 continue
-            if self.max_wait:
-                await self._fill(loop)
-            elif self.inline:
+            if not (self.max_wait and await self._fill(loop)) and self.inline:
                 # Let the loop read what has arrived before taking the batch: chained
                 # steps of backlogged sessions would otherwise keep it from ever reading.
                 await asyncio.sleep(0)
@@ -203,17 +201,13 @@ class MicroBatcher:
                 time.perf_counter() - np.array([s.t_arrival for s in batch], np.float64),
                 self._label)
 
-    async def _fill(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _fill(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Hold the batch until it is full, every open session is in it, or its oldest
-        step has waited ``max_wait``."""
+        step has waited ``max_wait``; False if there was nothing to wait for."""
         target = min(self.max_batch_size, self.handle.table.used)
-        if len(self._ready) >= target:
-            await asyncio.sleep(0)  # still yield once, as the greedy inline path does
-            return
         remaining = self._ready[0].t_ready + self.max_wait - time.perf_counter()
-        if remaining <= 0:
-            await asyncio.sleep(0)
-            return
+        if len(self._ready) >= target or remaining <= 0:
+            return False
         self._fill_target = target
         self._full = full = loop.create_future()
         timer = loop.call_later(remaining, self._end_fill)
@@ -222,6 +216,7 @@ class MicroBatcher:
         finally:
             timer.cancel()
             self._full = None
+        return True
 
     def _end_fill(self) -> None:
         full, self._full = self._full, None

@@ -190,20 +190,26 @@ async def test_max_batch_size_caps_each_batch(monkeypatch: pytest.MonkeyPatch) -
         assert [s for batch in rec.slots for s in batch] == ss
 
 
+def watch_fill(batcher: MicroBatcher, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set when the batcher starts holding a batch back to fill it."""
+    filling = asyncio.Event()
+    real_fill = batcher._fill
+
+    async def fill(loop: asyncio.AbstractEventLoop) -> bool:
+        filling.set()
+        return await real_fill(loop)
+
+    monkeypatch.setattr(batcher, "_fill", fill)
+    return filling
+
+
 async def test_max_wait_holds_a_batch_until_it_fills(monkeypatch: pytest.MonkeyPatch) -> None:
     # a 60 s wait that must not be waited out: the batch starts the moment it is full
     async with running_engine("silero-vad", max_batch_size=4, max_wait_ms=60_000) as engine:
         handle = engine.resolve("silero-vad")
         batcher = handle.batcher
         rec = Recorder(handle, monkeypatch)
-        filling = asyncio.Event()
-        real_fill = batcher._fill
-
-        async def fill(loop: asyncio.AbstractEventLoop) -> None:
-            filling.set()
-            await real_fill(loop)
-
-        monkeypatch.setattr(batcher, "_fill", fill)
+        filling = watch_fill(batcher, monkeypatch)
         ss = slots(handle, 4)
         t0 = time.monotonic()
         futs = [batcher.submit_future(ss[0], 0, payload(0))]
@@ -249,14 +255,7 @@ async def test_fill_deadline_and_a_new_step_in_the_same_tick(
         handle = engine.resolve("silero-vad")
         batcher = handle.batcher
         rec = Recorder(handle, monkeypatch)
-        filling = asyncio.Event()
-        real_fill = batcher._fill
-
-        async def fill(loop: asyncio.AbstractEventLoop) -> None:
-            filling.set()
-            await real_fill(loop)
-
-        monkeypatch.setattr(batcher, "_fill", fill)
+        filling = watch_fill(batcher, monkeypatch)
         ss = slots(handle, 3)
         first = batcher.submit_future(ss[0], 0, payload(0))
         await filling.wait()
