@@ -269,7 +269,9 @@ and `dtmf` are noise kinds that training never saw:
 ## Latency of one model.onnx step
 
 ONNX Runtime CPU, `intra_op_num_threads=1`, median of many runs, on a shared 2-core
-machine (other jobs were running, so expect noise):
+machine (other jobs were running, so expect noise). The step graph is `model.StepGraph`,
+the network written as matrix products; the same weights exported as Conv layers ran
+33 µs at batch 1 and 2.00 ms at batch 256 (7.8 µs per stream) here:
 
 - batch 1: {lat['batch 1'] * 1e6:.0f} µs
 - batch 256: {lat['batch 256'] * 1e3:.2f} ms ({lat['batch 256'] / 256 * 1e6:.1f} µs per stream)

@@ -91,11 +91,30 @@ class StateTable:
         else:
             rows = np.take(self.slabs[name], slots, axis=0, out=out, mode="clip")
         if spec.batch_axis:
-            rows = np.ascontiguousarray(np.moveaxis(rows, 0, spec.batch_axis))
+            rows = _to_batch_axis(rows, spec.batch_axis)
         return rows
 
     def scatter(self, name: str, slots: np.ndarray, value: np.ndarray) -> None:
         spec = self.specs[name]
         if spec.batch_axis:
-            value = np.moveaxis(value, spec.batch_axis, 0)
+            value = _from_batch_axis(value, spec.batch_axis)
         self.slabs[name][slots] = value
+
+
+def _to_batch_axis(rows: np.ndarray, axis: int) -> np.ndarray:
+    """[B, *shape] -> the graph's layout, contiguous (ORT would copy a strided input).
+
+    When every dim ahead of the batch axis is 1 (a GRU's [1, B, H]) the two layouts share
+    their memory order, so a reshape is a free view instead of a copy.
+    """
+    shape = rows.shape[1:axis + 1] + rows.shape[:1] + rows.shape[axis + 1:]
+    if all(d == 1 for d in rows.shape[1:axis + 1]):
+        return rows.reshape(shape)
+    return np.ascontiguousarray(np.moveaxis(rows, 0, axis))
+
+
+def _from_batch_axis(value: np.ndarray, axis: int) -> np.ndarray:
+    if all(d == 1 for d in value.shape[:axis]):
+        return value.reshape(value.shape[axis:axis + 1] + value.shape[:axis]
+                             + value.shape[axis + 1:])
+    return np.moveaxis(value, axis, 0)
