@@ -7,6 +7,7 @@ which at tens of thousands of steps per second would cost a noticeable share of 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -22,31 +23,60 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class BatchHistogram(Collector):
-    """A labelled histogram fed with arrays; exported like a native Histogram."""
+    """A labelled histogram fed with arrays; exported like a native Histogram.
+
+    Arrays are only queued on the hot path and bucketed ``fold_every`` values at a time
+    (or at scrape): numpy's per-call cost would otherwise be paid per batch, about 8 us,
+    which at batches of 20 steps is most of a microsecond per step.
+    """
 
     def __init__(self, name: str, doc: str, labelnames: Sequence[str],
-                 buckets: Sequence[float], registry: CollectorRegistry) -> None:
+                 buckets: Sequence[float], registry: CollectorRegistry, *,
+                 fold_every: int = 8192) -> None:
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
         self.bounds = np.asarray(buckets, dtype=np.float64)
+        self.fold_every = fold_every
         self._series: dict[tuple[str, ...], list] = {}
+        self._pending: dict[tuple[str, ...], list[np.ndarray]] = {}
+        self._pending_n = 0
+        self._lock = threading.Lock()  # a scrape may come from another thread
         registry.register(self)
 
     def observe_many(self, values: np.ndarray, *labels: str) -> None:
+        """Record ``values`` (the caller must not modify the array afterwards)."""
         if values.size == 0:
             return
-        series = self._series.get(labels)
-        if series is None:
-            series = self._series[labels] = [np.zeros(self.bounds.size + 1, np.int64), 0.0]
-        idx = np.searchsorted(self.bounds, values, side="left")
-        series[0] += np.bincount(idx, minlength=self.bounds.size + 1)
-        series[1] += float(values.sum())
+        with self._lock:
+            queued = self._pending.get(labels)
+            if queued is None:
+                queued = self._pending[labels] = []
+            queued.append(values)
+            self._pending_n += values.size
+            if self._pending_n >= self.fold_every:
+                self._fold()
 
     def observe(self, value: float, *labels: str) -> None:
         self.observe_many(np.asarray([value], dtype=np.float64), *labels)
 
+    def _fold(self) -> None:
+        for labels, arrays in self._pending.items():
+            values = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            series = self._series.get(labels)
+            if series is None:
+                series = self._series[labels] = [np.zeros(self.bounds.size + 1, np.int64), 0.0]
+            idx = np.searchsorted(self.bounds, values, side="left")
+            series[0] += np.bincount(idx, minlength=self.bounds.size + 1)
+            series[1] += float(values.sum())
+        self._pending.clear()
+        self._pending_n = 0
+
     def collect(self) -> Iterable[HistogramMetricFamily]:
+        with self._lock:
+            self._fold()
+            snapshot = [(labels, counts.copy(), total)
+                        for labels, (counts, total) in self._series.items()]
         fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
-        for labels, (counts, total) in self._series.items():
+        for labels, counts, total in snapshot:
             cum = np.cumsum(counts)
             buckets = [(_fmt(b), int(c)) for b, c in zip(self.bounds, cum[:-1], strict=True)]
             buckets.append(("+Inf", int(cum[-1])))
