@@ -87,7 +87,6 @@ class Connection:
         self.want_results = results == "all"
         self.labels = handle.spec.labels
         self.single = self.labels[0] if len(self.labels) == 1 else None
-        self._single_key = orjson.dumps(self.single).decode()  # the label as a JSON string
         self.out: deque[Any] = deque()
         self.limit = svc.settings.send_queue_messages
         self._idle: asyncio.Future[None] | None = None  # set while the writer waits
@@ -112,15 +111,12 @@ class Connection:
     def on_result(self, index: int, time: float, scores: list[float],
                   events: list[Event] | None) -> None:
         if self.want_results:
-            score = scores[0]
-            if self.single is not None and score - score == 0.0:  # finite: repr is JSON
-                # hot path: a template instead of a dict + encoder
-                self._put(f'{{"type":"result","step":{index},"time":{time!r},'
-                          f'"scores":{{{self._single_key}:{score!r}}}}}')
-            else:
-                body = {"type": "result", "step": index, "time": time,
-                        "scores": dict(zip(self.labels, scores, strict=True))}
-                self._put(orjson.dumps(body).decode())
+            # orjson on a small dict is about twice as fast as an f-string with float reprs
+            single = self.single
+            self._put(orjson.dumps({
+                "type": "result", "step": index, "time": time,
+                "scores": {single: scores[0]} if single is not None
+                else dict(zip(self.labels, scores, strict=True))}).decode())
         if events:
             for ev in events:
                 self._put(orjson.dumps({"type": "event", **ev.as_dict()}).decode())
