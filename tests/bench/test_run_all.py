@@ -1,0 +1,58 @@
+"""The bench report's arithmetic: bound, ratios, and the median over repeated ramp pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.bench.run_all import summarize, to_markdown
+
+
+def _ramp(n: int) -> dict[str, Any]:
+    return {"max_sessions": n, "trials": [], "best": None}
+
+
+def _results(pairs: list[dict[str, int]] | None = None) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "echo": _ramp(300), "lookback": _ramp(150), "naive": _ramp(25), "fpm10": _ramp(250),
+        "engine": {"rows": [{"sessions": 512, "ort_ceiling_fps": 375_000.0}]},
+    }
+    if pairs is not None:
+        res["pairs"] = {"runs": pairs}
+    return res
+
+
+def _target(summary: dict[str, Any], prefix: str) -> float:
+    return next(t["value"] for t in summary["targets"] if t["name"].startswith(prefix))
+
+
+def test_single_pair_ratios_and_bound() -> None:
+    s = summarize(_results(), "lookback-vad")
+    assert s["model_alone_sessions"] == pytest.approx(3000.0)
+    assert s["bound_sessions"] == pytest.approx(1 / (1 / 300 + 1 / 3000))
+    assert _target(s, "Lookback / echo") == pytest.approx(0.5)
+    assert _target(s, "Lookback / naive") == pytest.approx(6.0)
+    assert _target(s, "10 frames/msg / bound") == pytest.approx(250 / s["bound_sessions"])
+
+
+def test_repeated_pairs_use_medians() -> None:
+    runs = [{"echo": 250, "lookback": 200}, {"echo": 320, "lookback": 160}]
+    s = summarize(_results(runs), "lookback-vad")
+    # pair ratios 0.5, 0.8, 0.5 -> median 0.5; medians echo 300, Lookback 160
+    assert s["pair_ratios"] == pytest.approx([0.5, 0.8, 0.5])
+    assert _target(s, "Lookback / echo (1 frame/msg), median of 3 pairs") == pytest.approx(0.5)
+    assert (s["echo_sessions"], s["lookback_sessions"]) == (300, 160)
+    assert _target(s, "Lookback / naive") == pytest.approx(160 / 25)
+    report = {"results": _results(runs), "summary": s, "model": "lookback-vad", "quick": False,
+              "date": "d", "p99_ms": 20.0,
+              "machine": {"host": "h", "cpu_model": "c", "nproc": 2, "server_cpu": 0,
+                          "client_cpus": [1], "loadavg_start": [0], "loadavg_end": [0]}}
+    md = to_markdown(report)
+    assert "150/300 = 0.50, 200/250 = 0.80, 160/320 = 0.50" in md
+    assert "| Lookback / echo (1 frame/msg), median of 3 pairs | 0.50 | >= 0.8 | **no** |" in md
+
+
+def test_a_failed_pair_is_left_out() -> None:
+    s = summarize(_results([{"echo": None, "lookback": 100}]), "lookback-vad")  # type: ignore[dict-item]
+    assert s["pair_ratios"] == pytest.approx([0.5])
