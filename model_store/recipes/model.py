@@ -127,38 +127,43 @@ class StepGraph(nn.Module):
     ``audio @ W.T``, re^2 + im^2 is ``(z * z) @ P.T`` with the log's eps as the bias, and
     the causal conv over [state, new frame] is one Gemm over the flattened [F, K] window.
     ORT's CPU Conv pays im2col and a per-row loop for these shapes; as Gemm the step
-    graph runs about 3x faster at every batch size (RESULTS.md), the scores differ from
-    the Conv form by rounding only (< 1e-6), and a row's result never depends on its batch.
-    The state tensors mean what they mean in ``LookbackVAD``, so the sequence graph and
-    this one can hand a session to each other.
+    graph runs about 3x faster at every batch size (RESULTS.md). Fewer nodes also cost
+    less when other work has evicted ORT from the caches between calls, as a server's
+    network handling does: the normalisation's shift is folded into P and eps
+    (log(x) - s = log(x * exp(-s))), and the GRU runs sequence-first, ONNX's own layout,
+    so no transposes surround it. Scores differ from the Conv form by rounding only
+    (< 1e-6), and a row's result never depends on its batch. The state tensors mean what
+    they mean in ``LookbackVAD``, so the sequence graph and this one can hand a session
+    to each other.
     """
 
     def __init__(self, model: LookbackVAD) -> None:
         super().__init__()
         f = model.n_bands
         self.register_buffer("basis", model.frontend.weight.detach()[:, 0, :].clone())  # [2F, W]
-        pairs = torch.zeros(f, 2 * f)
+        pairs = torch.zeros(f, 2 * f, dtype=torch.float64)
         pairs[torch.arange(f), torch.arange(f)] = 1.0
         pairs[torch.arange(f), f + torch.arange(f)] = 1.0
-        self.register_buffer("pairs", pairs)  # [F, 2F]: re^2 + im^2
-        self.register_buffer("eps", torch.full((f,), LOG_EPS))
-        self.register_buffer("shift", model.norm_shift.detach().view(1, f, 1).clone())
-        self.register_buffer("scale", model.norm_scale.detach().view(1, f, 1).clone())
+        gain = torch.exp(-model.norm_shift.detach().view(f).double())  # the shift, folded in
+        self.register_buffer("pairs", (pairs * gain[:, None]).float())  # [F, 2F]
+        self.register_buffer("eps", (LOG_EPS * gain).float())
+        self.register_buffer("scale", model.norm_scale.detach().view(1, f).clone())
         conv = model.conv
         self.register_buffer("conv_w", conv.weight.detach().reshape(conv.out_channels, -1).clone())
         self.register_buffer("conv_b", conv.bias.detach().clone())
-        self.gru = model.gru
+        self.gru = nn.GRU(model.gru.input_size, model.gru.hidden_size)  # sequence-first
+        self.gru.load_state_dict(model.gru.state_dict())
         self.head = model.head
 
     def forward(self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = nn.functional.linear(audio, self.basis)  # [B, 2F]
-        feat = torch.log(nn.functional.linear(z * z, self.pairs, self.eps))  # [B, F]
-        feat = (feat.unsqueeze(2) - self.shift) * self.scale  # [B, F, 1], normalised
-        full = torch.cat([conv, feat], dim=2)  # [B, F, K]
+        power = nn.functional.linear(z * z, self.pairs, self.eps)  # (re^2 + im^2 + eps) e^-shift
+        feat = torch.log(power) * self.scale  # [B, F], normalised
+        full = torch.cat([conv, feat.unsqueeze(2)], dim=2)  # [B, F, K]
         y = torch.relu(nn.functional.linear(full.flatten(1), self.conv_w, self.conv_b))
-        out, h_out = self.gru(y.unsqueeze(1), h)  # [B, 1, H], [1, B, H]
-        return torch.sigmoid(self.head(out[:, 0])), full[:, :, 1:], h_out
+        _, h_out = self.gru(y.unsqueeze(0), h)  # [1, B, H]
+        return torch.sigmoid(self.head(h_out[0])), full[:, :, 1:], h_out
 
 
 def count_parameters(model: nn.Module) -> int:
