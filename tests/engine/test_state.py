@@ -102,6 +102,27 @@ def test_gather_scatter_round_trip_with_batch_axis_1() -> None:
     np.testing.assert_array_equal(t.gather("h", slots), new)
 
 
+@pytest.mark.parametrize("scratch", [False, True])
+def test_batch_axis_behind_size_1_dims_is_a_view(scratch: bool) -> None:
+    """A GRU's [1, B, H]: the gathered rows keep their memory, in the graph's layout."""
+    t = StateTable([SlabSpec("h", (1, 5), np.dtype(np.float32), 0.0, batch_axis=1)],
+                   initial_capacity=8, max_capacity=8)
+    for s in range(8):
+        t.acquire()
+        t.slabs["h"][s] = np.arange(5) + 10 * s
+    slots = np.array([6, 0, 3], dtype=np.intp)
+    out = np.empty((3, 1, 5), np.float32) if scratch else None
+    h = t.gather("h", slots, out=out)
+    assert h.shape == (1, 3, 5) and h.flags.c_contiguous
+    if out is not None:
+        assert np.shares_memory(h, out)
+    np.testing.assert_array_equal(h[0], t.slabs["h"][slots, 0])
+    new = -h.copy()
+    t.scatter("h", slots, new)
+    np.testing.assert_array_equal(t.gather("h", slots), new)
+    assert (t.slabs["h"][[1, 2, 4, 5, 7]] >= 0).all()
+
+
 def test_gather_returns_a_copy() -> None:
     t = table()
     s = t.acquire()
