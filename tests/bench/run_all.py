@@ -294,7 +294,7 @@ class Bench:
         runs = []
         for _ in range(n):
             echo = self.step_echo()
-            look = self._lookback_ramp(self.model, 1, self.ramp_start("echo"))
+            look = self.step_lookback()
             runs.append({"echo": _ms(echo), "lookback": _ms(look),
                          "echo_p99_ms": _p99(echo), "lookback_p99_ms": _p99(look)})
         return {"runs": runs}
