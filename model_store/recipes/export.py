@@ -2,13 +2,14 @@
 
     python export.py --checkpoint runs/lookback-vad/best.pt --out ../lookback-vad/1
 
-model.onnx     audio [B, 512], conv [B, F, 2], h [1, B, H] -> score [B, 1], conv_out, h_out
+model.onnx     audio [B, 512], conv [B, 2, F], h [1, B, H] -> score [B, 1], conv_out, h_out
 sequence.onnx  audio [B, 384 + N*128], conv, h -> score [B, N], conv_out, h_out
 
 The sequence graph is ``model.LookbackVAD`` itself; the step graph is ``model.StepGraph``,
 the same weights written as matrix products, which ORT runs about 3x faster than the
-Conv form. Both go through torch's TorchScript-based ONNX exporter (opset 17; its GRU
-maps to the ONNX GRU op). The export checks each graph against torch (max abs
+Conv form. Both go through torch's TorchScript-based ONNX exporter (opset 17; the
+sequence graph's GRU maps to the ONNX GRU op, the step graph writes the cell out).
+The export checks each graph against torch (max abs
 diff <= 1e-5 on random audio and on a real clip), checks the sequence graph against
 the step graph run step by step, N = 1 and N = 2048, checks that a step graph row at
 batch 64 equals the same row run alone, bit for bit, sets the event threshold on the
@@ -48,7 +49,7 @@ def _fix_shapes(path: Path, model: LookbackVAD, step: bool) -> None:
     m = onnx.load(str(path))
     if m.ir_version > 10:  # ORT 1.31 refuses IR 14; the TorchScript exporter writes 8
         m.ir_version = 10
-    want = {"conv_out": ["B", model.n_bands, model.kernel - 1], "h_out": [1, "B", model.hidden],
+    want = {"conv_out": ["B", model.kernel - 1, model.n_bands], "h_out": [1, "B", model.hidden],
             "score": ["B", 1] if step else ["B", "N"]}
     for out in m.graph.output:
         dims = out.type.tensor_type.shape.dim
@@ -110,7 +111,7 @@ def check(model: LookbackVAD, step_path: Path, seq_path: Path, clip: np.ndarray 
         cases["real clip"] = np.concatenate([np.zeros(CONTEXT, np.float32), clip[:n]])[None]
     for name, audio in cases.items():
         b = audio.shape[0]
-        conv = rng.standard_normal((b, model.n_bands, model.kernel - 1)).astype(np.float32)
+        conv = rng.standard_normal((b, model.kernel - 1, model.n_bands)).astype(np.float32)
         h = (0.5 * rng.standard_normal((1, b, model.hidden))).astype(np.float32)
         with torch.no_grad():
             ref = [x.numpy() for x in model(torch.from_numpy(audio), torch.from_numpy(conv),
@@ -146,7 +147,7 @@ def check(model: LookbackVAD, step_path: Path, seq_path: Path, clip: np.ndarray 
     print("check: step graph runs at batch 1 and 256")
     b = 64  # batched == solo: the server's parity promise starts here
     feed = {"audio": rng.uniform(-0.3, 0.3, (b, WINDOW)).astype(np.float32),
-            "conv": rng.standard_normal((b, model.n_bands, model.kernel - 1)).astype(np.float32),
+            "conv": rng.standard_normal((b, model.kernel - 1, model.n_bands)).astype(np.float32),
             "h": (0.5 * rng.standard_normal((1, b, model.hidden))).astype(np.float32)}
     batched = step.run(None, feed)
     for i in range(b):
@@ -206,7 +207,7 @@ def manifest(model: LookbackVAD, out: Path, threshold: float, info: dict) -> dic
         "audio_input": {"name": "audio", "dtype": "float32", "scale": "int16/32768",
                         "layout": "BT"},
         "states": [
-            {"input": "conv", "output": "conv_out", "shape": [model.n_bands, model.kernel - 1],
+            {"input": "conv", "output": "conv_out", "shape": [model.kernel - 1, model.n_bands],
              "batch_axis": 0, "dtype": "float32", "initial": 0.0},
             {"input": "h", "output": "h_out", "shape": [1, model.hidden], "batch_axis": 1,
              "dtype": "float32", "initial": 0.0},

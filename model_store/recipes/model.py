@@ -2,10 +2,12 @@
 
 One module serves training, the step graph and the sequence graph. It maps
 
-    audio [B, 384 + N*128], conv [B, F, K-1], h [1, B, H]
-        -> score [B, N], conv_out [B, F, K-1], h_out [1, B, H]
+    audio [B, 384 + N*128], conv [B, K-1, F], h [1, B, H]
+        -> score [B, N], conv_out [B, K-1, F], h_out [1, B, H]
 
-and the step graph is the same code with N = 1. Nothing in ``forward`` depends on data
+where ``conv`` holds the last K-1 normalised feature frames, oldest first (time-major,
+so the step graph appends a frame and drops one with contiguous row copies), and the
+step graph is the same maths with N = 1. Nothing in ``forward`` depends on data
 values, so the exported graphs are plain dataflow (plus the ONNX GRU op).
 
 Front end: ``F`` mel-spaced centre frequencies between ``FMIN`` and ``FMAX``. For each,
@@ -96,8 +98,8 @@ class LookbackVAD(nn.Module):
     def logits(self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feat = (self.features(audio) - self.norm_shift) * self.norm_scale  # [B, F, N]
-        full = torch.cat([conv, feat], dim=2)  # [B, F, K-1+N]
-        conv_out = full[:, :, full.shape[2] - (self.kernel - 1):]
+        full = torch.cat([conv.transpose(1, 2), feat], dim=2)  # [B, F, K-1+N]
+        conv_out = full[:, :, full.shape[2] - (self.kernel - 1):].transpose(1, 2)
         y = torch.relu(self.conv(full))  # [B, C, N]
         out, h_out = self.gru(y.transpose(1, 2), h)  # [B, N, H], [1, B, H]
         return self.head(out).squeeze(2), conv_out, h_out  # [B, N]
@@ -108,7 +110,7 @@ class LookbackVAD(nn.Module):
         return torch.sigmoid(logit), conv_out, h_out
 
     def initial_states(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.zeros(batch, self.n_bands, self.kernel - 1),
+        return (torch.zeros(batch, self.kernel - 1, self.n_bands),
                 torch.zeros(1, batch, self.hidden))
 
     def set_normalisation(self, mean: np.ndarray, std: np.ndarray) -> None:
@@ -125,16 +127,19 @@ class StepGraph(nn.Module):
     Same maths and weights as ``LookbackVAD`` with N = 1, but every layer is a matrix
     product (ONNX Gemm/MatMul) instead of a Conv: on one input frame the filterbank is
     ``audio @ W.T``, re^2 + im^2 is ``(z * z) @ P.T`` with the log's eps as the bias, and
-    the causal conv over [state, new frame] is one Gemm over the flattened [F, K] window.
+    the causal conv over [state, new frame] is one Gemm over the flattened [K, F] window.
     ORT's CPU Conv pays im2col and a per-row loop for these shapes; as Gemm the step
-    graph runs about 3x faster at every batch size (RESULTS.md). Fewer nodes also cost
-    less when other work has evicted ORT from the caches between calls, as a server's
-    network handling does: the normalisation's shift is folded into P and eps
-    (log(x) - s = log(x * exp(-s))), and the GRU runs sequence-first, ONNX's own layout,
-    so no transposes surround it. Scores differ from the Conv form by rounding only
-    (< 1e-6), and a row's result never depends on its batch. The state tensors mean what
-    they mean in ``LookbackVAD``, so the sequence graph and this one can hand a session
-    to each other.
+    graph runs about 3x faster at every batch size (RESULTS.md). The normalisation's
+    shift is folded into P and eps (log(x) - s = log(x * exp(-s))).
+
+    Two more choices measured with ORT 1.31 on one core (RESULTS.md): the conv state is
+    time-major, so appending the new frame and dropping the oldest (Concat, Slice) copy
+    whole rows instead of one float per band (ORT's Slice on a last axis of 3 cost more
+    than the conv itself); and the GRU cell is written out as two Gemms and its gates,
+    which at batch 32 and up runs faster than ORT's GRU op for a single time step.
+    Scores differ from the Conv form by rounding only (< 1e-5), and a row's result
+    never depends on its batch. The state tensors mean what they mean in
+    ``LookbackVAD``, so the sequence graph and this one can hand a session to each other.
     """
 
     def __init__(self, model: LookbackVAD) -> None:
@@ -148,11 +153,14 @@ class StepGraph(nn.Module):
         self.register_buffer("pairs", (pairs * gain[:, None]).float())  # [F, 2F]
         self.register_buffer("eps", (LOG_EPS * gain).float())
         self.register_buffer("scale", model.norm_scale.detach().view(1, f).clone())
-        conv = model.conv
-        self.register_buffer("conv_w", conv.weight.detach().reshape(conv.out_channels, -1).clone())
+        conv = model.conv  # weight [C, F, K] -> [C, K * F], matching the time-major window
+        self.register_buffer("conv_w", conv.weight.detach().permute(0, 2, 1)
+                             .reshape(conv.out_channels, -1).clone())
         self.register_buffer("conv_b", conv.bias.detach().clone())
-        self.gru = nn.GRU(model.gru.input_size, model.gru.hidden_size)  # sequence-first
-        self.gru.load_state_dict(model.gru.state_dict())
+        gru = model.gru  # PyTorch gate order: r, z, n
+        self.hidden = gru.hidden_size
+        for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
+            self.register_buffer(name, getattr(gru, name).detach().clone())
         self.head = model.head
 
     def forward(self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
@@ -160,10 +168,17 @@ class StepGraph(nn.Module):
         z = nn.functional.linear(audio, self.basis)  # [B, 2F]
         power = nn.functional.linear(z * z, self.pairs, self.eps)  # (re^2 + im^2 + eps) e^-shift
         feat = torch.log(power) * self.scale  # [B, F], normalised
-        full = torch.cat([conv, feat.unsqueeze(2)], dim=2)  # [B, F, K]
+        full = torch.cat([conv, feat.unsqueeze(1)], dim=1)  # [B, K, F]
         y = torch.relu(nn.functional.linear(full.flatten(1), self.conv_w, self.conv_b))
-        _, h_out = self.gru(y.unsqueeze(0), h)  # [1, B, H]
-        return torch.sigmoid(self.head(h_out[0])), full[:, :, 1:], h_out
+        h0 = h[0]  # [B, H]
+        gx = nn.functional.linear(y, self.weight_ih_l0, self.bias_ih_l0)  # [B, 3H]
+        gh = nn.functional.linear(h0, self.weight_hh_l0, self.bias_hh_l0)
+        gx_rz, gx_n = torch.split(gx, [2 * self.hidden, self.hidden], dim=1)
+        gh_rz, gh_n = torch.split(gh, [2 * self.hidden, self.hidden], dim=1)
+        r, u = torch.split(torch.sigmoid(gx_rz + gh_rz), [self.hidden, self.hidden], dim=1)
+        n = torch.tanh(gx_n + r * gh_n)
+        h1 = n + u * (h0 - n)  # (1 - u) * n + u * h0
+        return torch.sigmoid(self.head(h1)), full[:, 1:], h1.unsqueeze(0)
 
 
 def count_parameters(model: nn.Module) -> int:
