@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
         default_factory=lambda: [1, 8, 64], description="batch sizes run once at load")
     initial_slots: int = Field(64, ge=1, description="state-table rows allocated at start")
+    gc_freeze: bool = Field(
+        True,
+        description="once started, move what start-up loaded out of the garbage collector's "
+        "view: a full collection then scans live sessions only (a few ms, not 30-60 ms)")
 
     # --- limits ---------------------------------------------------------------------------
     max_sessions: int = Field(1000, ge=1, description="open WebSocket sessions per server")

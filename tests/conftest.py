@@ -79,10 +79,11 @@ def test_settings(**overrides: object) -> Settings:
 
     Model calls in the executor thread whatever the CPU count, so tests that hold a batch
     in the model call behave the same under ``taskset -c 0``; inline is tested by name.
+    No GC freeze: the test process starts many apps (tests/test_app.py covers it).
     """
     base: dict[str, object] = dict(model_store=STORE, warmup_batch_sizes=[1], port=0,
                                    initial_slots=8, log_level="warning", drain_grace_s=5.0,
-                                   model_calls="thread")
+                                   model_calls="thread", gc_freeze=False)
     base.update(overrides)
     return Settings(_env_file=None, **base)  # type: ignore[call-arg]
 

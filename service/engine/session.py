@@ -67,7 +67,8 @@ class StreamSession:
         self._rate = spec.sample_rate
         self._thr = spec.events.threshold
         self._idle: asyncio.Future[None] | None = None
-        self._room: asyncio.Future[None] | None = None
+        self._room: asyncio.Future[None] | None = None  # set while the transport waits
+        self._resume_at = 0  # ... for pending_steps to fall to this
         labels = spec.labels
         self._event_col = labels.index(spec.event_label)
         self.detector = EventDetector(spec.events, spec.event_label,
@@ -199,13 +200,10 @@ class StreamSession:
         self.sink.on_error(step.index, err)
 
     def _advance(self) -> None:
-        if self._room is not None:
-            if not self._room.done():
-                self._room.set_result(None)
-            self._room = None
         if self.closed:
             self._in_flight = None
             self._release()
+            self._wake_room()
             return
         if self._queue:
             self._in_flight = self._queue.popleft()
@@ -216,6 +214,13 @@ class StreamSession:
                 if not self._idle.done():
                     self._idle.set_result(None)
                 self._idle = None
+        if self._room is not None and self.pending_steps <= self._resume_at:
+            self._wake_room()
+
+    def _wake_room(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     def steps_for(self, nbytes: int) -> int:
         return (len(self._buf) + nbytes) // self.hop_bytes
@@ -225,12 +230,19 @@ class StreamSession:
 
         The transport calls this instead of dropping audio from a client that sends
         faster than real time: while it waits it reads nothing, so TCP slows the client.
+        Once full, it waits for the queue to drain to half the bound (or to room for
+        ``nbytes``, if less), not for one free place: resuming at every completed step
+        cost a refused push, a future and a task switch per message, so an overloaded
+        server spent more per message than a loaded one and fell further behind.
         """
         need = self.steps_for(nbytes)
         if need > self.max_pending:
             raise BackpressureError(
                 f"one message makes {need} steps; max_pending_steps is {self.max_pending}")
-        while not self.closed and self.pending_steps + need > self.max_pending:
+        if self.pending_steps + need <= self.max_pending:
+            return
+        self._resume_at = min(self.max_pending - need, self.max_pending // 2)
+        while not self.closed and self.pending_steps > self._resume_at:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
 

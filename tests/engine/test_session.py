@@ -111,6 +111,35 @@ async def test_pending_queue_is_bounded_and_wait_for_room_unblocks(
     assert not sink.errors
 
 
+async def test_backpressure_resumes_reading_at_half_the_bound(silero_model: str) -> None:
+    """A full session's transport waits for the queue to drain to half the bound, so an
+    overloaded server parks each reader once per many messages, not once per message."""
+    async with running_engine("silero-vad", max_pending_steps=8,
+                              max_frames_per_message=4) as engine:
+        handle = engine.resolve("silero-vad")
+        await handle.batcher.stop()  # completions are driven by hand below
+        session = engine.open_session(handle, Collect())
+        hop = session.hop_bytes
+        for _ in range(8):
+            session.push(bytes(hop))
+        with pytest.raises(BackpressureError):
+            session.push(bytes(hop))
+        waiter = asyncio.create_task(session.wait_for_room(hop))
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        seen = []  # (pending steps, reader resumed) after each completed step
+        ready = handle.batcher._ready
+        while not waiter.done():
+            ready.popleft().waiter.set_result([0.0])  # the step in flight completes
+            for _ in range(3):
+                await asyncio.sleep(0)
+            seen.append((session.pending_steps, waiter.done()))
+        assert seen == [(7, False), (6, False), (5, False), (4, True)]
+        session.push(bytes(hop))  # and it fits
+        assert session.pending_steps == 5
+        session.close()
+
+
 async def test_flush_zero_pads_and_counts_padding(silero_model: str) -> None:
     clip = speech()[SR: SR + 512 + 3 * FRAME]  # one hop and three frames
     async with running_engine("silero-vad") as engine:
