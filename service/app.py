@@ -34,11 +34,11 @@ at `/protocol`), or score whole clips with `POST /v1/score`.
 def freeze_startup_heap() -> None:
     """Exclude what start-up loaded (libraries, models) from later full GC collections.
 
-    Start-up leaves several hundred thousand long-lived objects (FastAPI, pydantic,
-    numpy, onnxruntime). Python's full collections, which session churn and steady
-    streaming trigger every few seconds, walked all of them: 30-60 ms with the event loop
-    stopped, which at high load pushed every session's p99 past 20 ms. Frozen objects
-    are still freed by reference counting; only the cycle detector skips them.
+    Start-up leaves a large heap of long-lived objects (FastAPI, pydantic, numpy,
+    onnxruntime). Python's full collections, which session churn and steady streaming
+    trigger every few seconds, walked all of them: 30-60 ms with the event loop stopped,
+    which at high load pushed every session's p99 past 20 ms. Frozen objects are still
+    freed by reference counting; only the cycle detector skips them.
     """
     gc.collect()
     gc.freeze()

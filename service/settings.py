@@ -68,8 +68,8 @@ class Settings(BaseSettings):
     initial_slots: int = Field(64, ge=1, description="state-table rows allocated at start")
     gc_freeze: bool = Field(
         True,
-        description="once started, move what start-up loaded out of the garbage collector's "
-        "view: a full collection then scans live sessions only (a few ms, not 30-60 ms)")
+        description="once started, freeze what start-up loaded out of the cycle collector, so "
+        "full collections skip it (they stopped the event loop for 30-60 ms)")
 
     # --- limits ---------------------------------------------------------------------------
     max_sessions: int = Field(1000, ge=1, description="open WebSocket sessions per server")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,14 +12,14 @@ from tests.conftest import test_settings as make_settings
 
 
 @pytest.fixture
-def unfrozen() -> object:
+def unfrozen() -> Iterator[None]:
     gc.unfreeze()
     yield
     gc.unfreeze()  # leave the test process's collector as it found it
 
 
 @pytest.mark.parametrize("freeze", [True, False])
-def test_gc_freeze_after_startup(unfrozen: object, silero_model: str, freeze: bool) -> None:
+def test_gc_freeze_after_startup(unfrozen: None, silero_model: str, freeze: bool) -> None:
     with running_server(make_settings(models=[silero_model], gc_freeze=freeze)) as srv:
         assert srv.get("/readyz").status_code == 200
         frozen = gc.get_freeze_count()

@@ -128,7 +128,7 @@ async def test_backpressure_resumes_reading_at_half_the_bound(silero_model: str)
         await asyncio.sleep(0)
         assert not waiter.done()
         seen = []  # (pending steps, reader resumed) after each completed step
-        ready = handle.batcher._ready
+        ready = handle.batcher._ready  # the stopped batcher's queue: steps wait here
         while not waiter.done():
             ready.popleft().waiter.set_result([0.0])  # the step in flight completes
             for _ in range(3):
