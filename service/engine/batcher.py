@@ -170,13 +170,8 @@ class MicroBatcher:
                 await asyncio.sleep(0)
             if not self._ready:  # every step was withdrawn (sessions closed) meanwhile
                 continue
-            ready = self._ready
-            n = min(len(ready), self.max_batch_size)
-            if n == len(ready):  # the common case under load: take them all
-                batch = list(ready)
-                ready.clear()
-            else:
-                batch = [ready.popleft() for _ in range(n)]
+            n = min(len(self._ready), self.max_batch_size)
+            batch = [self._ready.popleft() for _ in range(n)]
             self._m_backlog.set(len(self._ready))
             t0 = time.perf_counter()
             try:
