@@ -17,7 +17,10 @@ one run so their ratios hold on a noisy machine:
    serve`` runs one process) with the client unpinned;
 10. ``--pairs`` (default 2) more echo + Lookback ramp pairs at the end: on a shared VM one
     ramp moves by 10-30%, so the headline Lookback / echo ratio is the median over all
-    pairs, each pair measured back to back, and the report lists every pair.
+    pairs, each pair measured back to back, and the report lists every pair;
+11. not a target: Lookback on the default model's null twin (``tests/bench/null_model.py``:
+    same contract, no arithmetic), right after each Lookback ramp, to split the gap to the
+    echo into the server's per-step work and the model's math.
 
 Writes ``tests/bench/results/<date>-<host>.{json,md}`` and prints the table.
 
@@ -54,7 +57,7 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 FIXTURE = REPO / "tests" / "fixtures" / "audio" / "silero_ref_speech.wav"
 BIN = Path(sys.executable).parent
-STEPS = ("engine", "echo", "lookback", "naive", "fpm10", "silero", "silero_naive", "offline",
+STEPS = ("engine", "echo", "lookback", "null", "naive", "fpm10", "silero", "silero_naive", "offline",
          "memory", "workers", "soak", "pairs")
 
 
@@ -288,6 +291,18 @@ class Bench:
     def step_lookback(self) -> dict[str, Any]:
         return self._lookback_ramp(self.model, 1, self.ramp_start("echo"))
 
+    # 11. the null twin -----------------------------------------------------------------
+    def step_null(self) -> dict[str, Any]:
+        from tests.bench.null_model import make_null_model
+
+        with tempfile.TemporaryDirectory(prefix="bench-null-") as store:
+            name = make_null_model(self.model, Path(store))
+            with lookback_server(name, free_port(), self.server_cpu, model_store=store) as srv:
+                res = self.ramp(self.load_cfg(srv.url, 1, model=name),
+                                self.ramp_start("lookback", 1.0))
+        res["model"] = name
+        return res
+
     # 10. repeated echo / Lookback pairs ------------------------------------------------
     def step_pairs(self) -> dict[str, Any]:
         n = 0 if self.args.quick else self.args.pairs
@@ -295,8 +310,12 @@ class Bench:
         for _ in range(n):
             echo = self.step_echo()
             look = self.step_lookback()
-            runs.append({"echo": _ms(echo), "lookback": _ms(look),
-                         "echo_p99_ms": _p99(echo), "lookback_p99_ms": _p99(look)})
+            run = {"echo": _ms(echo), "lookback": _ms(look),
+                   "echo_p99_ms": _p99(echo), "lookback_p99_ms": _p99(look)}
+            if "null" in self.results:  # the twin rides along when its step ran
+                null = self.step_null()
+                run.update(null=_ms(null), null_p99_ms=_p99(null))
+            runs.append(run)
         return {"runs": runs}
 
     def step_naive(self) -> dict[str, Any]:
@@ -518,6 +537,13 @@ def summarize(res: dict[str, Any], model: str) -> dict[str, Any]:
     if len(pairs) > 1:  # the medians over back-to-back pairs stand for this machine
         echo = int(np.median([e for e, _ in pairs]))
         look = int(np.median([lb for _, lb in pairs]))
+    # The null twin, run right after each Lookback ramp: (null, Lookback, echo) triples.
+    triples = [(n, lb, e) for n, lb, e in
+               [(_ms(res.get("null")), _ms(res.get("lookback")), _ms(res.get("echo")))]
+               + [(r.get("null"), r["lookback"], r["echo"])
+                  for r in (res.get("pairs") or {}).get("runs", [])]
+               if n and lb and e]
+    null = int(np.median([t[0] for t in triples])) if triples else None
     sil, sil_naive, f10 = _ms(res.get("silero")), _ms(res.get("silero_naive")), _ms(res.get("fpm10"))
     model_alone = None
     eng = res.get("engine") or {}
@@ -550,6 +576,11 @@ def summarize(res: dict[str, Any], model: str) -> dict[str, Any]:
     rows_t.append({"name": "long / short clip peak RSS", "value": rss_ratio, "target": 1.2,
                    "met": None if rss_ratio is None else rss_ratio <= 1.2, "at_most": True})
     return {"echo_sessions": echo, "lookback_sessions": look, "pairs": pairs,
+            "null_sessions": null, "null_triples": triples,
+            "null_over_echo": float(np.median([n / e for n, _, e in triples])) if triples
+            else None,
+            "lookback_over_null": float(np.median([lb / n for n, lb, _ in triples])) if triples
+            else None,
             "pair_ratios": pair_ratios, "model_alone_sessions": model_alone,
             "bound_sessions": bound, "targets": rows_t}
 
@@ -578,6 +609,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     names = [("echo", "echo ceiling (same stack, instant reply)", 1),
              ("lookback", f"Lookback `{model}`", 1),
+             ("null", f"Lookback `{(res.get('null') or {}).get('model', 'null twin')}` "
+              "(null twin: no arithmetic; not a target)", 1),
              ("naive", f"Lookback `{model}`, max_batch_size=1", 1),
              ("fpm10", f"Lookback `{model}`", 10),
              ("silero", "Lookback `silero-vad` (hop 512)", 1),
@@ -612,6 +645,12 @@ def to_markdown(report: dict[str, Any]) -> str:
                   f"to back (the first pair is in the table above), Lookback/echo: {each}. "
                   f"Medians: echo {s['echo_sessions']}, Lookback {s['lookback_sessions']}; the "
                   "ratio row and the bound below use the medians."]
+    if s.get("null_triples"):
+        each = ", ".join(f"{n}/{lb}/{e}" for n, lb, e in s["null_triples"])
+        lines += ["", f"Null twin / Lookback / echo, each run back to back: {each}. Medians: null "
+                  f"twin / echo {s['null_over_echo']:.2f} (everything the server does per step "
+                  f"but the model's math), Lookback / null twin {s['lookback_over_null']:.2f} "
+                  "(what the math costs on top)."]
     lines += ["", f"Model alone (ORT ceiling / 125 frames/s): "
               f"{_fmt(s['model_alone_sessions'], '.0f')} sessions; bound "
               f"1/(1/echo + 1/model_alone) = {_fmt(s['bound_sessions'], '.0f')} sessions.", ""]

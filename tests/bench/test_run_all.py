@@ -56,3 +56,22 @@ def test_repeated_pairs_use_medians() -> None:
 def test_a_failed_pair_is_left_out() -> None:
     s = summarize(_results([{"echo": None, "lookback": 100}]), "lookback-vad")  # type: ignore[dict-item]
     assert s["pair_ratios"] == pytest.approx([0.5])
+
+
+def test_null_twin_medians_over_triples() -> None:
+    res = _results([{"echo": 320, "lookback": 200, "null": 240},
+                    {"echo": 280, "lookback": 210, "null": None}])  # type: ignore[dict-item]
+    res["null"] = {**_ramp(200), "model": "null-lookback-vad"}
+    s = summarize(res, "lookback-vad")
+    # triples (null, Lookback, echo): (200, 150, 300), (240, 200, 320); the third has no null
+    assert s["null_triples"] == [(200, 150, 300), (240, 200, 320)]
+    assert s["null_sessions"] == 220
+    assert s["null_over_echo"] == pytest.approx((200 / 300 + 240 / 320) / 2)
+    assert s["lookback_over_null"] == pytest.approx((150 / 200 + 200 / 240) / 2)
+    report = {"results": res, "summary": s, "model": "lookback-vad", "quick": False,
+              "date": "d", "p99_ms": 20.0,
+              "machine": {"host": "h", "cpu_model": "c", "nproc": 2, "server_cpu": 0,
+                          "client_cpus": [1], "loadavg_start": [0], "loadavg_end": [0]}}
+    md = to_markdown(report)
+    assert "| Lookback `null-lookback-vad` (null twin: no arithmetic; not a target) | 1 | 200 |" in md
+    assert "200/150/300, 240/200/320" in md
