@@ -7,7 +7,7 @@ through unchanged (``Identity``), so the engine moves exactly the bytes it moves
 real model; every score is 0 (the window's last sample times 0), so no event fires and the
 client gets one result per step, as from a model hearing no speech.
 
-    python -m tests.bench.null_model [--model lookback-vad] [--store DIR]
+    python -m tests.bench.null_model --store DIR [--model lookback-vad]
 """
 
 from __future__ import annotations
