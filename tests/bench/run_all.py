@@ -530,19 +530,17 @@ def _hop_of(model: str) -> int:
 def summarize(res: dict[str, Any], model: str) -> dict[str, Any]:
     """The derived figures: model-alone sessions, the bound, ratios vs targets."""
     echo, look, naive = _ms(res.get("echo")), _ms(res.get("lookback")), _ms(res.get("naive"))
-    pairs = [(echo, look)] + [(r["echo"], r["lookback"])
-                              for r in (res.get("pairs") or {}).get("runs", [])]
-    pairs = [(e, lb) for e, lb in pairs if e and lb is not None]
+    # Rounds run back to back: the first ramps, then the repeated ones (echo, Lookback, null).
+    rounds = [{"echo": echo, "lookback": look, "null": _ms(res.get("null"))},
+              *(res.get("pairs") or {}).get("runs", [])]
+    pairs = [(r["echo"], r["lookback"]) for r in rounds if r["echo"] and r["lookback"] is not None]
     pair_ratios = [lb / e for e, lb in pairs]
     if len(pairs) > 1:  # the medians over back-to-back pairs stand for this machine
         echo = int(np.median([e for e, _ in pairs]))
         look = int(np.median([lb for _, lb in pairs]))
     # The null twin, run right after each Lookback ramp: (null, Lookback, echo) triples.
-    triples = [(n, lb, e) for n, lb, e in
-               [(_ms(res.get("null")), _ms(res.get("lookback")), _ms(res.get("echo")))]
-               + [(r.get("null"), r["lookback"], r["echo"])
-                  for r in (res.get("pairs") or {}).get("runs", [])]
-               if n and lb and e]
+    triples = [(r["null"], r["lookback"], r["echo"]) for r in rounds
+               if r.get("null") and r["lookback"] and r["echo"]]
     null = int(np.median([t[0] for t in triples])) if triples else None
     sil, sil_naive, f10 = _ms(res.get("silero")), _ms(res.get("silero_naive")), _ms(res.get("fpm10"))
     model_alone = None

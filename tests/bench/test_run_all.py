@@ -27,6 +27,14 @@ def _target(summary: dict[str, Any], prefix: str) -> float:
     return next(t["value"] for t in summary["targets"] if t["name"].startswith(prefix))
 
 
+def _markdown(res: dict[str, Any], summary: dict[str, Any]) -> str:
+    return to_markdown({"results": res, "summary": summary, "model": "lookback-vad",
+                        "quick": False, "date": "d", "p99_ms": 20.0,
+                        "machine": {"host": "h", "cpu_model": "c", "nproc": 2, "server_cpu": 0,
+                                    "client_cpus": [1], "loadavg_start": [0],
+                                    "loadavg_end": [0]}})
+
+
 def test_single_pair_ratios_and_bound() -> None:
     s = summarize(_results(), "lookback-vad")
     assert s["model_alone_sessions"] == pytest.approx(3000.0)
@@ -44,11 +52,7 @@ def test_repeated_pairs_use_medians() -> None:
     assert _target(s, "Lookback / echo (1 frame/msg), median of 3 pairs") == pytest.approx(0.5)
     assert (s["echo_sessions"], s["lookback_sessions"]) == (300, 160)
     assert _target(s, "Lookback / naive") == pytest.approx(160 / 25)
-    report = {"results": _results(runs), "summary": s, "model": "lookback-vad", "quick": False,
-              "date": "d", "p99_ms": 20.0,
-              "machine": {"host": "h", "cpu_model": "c", "nproc": 2, "server_cpu": 0,
-                          "client_cpus": [1], "loadavg_start": [0], "loadavg_end": [0]}}
-    md = to_markdown(report)
+    md = _markdown(_results(runs), s)
     assert "150/300 = 0.50, 200/250 = 0.80, 160/320 = 0.50" in md
     assert "| Lookback / echo (1 frame/msg), median of 3 pairs | 0.50 | >= 0.8 | **no** |" in md
 
@@ -68,10 +72,6 @@ def test_null_twin_medians_over_triples() -> None:
     assert s["null_sessions"] == 220
     assert s["null_over_echo"] == pytest.approx((200 / 300 + 240 / 320) / 2)
     assert s["lookback_over_null"] == pytest.approx((150 / 200 + 200 / 240) / 2)
-    report = {"results": res, "summary": s, "model": "lookback-vad", "quick": False,
-              "date": "d", "p99_ms": 20.0,
-              "machine": {"host": "h", "cpu_model": "c", "nproc": 2, "server_cpu": 0,
-                          "client_cpus": [1], "loadavg_start": [0], "loadavg_end": [0]}}
-    md = to_markdown(report)
+    md = _markdown(res, s)
     assert "| Lookback `null-lookback-vad` (null twin: no arithmetic; not a target) | 1 | 200 |" in md
     assert "200/150/300, 240/200/320" in md
