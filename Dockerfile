@@ -15,7 +15,7 @@
 # ORT_VERSION is pinned on purpose: a later onnxruntime-gpu may move to another CUDA major,
 # and then CUDA_IMAGE must move with it (the gpu stage's ldd check fails the build if not).
 #
-# Configuration is only LOOKBACK_* environment variables (service/settings.py); the image
+# Configuration is only LOOKBACK_* environment variables (service/lookback/settings.py); the image
 # sets the few that differ in a container and bakes in the default model.
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04

@@ -26,10 +26,10 @@ import pytest
 import soundfile as sf
 import uvicorn
 
-from service.app import create_app
-from service.engine.engine import Engine
-from service.metrics import Metrics
-from service.settings import Settings
+from lookback.app import create_app
+from lookback.engine.engine import Engine
+from lookback.metrics import Metrics
+from lookback.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -65,7 +65,7 @@ def silero_available() -> bool:
 def silero_model() -> str:
     """Ensure Silero is imported (``make test`` runs ``make silero`` first); fail loudly if not."""
     if not silero_available():
-        from service.engine.importer import import_model
+        from lookback.engine.importer import import_model
 
         try:
             import_model(SILERO, STORE)
@@ -160,7 +160,7 @@ def spawn_server(tmp_path: Path, **env: str) -> Iterator[Spawned]:
     full_env = {**os.environ, "LOOKBACK_MODEL_STORE": str(STORE), "LOOKBACK_PORT": str(port),
                 "LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_WARMUP_BATCH_SIZES": "1", **env}
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=full_env,
+        proc = subprocess.Popen([sys.executable, "-m", "lookback.cli", "serve"], env=full_env,
                                 stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60

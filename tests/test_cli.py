@@ -1,6 +1,6 @@
 """The ``lookback`` command line: protocol, models, stream, score.
 
-Most commands run in-process through ``service.cli.main`` against a running server;
+Most commands run in-process through ``lookback.cli.main`` against a running server;
 one test drives the installed ``lookback`` script against a ``lookback serve``
 subprocess, the way a user would.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.cli import main
-from service.protocol import CLOSE_CODES, ERRORS
+from lookback.cli import main
+from lookback.protocol import CLOSE_CODES, ERRORS
 from tests.api.protocol_util import HOPS, manifest, require_model
 from tests.conftest import (
     AUDIO,

@@ -1,4 +1,4 @@
-"""``service.client.LookbackClient`` against a real running server."""
+"""``lookback.client.LookbackClient`` against a real running server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from service.client import FRAME, LookbackClient, LookbackClientError, frames_of, read_wav
+from lookback.client import FRAME, LookbackClient, LookbackClientError, frames_of, read_wav
 from tests.api.protocol_util import HOPS, require_model
 from tests.conftest import AUDIO, DEFAULT_MODEL, SILERO, Server, running_server
 from tests.conftest import test_settings as make_settings

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from service.metrics import LATENCY_BUCKETS, BatchHistogram
+from lookback.metrics import LATENCY_BUCKETS, BatchHistogram
 
 
 def _exposition(registry: CollectorRegistry) -> dict[str, float]:

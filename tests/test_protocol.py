@@ -1,4 +1,4 @@
-"""``service.protocol``: the one source of error codes, close codes and wire encoding."""
+"""``lookback.protocol``: the one source of error codes, close codes and wire encoding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from service.protocol import (
+from lookback.protocol import (
     _SPECS,
     CLOSE_CODES,
     ERRORS,
@@ -86,7 +86,7 @@ def test_every_code_the_service_sends_is_documented() -> None:
     emitted = _emitted_codes()
     assert {"bad_frame_size", "bad_json", "upload_too_large", "unauthorized"} <= emitted
     undocumented = emitted - set(ERRORS) - set(INTERNAL_ONLY)
-    assert not undocumented, f"codes sent but missing from service.protocol.ERRORS: {undocumented}"
+    assert not undocumented, f"codes sent but missing from lookback.protocol.ERRORS: {undocumented}"
 
 
 def test_error_message() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.protocol import CLOSE_CODES, ERRORS, markdown_tables
+from lookback.protocol import CLOSE_CODES, ERRORS, markdown_tables
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

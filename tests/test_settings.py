@@ -1,4 +1,4 @@
-"""``service.settings.Settings``: defaults, ``LOOKBACK_*`` env parsing, validation."""
+"""``lookback.settings.Settings``: defaults, ``LOOKBACK_*`` env parsing, validation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from lookback.settings import Settings
 
 REPO_STORE = Path(__file__).resolve().parents[1] / "model_store"
 

@@ -46,7 +46,7 @@ def session(path: Path, threads: int = 1) -> ort.InferenceSession:
 
 def silero_onnx(cache: Path) -> Path:
     """silero_vad.onnx from the PyPI wheel (pip download --no-deps), sha256-checked."""
-    known = json.loads((REPO / "service/engine/known_models/silero-vad-6.2.3.json").read_text())
+    known = json.loads((REPO / "service/lookback/engine/known_models/silero-vad-6.2.3.json").read_text())
     want = known["graph"]["sha256"]
     target = cache / "silero_vad.onnx"
     if not target.exists():

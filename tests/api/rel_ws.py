@@ -151,7 +151,7 @@ class ErrorLog(logging.Handler):
 
     LOGGERS = ("uvicorn", "lookback")
     # uvicorn's websockets-sansio logs this after every denial response (Kludex/uvicorn#3138);
-    # `lookback serve` demotes it (service.server.LogHygiene); in-thread servers do not.
+    # `lookback serve` demotes it (lookback.server.LogHygiene); in-thread servers do not.
     BENIGN = ("ASGI callable returned without completing handshake",)
 
     def __init__(self) -> None:

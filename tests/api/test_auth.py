@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from service.protocol import Close
+from lookback.protocol import Close
 from tests.api.protocol_util import END, run_session, score, stream_url
 from tests.conftest import SILERO, Server, running_server
 from tests.conftest import test_settings as make_settings

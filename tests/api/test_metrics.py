@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.protocol import Close
+from lookback.protocol import Close
 from tests.api.protocol_util import (
     END,
     FRAME,

@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.protocol import ERRORS
+from lookback.app import create_app
+from lookback.protocol import ERRORS
 from tests.api.protocol_util import (
     END,
     HOPS,
@@ -389,7 +389,7 @@ def test_openapi_and_docs(silero_model: str) -> None:
 
 def test_protocol_page(server: Server) -> None:
     """``/protocol`` serves the same tables as ``lookback protocol`` and the README."""
-    from service.protocol import markdown_tables
+    from lookback.protocol import markdown_tables
 
     r = server.get("/protocol")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")

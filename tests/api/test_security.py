@@ -10,8 +10,8 @@ import httpx
 import orjson
 import pytest
 
-from service.api import auth
-from service.server import LogHygiene
+from lookback.api import auth
+from lookback.server import LogHygiene
 from tests.api.rel_ws import SILERO_Q, refused, ws_connect
 from tests.conftest import spawn_server
 from tests.conftest import test_settings as make_settings

@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from service.protocol import ERRORS, Close
+from lookback.protocol import ERRORS, Close
 from tests.api.protocol_util import (
     END,
     FLUSH,
@@ -317,7 +317,7 @@ async def test_configured_limits(silero_model: str, speech_clip: np.ndarray) -> 
 
 def test_error_json_shape() -> None:
     """Error messages on the wire: type, code, message (plus step for a failed step)."""
-    from service.protocol import error_message
+    from lookback.protocol import error_message
 
     body = json.loads(error_message("bad_json", "nope"))
     assert body == {"type": "error", "code": "bad_json", "message": "nope"}

@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from service.api.ws import finish_coroutine
+from lookback.api.ws import finish_coroutine
 
 
 async def sender(gate: asyncio.Future[str], log: list[str]) -> str:

@@ -1,8 +1,8 @@
 """Echo ceiling: Lookback's WebSocket stack with the model call replaced by an instant reply.
 
-Same FastAPI app type, same uvicorn settings as ``service/server.py`` (from the same
+Same FastAPI app type, same uvicorn settings as ``service/lookback/server.py`` (from the same
 ``LOOKBACK_*`` settings: websockets-sansio, no permessage-deflate, same size and queue
-limits), same raw ASGI receive/send calls as ``service/api/ws.py``. Each completed hop is
+limits), same raw ASGI receive/send calls as ``service/lookback/api/ws.py``. Each completed hop is
 answered at once with a result message of the same shape and size as Lookback's; ``end``
 gets a summary and a 1000 close. ``/readyz`` reports open sessions like Lookback's.
 
@@ -18,8 +18,8 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, WebSocket
 
-from service.server import uvicorn_config
-from service.settings import Settings
+from lookback.server import uvicorn_config
+from lookback.settings import Settings
 
 SCORE = 0.12345679104328156  # a float32 score written as a double, as Lookback writes it
 
@@ -87,7 +87,7 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI
 
 
 def serve(port: int, hop: int, settings: Settings | None = None) -> None:
-    """uvicorn exactly as ``service.server.serve`` configures it (minus the drain)."""
+    """uvicorn exactly as ``lookback.server.serve`` configures it (minus the drain)."""
     s = settings or Settings()
     uvicorn.Server(uvicorn_config(create_echo_app(hop), s, port=port)).run()
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.engine import Engine
-from service.engine.events import Event
-from service.engine.store import discover
-from service.errors import LookbackError
-from service.settings import Settings
+from lookback.engine.engine import Engine
+from lookback.engine.events import Event
+from lookback.engine.store import discover
+from lookback.errors import LookbackError
+from lookback.settings import Settings
 
 SESSIONS = (1, 64, 512, 2048)
 

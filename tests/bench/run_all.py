@@ -1,6 +1,6 @@
 """``make bench``: how many real-time streams one core holds, against the stack's own ceiling.
 
-Server pinned to CPU 0, load generator (``service.loadtest``) to CPU 1, all figures from
+Server pinned to CPU 0, load generator (``lookback.loadtest``) to CPU 1, all figures from
 one run so their ratios hold on a noisy machine:
 
 1. echo ceiling: the same FastAPI/uvicorn WebSocket stack answering at once (ramp);
@@ -51,7 +51,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from service.loadtest import IdleSessions, LoadConfig, format_ramp, raise_fd_limit, ramp
+from lookback.loadtest import IdleSessions, LoadConfig, format_ramp, raise_fd_limit, ramp
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -193,7 +193,7 @@ def lookback_server(model: str, port: int, cpu: int | None, **env: Any) -> Serve
             "LOOKBACK_DEFAULT_MODEL": model, "LOOKBACK_MAX_SESSIONS": "4200"}
     base.update({f"LOOKBACK_{k.upper()}": str(v) for k, v in env.items()})
     script = BIN / "lookback"
-    argv = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "service.cli",
+    argv = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "lookback.cli",
                                                              "serve"]
     return Server(f"lookback-{model}", argv, base, port, cpu)
 

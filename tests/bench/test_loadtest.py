@@ -1,4 +1,4 @@
-"""``service.loadtest``: the minimal WebSocket client, the step -> frame mapping, the ramp
+"""``lookback.loadtest``: the minimal WebSocket client, the step -> frame mapping, the ramp
 search, and short end-to-end runs against the echo server and Lookback itself."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import orjson
 import pytest
 import uvicorn
 
-from service import loadtest
-from service.loadtest import (
+from lookback import loadtest
+from lookback.loadtest import (
     WS_GUID,
     LoadConfig,
     LoadtestError,

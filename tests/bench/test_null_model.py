@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.engine.batcher import Step
-from service.engine.engine import Engine
-from service.engine.state import CONTEXT
+from lookback.engine.batcher import Step
+from lookback.engine.engine import Engine
+from lookback.engine.state import CONTEXT
 from tests.bench.null_model import make_null_model
 from tests.conftest import test_settings as make_settings
 

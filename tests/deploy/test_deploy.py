@@ -334,7 +334,7 @@ def test_prometheus_config_scrapes_lookback() -> None:
 
 
 def test_alert_constants_match_configured_limits() -> None:
-    from service.settings import Settings
+    from lookback.settings import Settings
 
     rules = alert_rules()
     cap = re.search(r">\s*0\.9\s*\*\s*(\d+)", rules["LookbackSessionsNearCap"]["expr"])
@@ -487,7 +487,7 @@ def parse_exposition(text: str) -> tuple[set[str], set[str]]:
 
 
 def _serving_settings() -> Any:
-    from service.settings import Settings
+    from lookback.settings import Settings
 
     found = {p.parent.parent.name for p in MODEL_STORE.glob("*/*/model.json")}
     if not found:
@@ -504,7 +504,7 @@ def _serving_settings() -> Any:
 def scrape() -> Iterator[str]:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from lookback.app import create_app
 
     app = create_app(_serving_settings())
     with TestClient(app) as client:
@@ -516,7 +516,7 @@ def scrape() -> Iterator[str]:
 
 
 def test_dashboard_metrics_exist(scrape: str) -> None:
-    from service.metrics import Metrics
+    from lookback.metrics import Metrics
 
     families, scraped = parse_exposition(scrape)
     assert "lookback_ready" in families and re.search(r"^lookback_ready 1(\.0)?$", scrape, re.M)
@@ -711,7 +711,7 @@ def test_k8s_deployment_drains_and_is_hardened() -> None:
     assert cmd[0] == "sleep"
     pre_stop = float(cmd[1])
     assert pre_stop >= 5
-    from service.settings import Settings
+    from lookback.settings import Settings
 
     drain = float(container_env(dep).get("LOOKBACK_DRAIN_GRACE_S",
                                          Settings.model_fields["drain_grace_s"].default))
@@ -746,7 +746,7 @@ def _env_sources() -> dict[str, dict[str, str]]:
 
 
 def test_lookback_env_vars_are_settings_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.settings import Settings
+    from lookback.settings import Settings
 
     fields = set(Settings.model_fields)
     checked = 0
@@ -910,8 +910,8 @@ def dockerignored(rel: str, patterns: list[str]) -> bool:
 def test_dockerignore_matcher() -> None:
     pats = ["*", "!service/", "!model_store/lookback-vad/", "**/__pycache__"]
     assert dockerignored(".venv/bin/python", pats)
-    assert not dockerignored("service/api/ws.py", pats)
-    assert dockerignored("service/api/__pycache__/ws.cpython-311.pyc", pats)
+    assert not dockerignored("service/lookback/api/ws.py", pats)
+    assert dockerignored("service/lookback/api/__pycache__/ws.cpython-311.pyc", pats)
     assert not dockerignored("model_store/lookback-vad/1/model.onnx", pats)
     assert dockerignored("model_store/silero-vad/6.2.3/silero_vad.onnx", pats)
 
@@ -937,12 +937,12 @@ def test_copy_sources_exist_and_survive_dockerignore() -> None:
     assert copied >= 4
     for secret in (".env", ".venv/bin/python", "model_store/silero-vad/6.2.3/silero_vad.onnx",
                    "model_store/recipes/data/x.wav", "tests/deploy/test_deploy.py",
-                   ".git/config", "service/__pycache__/app.cpython-311.pyc"):
+                   ".git/config", "service/lookback/__pycache__/app.cpython-311.pyc"):
         assert dockerignored(secret, patterns), f"{secret} would enter the build context"
 
 
 def test_wheel_contains_package_data(tmp_path: Path) -> None:
-    """The image installs the project as a wheel: every non-Python file under service/
+    """The image installs the project as a wheel: every non-Python file under service/lookback/
     (web demo, known model manifests, py.typed) must be in it, or the image lacks it."""
     import importlib.util
     import zipfile
@@ -968,16 +968,16 @@ def test_wheel_contains_package_data(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     (wheel,) = (tmp_path / "wheels").glob("lookback_serve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    data = sorted(str(p.relative_to(REPO)) for p in (REPO / "service").rglob("*")
+    data = sorted(str(p.relative_to(REPO / "service")) for p in (REPO / "service" / "lookback").rglob("*")
                   if p.is_file() and p.suffix not in {".py", ".pyc"}
                   and "__pycache__" not in p.parts)
-    assert "service/py.typed" in data
+    assert "lookback/py.typed" in data
     missing = [d for d in data if d not in names]
     assert not missing, (f"not packaged into the wheel (add them to "
                          f"[tool.setuptools.package-data] in pyproject.toml): {missing}")
     entry = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert re.search(r"^lookback\s*=\s*service\.cli:main$", entry, re.M), entry
+    assert re.search(r"^lookback\s*=\s*lookback\.cli:main$", entry, re.M), entry
 
 
 # --- Compose ------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from service.engine.importer import import_model
-from service.errors import LookbackError
+from lookback.engine.importer import import_model
+from lookback.errors import LookbackError
 
 MODEL_STORE = Path(__file__).parents[2] / "model_store"
 

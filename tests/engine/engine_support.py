@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from service.engine.engine import Engine
-from service.engine.events import Event
-from service.engine.model import ModelHandle
-from service.engine.session import StreamSession
-from service.errors import LookbackError
-from service.settings import Settings
+from lookback.engine.engine import Engine
+from lookback.engine.events import Event
+from lookback.engine.model import ModelHandle
+from lookback.engine.session import StreamSession
+from lookback.errors import LookbackError
+from lookback.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 STORE = REPO / "model_store"

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine import engine as engine_module
-from service.engine.batcher import MicroBatcher, Step
-from service.engine.engine import Engine
-from service.engine.model import ModelHandle
-from service.errors import BadAudio, InferenceError
+from lookback.engine import engine as engine_module
+from lookback.engine.batcher import MicroBatcher, Step
+from lookback.engine.engine import Engine
+from lookback.engine.model import ModelHandle
+from lookback.errors import BadAudio, InferenceError
 from tests.engine.engine_support import SILERO_KEY, running_engine
 
 pytestmark = pytest.mark.usefixtures("silero_model")

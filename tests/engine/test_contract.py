@@ -14,18 +14,18 @@ from typing import Any
 import onnxruntime as ort
 import pytest
 
-from service.engine.contract import (
+from lookback.engine.contract import (
     GraphPort,
     ModelSpec,
     check_sequence_graph,
     check_step_graph,
     load_manifest,
 )
-from service.errors import ContractError
+from lookback.errors import ContractError
 from tests.engine import engine_graphs as g
 from tests.engine.engine_support import STORE
 
-KNOWN_SILERO = Path(__file__).resolve().parents[2] / "service/engine/known_models/silero-vad-6.2.3.json"
+KNOWN_SILERO = Path(__file__).resolve().parents[2] / "service/lookback/engine/known_models/silero-vad-6.2.3.json"
 
 
 def ports(model_path: Path) -> tuple[list[GraphPort], list[GraphPort]]:

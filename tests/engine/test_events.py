@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from service.engine.contract import EventSpec
-from service.engine.events import Event, EventDetector
+from lookback.engine.contract import EventSpec
+from lookback.engine.events import Event, EventDetector
 
 SR = 16000
 HOP = 512

@@ -11,10 +11,10 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from service.engine import importer
-from service.engine.contract import GraphPort, check_step_graph, load_manifest
-from service.engine.importer import ImportFailed, import_model
-from service.errors import ContractError, ModelNotFound
+from lookback.engine import importer
+from lookback.engine.contract import GraphPort, check_step_graph, load_manifest
+from lookback.engine.importer import ImportFailed, import_model
+from lookback.errors import ContractError, ModelNotFound
 
 KNOWN = importer.REGISTRY["silero-vad"]
 # A "pip" that fails at once: a test passing it proves pip was never run.

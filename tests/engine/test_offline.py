@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 import pytest
 
-from service.engine.batcher import Step
-from service.engine.session import StreamSession
-from service.errors import InferenceError
+from lookback.engine.batcher import Step
+from lookback.engine.session import StreamSession
+from lookback.errors import InferenceError
 from tests.engine.engine_support import SR, running_engine, score_offline, speech
 
 MINUTES = 10

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine.batcher import Step
-from service.engine.engine import Engine
-from service.engine.model import ModelHandle
-from service.engine.session import StreamSession
-from service.errors import BadAudio
+from lookback.engine.batcher import Step
+from lookback.engine.engine import Engine
+from lookback.engine.model import ModelHandle
+from lookback.engine.session import StreamSession
+from lookback.errors import BadAudio
 from tests.engine.engine_support import (
     FRAME,
     SR,

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from service.engine.batcher import Step
-from service.engine.model import ModelHandle
-from service.errors import BackpressureError, BadAudio, CapacityError, SessionClosed
+from lookback.engine.batcher import Step
+from lookback.engine.model import ModelHandle
+from lookback.errors import BackpressureError, BadAudio, CapacityError, SessionClosed
 from tests.engine.engine_support import (
     FRAME,
     SR,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.engine.state import SlabSpec, StateTable
-from service.errors import CapacityError
+from lookback.engine.state import SlabSpec, StateTable
+from lookback.errors import CapacityError
 
 SPECS = [
     SlabSpec("conv", (3, 2), np.dtype(np.float32), 0.0, 0),

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine.engine import Engine
-from service.engine.store import (
+from lookback.engine.engine import Engine
+from lookback.engine.store import (
     StoredModel,
     discover,
     latest,
@@ -18,7 +18,7 @@ from service.engine.store import (
     sha256_file,
     verify_file,
 )
-from service.errors import ContractError, ModelNotFound
+from lookback.errors import ContractError, ModelNotFound
 from tests.engine import engine_graphs as g
 from tests.engine.engine_support import Collect, settings
 

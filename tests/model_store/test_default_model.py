@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import soundfile as sf
 
-from service.engine.contract import (
+from lookback.engine.contract import (
     GraphPort,
     ModelSpec,
     check_sequence_graph,
@@ -208,7 +208,7 @@ def test_scores_are_sensible(spec: ModelSpec, sequence: ort.InferenceSession) ->
 
 def test_engine_store_loads_it() -> None:
     """The engine's own loader finds the model, checks its hashes and both signatures."""
-    from service.engine.store import discover, latest, open_graphs
+    from lookback.engine.store import discover, latest, open_graphs
 
     stored = latest(discover(ROOT / "model_store"), "lookback-vad")
     assert stored.spec.key == "lookback-vad/1"

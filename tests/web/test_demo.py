@@ -1,4 +1,4 @@
-"""The browser demo (service/web/) in a real headless Chromium.
+"""The browser demo (service/lookback/web/) in a real headless Chromium.
 
 Chromium's fake capture device plays a speech WAV as the microphone; the page resamples
 it to 16 kHz in an AudioContext, frames it in an AudioWorklet and streams it to a real

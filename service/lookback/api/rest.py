@@ -28,14 +28,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
-from service.api import auth
-from service.engine.offline import OfflineChunk
-from service.errors import LookbackError
-from service.protocol import spec_for
+from lookback.api import auth
+from lookback.engine.offline import OfflineChunk
+from lookback.errors import LookbackError
+from lookback.protocol import spec_for
 
 if TYPE_CHECKING:
-    from service.api.state import ScoreLease, ServiceState
-    from service.engine.model import ModelHandle
+    from lookback.api.state import ScoreLease, ServiceState
+    from lookback.engine.model import ModelHandle
 
 router = APIRouter()
 _OPT = orjson.OPT_SERIALIZE_NUMPY

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.engine.contract import EventSpec
+from lookback.engine.contract import EventSpec
 
 
 @dataclass(frozen=True, slots=True)

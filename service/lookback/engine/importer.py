@@ -20,8 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.engine.contract import GraphPort, ModelSpec, check_step_graph, load_manifest
-from service.errors import ContractError, LookbackError, ModelNotFound
+from lookback.engine.contract import GraphPort, ModelSpec, check_step_graph, load_manifest
+from lookback.errors import ContractError, LookbackError, ModelNotFound
 
 KNOWN_MODELS_DIR = Path(__file__).with_name("known_models")
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import ContractError
+from lookback.errors import ContractError
 
 log = logging.getLogger("lookback.runtime")
 

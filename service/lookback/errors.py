@@ -1,6 +1,6 @@
 """One error base for Lookback.
 
-Domain errors carry a stable machine-readable ``code`` (listed in ``service.protocol``)
+Domain errors carry a stable machine-readable ``code`` (listed in ``lookback.protocol``)
 and never an HTTP status or a WebSocket close code: the API layer maps codes to those,
 so the engine stays transport-free.
 """

@@ -11,7 +11,7 @@ import hmac
 
 from starlette.requests import HTTPConnection
 
-from service.settings import Settings
+from lookback.settings import Settings
 
 
 def key_ok(settings: Settings, provided: str | None) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import CapacityError
+from lookback.errors import CapacityError
 
 CONTEXT = "__context__"
 

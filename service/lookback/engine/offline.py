@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine.events import Event, EventDetector
-from service.engine.model import ModelHandle, np_dtype
-from service.engine.session import StreamSession
-from service.errors import LookbackError
+from lookback.engine.events import Event, EventDetector
+from lookback.engine.model import ModelHandle, np_dtype
+from lookback.engine.session import StreamSession
+from lookback.errors import LookbackError
 
 
 @dataclass

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from service.errors import BadAudio, InferenceError, LookbackError
+from lookback.errors import BadAudio, InferenceError, LookbackError
 
 if TYPE_CHECKING:
-    from service.engine.model import ModelHandle
+    from lookback.engine.model import ModelHandle
 
 log = logging.getLogger("lookback.batcher")
 

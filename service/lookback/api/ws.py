@@ -25,15 +25,15 @@ import orjson
 from fastapi import APIRouter, WebSocket
 from starlette.responses import JSONResponse
 
-from service.api import auth
-from service.engine.events import Event
-from service.engine.session import BYTES_PER_SAMPLE, StreamSession
-from service.errors import BackpressureError, LookbackError
-from service.protocol import Close, error_message, spec_for
+from lookback.api import auth
+from lookback.engine.events import Event
+from lookback.engine.session import BYTES_PER_SAMPLE, StreamSession
+from lookback.errors import BackpressureError, LookbackError
+from lookback.protocol import Close, error_message, spec_for
 
 if TYPE_CHECKING:
-    from service.api.state import ServiceState
-    from service.engine.model import ModelHandle
+    from lookback.api.state import ServiceState
+    from lookback.engine.model import ModelHandle
 
 log = logging.getLogger("lookback.ws")
 router = APIRouter()

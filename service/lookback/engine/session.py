@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
-from service.engine.batcher import Step
-from service.engine.events import Event, EventDetector
-from service.errors import BackpressureError, BadAudio, LookbackError, SessionClosed
+from lookback.engine.batcher import Step
+from lookback.engine.events import Event, EventDetector
+from lookback.errors import BackpressureError, BadAudio, LookbackError, SessionClosed
 
 if TYPE_CHECKING:
-    from service.engine.model import ModelHandle
+    from lookback.engine.model import ModelHandle
 
 Encoding = Literal["pcm_s16le", "pcm_f32le"]
 BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.engine.contract import ModelSpec
-from service.engine.runtime import GraphRuntime
-from service.engine.state import CONTEXT, SlabSpec, StateTable
-from service.errors import BadAudio
-from service.metrics import Metrics
+from lookback.engine.contract import ModelSpec
+from lookback.engine.runtime import GraphRuntime
+from lookback.engine.state import CONTEXT, SlabSpec, StateTable
+from lookback.errors import BadAudio
+from lookback.metrics import Metrics
 
 if TYPE_CHECKING:
-    from service.engine.batcher import MicroBatcher, Step
+    from lookback.engine.batcher import MicroBatcher, Step
 
 _S16 = np.dtype("<i2")
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,

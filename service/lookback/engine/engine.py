@@ -15,16 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.batcher import MicroBatcher
-from service.engine.model import ModelHandle
-from service.engine.offline import OfflineChunk, score_clip
-from service.engine.runtime import CPU, run_warmup
-from service.engine.session import Encoding, ResultSink, StreamSession
-from service.engine.state import StateTable
-from service.engine.store import StoredModel, _version_key, discover, open_graphs
-from service.errors import ContractError, ModelNotFound
-from service.metrics import Metrics
-from service.settings import Settings
+from lookback.engine.batcher import MicroBatcher
+from lookback.engine.model import ModelHandle
+from lookback.engine.offline import OfflineChunk, score_clip
+from lookback.engine.runtime import CPU, run_warmup
+from lookback.engine.session import Encoding, ResultSink, StreamSession
+from lookback.engine.state import StateTable
+from lookback.engine.store import StoredModel, _version_key, discover, open_graphs
+from lookback.errors import ContractError, ModelNotFound
+from lookback.metrics import Metrics
+from lookback.settings import Settings
 
 log = logging.getLogger("lookback.engine")
 

@@ -1137,7 +1137,7 @@ class IdleSessions:
 
 
 # ------------------------------------------------------------------------------------------
-# CLI glue (service/cli.py adds the subparser and calls ``main_args``)
+# CLI glue (service/lookback/cli.py adds the subparser and calls ``main_args``)
 
 
 def add_arguments(p: Any) -> None:

@@ -13,13 +13,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from service import __version__, protocol
-from service.api import rest, ws
-from service.api.state import ServiceState
-from service.engine.engine import Engine
-from service.errors import LookbackError
-from service.metrics import Metrics
-from service.settings import Settings
+from lookback import __version__, protocol
+from lookback.api import rest, ws
+from lookback.api.state import ServiceState
+from lookback.engine.engine import Engine
+from lookback.errors import LookbackError
+from lookback.metrics import Metrics
+from lookback.settings import Settings
 
 log = logging.getLogger("lookback")
 WEB = Path(__file__).parent / "web"

@@ -13,15 +13,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.engine.contract import (
+from lookback.engine.contract import (
     GraphPort,
     ModelSpec,
     check_sequence_graph,
     check_step_graph,
     load_manifest,
 )
-from service.engine.runtime import GraphRuntime
-from service.errors import ContractError, ModelNotFound
+from lookback.engine.runtime import GraphRuntime
+from lookback.errors import ContractError, ModelNotFound
 
 log = logging.getLogger("lookback.store")
 

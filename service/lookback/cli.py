@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
+from lookback.settings import Settings
 
 
 def _progress(done: float, total: float, label: str) -> None:
@@ -26,7 +26,7 @@ def _progress(done: float, total: float, label: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
+    from lookback.server import serve
 
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "model_store", "default_model"):
@@ -38,11 +38,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from service.engine.store import discover, open_graphs
+    from lookback.engine.store import discover, open_graphs
 
     settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
     if args.action == "import":
-        from service.engine.importer import import_model
+        from lookback.engine.importer import import_model
 
         path = import_model(args.name, settings.model_store)
         print(f"imported {args.name} into {path}")
@@ -75,7 +75,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from service.client import LookbackClient, frames_of, read_wav
+    from lookback.client import LookbackClient, frames_of, read_wav
 
     samples, rate = read_wav(args.file)
     messages = frames_of(samples, args.frames_per_message)
@@ -105,7 +105,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from service.client import LookbackClient
+    from lookback.client import LookbackClient
 
     client = LookbackClient(args.url, api_key=args.api_key, timeout=3600)
     size = Path(args.file).stat().st_size
@@ -123,13 +123,13 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from service.loadtest import main_args
+    from lookback.loadtest import main_args
 
     return main_args(args)
 
 
 def cmd_protocol(args: argparse.Namespace) -> int:
-    from service.protocol import markdown_tables
+    from lookback.protocol import markdown_tables
 
     print(markdown_tables())
     return 0
@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lt = sub.add_parser("loadtest", help="N real-time WebSocket sessions: latency percentiles, "
                         "or --ramp to find how many stay under a p99 bound")
-    from service.loadtest import add_arguments
+    from lookback.loadtest import add_arguments
 
     add_arguments(lt)
     lt.set_defaults(func=cmd_loadtest)
@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         import httpx
 
-        from service.client import LookbackClientError
-        from service.errors import LookbackError
+        from lookback.client import LookbackClientError
+        from lookback.errors import LookbackError
 
         if isinstance(exc, LookbackError | LookbackClientError):  # server refusals too
             print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)

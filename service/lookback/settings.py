@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_REPO_STORE = Path(__file__).resolve().parent.parent / "model_store"
+_REPO_STORE = Path(__file__).resolve().parents[2] / "model_store"
 
 
 def _csv(value: object) -> object:

@@ -14,13 +14,13 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from service.engine.engine import Engine
-from service.metrics import Metrics
-from service.protocol import Close
-from service.settings import Settings
+from lookback.engine.engine import Engine
+from lookback.metrics import Metrics
+from lookback.protocol import Close
+from lookback.settings import Settings
 
 if TYPE_CHECKING:
-    from service.api.ws import Connection
+    from lookback.api.ws import Connection
 
 log = logging.getLogger("lookback.service")
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.errors import ContractError
+from lookback.errors import ContractError
 
 DType = Literal["float32", "float16", "int64", "int32", "int16"]
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import uvicorn
 
-from service.api.state import ServiceState
-from service.app import create_app
-from service.settings import Settings
+from lookback.api.state import ServiceState
+from lookback.app import create_app
+from lookback.settings import Settings
 
 log = logging.getLogger("lookback")
 _SECRETS = re.compile(r"([?&]token=|authorization:\s*(?:bearer\s+)?)[^&\s\"]*", re.IGNORECASE)
