@@ -25,7 +25,9 @@ from lookback.errors import ContractError
 from tests.engine import engine_graphs as g
 from tests.engine.engine_support import STORE
 
-KNOWN_SILERO = Path(__file__).resolve().parents[2] / "service/lookback/engine/known_models/silero-vad-6.2.3.json"
+KNOWN_SILERO = (
+    Path(__file__).resolve().parents[2] / "service/lookback/engine/known_models/silero-vad-6.2.3.json"
+)
 
 
 def ports(model_path: Path) -> tuple[list[GraphPort], list[GraphPort]]:
