@@ -81,9 +81,16 @@ def test_settings(**overrides: object) -> Settings:
     in the model call behave the same under ``taskset -c 0``; inline is tested by name.
     No GC freeze: the test process starts many apps (tests/test_app.py covers it).
     """
-    base: dict[str, object] = dict(model_store=STORE, warmup_batch_sizes=[1], port=0,
-                                   initial_slots=8, log_level="warning", drain_grace_s=5.0,
-                                   model_calls="thread", gc_freeze=False)
+    base: dict[str, object] = dict(
+        model_store=STORE,
+        warmup_batch_sizes=[1],
+        port=0,
+        initial_slots=8,
+        log_level="warning",
+        drain_grace_s=5.0,
+        model_calls="thread",
+        gc_freeze=False,
+    )
     base.update(overrides)
     return Settings(_env_file=None, **base)  # type: ignore[call-arg]
 
@@ -124,16 +131,24 @@ def uvicorn_in_thread(config: uvicorn.Config) -> Iterator[uvicorn.Server]:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings | None = None, *, engine: Engine | None = None,
-                   metrics: Metrics | None = None) -> Iterator[Server]:
+def running_server(
+    settings: Settings | None = None, *, engine: Engine | None = None, metrics: Metrics | None = None
+) -> Iterator[Server]:
     """A real uvicorn server (sansio WebSockets, as in production) in a background thread."""
     settings = settings or test_settings()
     metrics = metrics or (engine.metrics if engine else Metrics())
     app = create_app(settings, metrics=metrics, engine=engine)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            ws=settings.ws_impl, ws_per_message_deflate=False,
-                            ws_max_size=settings.max_message_bytes * 4, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws=settings.ws_impl,
+        ws_per_message_deflate=False,
+        ws_max_size=settings.max_message_bytes * 4,
+        lifespan="on",
+    )
     with uvicorn_in_thread(config):
         yield Server(f"http://127.0.0.1:{port}", port, app, settings, metrics)
 
@@ -157,11 +172,22 @@ def spawn_server(tmp_path: Path, **env: str) -> Iterator[Spawned]:
     """``lookback serve`` in a subprocess, ready when ``/readyz`` answers 200."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
-    full_env = {**os.environ, "LOOKBACK_MODEL_STORE": str(STORE), "LOOKBACK_PORT": str(port),
-                "LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_WARMUP_BATCH_SIZES": "1", **env}
+    full_env = {
+        **os.environ,
+        "LOOKBACK_MODEL_STORE": str(STORE),
+        "LOOKBACK_PORT": str(port),
+        "LOOKBACK_HOST": "127.0.0.1",
+        "LOOKBACK_WARMUP_BATCH_SIZES": "1",
+        **env,
+    }
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lookback.cli", "serve"], env=full_env,
-                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lookback.cli", "serve"],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:

@@ -54,8 +54,9 @@ def test_protocol_tables(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_protocol_via_the_console_script() -> None:
-    out = subprocess.run([*_lookback(), "protocol"], capture_output=True, text=True, check=True,
-                         cwd=REPO, timeout=60).stdout
+    out = subprocess.run(
+        [*_lookback(), "protocol"], capture_output=True, text=True, check=True, cwd=REPO, timeout=60
+    ).stdout
     assert all(f"`{code}`" in out for code in ERRORS)
 
 
@@ -86,16 +87,22 @@ def test_models_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def _rest_events(server: Server, model: str) -> list[tuple[str, str]]:
-    r = httpx.post(f"{server.url}/v1/score", params={"model": model}, content=SPEECH.read_bytes(),
-                   headers={"content-type": "audio/wav"}, timeout=60)
+    r = httpx.post(
+        f"{server.url}/v1/score",
+        params={"model": model},
+        content=SPEECH.read_bytes(),
+        headers={"content-type": "audio/wav"},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     return [(f"{e['time']:.3f}", e["event"]) for e in r.json()["events"]]
 
 
-def test_stream_prints_events(server: Server, silero_model: str,
-                              capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["stream", str(SPEECH), "--url", server.url, "--model", SILERO,
-                 "--frames-per-message", "4"]) == 0
+def test_stream_prints_events(server: Server, silero_model: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["stream", str(SPEECH), "--url", server.url, "--model", SILERO, "--frames-per-message", "4"])
+        == 0
+    )
     out = capsys.readouterr().out
     events = EVENT_LINE.findall(out)
     assert events and events[0][1] == "start" and events[1][1] == "end"
@@ -103,11 +110,11 @@ def test_stream_prints_events(server: Server, silero_model: str,
     assert re.search(r"^summary: \d+ frames, \d+ steps, \d+ events$", out, re.M)
 
 
-def test_stream_all_prints_results(server: Server, silero_model: str,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_stream_all_prints_results(
+    server: Server, silero_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["stream", str(SPEECH), "--url", server.url, "--model", SILERO, "--all"]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("{")]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert lines and all(m["type"] == "result" for m in lines)
     assert [m["step"] for m in lines] == list(range(len(lines)))
 
@@ -119,8 +126,7 @@ def test_stream_default_model(server: Server, capsys: pytest.CaptureFixture[str]
     assert events and events == _rest_events(server, DEFAULT_MODEL)
 
 
-def test_score_prints_events(server: Server, silero_model: str,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_score_prints_events(server: Server, silero_model: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["score", str(SPEECH), "--url", server.url, "--model", SILERO]) == 0
     out = capsys.readouterr().out
     assert EVENT_LINE.findall(out) == _rest_events(server, SILERO)
@@ -131,16 +137,16 @@ def test_score_prints_events(server: Server, silero_model: str,
     assert body["model"] == SILERO and body["events"]
 
 
-def test_server_refusal_is_a_clean_error(server: Server, silero_model: str,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_server_refusal_is_a_clean_error(
+    server: Server, silero_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     for command in ("score", "stream"):
         assert main([command, str(SPEECH), "--url", server.url, "--model", "no-such-model"]) == 2
         err = capsys.readouterr().err
         assert "error [unknown_model]" in err and "Traceback" not in err
 
 
-def test_wrong_api_key_is_a_clean_error(silero_model: str,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_api_key_is_a_clean_error(silero_model: str, capsys: pytest.CaptureFixture[str]) -> None:
     settings = make_settings(models=[SILERO], default_model=SILERO, api_keys=["k1"])
     with running_server(settings) as srv:
         for command in ("score", "stream"):
@@ -155,10 +161,20 @@ def test_console_scripts_against_a_spawned_server(tmp_path: Path, silero_model: 
     """``lookback serve`` in a subprocess, ``lookback stream`` and ``score`` against it."""
     env = {"LOOKBACK_MODELS": SILERO, "LOOKBACK_DEFAULT_MODEL": SILERO}
     with spawn_server(tmp_path, **env) as srv:
-        streamed = subprocess.run([*_lookback(), "stream", str(SPEECH), "--url", srv.url],
-                                  capture_output=True, text=True, timeout=60, cwd=REPO)
-        scored = subprocess.run([*_lookback(), "score", str(SPEECH), "--url", srv.url],
-                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        streamed = subprocess.run(
+            [*_lookback(), "stream", str(SPEECH), "--url", srv.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        scored = subprocess.run(
+            [*_lookback(), "score", str(SPEECH), "--url", srv.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
     assert streamed.returncode == 0, streamed.stderr
     assert scored.returncode == 0, scored.stderr
     events = EVENT_LINE.findall(streamed.stdout)

@@ -36,8 +36,9 @@ async def test_stream(server: Server, silero_model: str, speech_clip: np.ndarray
     assert msgs[-1]["steps"] == steps and msgs[-1]["frames"] == -(-len(speech_clip) // FRAME)
 
 
-async def test_stream_events_only_from_an_async_source(server: Server, silero_model: str,
-                                                      speech_clip: np.ndarray) -> None:
+async def test_stream_events_only_from_an_async_source(
+    server: Server, silero_model: str, speech_clip: np.ndarray
+) -> None:
     async def source() -> AsyncIterator[bytes]:
         for m in frames_of(speech_clip, 8):
             yield m
@@ -47,8 +48,7 @@ async def test_stream_events_only_from_an_async_source(server: Server, silero_mo
     assert {m["type"] for m in msgs} == {"ready", "event", "summary"}
 
 
-async def test_stream_realtime_pacing(server: Server, silero_model: str,
-                                      speech_clip: np.ndarray) -> None:
+async def test_stream_realtime_pacing(server: Server, silero_model: str, speech_clip: np.ndarray) -> None:
     clip = speech_clip[:4000]  # 0.25 s
     client = LookbackClient(server.url)
     t0 = time.monotonic()
@@ -72,13 +72,16 @@ async def test_stream_refusal_raises(server: Server, silero_model: str) -> None:
     assert info.value.code == "unknown_model"
 
 
-async def test_score(server: Server, silero_model: str, tmp_path: Path,
-                     speech_clip: np.ndarray) -> None:
+async def test_score(server: Server, silero_model: str, tmp_path: Path, speech_clip: np.ndarray) -> None:
     client = LookbackClient(server.url)
     wav = await client.score(SPEECH, model=SILERO)
     async with httpx.AsyncClient(timeout=60) as http:
-        r = await http.post(f"{server.url}/v1/score", params={"model": SILERO},
-                            content=SPEECH.read_bytes(), headers={"content-type": "audio/wav"})
+        r = await http.post(
+            f"{server.url}/v1/score",
+            params={"model": SILERO},
+            content=SPEECH.read_bytes(),
+            headers={"content-type": "audio/wav"},
+        )
     direct = r.json()
     assert wav == direct
     assert wav["events"]
@@ -106,8 +109,7 @@ async def test_models(server: Server, silero_model: str) -> None:
 
 @pytest.fixture(scope="module")
 def keyed_server(silero_model: str) -> Iterator[Server]:
-    with running_server(make_settings(models=[SILERO], default_model=SILERO,
-                                      api_keys=["sekrit"])) as srv:
+    with running_server(make_settings(models=[SILERO], default_model=SILERO, api_keys=["sekrit"])) as srv:
         yield srv
 
 
@@ -131,10 +133,13 @@ async def test_api_key(keyed_server: Server, speech_clip: np.ndarray) -> None:
 
 # -- helpers ---------------------------------------------------------------------------------
 
+
 def test_ws_url() -> None:
     assert LookbackClient("http://h:1/").ws_url() == "ws://h:1/v1/stream"
-    assert LookbackClient("https://h").ws_url(model="m", version=None, results="events") == \
-        "wss://h/v1/stream?model=m&results=events"
+    assert (
+        LookbackClient("https://h").ws_url(model="m", version=None, results="events")
+        == "wss://h/v1/stream?model=m&results=events"
+    )
 
 
 def test_frames_of() -> None:

@@ -35,25 +35,35 @@ async def test_sigterm_drains_open_sessions(tmp_path: Path, silero_model: str) -
     # ~2000 steps still queued when SIGTERM lands, which keeps the drain open long enough
     # to watch it from outside
     plan = [41, 42, 43, 44, 8002]
-    env = {"LOOKBACK_MODELS": "silero-vad", "LOOKBACK_DEFAULT_MODEL": "silero-vad",
-           "LOOKBACK_DRAIN_GRACE_S": str(GRACE_S), "LOOKBACK_MAX_PENDING_STEPS": "4096"}
+    env = {
+        "LOOKBACK_MODELS": "silero-vad",
+        "LOOKBACK_DEFAULT_MODEL": "silero-vad",
+        "LOOKBACK_DRAIN_GRACE_S": str(GRACE_S),
+        "LOOKBACK_MAX_PENDING_STEPS": "4096",
+    }
     with spawn_server(tmp_path, **env) as srv:
         url = f"{srv.ws}/v1/stream?{SILERO_Q}"
         ts = [Transcript() for _ in plan]
-        async with ws_connect(url) as w0, ws_connect(url) as w1, ws_connect(url) as w2, \
-                ws_connect(url) as w3, ws_connect(url) as w4:
+        async with (
+            ws_connect(url) as w0,
+            ws_connect(url) as w1,
+            ws_connect(url) as w2,
+            ws_connect(url) as w3,
+            ws_connect(url) as w4,
+        ):
             socks = [w0, w1, w2, w3, w4]
-            readers = [asyncio.create_task(read_all(ws, t)) for ws, t in zip(socks, ts,
-                                                                             strict=True)]
+            readers = [asyncio.create_task(read_all(ws, t)) for ws, t in zip(socks, ts, strict=True)]
             for ws, n in zip(socks, plan, strict=True):
                 pcm = frames_of(n)
                 per = 3 if n < 100 else 64
                 for i in range(0, len(pcm), per * FRAME_BYTES):
-                    await ws.send(pcm[i:i + per * FRAME_BYTES])
+                    await ws.send(pcm[i : i + per * FRAME_BYTES])
                 # a barrier: its error reply proves the server has read every frame before
                 await ws.send('{"type":"barrier"}')
-            await wait_until(lambda: all(t.error_codes() == ["unknown_type"] for t in ts),
-                             what="every frame read by the server")
+            await wait_until(
+                lambda: all(t.error_codes() == ["unknown_type"] for t in ts),
+                what="every frame read by the server",
+            )
             heavy = ts[-1]
             assert heavy.results < 1000, "too few steps pending to watch the drain"
 
@@ -87,5 +97,7 @@ async def test_sigterm_drains_open_sessions(tmp_path: Path, silero_model: str) -
         log = srv.log.read_text()
         assert "draining 5 open sessions" in log and "drain complete" in log
         assert "Traceback" not in log and "cut short" not in log
-        print(f"drain: 5 sessions ({sum(plan)} frames) scored, summarised, closed 1001; "
-              f"exit 0 after {took:.2f}s")
+        print(
+            f"drain: 5 sessions ({sum(plan)} frames) scored, summarised, closed 1001; "
+            f"exit 0 after {took:.2f}s"
+        )

@@ -23,16 +23,13 @@ def _exposition(registry: CollectorRegistry) -> dict[str, float]:
 @pytest.mark.parametrize("fold_every", [1, 7, 8192])
 def test_matches_a_native_histogram_across_folds_and_scrapes(fold_every: int) -> None:
     ours_reg, native_reg = CollectorRegistry(), CollectorRegistry()
-    ours = BatchHistogram("lat_seconds", "doc", ["model"], LATENCY_BUCKETS, ours_reg,
-                          fold_every=fold_every)
-    native = Histogram("lat_seconds", "doc", ["model"], buckets=LATENCY_BUCKETS,
-                       registry=native_reg)
+    ours = BatchHistogram("lat_seconds", "doc", ["model"], LATENCY_BUCKETS, ours_reg, fold_every=fold_every)
+    native = Histogram("lat_seconds", "doc", ["model"], buckets=LATENCY_BUCKETS, registry=native_reg)
     rng = np.random.default_rng(1)
     edges = np.asarray(LATENCY_BUCKETS[:5])  # values exactly on a bound count as <= bound
     for i in range(60):
         label = ("a", "b", "c")[i % 3]
-        values = np.concatenate([rng.exponential(0.01, rng.integers(0, 12)),
-                                 edges[: i % 3]])
+        values = np.concatenate([rng.exponential(0.01, rng.integers(0, 12)), edges[: i % 3]])
         ours.observe_many(values, label)
         for v in values:
             native.labels(label).observe(float(v))
@@ -45,8 +42,7 @@ def test_matches_a_native_histogram_across_folds_and_scrapes(fold_every: int) ->
 
 
 def test_queued_values_are_bounded() -> None:
-    h = BatchHistogram("x_seconds", "doc", ["model"], LATENCY_BUCKETS, CollectorRegistry(),
-                       fold_every=100)
+    h = BatchHistogram("x_seconds", "doc", ["model"], LATENCY_BUCKETS, CollectorRegistry(), fold_every=100)
     for _ in range(50):
         h.observe_many(np.full(9, 0.001), "m")
         assert h._pending_n < 100

@@ -50,9 +50,19 @@ def test_close_codes() -> None:
 
 def test_documented_mappings() -> None:
     """The mappings the clients rely on (README table, issue 4)."""
-    stays_open = ["bad_frame_size", "empty_message", "message_too_large", "too_many_frames",
-                  "bad_json", "missing_type", "unknown_type", "audio_after_end",
-                  "non_finite_audio", "too_many_pending_steps", "inference_failed"]
+    stays_open = [
+        "bad_frame_size",
+        "empty_message",
+        "message_too_large",
+        "too_many_frames",
+        "bad_json",
+        "missing_type",
+        "unknown_type",
+        "audio_after_end",
+        "non_finite_audio",
+        "too_many_pending_steps",
+        "inference_failed",
+    ]
     assert all(ERRORS[c].close is None for c in stays_open)
     for code in ("bad_encoding", "bad_sample_rate", "bad_query"):
         assert (ERRORS[code].close, ERRORS[code].http) == (Close.BAD_REQUEST, 400)
@@ -71,9 +81,13 @@ def test_spec_for_unknown_code_is_internal_error() -> None:
 
 
 def _emitted_codes() -> set[str]:
-    patterns = [r'code\s*=\s*"([a-z_]+)"', r'send_error\(\s*"([a-z_]+)"',
-                r'\.error\(\s*"([a-z_]+)"', r'_refuse\(\s*\d+,\s*"([a-z_]+)"',
-                r'close_now\(\s*Close\.[A-Z_]+,\s*"([a-z_]+)"']
+    patterns = [
+        r'code\s*=\s*"([a-z_]+)"',
+        r'send_error\(\s*"([a-z_]+)"',
+        r'\.error\(\s*"([a-z_]+)"',
+        r'_refuse\(\s*\d+,\s*"([a-z_]+)"',
+        r'close_now\(\s*Close\.[A-Z_]+,\s*"([a-z_]+)"',
+    ]
     found: set[str] = set()
     for path in SERVICE.rglob("*.py"):
         text = path.read_text()

@@ -33,4 +33,5 @@ def test_every_close_code_is_in_the_readme_table() -> None:
 def test_readme_tables_match_the_generated_ones() -> None:
     """Verbatim, so a changed summary or status in protocol.py cannot drift from the docs."""
     assert markdown_tables() in README.read_text(encoding="utf-8"), (
-        "README tables differ from `lookback protocol`; paste its output into README.md")
+        "README tables differ from `lookback protocol`; paste its output into README.md"
+    )

@@ -97,16 +97,19 @@ def test_dotenv_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings(_env_file=env).port == 7002  # type: ignore[call-arg]
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("LOOKBACK_PORT", "70000"),
-    ("LOOKBACK_PORT", "eighty"),
-    ("LOOKBACK_LOG_LEVEL", "loud"),
-    ("LOOKBACK_PROVIDERS", "tpu"),
-    ("LOOKBACK_MAX_BATCH_SIZE", "0"),
-    ("LOOKBACK_MAX_MESSAGE_BYTES", "100"),
-    ("LOOKBACK_IDLE_TIMEOUT_S", "0"),
-    ("LOOKBACK_WARMUP_BATCH_SIZES", "1,x"),
-])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LOOKBACK_PORT", "70000"),
+        ("LOOKBACK_PORT", "eighty"),
+        ("LOOKBACK_LOG_LEVEL", "loud"),
+        ("LOOKBACK_PROVIDERS", "tpu"),
+        ("LOOKBACK_MAX_BATCH_SIZE", "0"),
+        ("LOOKBACK_MAX_MESSAGE_BYTES", "100"),
+        ("LOOKBACK_IDLE_TIMEOUT_S", "0"),
+        ("LOOKBACK_WARMUP_BATCH_SIZES", "1,x"),
+    ],
+)
 def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):

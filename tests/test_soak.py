@@ -20,11 +20,14 @@ def test_session_churn_leaks_nothing(tmp_path: Path, silero_model: str) -> None:
     f = run_soak(SESSIONS, warm=WARM, concurrency=32, workdir=tmp_path)
     print(f"\nsoak: {f}")
     client = f["client"]
-    assert client.get("ended", 0) + client.get("closed", 0) + client.get("dropped", 0) \
-        == SESSIONS, client  # no client failure of any kind
+    assert client.get("ended", 0) + client.get("closed", 0) + client.get("dropped", 0) == SESSIONS, (
+        client
+    )  # no client failure of any kind
     assert client.get("wrong_summary", 0) == 0
-    assert f["ended_by_reason"] == {"normal": client["ended"],
-                                    "client_gone": client["closed"] + client["dropped"]}
+    assert f["ended_by_reason"] == {
+        "normal": client["ended"],
+        "client_gone": client["closed"] + client["dropped"],
+    }
     assert f["server_errors"] == {}
     assert f["slots_used"] == 0 and f["sessions_active"] == 0
     assert abs(f["rss_change_pct"]) <= 5.0, f

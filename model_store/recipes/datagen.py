@@ -45,29 +45,136 @@ CLIPS_PER_SHARD = 40
 
 # --- voices ---------------------------------------------------------------------------
 
-LATIN = ["af", "an", "ca", "cs", "cy", "da", "de", "en-us", "en-gb", "en-029", "en-gb-x-rp",
-         "eo", "es", "es-419", "et", "eu", "fi", "fr-fr", "fr-be", "ga", "gd", "hr", "ht",
-         "ia", "id", "is", "it", "la", "lb", "lt", "lv", "mi", "ms", "mt", "nb", "pap",
-         "pt", "pt-br", "ro", "sk", "sl", "sq", "sv", "tn", "az", "haw"]
+LATIN = [
+    "af",
+    "an",
+    "ca",
+    "cs",
+    "cy",
+    "da",
+    "de",
+    "en-us",
+    "en-gb",
+    "en-029",
+    "en-gb-x-rp",
+    "eo",
+    "es",
+    "es-419",
+    "et",
+    "eu",
+    "fi",
+    "fr-fr",
+    "fr-be",
+    "ga",
+    "gd",
+    "hr",
+    "ht",
+    "ia",
+    "id",
+    "is",
+    "it",
+    "la",
+    "lb",
+    "lt",
+    "lv",
+    "mi",
+    "ms",
+    "mt",
+    "nb",
+    "pap",
+    "pt",
+    "pt-br",
+    "ro",
+    "sk",
+    "sl",
+    "sq",
+    "sv",
+    "tn",
+    "az",
+    "haw",
+]
 CYRILLIC = ["ru", "bg", "be", "mk", "kk"]
 TEST_LATIN = ["nl", "pl", "hu", "sw", "tr", "vi", "en-gb-scotland", "fr-ch", "gn"]
 TEST_CYRILLIC = ["uk"]
 TEST_GREEK = ["el"]
 
-TRAIN_VARIANTS = ["", "m1", "m2", "m3", "m4", "m5", "m6", "f1", "f2", "f3", "f4", "klatt",
-                  "klatt2", "klatt4", "Alex", "Andrea", "Annie", "adam", "aunty", "belinda",
-                  "benjamin", "boris", "caleb", "david", "ed", "edward", "grandma", "grandpa",
-                  "iven", "iven2", "john", "linda", "max", "michel", "norbert", "paul",
-                  "pablo", "steph", "travis", "victor", "Mario", "Hugo", "Lee", "Michael"]
-TEST_VARIANTS = ["m7", "f5", "klatt3", "klatt5", "Alicia", "Andy", "antonio", "gustave",
-                 "iven3", "Denis", "Gene", "Diogo", "marcelo", "kaukovalta", "miguel",
-                 "robert", "rob", "steph2", "Storm", "Marco"]
+TRAIN_VARIANTS = [
+    "",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "klatt",
+    "klatt2",
+    "klatt4",
+    "Alex",
+    "Andrea",
+    "Annie",
+    "adam",
+    "aunty",
+    "belinda",
+    "benjamin",
+    "boris",
+    "caleb",
+    "david",
+    "ed",
+    "edward",
+    "grandma",
+    "grandpa",
+    "iven",
+    "iven2",
+    "john",
+    "linda",
+    "max",
+    "michel",
+    "norbert",
+    "paul",
+    "pablo",
+    "steph",
+    "travis",
+    "victor",
+    "Mario",
+    "Hugo",
+    "Lee",
+    "Michael",
+]
+TEST_VARIANTS = [
+    "m7",
+    "f5",
+    "klatt3",
+    "klatt5",
+    "Alicia",
+    "Andy",
+    "antonio",
+    "gustave",
+    "iven3",
+    "Denis",
+    "Gene",
+    "Diogo",
+    "marcelo",
+    "kaukovalta",
+    "miguel",
+    "robert",
+    "rob",
+    "steph2",
+    "Storm",
+    "Marco",
+]
 
 
 def _scripts(split: str) -> list[tuple[str, str]]:
     if split == "test":
-        return ([(v, "latin") for v in TEST_LATIN] + [(v, "cyrillic") for v in TEST_CYRILLIC]
-                + [(v, "greek") for v in TEST_GREEK])
+        return (
+            [(v, "latin") for v in TEST_LATIN]
+            + [(v, "cyrillic") for v in TEST_CYRILLIC]
+            + [(v, "greek") for v in TEST_GREEK]
+        )
     return [(v, "latin") for v in LATIN] + [(v, "cyrillic") for v in CYRILLIC]
 
 
@@ -78,12 +185,17 @@ def _variants(split: str) -> list[str]:
 # --- texts ------------------------------------------------------------------------------
 
 ALPHABETS = {
-    "latin": ("b c d f g h j k l m n p r s t v w z br tr st sh ch pl gr kl sp dr fr",
-              "a e i o u a e i o u ai ou ea y", "n s r l t k m"),
-    "cyrillic": ("б в г д ж з к л м н п р с т ф х ц ч ш бр тр ст пл гр кр",
-                 "а е и о у ы я ю э а о и", "н с р л т к м й"),
-    "greek": ("β γ δ ζ θ κ λ μ ν ξ π ρ σ τ φ χ ψ στ πρ τρ", "α ε η ι ο υ ω α ο ει ου",
-              "ς ν"),
+    "latin": (
+        "b c d f g h j k l m n p r s t v w z br tr st sh ch pl gr kl sp dr fr",
+        "a e i o u a e i o u ai ou ea y",
+        "n s r l t k m",
+    ),
+    "cyrillic": (
+        "б в г д ж з к л м н п р с т ф х ц ч ш бр тр ст пл гр кр",
+        "а е и о у ы я ю э а о и",
+        "н с р л т к м й",
+    ),
+    "greek": ("β γ δ ζ θ κ λ μ ν ξ π ρ σ τ φ χ ψ στ πρ τρ", "α ε η ι ο υ ω α ο ει ου", "ς ν"),
 }
 
 
@@ -112,11 +224,33 @@ def random_text(rng: np.random.Generator, script: str) -> str:
 def synth(voice: str, text: str, speed: int, pitch: int, gap: int) -> np.ndarray:
     """espeak-ng -> sox -> float32 at 16 kHz, leading/trailing silence trimmed."""
     esp = subprocess.Popen(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-g", str(gap),
-         "--stdout", text], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-g", str(gap), "--stdout", text],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     sox = subprocess.run(
-        ["sox", "-D", "-t", "wav", "-", "-t", "raw", "-e", "signed-integer", "-b", "16",
-         "-c", "1", "-r", str(SR), "-"], stdin=esp.stdout, capture_output=True, check=True)
+        [
+            "sox",
+            "-D",
+            "-t",
+            "wav",
+            "-",
+            "-t",
+            "raw",
+            "-e",
+            "signed-integer",
+            "-b",
+            "16",
+            "-c",
+            "1",
+            "-r",
+            str(SR),
+            "-",
+        ],
+        stdin=esp.stdout,
+        capture_output=True,
+        check=True,
+    )
     assert esp.stdout is not None
     esp.stdout.close()
     esp.wait()
@@ -125,7 +259,7 @@ def synth(voice: str, text: str, speed: int, pitch: int, gap: int) -> np.ndarray
         return np.zeros(0, np.float32)
     env = np.abs(x)
     on = np.flatnonzero(env > env.max() * 10 ** (-50 / 20))
-    return x[max(on[0] - 32, 0): on[-1] + 32]
+    return x[max(on[0] - 32, 0) : on[-1] + 32]
 
 
 @dataclass
@@ -146,11 +280,18 @@ def random_voice(rng: np.random.Generator, split: str) -> Voice:
     scripts = _scripts(split)
     lang, script = scripts[int(rng.integers(len(scripts)))]
     variants = _variants(split)
-    return Voice(lang, script, variants[int(rng.integers(len(variants)))],
-                 int(rng.integers(95, 260)), int(rng.integers(5, 95)), int(rng.integers(0, 8)))
+    return Voice(
+        lang,
+        script,
+        variants[int(rng.integers(len(variants)))],
+        int(rng.integers(95, 260)),
+        int(rng.integers(5, 95)),
+        int(rng.integers(0, 8)),
+    )
 
 
 # --- noise --------------------------------------------------------------------------------
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     r = float(np.sqrt(np.mean(x.astype(np.float64) ** 2)))
@@ -164,8 +305,9 @@ def _coloured(rng: np.random.Generator, n: int, exponent: float, lo: float = 20.
     return _unit(np.fft.irfft(spec, n))
 
 
-def _envelope(rng: np.random.Generator, n: int, on_s: tuple[float, float],
-              off_s: tuple[float, float]) -> np.ndarray:
+def _envelope(
+    rng: np.random.Generator, n: int, on_s: tuple[float, float], off_s: tuple[float, float]
+) -> np.ndarray:
     env = np.zeros(n, np.float32)
     pos = int(rng.uniform(0, off_s[1]) * SR)
     ramp = int(0.005 * SR)
@@ -177,7 +319,7 @@ def _envelope(rng: np.random.Generator, n: int, on_s: tuple[float, float],
             seg[:r] = np.linspace(0, 1, r)
             seg[-r:] = np.linspace(1, 0, r)
         seg = seg[: n - pos]
-        env[pos: pos + seg.size] = seg
+        env[pos : pos + seg.size] = seg
         pos += length + int(rng.uniform(*off_s) * SR)
     return env
 
@@ -199,8 +341,11 @@ def noise_hum(rng: np.random.Generator, n: int) -> np.ndarray:
     t = np.arange(n) / SR
     x = np.zeros(n)
     for k in range(1, int(rng.integers(2, 12))):
-        x += rng.uniform(0.05, 1.0) / k ** rng.uniform(0, 1.5) * np.sin(
-            2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi))
+        x += (
+            rng.uniform(0.05, 1.0)
+            / k ** rng.uniform(0, 1.5)
+            * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi))
+        )
     return _unit(x)
 
 
@@ -208,8 +353,7 @@ def noise_tone(rng: np.random.Generator, n: int) -> np.ndarray:
     t = np.arange(n) / SR
     x = np.zeros(n)
     for _ in range(int(rng.integers(1, 4))):
-        x += rng.uniform(0.3, 1) * np.sin(2 * np.pi * rng.uniform(100, 6000) * t
-                                          + rng.uniform(0, 2 * np.pi))
+        x += rng.uniform(0.3, 1) * np.sin(2 * np.pi * rng.uniform(100, 6000) * t + rng.uniform(0, 2 * np.pi))
     if rng.random() < 0.5:
         x *= _envelope(rng, n, (0.05, 1.0), (0.05, 1.5))
     return _unit(x)
@@ -222,7 +366,7 @@ def noise_clicks(rng: np.random.Generator, n: int) -> np.ndarray:
         length = int(rng.integers(16, 400))
         burst = rng.standard_normal(length) * np.exp(-np.arange(length) / rng.uniform(3, 60))
         burst *= rng.uniform(0.2, 1.0)
-        x[pos: pos + length] += burst[: n - pos]
+        x[pos : pos + length] += burst[: n - pos]
     return _unit(x) if np.any(x) else _unit(rng.standard_normal(n) * 1e-3)
 
 
@@ -243,7 +387,7 @@ def noise_music(rng: np.random.Generator, n: int) -> np.ndarray:
         for _ in range(int(rng.integers(1, 4))):
             f0 = 110 * 2 ** (rng.integers(0, 36) / 12)
             for k in range(1, 6):
-                x[pos: pos + length] += env * np.sin(2 * np.pi * k * f0 * t) / k ** 1.5
+                x[pos : pos + length] += env * np.sin(2 * np.pi * k * f0 * t) / k**1.5
         pos += length
     return _unit(x)
 
@@ -266,13 +410,20 @@ def noise_dtmf(rng: np.random.Generator, n: int) -> np.ndarray:
 
 NoiseFn = Callable[[np.random.Generator, int], np.ndarray]
 TRAIN_NOISES: dict[str, NoiseFn] = {
-    "white": noise_white, "pink": noise_pink, "brown": noise_brown, "hum": noise_hum,
-    "tone": noise_tone, "clicks": noise_clicks, "bursts": noise_bursts, "music": noise_music,
+    "white": noise_white,
+    "pink": noise_pink,
+    "brown": noise_brown,
+    "hum": noise_hum,
+    "tone": noise_tone,
+    "clicks": noise_clicks,
+    "bursts": noise_bursts,
+    "music": noise_music,
 }
 TEST_NOISES: dict[str, NoiseFn] = {**TRAIN_NOISES, "wind": noise_wind, "dtmf": noise_dtmf}
 
 
 # --- labels ---------------------------------------------------------------------------------
+
 
 def frame_db(x: np.ndarray) -> np.ndarray:
     e = (x.astype(np.float64).reshape(-1, HOP) ** 2).mean(axis=1)
@@ -301,10 +452,17 @@ def smooth_labels(mask: np.ndarray) -> np.ndarray:
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3, "fixture": 4}
 
 
-def make_clip(split: str, index: int, *, seconds: float | None = None,
-              speech: bool | None = None, kinds: list[str] | None = None,
-              snr_db: float | None = None, babble: bool | None = None,
-              peak_dbfs: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def make_clip(
+    split: str,
+    index: int,
+    *,
+    seconds: float | None = None,
+    speech: bool | None = None,
+    kinds: list[str] | None = None,
+    snr_db: float | None = None,
+    babble: bool | None = None,
+    peak_dbfs: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """One clip: int16 audio (a multiple of 512 samples), uint8 labels per hop, metadata."""
     rng = np.random.default_rng([SPLIT_SEEDS[split], index])
     text_split = "test" if split in ("test", "fixture") else "train"
@@ -325,9 +483,9 @@ def make_clip(split: str, index: int, *, seconds: float | None = None,
             if u.size < HOP * 4:
                 continue
             u = u[: n - pos] * 10 ** (rng.uniform(-8, 0) / 20) / (np.abs(u).max() + 1e-9)
-            clean[pos: pos + u.size] = u
+            clean[pos : pos + u.size] = u
             f0, f1 = pos // HOP, (pos + u.size + HOP - 1) // HOP
-            ref_db[f0:f1] = frame_db(clean[f0 * HOP: f1 * HOP]).max()
+            ref_db[f0:f1] = frame_db(clean[f0 * HOP : f1 * HOP]).max()
             voices.append(v.name)
             pos += u.size + int(rng.uniform(0.15, 2.5) * SR)
     labels = smooth_labels(frame_db(clean) > ref_db - REL_DB)
@@ -351,7 +509,7 @@ def make_clip(split: str, index: int, *, seconds: float | None = None,
                 u = synth(v.name, random_text(rng, v.script), v.speed, v.pitch, v.gap)
                 a, b = max(p, 0), min(p + u.size, n)
                 if b > a:
-                    bab[a:b] += u[a - p: b - p] / (np.abs(u).max() + 1e-9)
+                    bab[a:b] += u[a - p : b - p] / (np.abs(u).max() + 1e-9)
                 p += u.size + int(rng.uniform(0, 0.4) * SR)
 
     speech_rms = float(np.sqrt(np.mean(clean[np.repeat(labels, HOP)] ** 2))) if labels.any() else 0.1
@@ -368,10 +526,17 @@ def make_clip(split: str, index: int, *, seconds: float | None = None,
         peak_dbfs = float(rng.uniform(-3, -1) if text_split == "train" else rng.uniform(-35, -1))
     mix *= 10 ** (peak_dbfs / 20) / (np.abs(mix).max() + 1e-12)
     audio = np.clip(np.round(mix * 32768), -32768, 32767).astype(np.int16)
-    meta = {"index": index, "samples": n, "voices": voices, "noise": kinds,
-            "snr_db": round(snr_db, 2), "babble": bool(np.any(bab)),
-            "babble_snr_db": round(bab_snr, 2) if np.any(bab) else None,
-            "peak_dbfs": round(peak_dbfs, 2), "speech_frames": int(labels.sum())}
+    meta = {
+        "index": index,
+        "samples": n,
+        "voices": voices,
+        "noise": kinds,
+        "snr_db": round(snr_db, 2),
+        "babble": bool(np.any(bab)),
+        "babble_snr_db": round(bab_snr, 2) if np.any(bab) else None,
+        "peak_dbfs": round(peak_dbfs, 2),
+        "speech_frames": int(labels.sum()),
+    }
     return audio, labels.astype(np.uint8), meta
 
 
@@ -403,16 +568,14 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     jobs = []
-    for split, total in (("train", args.train_clips), ("val", args.val_clips),
-                         ("test", args.test_clips)):
+    for split, total in (("train", args.train_clips), ("val", args.val_clips), ("test", args.test_clips)):
         for s, first in enumerate(range(0, total, CLIPS_PER_SHARD)):
             jobs.append((split, s, first, min(CLIPS_PER_SHARD, total - first), args.out))
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(write_shard, *zip(*jobs, strict=True)))
     summary: dict[str, dict[str, float]] = {}
     for job, (samples, speech) in zip(jobs, results, strict=True):
-        d = summary.setdefault(job[0], {"clips": 0, "hours": 0.0, "speech_frames": 0,
-                                        "frames": 0})
+        d = summary.setdefault(job[0], {"clips": 0, "hours": 0.0, "speech_frames": 0, "frames": 0})
         d["clips"] += job[3]
         d["hours"] += samples / SR / 3600
         d["speech_frames"] += speech

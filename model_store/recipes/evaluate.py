@@ -52,8 +52,20 @@ def silero_onnx(cache: Path) -> Path:
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                            f"silero-vad=={SILERO_VERSION}", "-d", tmp], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "-q",
+                    f"silero-vad=={SILERO_VERSION}",
+                    "-d",
+                    tmp,
+                ],
+                check=True,
+            )
             wheel = next(Path(tmp).glob("silero_vad-*.whl"))
             with zipfile.ZipFile(wheel) as z:
                 target.write_bytes(z.read(SILERO_MEMBER))
@@ -71,16 +83,16 @@ def score_lookback(path: Path, split: Split) -> list[np.ndarray]:
     max_steps = spec["sequence"]["max_steps"]
     out = []
     for clip in split.clips:
-        audio = np.concatenate([np.zeros(CONTEXT, np.float32),
-                                np.asarray(clip.audio, np.float32) / 32768.0])
+        audio = np.concatenate([np.zeros(CONTEXT, np.float32), np.asarray(clip.audio, np.float32) / 32768.0])
         conv = np.zeros([1, *conv_shape], np.float32)
         h = np.zeros([h_shape[0], 1, h_shape[1]], np.float32)
         n = clip.labels.size
         scores = []
         for t in range(0, n, max_steps):
             m = min(max_steps, n - t)
-            s, conv, h = seq.run(None, {"audio": audio[None, t * HOP: CONTEXT + (t + m) * HOP],
-                                        "conv": conv, "h": h})
+            s, conv, h = seq.run(
+                None, {"audio": audio[None, t * HOP : CONTEXT + (t + m) * HOP], "conv": conv, "h": h}
+            )
             scores.append(s[0])
         out.append(np.concatenate(scores))
     return out
@@ -99,7 +111,7 @@ def score_silero(path: Path, split: Split) -> list[np.ndarray]:
     sr = np.array(16000, np.int64)
     probs = []
     for t in range(0, n, 512):
-        chunk = audio[:, t: t + 512]
+        chunk = audio[:, t : t + 512]
         x = np.concatenate([context, chunk], axis=1)
         p, state = sess.run(None, {"input": x, "state": state, "sr": sr})
         probs.append(p[:, 0])
@@ -134,8 +146,11 @@ def metrics(scores: list[np.ndarray], split: Split, threshold: float) -> dict:
     }
     bands = {}
     for lo, hi in ((0, 10), (10, 20), (20, 30.1)):
-        idx = [i for i, c in enumerate(split.clips)
-               if c.meta["speech_frames"] and c.meta["noise"] and lo <= c.meta["snr_db"] < hi]
+        idx = [
+            i
+            for i, c in enumerate(split.clips)
+            if c.meta["speech_frames"] and c.meta["noise"] and lo <= c.meta["snr_db"] < hi
+        ]
         if idx:
             bs = np.concatenate([scores[i] for i in idx])
             bl = np.concatenate([np.asarray(split.clips[i].labels) for i in idx]).astype(bool)
@@ -147,9 +162,12 @@ def metrics(scores: list[np.ndarray], split: Split, threshold: float) -> dict:
         out["noise_only_false_positive_rate"] = round(float(np.mean(ns >= threshold)), 4)
         out["noise_only_clips"] = len(noise_only)
         out["noise_only_by_clip"] = [
-            {"noise": split.clips[i].meta["noise"],
-             "false_positive_rate": round(float(np.mean(scores[i] >= threshold)), 3)}
-            for i in noise_only]
+            {
+                "noise": split.clips[i].meta["noise"],
+                "false_positive_rate": round(float(np.mean(scores[i] >= threshold)), 3),
+            }
+            for i in noise_only
+        ]
     return out
 
 
@@ -158,9 +176,11 @@ def latency(path: Path, batch: int, runs: int) -> float:
     sess = session(path / "model.onnx", threads=1)
     spec = json.loads((path / "model.json").read_text())
     c, h = spec["states"][0]["shape"], spec["states"][1]["shape"]
-    feed = {"audio": np.random.default_rng(0).uniform(-0.1, 0.1, (batch, 512)).astype(np.float32),
-            "conv": np.zeros([batch, *c], np.float32),
-            "h": np.zeros([h[0], batch, h[1]], np.float32)}
+    feed = {
+        "audio": np.random.default_rng(0).uniform(-0.1, 0.1, (batch, 512)).astype(np.float32),
+        "conv": np.zeros([batch, *c], np.float32),
+        "h": np.zeros([h[0], batch, h[1]], np.float32),
+    }
     for _ in range(20):
         sess.run(None, feed)
     times = []
@@ -187,24 +207,40 @@ def main() -> None:
     silero_path = silero_onnx(args.data / "silero")
     theirs = metrics(score_silero(silero_path, test), test, 0.5)
     lat = {f"batch {b}": latency(args.model, b, runs) for b, runs in ((1, 3000), (256, 300))}
-    sizes = {p.name: p.stat().st_size for p in
-             (args.model / "model.onnx", args.model / "sequence.onnx", silero_path)}
+    sizes = {
+        p.name: p.stat().st_size
+        for p in (args.model / "model.onnx", args.model / "sequence.onnx", silero_path)
+    }
     summary = json.loads((args.data / "summary.json").read_text())
-    train = json.loads((args.run / "train.json").read_text()) if (
-        args.run / "train.json").exists() else {}
-    thr_info = json.loads((args.run / "export.json").read_text()) if (
-        args.run / "export.json").exists() else {}
-    timings = json.loads((args.run / "timings.json").read_text()) if (
-        args.run / "timings.json").exists() else {}
-    results = {"lookback-vad": ours, "silero-vad-6.2.3": theirs, "latency_s": lat,
-               "sizes_bytes": sizes, "data": summary, "train": train, "timings_s": timings,
-               "threshold": thr_info,
-               "test_clips": len(test), "test_hops": test.frames, "ort": ort.__version__}
+    train = json.loads((args.run / "train.json").read_text()) if (args.run / "train.json").exists() else {}
+    thr_info = (
+        json.loads((args.run / "export.json").read_text()) if (args.run / "export.json").exists() else {}
+    )
+    timings = (
+        json.loads((args.run / "timings.json").read_text()) if (args.run / "timings.json").exists() else {}
+    )
+    results = {
+        "lookback-vad": ours,
+        "silero-vad-6.2.3": theirs,
+        "latency_s": lat,
+        "sizes_bytes": sizes,
+        "data": summary,
+        "train": train,
+        "timings_s": timings,
+        "threshold": thr_info,
+        "test_clips": len(test),
+        "test_hops": test.frames,
+        "ort": ort.__version__,
+    }
     args.run.mkdir(parents=True, exist_ok=True)
     (args.run / "results.json").write_text(json.dumps(results, indent=1))
     args.results.write_text(render(results))
-    print(json.dumps({k: results[k] for k in ("lookback-vad", "silero-vad-6.2.3", "latency_s",
-                                              "sizes_bytes")}, indent=1))
+    print(
+        json.dumps(
+            {k: results[k] for k in ("lookback-vad", "silero-vad-6.2.3", "latency_s", "sizes_bytes")},
+            indent=1,
+        )
+    )
     print(f"evaluate: wrote {args.results} in {time.time() - t0:.0f} s")
 
 
@@ -215,24 +251,36 @@ def render(r: dict) -> str:
         ("threshold", f"{o['threshold']} (manifest)", f"{s['threshold']} (default)"),
         ("frame F1 at threshold", o["f1"], s["f1"]),
         ("ROC-AUC", o["auc"], s["auc"]),
-        ("precision / recall", f"{o['precision']} / {o['recall']}",
-         f"{s['precision']} / {s['recall']}"),
-        ("best F1 over thresholds (oracle)", f"{o['oracle_f1']} at {o['oracle_threshold']}",
-         f"{s['oracle_f1']} at {s['oracle_threshold']}"),
+        ("precision / recall", f"{o['precision']} / {o['recall']}", f"{s['precision']} / {s['recall']}"),
+        (
+            "best F1 over thresholds (oracle)",
+            f"{o['oracle_f1']} at {o['oracle_threshold']}",
+            f"{s['oracle_f1']} at {s['oracle_threshold']}",
+        ),
     ]
     for band in o["f1_by_snr"]:
         rows.append((f"F1, {band}", o["f1_by_snr"][band], s["f1_by_snr"].get(band, "")))
     if "noise_only_false_positive_rate" in o:
-        rows.append((f"false-positive rate, {o['noise_only_clips']} noise-only clips",
-                     o["noise_only_false_positive_rate"], s["noise_only_false_positive_rate"]))
+        rows.append(
+            (
+                f"false-positive rate, {o['noise_only_clips']} noise-only clips",
+                o["noise_only_false_positive_rate"],
+                s["noise_only_false_positive_rate"],
+            )
+        )
     sz = r["sizes_bytes"]
-    rows.append(("ONNX size (bytes)", f"model.onnx {sz['model.onnx']}, sequence.onnx "
-                 f"{sz['sequence.onnx']}", f"silero_vad.onnx {sz['silero_vad.onnx']}"))
+    rows.append(
+        (
+            "ONNX size (bytes)",
+            f"model.onnx {sz['model.onnx']}, sequence.onnx {sz['sequence.onnx']}",
+            f"silero_vad.onnx {sz['silero_vad.onnx']}",
+        )
+    )
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     noisy = "\n".join(
         f"| {' + '.join(a['noise'])} | {a['false_positive_rate']} | {b['false_positive_rate']} |"
-        for a, b in zip(o.get("noise_only_by_clip", []), s.get("noise_only_by_clip", []),
-                        strict=True))
+        for a, b in zip(o.get("noise_only_by_clip", []), s.get("noise_only_by_clip", []), strict=True)
+    )
     lat = r["latency_s"]
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in tm.items()) or "(run.sh not used)"
     d = data
@@ -243,13 +291,13 @@ below comes from `runs/lookback-vad/results.json` of that run.
 
 ## Held-out test set
 
-{r['test_clips']} clips, {r['test_hops']} hops of 128 samples
-({d['test']['hours']:.2f} h; {d['test']['speech_fraction']:.0%} speech frames): languages,
+{r["test_clips"]} clips, {r["test_hops"]} hops of 128 samples
+({d["test"]["hours"]:.2f} h; {d["test"]["speech_fraction"]:.0%} speech frames): languages,
 voice variants, text seed and noise seeds that training never saw, plus two noise kinds
 it never saw (wind, DTMF beeps); SNR 0-30 dB, peak level -35..-1 dBFS. Labels: a hop is
 speech when the clean speech's energy is within 35 dB of its utterance's peak, gaps up
 to 80 ms filled. Both models stream each clip from zero state in ONNX Runtime
-{r['ort']} on CPU.
+{r["ort"]} on CPU.
 
 | | lookback-vad 1 | silero-vad 6.2.3 |
 |---|---|---|
@@ -276,18 +324,18 @@ stream) here; as matrix products with a [F, K-1] conv state and ORT's GRU op, 22
 0.61 ms (2.4 µs per stream); time-major state and the written-out cell gave 1.7 µs per
 stream at batch 200 against 2.45 for that form (same machine, interleaved runs):
 
-- batch 1: {lat['batch 1'] * 1e6:.0f} µs
-- batch 256: {lat['batch 256'] * 1e3:.2f} ms ({lat['batch 256'] / 256 * 1e6:.1f} µs per stream)
+- batch 1: {lat["batch 1"] * 1e6:.0f} µs
+- batch 256: {lat["batch 256"] * 1e3:.2f} ms ({lat["batch 256"] / 256 * 1e6:.1f} µs per stream)
 
 ## Training
 
-- data: {d['train']['clips']} train clips ({d['train']['hours']:.2f} h), {d['val']['clips']}
-  val clips ({d['val']['hours']:.2f} h), {d['test']['clips']} test clips
-- {tr.get('parameters')} parameters, {tr.get('steps')} steps of {tr.get('batch')} x
-  {tr.get('frames')} hops, AdamW lr {tr.get('lr')} (warm-up + cosine), seed {tr.get('seed')},
-  torch {tr.get('torch')}
-- checkpoint: the best val F1 one, {tr.get('best_val')}
-- manifest threshold, chosen on val by export.py: {r.get('threshold')}
+- data: {d["train"]["clips"]} train clips ({d["train"]["hours"]:.2f} h), {d["val"]["clips"]}
+  val clips ({d["val"]["hours"]:.2f} h), {d["test"]["clips"]} test clips
+- {tr.get("parameters")} parameters, {tr.get("steps")} steps of {tr.get("batch")} x
+  {tr.get("frames")} hops, AdamW lr {tr.get("lr")} (warm-up + cosine), seed {tr.get("seed")},
+  torch {tr.get("torch")}
+- checkpoint: the best val F1 one, {tr.get("best_val")}
+- manifest threshold, chosen on val by export.py: {r.get("threshold")}
 - wall-clock on 2 shared CPU cores: {timing}
 
 ## Commands

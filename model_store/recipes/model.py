@@ -56,8 +56,7 @@ def band_frequencies(n_bands: int = N_BANDS) -> np.ndarray:
 def filterbank_basis(n_bands: int = N_BANDS) -> np.ndarray:
     """[2F, 512] float32: Hann-windowed cos rows then sin rows, right-aligned."""
     freqs = band_frequencies(n_bands)
-    edges = np.concatenate([[freqs[0] - (freqs[1] - freqs[0])], freqs,
-                            [freqs[-1] + (freqs[-1] - freqs[-2])]])
+    edges = np.concatenate([[freqs[0] - (freqs[1] - freqs[0])], freqs, [freqs[-1] + (freqs[-1] - freqs[-2])]])
     basis = np.zeros((2 * n_bands, WINDOW), dtype=np.float64)
     for i, f in enumerate(freqs):
         bandwidth = 0.5 * (edges[i + 2] - edges[i])  # spacing to the neighbours
@@ -67,14 +66,19 @@ def filterbank_basis(n_bands: int = N_BANDS) -> np.ndarray:
         win = 0.5 - 0.5 * np.cos(2 * np.pi * (n + 0.5) / length)
         win /= win.sum()  # unit DC gain: a full-scale sinusoid gives |X| = 0.5
         t = np.arange(WINDOW - length, WINDOW)  # right-aligned: ends at the newest sample
-        basis[i, WINDOW - length:] = win * np.cos(2 * np.pi * f * t / SAMPLE_RATE)
-        basis[n_bands + i, WINDOW - length:] = win * np.sin(2 * np.pi * f * t / SAMPLE_RATE)
+        basis[i, WINDOW - length :] = win * np.cos(2 * np.pi * f * t / SAMPLE_RATE)
+        basis[n_bands + i, WINDOW - length :] = win * np.sin(2 * np.pi * f * t / SAMPLE_RATE)
     return basis.astype(np.float32)
 
 
 class LookbackVAD(nn.Module):
-    def __init__(self, n_bands: int = N_BANDS, channels: int = CONV_CHANNELS,
-                 hidden: int = HIDDEN, kernel: int = KERNEL) -> None:
+    def __init__(
+        self,
+        n_bands: int = N_BANDS,
+        channels: int = CONV_CHANNELS,
+        hidden: int = HIDDEN,
+        kernel: int = KERNEL,
+    ) -> None:
         super().__init__()
         self.n_bands = n_bands
         self.kernel = kernel
@@ -95,23 +99,24 @@ class LookbackVAD(nn.Module):
         re, im = z[:, : self.n_bands], z[:, self.n_bands :]
         return torch.log(re * re + im * im + LOG_EPS)
 
-    def logits(self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logits(
+        self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         feat = (self.features(audio) - self.norm_shift) * self.norm_scale  # [B, F, N]
         full = torch.cat([conv.transpose(1, 2), feat], dim=2)  # [B, F, K-1+N]
-        conv_out = full[:, :, full.shape[2] - (self.kernel - 1):].transpose(1, 2)
+        conv_out = full[:, :, full.shape[2] - (self.kernel - 1) :].transpose(1, 2)
         y = torch.relu(self.conv(full))  # [B, C, N]
         out, h_out = self.gru(y.transpose(1, 2), h)  # [B, N, H], [1, B, H]
         return self.head(out).squeeze(2), conv_out, h_out  # [B, N]
 
-    def forward(self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logit, conv_out, h_out = self.logits(audio, conv, h)
         return torch.sigmoid(logit), conv_out, h_out
 
     def initial_states(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.zeros(batch, self.kernel - 1, self.n_bands),
-                torch.zeros(1, batch, self.hidden))
+        return (torch.zeros(batch, self.kernel - 1, self.n_bands), torch.zeros(1, batch, self.hidden))
 
     def set_normalisation(self, mean: np.ndarray, std: np.ndarray) -> None:
         with torch.no_grad():
@@ -154,8 +159,9 @@ class StepGraph(nn.Module):
         self.register_buffer("eps", (LOG_EPS * gain).float())
         self.register_buffer("scale", model.norm_scale.detach().view(1, f).clone())
         conv = model.conv  # weight [C, F, K] -> [C, K * F], matching the time-major window
-        self.register_buffer("conv_w", conv.weight.detach().permute(0, 2, 1)
-                             .reshape(conv.out_channels, -1).clone())
+        self.register_buffer(
+            "conv_w", conv.weight.detach().permute(0, 2, 1).reshape(conv.out_channels, -1).clone()
+        )
         self.register_buffer("conv_b", conv.bias.detach().clone())
         gru = model.gru  # PyTorch gate order: r, z, n
         self.hidden = gru.hidden_size
@@ -163,8 +169,9 @@ class StepGraph(nn.Module):
             self.register_buffer(name, getattr(gru, name).detach().clone())
         self.head = model.head
 
-    def forward(self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, audio: torch.Tensor, conv: torch.Tensor, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = nn.functional.linear(audio, self.basis)  # [B, 2F]
         power = nn.functional.linear(z * z, self.pairs, self.eps)  # (re^2 + im^2 + eps) e^-shift
         feat = torch.log(power) * self.scale  # [B, F], normalised
@@ -187,8 +194,10 @@ def count_parameters(model: nn.Module) -> int:
 
 def describe_frontend(n_bands: int = N_BANDS) -> str:
     f = band_frequencies(n_bands)
-    return (f"{n_bands} mel-spaced bands {f[0]:.0f}-{f[-1]:.0f} Hz, Hann windows "
-            f"{MIN_BAND_WINDOW}-{WINDOW} samples, log power")
+    return (
+        f"{n_bands} mel-spaced bands {f[0]:.0f}-{f[-1]:.0f} Hz, Hann windows "
+        f"{MIN_BAND_WINDOW}-{WINDOW} samples, log power"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look

@@ -35,8 +35,7 @@ class Split:
             labels = np.load(f"{stem}.labels.npy", mmap_mode="r")
             for meta in json.loads(index.read_text())["clips"]:
                 a0, n = meta["offset"], meta["samples"]
-                self.clips.append(Clip(audio[a0: a0 + n], labels[a0 // HOP: (a0 + n) // HOP],
-                                       meta))
+                self.clips.append(Clip(audio[a0 : a0 + n], labels[a0 // HOP : (a0 + n) // HOP], meta))
 
     @property
     def frames(self) -> int:
@@ -50,13 +49,14 @@ def crop(clip: Clip, first: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Audio [384 + n*128] float32 for hops first..first+n-1 (zero context before 0)."""
     a0 = first * HOP - CONTEXT
     out = np.zeros(CONTEXT + n * HOP, np.float32)
-    src = clip.audio[max(a0, 0): (first + n) * HOP]
-    out[out.size - src.size:] = src
-    return out / 32768.0, np.asarray(clip.labels[first: first + n], np.float32)
+    src = clip.audio[max(a0, 0) : (first + n) * HOP]
+    out[out.size - src.size :] = src
+    return out / 32768.0, np.asarray(clip.labels[first : first + n], np.float32)
 
 
-def batches(split: Split, batch: int, frames: int, seed: int,
-            gain_db: tuple[float, float] = (-45.0, 0.0)) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    split: Split, batch: int, frames: int, seed: int, gain_db: tuple[float, float] = (-45.0, 0.0)
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Endless random crops: audio [batch, 384 + frames*128], labels [batch, frames].
 
     Crops start anywhere, including hop 0 (zero context, as at the start of a stream),

@@ -44,11 +44,11 @@ def score_split(model: LookbackVAD, split: Split, group: int = 32) -> tuple[np.n
     scores, labels = [], []
     order = sorted(range(len(split)), key=lambda i: split.clips[i].labels.size)
     for g in range(0, len(order), group):
-        clips = [split.clips[i] for i in order[g: g + group]]
+        clips = [split.clips[i] for i in order[g : g + group]]
         n = max(c.labels.size for c in clips)
         audio = np.zeros((len(clips), 384 + n * HOP), np.float32)
         for b, c in enumerate(clips):
-            audio[b, 384: 384 + c.audio.size] = np.asarray(c.audio, np.float32) / 32768.0
+            audio[b, 384 : 384 + c.audio.size] = np.asarray(c.audio, np.float32) / 32768.0
         conv, h = model.initial_states(len(clips))
         s, _, _ = model(torch.from_numpy(audio), conv, h)
         for b, c in enumerate(clips):
@@ -73,8 +73,9 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float
     return float(grid[i]), float(f1s[i])
 
 
-def plateau_threshold(scores: np.ndarray, labels: np.ndarray, slack: float = 0.002
-                      ) -> tuple[float, float, float]:
+def plateau_threshold(
+    scores: np.ndarray, labels: np.ndarray, slack: float = 0.002
+) -> tuple[float, float, float]:
     """The threshold closest to 0.5 whose F1 is within ``slack`` of the best one.
 
     Val F1 is flat over a wide range of thresholds; within that plateau a threshold
@@ -95,8 +96,9 @@ def normalisation(split: Split, seed: int, n_batches: int = 8) -> tuple[np.ndarr
     with torch.no_grad():
         for _ in range(n_batches):
             audio, _ = next(gen)
-            feats.append(model.features(torch.from_numpy(audio)).transpose(1, 2).reshape(
-                -1, model.n_bands).numpy())
+            feats.append(
+                model.features(torch.from_numpy(audio)).transpose(1, 2).reshape(-1, model.n_bands).numpy()
+            )
     f = np.concatenate(feats)
     return f.mean(axis=0), f.std(axis=0)
 
@@ -119,8 +121,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     train, val = Split(args.data, "train"), Split(args.data, "val")
-    print(f"train: {len(train)} clips, {train.frames} hops; val: {len(val)} clips, "
-          f"{val.frames} hops")
+    print(f"train: {len(train)} clips, {train.frames} hops; val: {len(val)} clips, {val.frames} hops")
 
     model = LookbackVAD()
     model.set_normalisation(*normalisation(train, args.seed + 1))
@@ -128,8 +129,9 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     warm = min(200, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (
-        1 + np.cos(np.pi * min(s / args.steps, 1.0)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + np.cos(np.pi * min(s / args.steps, 1.0))))
+    )
     loss_fn = torch.nn.BCEWithLogitsLoss()
     gen = prefetch(batches(train, args.batch, args.frames, args.seed + 2))
 
@@ -148,23 +150,34 @@ def main() -> None:
         sched.step()
         running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
         if step % 100 == 0:
-            print(f"step {step} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} "
-                  f"{time.time() - t0:.0f} s", flush=True)
+            print(
+                f"step {step} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} {time.time() - t0:.0f} s",
+                flush=True,
+            )
         if step % args.eval_every == 0 or step == args.steps:
             scores, lab = score_split(model, val)
             thr, f1 = best_threshold(scores, lab)
             auc = float(roc_auc_score(lab, scores))
-            print(f"  val: AUC {auc:.4f} best F1 {f1:.4f} at {thr:.2f} "
-                  f"(F1@0.5 {f1_at(scores, lab, 0.5):.4f})", flush=True)
+            print(
+                f"  val: AUC {auc:.4f} best F1 {f1:.4f} at {thr:.2f} (F1@0.5 {f1_at(scores, lab, 0.5):.4f})",
+                flush=True,
+            )
             if f1 > best["f1"]:
                 best = {"f1": f1, "auc": auc, "threshold": thr, "step": step}
                 torch.save(model.state_dict(), args.out / "best.pt")
     elapsed = time.time() - t0
     info = {
-        "best_val": best, "steps": args.steps, "batch": args.batch, "frames": args.frames,
-        "lr": args.lr, "seed": args.seed, "train_seconds": round(elapsed, 1),
-        "train_clips": len(train), "train_hours": round(train.frames * HOP / 16000 / 3600, 2),
-        "parameters": count_parameters(model), "torch": torch.__version__,
+        "best_val": best,
+        "steps": args.steps,
+        "batch": args.batch,
+        "frames": args.frames,
+        "lr": args.lr,
+        "seed": args.seed,
+        "train_seconds": round(elapsed, 1),
+        "train_clips": len(train),
+        "train_hours": round(train.frames * HOP / 16000 / 3600, 2),
+        "parameters": count_parameters(model),
+        "torch": torch.__version__,
     }
     (args.out / "train.json").write_text(json.dumps(info, indent=1))
     print(f"train: done in {elapsed:.0f} s; best val {best}")

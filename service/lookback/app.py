@@ -44,8 +44,9 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-def create_app(settings: Settings | None = None, *, metrics: Metrics | None = None,
-               engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, metrics: Metrics | None = None, engine: Engine | None = None
+) -> FastAPI:
     settings = settings or Settings()
     metrics = metrics or Metrics()
     engine = engine or Engine(settings, metrics)
@@ -66,8 +67,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
             await svc.stop()
             await engine.stop()
 
-    app = FastAPI(title="Lookback", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+    app = FastAPI(title="Lookback", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.lookback = svc
     app.include_router(rest.router)
     app.include_router(ws.router)
@@ -82,8 +82,7 @@ def create_app(settings: Settings | None = None, *, metrics: Metrics | None = No
         metrics.error("bad_query")
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return rest.error_response(
-            LookbackError(f"{where}: {first.get('msg', 'invalid')}", code="bad_query"))
+        return rest.error_response(LookbackError(f"{where}: {first.get('msg', 'invalid')}", code="bad_query"))
 
     @app.get("/protocol", include_in_schema=False, response_class=PlainTextResponse)
     async def _protocol() -> str:

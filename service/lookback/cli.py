@@ -51,8 +51,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     for sm in discover(settings.model_store):
         entry: dict[str, Any] = {"key": sm.spec.key, "path": str(sm.path)}
         try:
-            step, seq = open_graphs(sm, providers=settings.providers, intra_op_threads=1,
-                                    inter_op_threads=1)
+            step, seq = open_graphs(sm, providers=settings.providers, intra_op_threads=1, inter_op_threads=1)
             entry.update(provider=step.provider, status="ok", sequence_graph=seq is not None)
         except Exception as exc:  # report every model, even a broken one
             entry.update(status=f"refused: {exc}")
@@ -67,8 +66,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     for r in rows:
         c = r["contract"]
         print(f"{r['key']}: {r['status']} on {r.get('provider', '-')}")
-        print(f"  {c['sample_rate']} Hz, frame {c['frame_samples']}, hop {c['hop_samples']}, "
-              f"context {c['context_samples']}, labels {[lab for o in c['outputs'] for lab in o['labels']]}")
+        print(
+            f"  {c['sample_rate']} Hz, frame {c['frame_samples']}, hop {c['hop_samples']}, "
+            f"context {c['context_samples']}, labels {[lab for o in c['outputs'] for lab in o['labels']]}"
+        )
         states = ", ".join(f"{s['input']}{s['shape']}@{s['batch_axis']}" for s in c["states"])
         print(f"  states: {states or '-'}; sequence graph: {r.get('sequence_graph', False)}")
     return 0
@@ -83,9 +84,13 @@ def cmd_stream(args: argparse.Namespace) -> int:
     total = len(samples) / rate
 
     async def run() -> int:
-        async for msg in client.stream(messages, model=args.model, realtime=args.realtime,
-                                       results="all" if args.all else "events",
-                                       frame_seconds=128 / rate):
+        async for msg in client.stream(
+            messages,
+            model=args.model,
+            realtime=args.realtime,
+            results="all" if args.all else "events",
+            frame_seconds=128 / rate,
+        ):
             kind = msg.get("type")
             if kind == "result":
                 _progress(msg["time"], total, "streaming")
@@ -97,8 +102,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 print(f"error {msg['code']}: {msg['message']}", file=sys.stderr)
             elif kind == "summary":
                 _progress(total, total, "streaming")
-                print(f"summary: {msg['frames']} frames, {msg['steps']} steps, "
-                      f"{len(msg['events'])} events")
+                print(f"summary: {msg['frames']} frames, {msg['steps']} steps, {len(msg['events'])} events")
         return 0
 
     return asyncio.run(run())
@@ -117,8 +121,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         return 0
     for ev in result["events"]:
         print(f"{ev['time']:8.3f}s  {ev['label']} {ev['event']}")
-    print(f"{result['steps']} steps, {len(result['events'])} events "
-          f"({result['model']}/{result['version']})")
+    print(f"{result['steps']} steps, {len(result['events'])} events ({result['model']}/{result['version']})")
     return 0
 
 
@@ -153,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
 
-    for name, func, helptext in (("stream", cmd_stream, "stream a file over the WebSocket"),
-                                 ("score", cmd_score, "score a file with POST /v1/score")):
+    for name, func, helptext in (
+        ("stream", cmd_stream, "stream a file over the WebSocket"),
+        ("score", cmd_score, "score a file with POST /v1/score"),
+    ):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("file", type=Path)
         c.add_argument("--url", default="http://127.0.0.1:8000")
@@ -168,8 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--json", action="store_true")
         c.set_defaults(func=func)
 
-    lt = sub.add_parser("loadtest", help="N real-time WebSocket sessions: latency percentiles, "
-                        "or --ramp to find how many stay under a p99 bound")
+    lt = sub.add_parser(
+        "loadtest",
+        help="N real-time WebSocket sessions: latency percentiles, "
+        "or --ramp to find how many stay under a p99 bound",
+    )
     from lookback.loadtest import add_arguments
 
     add_arguments(lt)

@@ -45,12 +45,13 @@ def frames_of(samples: np.ndarray, frames_per_message: int = 1) -> list[bytes]:
     if pad:
         samples = np.concatenate([samples, np.zeros(pad, samples.dtype)])
     step = FRAME * frames_per_message
-    return [samples[i:i + step].tobytes() for i in range(0, len(samples), step)]
+    return [samples[i : i + step].tobytes() for i in range(0, len(samples), step)]
 
 
 class LookbackClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 60.0
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
@@ -69,8 +70,9 @@ class LookbackClient:
             r = await http.get(f"{self.base_url}/v1/models", headers=self._headers)
             return _json_or_raise(r)
 
-    async def score(self, path: str | Path, *, model: str | None = None,
-                    version: str | None = None) -> dict[str, Any]:
+    async def score(
+        self, path: str | Path, *, model: str | None = None, version: str | None = None
+    ) -> dict[str, Any]:
         """Score a clip file with ``POST /v1/score``; the file is streamed, not loaded."""
         params = {k: v for k, v in {"model": model, "version": version}.items() if v}
         suffix = Path(path).suffix.lower()
@@ -82,8 +84,12 @@ class LookbackClient:
                     yield block
 
         async with httpx.AsyncClient(timeout=self.timeout) as http:
-            r = await http.post(f"{self.base_url}/v1/score", params=params, content=body(),
-                                headers={**self._headers, "Content-Type": ctype})
+            r = await http.post(
+                f"{self.base_url}/v1/score",
+                params=params,
+                content=body(),
+                headers={**self._headers, "Content-Type": ctype},
+            )
             return _json_or_raise(r)
 
     async def stream(
@@ -100,9 +106,13 @@ class LookbackClient:
         """Stream audio messages; yield every server message up to and including summary."""
         url = self.ws_url(model=model, version=version, encoding=encoding, results=results)
         try:
-            conn = await websockets.connect(url, additional_headers=self._headers,
-                                            compression=None, max_size=2**24,
-                                            open_timeout=self.timeout)
+            conn = await websockets.connect(
+                url,
+                additional_headers=self._headers,
+                compression=None,
+                max_size=2**24,
+                open_timeout=self.timeout,
+            )
         except InvalidStatus as exc:  # refused before the upgrade (401, 403, 503)
             raise _refused(exc) from exc
         async with conn as ws:
@@ -124,8 +134,9 @@ class LookbackClient:
                     await sender
 
     @staticmethod
-    async def _send(ws: Any, messages: Iterable[bytes] | AsyncIterable[bytes], realtime: bool,
-                    frame_seconds: float) -> None:
+    async def _send(
+        ws: Any, messages: Iterable[bytes] | AsyncIterable[bytes], realtime: bool, frame_seconds: float
+    ) -> None:
         start = time.monotonic()
         sent = 0.0
         if isinstance(messages, AsyncIterable):
@@ -156,6 +167,5 @@ def _json_or_raise(r: httpx.Response) -> dict[str, Any]:
     body = r.json()
     if r.status_code >= 400:
         err = body.get("error", {}) if isinstance(body, dict) else {}
-        raise LookbackClientError(err.get("code", "http_error"), err.get("message", r.text),
-                                  r.status_code)
+        raise LookbackClientError(err.get("code", "http_error"), err.get("message", r.text), r.status_code)
     return body

@@ -135,15 +135,16 @@ def check_urls(cfg: LoadConfig) -> None:
     for url in cfg.urls:
         host, _, _ = _split_url(url)
         if not cfg.allow_remote and not is_loopback(host):
-            raise LoadtestError(f"{host} is not a loopback address; a load test is for your own "
-                                "machine (pass --allow-remote to load another host)")
+            raise LoadtestError(
+                f"{host} is not a loopback address; a load test is for your own "
+                "machine (pass --allow-remote to load another host)"
+            )
     if cfg.frames_per_message < 1:
         raise LoadtestError("frames_per_message must be >= 1")
     if not 1 <= cfg.sessions <= MAX_SESSIONS:
         raise LoadtestError(f"sessions must be between 1 and {MAX_SESSIONS}")
     if not (0 < cfg.duration <= MAX_SECONDS and 0 <= cfg.warmup <= MAX_SECONDS):
-        raise LoadtestError(f"duration must be in (0, {MAX_SECONDS:g}] s, warmup in "
-                            f"[0, {MAX_SECONDS:g}] s")
+        raise LoadtestError(f"duration must be in (0, {MAX_SECONDS:g}] s, warmup in [0, {MAX_SECONDS:g}] s")
     if cfg.client not in ("raw", "websockets"):
         raise LoadtestError("client must be raw or websockets")
 
@@ -194,8 +195,9 @@ def ws_frame(opcode: int, payload: bytes, mask: bytes) -> bytes:
     return head + mask + body
 
 
-def build_messages(samples: np.ndarray, frames_per_message: int, seed: int,
-                   framed: bool = True) -> list[bytes]:
+def build_messages(
+    samples: np.ndarray, frames_per_message: int, seed: int, framed: bool = True
+) -> list[bytes]:
     """The clip cut into messages of k whole frames (looping); masked frames when framed."""
     import numpy as np
 
@@ -204,7 +206,7 @@ def build_messages(samples: np.ndarray, frames_per_message: int, seed: int,
     reps = max(1, math.ceil(k / max(n_frames, 1)))
     x = np.tile(samples[: n_frames * FRAME], reps)
     n_msgs = max(1, (len(x) // FRAME) // k)
-    raw = [x[i * k * FRAME:(i + 1) * k * FRAME].astype("<i2").tobytes() for i in range(n_msgs)]
+    raw = [x[i * k * FRAME : (i + 1) * k * FRAME].astype("<i2").tobytes() for i in range(n_msgs)]
     if not framed:
         return raw
     rng = random.Random(seed)
@@ -339,8 +341,16 @@ class _Base:
 class _RawSession(_Base, asyncio.Protocol):
     """A minimal WebSocket client on an asyncio Protocol (see the module docstring)."""
 
-    def __init__(self, proc: _Proc, msgs: list[bytes], start_msg: int, host: str, port: int,
-                 target: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        proc: _Proc,
+        msgs: list[bytes],
+        start_msg: int,
+        host: str,
+        port: int,
+        target: str,
+        headers: dict[str, str],
+    ) -> None:
         _Base.__init__(self, proc, msgs, start_msg)
         self.host, self.port, self.target, self.headers = host, port, target, headers
         self.transport: asyncio.Transport | None = None
@@ -357,9 +367,14 @@ class _RawSession(_Base, asyncio.Protocol):
         key = base64.b64encode(os.urandom(16)).decode()
         self.accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
         host = f"[{self.host}]" if ":" in self.host else self.host
-        lines = [f"GET {self.target} HTTP/1.1", f"Host: {host}:{self.port}",
-                 "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
-                 "Sec-WebSocket-Version: 13"]
+        lines = [
+            f"GET {self.target} HTTP/1.1",
+            f"Host: {host}:{self.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+        ]
         lines += [f"{k}: {v}" for k, v in self.headers.items()]
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
 
@@ -376,9 +391,9 @@ class _RawSession(_Base, asyncio.Protocol):
             if head_end < 0:
                 self.buf = buf
                 return
-            if not self._handshake(buf[:head_end].decode("latin-1"), buf[head_end + 4:]):
+            if not self._handshake(buf[:head_end].decode("latin-1"), buf[head_end + 4 :]):
                 return
-            buf = buf[head_end + 4:]
+            buf = buf[head_end + 4 :]
         pos = 0
         n = len(buf)
         while n - pos >= 2:
@@ -393,12 +408,12 @@ class _RawSession(_Base, asyncio.Protocol):
             elif ln == 127:
                 if n - pos < 10:
                     break
-                ln = int.from_bytes(buf[pos + 2:pos + 10], "big")
+                ln = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                 hl = 10
             end = pos + hl + ln
             if end > n:
                 break
-            payload = buf[pos + hl:end]
+            payload = buf[pos + hl : end]
             pos = end
             op = b0 & 0x0F
             if not b0 & 0x80:  # fragment: keep until FIN
@@ -489,8 +504,16 @@ class _RawSession(_Base, asyncio.Protocol):
         self.finish()
 
     @classmethod
-    async def open(cls, proc: _Proc, msgs: list[bytes], start_msg: int, url: str,
-                   query: str, headers: dict[str, str], wait_s: float) -> _RawSession:
+    async def open(
+        cls,
+        proc: _Proc,
+        msgs: list[bytes],
+        start_msg: int,
+        url: str,
+        query: str,
+        headers: dict[str, str],
+        wait_s: float,
+    ) -> _RawSession:
         host, port, path = _split_url(url)
         s = cls(proc, msgs, start_msg, host, port, f"{path}?{query}", headers)
         loop = asyncio.get_running_loop()
@@ -558,18 +581,30 @@ class _LibSession(_Base):
         self.finish()
 
     @classmethod
-    async def open(cls, proc: _Proc, msgs: list[bytes], start_msg: int, url: str,
-                   query: str, headers: dict[str, str], wait_s: float) -> _LibSession:
+    async def open(
+        cls,
+        proc: _Proc,
+        msgs: list[bytes],
+        start_msg: int,
+        url: str,
+        query: str,
+        headers: dict[str, str],
+        wait_s: float,
+    ) -> _LibSession:
         import websockets
 
         host, port, path = _split_url(url)
         s = cls(proc, msgs, start_msg)
         h = f"[{host}]" if ":" in host else host
         try:
-            s.ws = await websockets.connect(f"ws://{h}:{port}{path}?{query}",
-                                            additional_headers=headers or None,
-                                            compression=None, max_size=2**24,
-                                            open_timeout=wait_s, ping_interval=None)
+            s.ws = await websockets.connect(
+                f"ws://{h}:{port}{path}?{query}",
+                additional_headers=headers or None,
+                compression=None,
+                max_size=2**24,
+                open_timeout=wait_s,
+                ping_interval=None,
+            )
             s.tasks = [asyncio.create_task(s._reader()), asyncio.create_task(s._writer())]
             await asyncio.wait_for(asyncio.shield(s.ready_fut), wait_s)
         except Exception as exc:
@@ -582,8 +617,7 @@ class _LibSession(_Base):
 
 
 def _query(cfg: LoadConfig) -> str:
-    q = {"model": cfg.model, "version": cfg.version, "encoding": "pcm_s16le",
-         "results": cfg.results}
+    q = {"model": cfg.model, "version": cfg.version, "encoding": "pcm_s16le", "results": cfg.results}
     return urlencode({k: v for k, v in q.items() if v is not None})
 
 
@@ -605,8 +639,14 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def _proc_run(cfg: LoadConfig, n: int, offset: int, seed: int,
-                    recv_start: Callable[[], float], report: Callable[[Any], None]) -> dict[str, Any]:
+async def _proc_run(
+    cfg: LoadConfig,
+    n: int,
+    offset: int,
+    seed: int,
+    recv_start: Callable[[], float],
+    report: Callable[[Any], None],
+) -> dict[str, Any]:
     """One process: open ``n`` sessions, wait for the common start, stream, end, count."""
     import numpy as np
 
@@ -621,8 +661,9 @@ async def _proc_run(cfg: LoadConfig, n: int, offset: int, seed: int,
     async def open_one(i: int) -> _Base:
         url = cfg.urls[(offset + i) % len(cfg.urls)]
         async with sem:
-            s: _Base = await cls.open(proc, msgs, rng.randrange(len(msgs)), url, query, headers,
-                                      cfg.connect_timeout)
+            s: _Base = await cls.open(
+                proc, msgs, rng.randrange(len(msgs)), url, query, headers, cfg.connect_timeout
+            )
             return s
 
     t_c = time.monotonic()
@@ -719,15 +760,28 @@ async def _proc_run(cfg: LoadConfig, n: int, offset: int, seed: int,
     n_msgs = sends_in_window + len(proc.latencies)  # messages each way in the window
     cpu_s = (cpu1 - cpu0) if cpu0 is not None else 0.0
     return {
-        "sessions": n, "connected": len(live), "connect_s": connect_s,
-        "connect_failures": dict(failures), "errors": dict(errors), "close_codes": dict(closes),
-        "lost_results": lost, "no_summary": no_summary, "send_skipped": skipped,
-        "frames_sent": frames, "results": results, "events": events,
-        "latencies": proc.latencies.tobytes(), "cpu": cpu, "window_s": window,
-        "cpu_s": cpu_s, "messages": n_msgs,
-        "end_wait_s": end_wait, "ended_early": early,
+        "sessions": n,
+        "connected": len(live),
+        "connect_s": connect_s,
+        "connect_failures": dict(failures),
+        "errors": dict(errors),
+        "close_codes": dict(closes),
+        "lost_results": lost,
+        "no_summary": no_summary,
+        "send_skipped": skipped,
+        "frames_sent": frames,
+        "results": results,
+        "events": events,
+        "latencies": proc.latencies.tobytes(),
+        "cpu": cpu,
+        "window_s": window,
+        "cpu_s": cpu_s,
+        "messages": n_msgs,
+        "end_wait_s": end_wait,
+        "ended_early": early,
         "slip_p50_ms": float(np.percentile(sl, 50) * 1e3),
-        "slip_p99_ms": float(np.percentile(sl, 99) * 1e3), "slip_max_ms": float(sl.max() * 1e3),
+        "slip_p99_ms": float(np.percentile(sl, 99) * 1e3),
+        "slip_max_ms": float(sl.max() * 1e3),
         "pid": os.getpid(),
     }
 
@@ -793,8 +847,12 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
     offset = 0
     for i, share in enumerate(shares):
         parent, child = ctx.Pipe()
-        p = ctx.Process(target=_proc_entry, name=f"loadtest-{i}", daemon=True,
-                        args=(cfg_dict, share, offset, cfg.seed * 1000 + i, child))
+        p = ctx.Process(
+            target=_proc_entry,
+            name=f"loadtest-{i}",
+            daemon=True,
+            args=(cfg_dict, share, offset, cfg.seed * 1000 + i, child),
+        )
         p.start()
         child.close()
         procs.append(p)
@@ -804,8 +862,7 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
     failures: list[str] = []
     try:
         # Connect phase: bounded by the handshakes each process has to do.
-        deadline = time.monotonic() + 30 + cfg.connect_timeout * (
-            1 + max(shares) / cfg.connect_concurrency)
+        deadline = time.monotonic() + 30 + cfg.connect_timeout * (1 + max(shares) / cfg.connect_concurrency)
         connected = 0
         for c in conns:
             msg = _recv(c, deadline)
@@ -817,8 +874,11 @@ def run_load(cfg: LoadConfig) -> dict[str, Any]:
         for c in conns:
             with contextlib.suppress(OSError):
                 c.send(("start", t0))
-        _log(cfg, f"loadtest: {connected}/{cfg.sessions} sessions connected over {nprocs} "
-                  f"process(es); streaming {cfg.warmup:g} s warm-up + {cfg.duration:g} s")
+        _log(
+            cfg,
+            f"loadtest: {connected}/{cfg.sessions} sessions connected over {nprocs} "
+            f"process(es); streaming {cfg.warmup:g} s warm-up + {cfg.duration:g} s",
+        )
         deadline = t0 + cfg.warmup + cfg.duration + cfg.end_timeout + 30
         for c in conns:
             msg = _recv(c, deadline)
@@ -847,8 +907,7 @@ def _recv(conn: Any, deadline: float) -> Any:
 def merge(cfg: LoadConfig, outs: list[dict[str, Any]], failures: list[str]) -> dict[str, Any]:
     import numpy as np
 
-    lat = np.concatenate([np.frombuffer(o["latencies"], np.float64) for o in outs]) \
-        if outs else np.zeros(0)
+    lat = np.concatenate([np.frombuffer(o["latencies"], np.float64) for o in outs]) if outs else np.zeros(0)
     lat_ms = lat * 1e3
 
     def pct(q: float) -> float | None:
@@ -876,9 +935,12 @@ def merge(cfg: LoadConfig, outs: list[dict[str, Any]], failures: list[str]) -> d
     if total_cpu > CLIENT_CPU_LIMIT * ncpu:
         reasons.append(f"client processes used {total_cpu * 100:.0f}% of their {ncpu} CPU(s)")
     if slip_p99 > SLIP_LIMIT_S * 1e3:
-        why = ("" if max(cpus, default=0) > 0.5 else
-               f"; the client itself used at most {max(cpus, default=0) * 100:.0f}% of a core, so "
-               "other work on its CPU(s) delays it")
+        why = (
+            ""
+            if max(cpus, default=0) > 0.5
+            else f"; the client itself used at most {max(cpus, default=0) * 100:.0f}% of a core, so "
+            "other work on its CPU(s) delays it"
+        )
         reasons.append(f"sends ran late against their schedule (p99 {slip_p99:.1f} ms){why}")
     msgs = sum(o["messages"] for o in outs)
     us_per_msg = sum(o["cpu_s"] for o in outs) / msgs * 1e6 if msgs else None
@@ -889,33 +951,58 @@ def merge(cfg: LoadConfig, outs: list[dict[str, Any]], failures: list[str]) -> d
     lost = add("lost_results")
     p99 = pct(99)
     window = max((o["window_s"] for o in outs), default=0.0) or cfg.duration
-    ok = (not failures and connected == cfg.sessions and lost == 0 and not errors
-          and p99 is not None and p99 <= cfg.p99_ms)
+    ok = (
+        not failures
+        and connected == cfg.sessions
+        and lost == 0
+        and not errors
+        and p99 is not None
+        and p99 <= cfg.p99_ms
+    )
     return {
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("api_key", "quiet")},
-        "sessions": cfg.sessions, "procs": len(outs) or proc_count(cfg),
-        "frames_per_message": cfg.frames_per_message, "connected": connected,
+        "sessions": cfg.sessions,
+        "procs": len(outs) or proc_count(cfg),
+        "frames_per_message": cfg.frames_per_message,
+        "connected": connected,
         "connect_s": max((o["connect_s"] for o in outs), default=0.0),
         "connect_failures": conn_fail,
-        "measured_s": window, "results_measured": int(lat_ms.size),
+        "measured_s": window,
+        "results_measured": int(lat_ms.size),
         "results_per_s": lat_ms.size / window if window else 0.0,
-        "results_total": add("results"), "frames_sent": add("frames_sent"),
+        "results_total": add("results"),
+        "frames_sent": add("frames_sent"),
         "frames_per_s": add("frames_sent") / (cfg.warmup + cfg.duration),
-        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": p99, "p99.9": pct(99.9),
-                       "max": float(lat_ms.max()) if lat_ms.size else None,
-                       "mean": float(lat_ms.mean()) if lat_ms.size else None},
-        "bound_ms": cfg.p99_ms, "late": late,
+        "latency_ms": {
+            "p50": pct(50),
+            "p90": pct(90),
+            "p99": p99,
+            "p99.9": pct(99.9),
+            "max": float(lat_ms.max()) if lat_ms.size else None,
+            "mean": float(lat_ms.mean()) if lat_ms.size else None,
+        },
+        "bound_ms": cfg.p99_ms,
+        "late": late,
         "late_fraction": late / lat_ms.size if lat_ms.size else 0.0,
-        "lost_results": lost, "no_summary": add("no_summary"), "send_skipped": add("send_skipped"),
-        "errors": errors, "close_codes": counts("close_codes"), "events": add("events"),
+        "lost_results": lost,
+        "no_summary": add("no_summary"),
+        "send_skipped": add("send_skipped"),
+        "errors": errors,
+        "close_codes": counts("close_codes"),
+        "events": add("events"),
         "end_wait_s": max((o["end_wait_s"] for o in outs), default=0.0),
         "ended_early": any(o.get("ended_early") for o in outs),
-        "client": {"cpu_per_proc": cpus, "cpu_total": total_cpu, "cpus_available": ncpu,
-                   "cpu_us_per_message": us_per_msg,
-                   "slip_p50_ms": max((o["slip_p50_ms"] for o in outs), default=0.0),
-                   "slip_p99_ms": slip_p99,
-                   "slip_max_ms": max((o["slip_max_ms"] for o in outs), default=0.0),
-                   "bottleneck": bool(reasons), "reasons": reasons},
+        "client": {
+            "cpu_per_proc": cpus,
+            "cpu_total": total_cpu,
+            "cpus_available": ncpu,
+            "cpu_us_per_message": us_per_msg,
+            "slip_p50_ms": max((o["slip_p50_ms"] for o in outs), default=0.0),
+            "slip_p99_ms": slip_p99,
+            "slip_max_ms": max((o["slip_max_ms"] for o in outs), default=0.0),
+            "bottleneck": bool(reasons),
+            "reasons": reasons,
+        },
         "process_failures": failures,
         "passed": ok,
     }
@@ -949,14 +1036,17 @@ def format_report(r: dict[str, Any]) -> str:
         f"p50 {cl['slip_p50_ms']:.2f} p99 {cl['slip_p99_ms']:.2f} max {cl['slip_max_ms']:.1f} ms",
     ]
     if r.get("ended_early"):
-        lines.append("  (p99 was over the bound when sending ended: waited <= 1 s for the rest, so "
-                     "results still in flight count as lost)")
+        lines.append(
+            "  (p99 was over the bound when sending ended: waited <= 1 s for the rest, so "
+            "results still in flight count as lost)"
+        )
     if cl["bottleneck"]:
         lines.append("  WARNING: the client may be the bottleneck: " + "; ".join(cl["reasons"]))
     for f in r["process_failures"]:
         lines.append(f"  FAILURE: {f}")
-    lines.append(f"  {'PASS' if r['passed'] else 'FAIL'} (p99 <= {r['bound_ms']:g} ms, "
-                 "nothing lost, no errors)")
+    lines.append(
+        f"  {'PASS' if r['passed'] else 'FAIL'} (p99 <= {r['bound_ms']:g} ms, nothing lost, no errors)"
+    )
     return "\n".join(lines)
 
 
@@ -980,9 +1070,17 @@ def wait_server_idle(url: str, timeout: float = 15.0) -> None:
         time.sleep(0.2)
 
 
-def ramp(cfg: LoadConfig, *, start: int = 32, max_sessions: int = 4096, max_trials: int = 10,
-         precision: float = 0.05, max_time: float = 300.0, retry_noisy: bool = True,
-         on_trial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def ramp(
+    cfg: LoadConfig,
+    *,
+    start: int = 32,
+    max_sessions: int = 4096,
+    max_trials: int = 10,
+    precision: float = 0.05,
+    max_time: float = 300.0,
+    retry_noisy: bool = True,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Exponential search up from ``start`` (down when it fails), then bisection.
 
     A trial passes when every session connected, p99 <= the bound, nothing was lost and no
@@ -1005,16 +1103,24 @@ def ramp(cfg: LoadConfig, *, start: int = 32, max_sessions: int = 4096, max_tria
             wait_server_idle(url)
         r = run_load(replace(cfg, sessions=n, fail_fast=True))
         trials.append(r)
-        _log(cfg, f"ramp trial {len(trials)}: N={n}  p99 {_f(r['latency_ms']['p99'])} ms  "
-                  f"lost {r['lost_results']}  errors {sum(r['errors'].values())}  "
-                  f"client cpu {r['client']['cpu_total'] * 100:.0f}%  "
-                  f"{'PASS' if r['passed'] else 'FAIL'}"
-                  + ("  (client schedule slipped)" if r["client"]["bottleneck"] else ""))
+        _log(
+            cfg,
+            f"ramp trial {len(trials)}: N={n}  p99 {_f(r['latency_ms']['p99'])} ms  "
+            f"lost {r['lost_results']}  errors {sum(r['errors'].values())}  "
+            f"client cpu {r['client']['cpu_total'] * 100:.0f}%  "
+            f"{'PASS' if r['passed'] else 'FAIL'}"
+            + ("  (client schedule slipped)" if r["client"]["bottleneck"] else ""),
+        )
         if on_trial is not None:
             on_trial(r)
-        if (retry_noisy and not r["passed"] and r["client"]["bottleneck"] and n not in retried
-                and len(trials) < max_trials
-                and time.monotonic() - t_start + cfg.warmup + cfg.duration + 5 <= max_time):
+        if (
+            retry_noisy
+            and not r["passed"]
+            and r["client"]["bottleneck"]
+            and n not in retried
+            and len(trials) < max_trials
+            and time.monotonic() - t_start + cfg.warmup + cfg.duration + 5 <= max_time
+        ):
             retried.add(n)
             r["retried"] = True
             _log(cfg, f"ramp: the client slipped while N={n} failed; running it once more")
@@ -1044,44 +1150,63 @@ def ramp(cfg: LoadConfig, *, start: int = 32, max_sessions: int = 4096, max_tria
             stop = "max_time"
             break
     return {
-        "max_sessions": lo, "first_fail": hi if hi <= max_sessions else None,
-        "stop": stop, "bound_ms": cfg.p99_ms, "frames_per_message": cfg.frames_per_message,
-        "best": best, "trials": [_trial_row(t) for t in trials],
+        "max_sessions": lo,
+        "first_fail": hi if hi <= max_sessions else None,
+        "stop": stop,
+        "bound_ms": cfg.p99_ms,
+        "frames_per_message": cfg.frames_per_message,
+        "best": best,
+        "trials": [_trial_row(t) for t in trials],
         "client_bottleneck": bool(best and best["client"]["bottleneck"]),
         "elapsed_s": time.monotonic() - t_start,
     }
 
 
 def _trial_row(r: dict[str, Any]) -> dict[str, Any]:
-    return {"sessions": r["sessions"], "passed": r["passed"], "retried": bool(r.get("retried")),
-            "p50_ms": r["latency_ms"]["p50"],
-            "p99_ms": r["latency_ms"]["p99"], "p999_ms": r["latency_ms"]["p99.9"],
-            "results_per_s": r["results_per_s"], "lost": r["lost_results"],
-            "errors": sum(r["errors"].values()), "connected": r["connected"],
-            "client_cpu": r["client"]["cpu_total"], "client_bottleneck": r["client"]["bottleneck"],
-            "slip_p99_ms": r["client"]["slip_p99_ms"]}
+    return {
+        "sessions": r["sessions"],
+        "passed": r["passed"],
+        "retried": bool(r.get("retried")),
+        "p50_ms": r["latency_ms"]["p50"],
+        "p99_ms": r["latency_ms"]["p99"],
+        "p999_ms": r["latency_ms"]["p99.9"],
+        "results_per_s": r["results_per_s"],
+        "lost": r["lost_results"],
+        "errors": sum(r["errors"].values()),
+        "connected": r["connected"],
+        "client_cpu": r["client"]["cpu_total"],
+        "client_bottleneck": r["client"]["bottleneck"],
+        "slip_p99_ms": r["client"]["slip_p99_ms"],
+    }
 
 
 def format_ramp(res: dict[str, Any]) -> str:
-    lines = [f"ramp (p99 <= {res['bound_ms']:g} ms, nothing lost, "
-             f"{res['frames_per_message']} frame(s)/message): trials"]
-    lines.append("  sessions  pass   p50 ms   p99 ms  p99.9 ms  results/s  lost  errors  "
-                 "client cpu")
+    lines = [
+        f"ramp (p99 <= {res['bound_ms']:g} ms, nothing lost, "
+        f"{res['frames_per_message']} frame(s)/message): trials"
+    ]
+    lines.append("  sessions  pass   p50 ms   p99 ms  p99.9 ms  results/s  lost  errors  client cpu")
     for t in res["trials"]:
         verdict = "yes" if t["passed"] else ("no*" if t.get("retried") else "no ")
-        lines.append(f"  {t['sessions']:8d}  {verdict:4s} "
-                     f"{_f(t['p50_ms']):>7s}  {_f(t['p99_ms']):>7s}  {_f(t['p999_ms']):>8s}  "
-                     f"{t['results_per_s']:9.0f}  {t['lost']:4d}  {t['errors']:6d}  "
-                     f"{t['client_cpu'] * 100:6.0f}%"
-                     f"{' (client slipped)' if t['client_bottleneck'] else ''}")
+        lines.append(
+            f"  {t['sessions']:8d}  {verdict:4s} "
+            f"{_f(t['p50_ms']):>7s}  {_f(t['p99_ms']):>7s}  {_f(t['p999_ms']):>8s}  "
+            f"{t['results_per_s']:9.0f}  {t['lost']:4d}  {t['errors']:6d}  "
+            f"{t['client_cpu'] * 100:6.0f}%"
+            f"{' (client slipped)' if t['client_bottleneck'] else ''}"
+        )
     if any(t.get("retried") for t in res["trials"]):
         lines.append("  (no* = failed while the client's own schedule slipped; run once more)")
-    lines.append(f"  => {res['max_sessions']} real-time sessions "
-                 f"(first failure at {res['first_fail'] or '-'}; stop: {res['stop']}; "
-                 f"{res['elapsed_s']:.0f} s)")
+    lines.append(
+        f"  => {res['max_sessions']} real-time sessions "
+        f"(first failure at {res['first_fail'] or '-'}; stop: {res['stop']}; "
+        f"{res['elapsed_s']:.0f} s)"
+    )
     if res["client_bottleneck"]:
-        lines.append("  WARNING: the client was near its limit (or could not keep its schedule) "
-                     "in the best trial; the server may hold more")
+        lines.append(
+            "  WARNING: the client was near its limit (or could not keep its schedule) "
+            "in the best trial; the server may hold more"
+        )
     if res["best"] is not None:
         lines.append("best trial:")
         lines.append(format_report(res["best"]))
@@ -1095,11 +1220,24 @@ def format_ramp(res: dict[str, Any]) -> str:
 class IdleSessions:
     """Open ``n`` sessions and keep them idle: ``async with IdleSessions(...) as s``."""
 
-    def __init__(self, url: str, n: int, *, model: str | None = None,
-                 api_key: str | None = None, concurrency: int = 32,
-                 timeout: float = 15.0) -> None:
-        self.cfg = LoadConfig(urls=[url], sessions=n, model=model, api_key=api_key,
-                              connect_concurrency=concurrency, connect_timeout=timeout)
+    def __init__(
+        self,
+        url: str,
+        n: int,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        concurrency: int = 32,
+        timeout: float = 15.0,
+    ) -> None:
+        self.cfg = LoadConfig(
+            urls=[url],
+            sessions=n,
+            model=model,
+            api_key=api_key,
+            connect_concurrency=concurrency,
+            connect_timeout=timeout,
+        )
         self.sessions: list[_RawSession] = []
 
     @property
@@ -1120,8 +1258,9 @@ class IdleSessions:
 
         async def one() -> _RawSession:
             async with sem:
-                return await _RawSession.open(proc, msgs, 0, cfg.urls[0], _query(cfg),
-                                              _headers(cfg), cfg.connect_timeout)
+                return await _RawSession.open(
+                    proc, msgs, 0, cfg.urls[0], _query(cfg), _headers(cfg), cfg.connect_timeout
+                )
 
         self.sessions = list(await asyncio.gather(*(one() for _ in range(cfg.sessions))))
         return self
@@ -1141,12 +1280,16 @@ class IdleSessions:
 
 
 def add_arguments(p: Any) -> None:
-    p.add_argument("--url", action="append", default=None,
-                   help="server WebSocket URL (ws://127.0.0.1:8000); repeat to split sessions "
-                        "over several servers")
+    p.add_argument(
+        "--url",
+        action="append",
+        default=None,
+        help="server WebSocket URL (ws://127.0.0.1:8000); repeat to split sessions over several servers",
+    )
     p.add_argument("--sessions", type=int, default=100, help="concurrent sessions (ramp: start)")
-    p.add_argument("--ramp", action="store_true",
-                   help="search the largest N with p99 <= --p99-ms and nothing lost")
+    p.add_argument(
+        "--ramp", action="store_true", help="search the largest N with p99 <= --p99-ms and nothing lost"
+    )
     p.add_argument("--p99-ms", type=float, default=20.0, help="latency bound (ms)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run/trial")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds streamed before measuring")
@@ -1154,18 +1297,29 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--model")
     p.add_argument("--version")
     p.add_argument("--frames-per-message", type=int, default=1)
-    p.add_argument("--procs", type=int, default=0,
-                   help=f"client processes (default: <= {SESSIONS_PER_PROC} sessions each at 1 "
-                        "frame/message, up to twice that with bigger messages)")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=0,
+        help=f"client processes (default: <= {SESSIONS_PER_PROC} sessions each at 1 "
+        "frame/message, up to twice that with bigger messages)",
+    )
     p.add_argument("--cpus", help="pin client processes to these CPUs, e.g. 1 or 2-3")
-    p.add_argument("--client", choices=["raw", "websockets"], default="raw",
-                   help="raw: the minimal built-in client; websockets: the library (cross-check)")
+    p.add_argument(
+        "--client",
+        choices=["raw", "websockets"],
+        default="raw",
+        help="raw: the minimal built-in client; websockets: the library (cross-check)",
+    )
     p.add_argument("--max-sessions", type=int, default=4096, help="ramp: upper limit")
     p.add_argument("--max-trials", type=int, default=10, help="ramp: trials at most")
     p.add_argument("--max-time", type=float, default=300.0, help="ramp: seconds at most")
     p.add_argument("--api-key")
-    p.add_argument("--allow-remote", action="store_true",
-                   help="allow a non-loopback host (you are loading someone's server)")
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback host (you are loading someone's server)",
+    )
     p.add_argument("--json", help="write the full report here")
 
 
@@ -1180,16 +1334,31 @@ def parse_cpus(text: str | None) -> list[int] | None:
 
 
 def main_args(args: Any) -> int:
-    cfg = LoadConfig(urls=args.url or ["ws://127.0.0.1:8000"], sessions=args.sessions,
-                     duration=args.duration, warmup=args.warmup, wav=args.wav, model=args.model,
-                     version=args.version, frames_per_message=args.frames_per_message,
-                     procs=args.procs, p99_ms=args.p99_ms, api_key=args.api_key,
-                     client=args.client, allow_remote=args.allow_remote,
-                     cpus=parse_cpus(args.cpus))
+    cfg = LoadConfig(
+        urls=args.url or ["ws://127.0.0.1:8000"],
+        sessions=args.sessions,
+        duration=args.duration,
+        warmup=args.warmup,
+        wav=args.wav,
+        model=args.model,
+        version=args.version,
+        frames_per_message=args.frames_per_message,
+        procs=args.procs,
+        p99_ms=args.p99_ms,
+        api_key=args.api_key,
+        client=args.client,
+        allow_remote=args.allow_remote,
+        cpus=parse_cpus(args.cpus),
+    )
     try:
         if args.ramp:
-            res = ramp(cfg, start=args.sessions, max_sessions=args.max_sessions,
-                       max_trials=args.max_trials, max_time=args.max_time)
+            res = ramp(
+                cfg,
+                start=args.sessions,
+                max_sessions=args.max_sessions,
+                max_trials=args.max_trials,
+                max_time=args.max_time,
+            )
             text = format_ramp(res)
             passed = res["max_sessions"] > 0
         else:

@@ -16,8 +16,22 @@ from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.030, 0.050, 0.1, 0.25,
-    0.5, 1.0, 2.5,
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.006,
+    0.008,
+    0.010,
+    0.015,
+    0.020,
+    0.030,
+    0.050,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -30,9 +44,16 @@ class BatchHistogram(Collector):
     which at batches of 20 steps is most of a microsecond per step.
     """
 
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str],
-                 buckets: Sequence[float], registry: CollectorRegistry, *,
-                 fold_every: int = 8192) -> None:
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+        *,
+        fold_every: int = 8192,
+    ) -> None:
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
         self.bounds = np.asarray(buckets, dtype=np.float64)
         self.fold_every = fold_every
@@ -73,8 +94,7 @@ class BatchHistogram(Collector):
     def collect(self) -> Iterable[HistogramMetricFamily]:
         with self._lock:
             self._fold()
-            snapshot = [(labels, counts.copy(), total)
-                        for labels, (counts, total) in self._series.items()]
+            snapshot = [(labels, counts.copy(), total) for labels, (counts, total) in self._series.items()]
         fam = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
         for labels, counts, total in snapshot:
             cum = np.cumsum(counts)
@@ -98,60 +118,85 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_active = Gauge(
-            "lookback_sessions_active", "Open streaming sessions", ["model"], registry=r)
+            "lookback_sessions_active", "Open streaming sessions", ["model"], registry=r
+        )
         self.sessions_started = Counter(
-            "lookback_sessions_started_total", "Streaming sessions accepted", ["model"],
-            registry=r)
+            "lookback_sessions_started_total", "Streaming sessions accepted", ["model"], registry=r
+        )
         self.sessions_ended = Counter(
-            "lookback_sessions_ended_total", "Streaming sessions ended, by reason",
-            ["model", "reason"], registry=r)
+            "lookback_sessions_ended_total",
+            "Streaming sessions ended, by reason",
+            ["model", "reason"],
+            registry=r,
+        )
         self.sessions_refused = Counter(
             "lookback_sessions_refused_total",
             "Connections refused before a session started (shed load, auth, bad request)",
-            ["reason"], registry=r)
+            ["reason"],
+            registry=r,
+        )
         self.frames = Counter(
-            "lookback_frames_received_total", "128-sample frames accepted", ["model"], registry=r)
+            "lookback_frames_received_total", "128-sample frames accepted", ["model"], registry=r
+        )
         self.steps = Counter(
-            "lookback_steps_total", "Model steps run (one per session per batch)", ["model"],
-            registry=r)
+            "lookback_steps_total", "Model steps run (one per session per batch)", ["model"], registry=r
+        )
         self.batches = Counter(
-            "lookback_batches_total", "Model calls made by the micro-batcher", ["model"],
-            registry=r)
+            "lookback_batches_total", "Model calls made by the micro-batcher", ["model"], registry=r
+        )
         self.batch_failures = Counter(
-            "lookback_batch_failures_total", "Model calls that raised; all their steps failed",
-            ["model"], registry=r)
+            "lookback_batch_failures_total",
+            "Model calls that raised; all their steps failed",
+            ["model"],
+            registry=r,
+        )
         self.batch_size = Histogram(
-            "lookback_batch_size", "Steps per model call", ["model"], buckets=BATCH_BUCKETS,
-            registry=r)
+            "lookback_batch_size", "Steps per model call", ["model"], buckets=BATCH_BUCKETS, registry=r
+        )
         self.model_run = Histogram(
-            "lookback_model_run_seconds", "Wall time of one batched model call (gather, run, "
-            "scatter)", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+            "lookback_model_run_seconds",
+            "Wall time of one batched model call (gather, run, scatter)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = BatchHistogram(
-            "lookback_queue_wait_seconds", "Time a ready step waited for its batch to start",
-            ["model"], LATENCY_BUCKETS, r)
+            "lookback_queue_wait_seconds",
+            "Time a ready step waited for its batch to start",
+            ["model"],
+            LATENCY_BUCKETS,
+            r,
+        )
         self.frame_latency = BatchHistogram(
             "lookback_frame_to_result_seconds",
-            "From arrival of the frame that completed a step to its result handed to the "
-            "transport", ["model"], LATENCY_BUCKETS, r)
+            "From arrival of the frame that completed a step to its result handed to the transport",
+            ["model"],
+            LATENCY_BUCKETS,
+            r,
+        )
         self.backlog = Gauge(
-            "lookback_backlog_steps", "Ready steps waiting for the batcher", ["model"],
-            registry=r)
-        self.slots = Gauge(
-            "lookback_state_slots", "State-table rows", ["model", "kind"], registry=r)
+            "lookback_backlog_steps", "Ready steps waiting for the batcher", ["model"], registry=r
+        )
+        self.slots = Gauge("lookback_state_slots", "State-table rows", ["model", "kind"], registry=r)
         self.errors = Counter(
-            "lookback_errors_total", "Errors sent to clients, by code", ["code"], registry=r)
+            "lookback_errors_total", "Errors sent to clients, by code", ["code"], registry=r
+        )
         self.bytes_in = Counter(
-            "lookback_bytes_received_total", "Audio bytes received", ["transport"], registry=r)
-        self.bytes_out = Counter(
-            "lookback_bytes_sent_total", "Result bytes sent", ["transport"], registry=r)
+            "lookback_bytes_received_total", "Audio bytes received", ["transport"], registry=r
+        )
+        self.bytes_out = Counter("lookback_bytes_sent_total", "Result bytes sent", ["transport"], registry=r)
         self.offline_clips = Counter(
-            "lookback_offline_clips_total", "Clips scored offline", ["model"], registry=r)
+            "lookback_offline_clips_total", "Clips scored offline", ["model"], registry=r
+        )
         self.offline_seconds = Counter(
-            "lookback_offline_audio_seconds_total", "Audio seconds scored offline", ["model"],
-            registry=r)
+            "lookback_offline_audio_seconds_total", "Audio seconds scored offline", ["model"], registry=r
+        )
         self.model_info = Gauge(
-            "lookback_model_info", "Loaded models: version and active execution provider",
-            ["model", "version", "provider"], registry=r)
+            "lookback_model_info",
+            "Loaded models: version and active execution provider",
+            ["model", "version", "provider"],
+            registry=r,
+        )
         self.ready = Gauge("lookback_ready", "1 when models are loaded and warm", registry=r)
 
     def error(self, code: str) -> None:

@@ -53,41 +53,62 @@ class ErrorSpec:
 
 _SPECS = [
     # -- WebSocket messages (session stays open unless a close code is given) --
-    ErrorSpec("bad_frame_size", 400, None,
-              "binary message is not a whole number of 128-sample frames; dropped"),
+    ErrorSpec(
+        "bad_frame_size", 400, None, "binary message is not a whole number of 128-sample frames; dropped"
+    ),
     ErrorSpec("empty_message", 400, None, "empty binary message; ignored"),
     ErrorSpec("message_too_large", 413, None, "binary message above max_message_bytes; dropped"),
-    ErrorSpec("too_many_frames", 400, None,
-              "more frames in one message than max_frames_per_message; dropped"),
-    ErrorSpec("non_finite_audio", 400, None,
-              "pcm_f32le message holds NaN or Inf; dropped whole so state is never poisoned"),
-    ErrorSpec("too_many_pending_steps", 429, None,
-              "one message would queue more steps than max_pending_steps (misconfiguration); "
-              "faster-than-real-time clients are slowed by backpressure, not refused"),
+    ErrorSpec(
+        "too_many_frames", 400, None, "more frames in one message than max_frames_per_message; dropped"
+    ),
+    ErrorSpec(
+        "non_finite_audio",
+        400,
+        None,
+        "pcm_f32le message holds NaN or Inf; dropped whole so state is never poisoned",
+    ),
+    ErrorSpec(
+        "too_many_pending_steps",
+        429,
+        None,
+        "one message would queue more steps than max_pending_steps (misconfiguration); "
+        "faster-than-real-time clients are slowed by backpressure, not refused",
+    ),
     ErrorSpec("bad_json", 400, None, "text message is not valid JSON"),
     ErrorSpec("missing_type", 400, None, "JSON message without a string `type`"),
     ErrorSpec("unknown_type", 400, None, "JSON `type` is not flush or end"),
     ErrorSpec("audio_after_end", 400, None, "audio or flush received after `end`; ignored"),
-    ErrorSpec("inference_failed", 500, None,
-              "the model call failed for the batch holding this step; the step has no result"),
+    ErrorSpec(
+        "inference_failed",
+        500,
+        None,
+        "the model call failed for the batch holding this step; the step has no result",
+    ),
     # -- connect / request parameters --
     ErrorSpec("bad_encoding", 400, Close.BAD_REQUEST, "encoding must be pcm_s16le or pcm_f32le"),
-    ErrorSpec("bad_sample_rate", 400, Close.BAD_REQUEST,
-              "sample_rate differs from the model's; Lookback never resamples silently"),
+    ErrorSpec(
+        "bad_sample_rate",
+        400,
+        Close.BAD_REQUEST,
+        "sample_rate differs from the model's; Lookback never resamples silently",
+    ),
     ErrorSpec("bad_query", 400, Close.BAD_REQUEST, "a query parameter has an invalid value"),
     ErrorSpec("unknown_model", 404, Close.UNKNOWN_MODEL, "model not loaded"),
     ErrorSpec("unknown_version", 404, Close.UNKNOWN_MODEL, "version of the model not loaded"),
-    ErrorSpec("unauthorized", 401, None,
-              "missing or wrong API key (WebSocket: HTTP 401 before the upgrade)"),
-    ErrorSpec("origin_not_allowed", 403, None,
-              "browser Origin not in allowed_origins (HTTP 403 before the upgrade)"),
-    ErrorSpec("server_busy", 503, Close.TRY_AGAIN_LATER,
-              "session cap, scoring queue or batcher backlog full; retry after Retry-After"),
+    ErrorSpec("unauthorized", 401, None, "missing or wrong API key (WebSocket: HTTP 401 before the upgrade)"),
+    ErrorSpec(
+        "origin_not_allowed", 403, None, "browser Origin not in allowed_origins (HTTP 403 before the upgrade)"
+    ),
+    ErrorSpec(
+        "server_busy",
+        503,
+        Close.TRY_AGAIN_LATER,
+        "session cap, scoring queue or batcher backlog full; retry after Retry-After",
+    ),
     ErrorSpec("draining", 503, Close.GOING_AWAY, "server is shutting down; connect elsewhere"),
     # -- REST bodies --
     ErrorSpec("empty_body", 400, None, "request body is empty"),
-    ErrorSpec("bad_audio", 415, None,
-              "body is not decodable audio (or wrong content type / truncated file)"),
+    ErrorSpec("bad_audio", 415, None, "body is not decodable audio (or wrong content type / truncated file)"),
     ErrorSpec("bad_channels", 400, None, "audio must be mono"),
     ErrorSpec("upload_too_large", 413, None, "body above max_upload_bytes"),
     ErrorSpec("audio_too_long", 413, None, "audio above max_upload_seconds"),
@@ -105,6 +126,7 @@ def spec_for(code: str) -> ErrorSpec:
 
 
 # --- encoders (hot path: orjson, floats at full float32 precision) ------------------------
+
 
 def encode(msg: dict[str, Any]) -> str:
     return orjson.dumps(msg).decode()

@@ -46,8 +46,7 @@ class LogHygiene(logging.Filter):
             return True
         if isinstance(record.args, tuple) and record.name == "uvicorn.access":
             # its formatter unpacks the args (client, method, path, ...): redact each one
-            record.args = tuple(_SECRETS.sub(r"\1***", a) if isinstance(a, str) else a
-                                for a in record.args)
+            record.args = tuple(_SECRETS.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
         else:
             record.msg, record.args = _SECRETS.sub(r"\1***", msg), ()
         return True
@@ -105,7 +104,9 @@ def _find_state(app: object) -> ServiceState | None:
 def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> uvicorn.Config:
     """The uvicorn configuration Lookback runs under (the bench's echo ceiling uses it too)."""
     return uvicorn.Config(
-        app, host=settings.host, port=settings.port if port is None else port,
+        app,
+        host=settings.host,
+        port=settings.port if port is None else port,
         log_level=settings.log_level,
         ws=settings.ws_impl,
         ws_max_size=settings.max_message_bytes * 4,
@@ -120,8 +121,9 @@ def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> 
 
 
 def serve(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = uvicorn_config(create_app(settings), settings)
     install_log_hygiene()  # after Config, which (re)configures uvicorn's loggers
     DrainingServer(config, settings).run()

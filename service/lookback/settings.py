@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 in containers")
     port: int = Field(8000, ge=0, le=65535, description="listen port")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", description="debug also enables the access log")
+        "info", description="debug also enables the access log"
+    )
     ws_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = Field(
         "websockets-sansio", description="uvicorn WebSocket implementation; sansio is fastest"
     )
@@ -55,30 +56,36 @@ class Settings(BaseSettings):
     # --- batching -------------------------------------------------------------------------
     max_batch_size: int = Field(256, ge=1, description="steps per model call at most")
     max_wait_ms: float = Field(
-        0.0, ge=0.0,
+        0.0,
+        ge=0.0,
         description="hold a small batch up to this long (from its oldest step) to fill it; "
-        "0: greedy. Never waits once every open session has a step ready")
+        "0: greedy. Never waits once every open session has a step ready",
+    )
     model_calls: Literal["auto", "thread", "inline"] = Field(
         "auto",
         description="where CPU model calls run: thread (overlaps the event loop on another "
         "core), inline (on the event loop: no hand-off, best on one core); auto: inline when "
-        "the process may use one CPU only")
+        "the process may use one CPU only",
+    )
     warmup_batch_sizes: Annotated[list[int], NoDecode] = Field(
-        default_factory=lambda: [1, 8, 64], description="batch sizes run once at load")
+        default_factory=lambda: [1, 8, 64], description="batch sizes run once at load"
+    )
     initial_slots: int = Field(64, ge=1, description="state-table rows allocated at start")
     gc_freeze: bool = Field(
         True,
         description="once started, freeze what start-up loaded out of the cycle collector, so "
-        "full collections skip it (they stopped the event loop for 30-60 ms)")
+        "full collections skip it (they stopped the event loop for 30-60 ms)",
+    )
 
     # --- limits ---------------------------------------------------------------------------
     max_sessions: int = Field(1000, ge=1, description="open WebSocket sessions per server")
     max_message_bytes: int = Field(64 * 1024, ge=256, description="largest binary message")
     max_frames_per_message: int = Field(64, ge=1, description="128-sample frames in one message")
     max_pending_steps: int = Field(
-        64, ge=1,
+        64,
+        ge=1,
         description="steps one session may queue; past it the server stops reading that socket "
-        "(TCP backpressure) instead of dropping audio"
+        "(TCP backpressure) instead of dropping audio",
     )
     send_queue_messages: int = Field(
         1024, ge=8, description="results waiting for a slow reader before its session is closed"

@@ -38,9 +38,12 @@ def require_model(name: str) -> str:
     """Fail (never skip) when a model the tests need is not in the store."""
     versions = sorted(p.parent.name for p in (STORE / name).glob("*/model.json"))
     if not versions:
-        pytest.fail(f"model {name!r} is not in {STORE}: its protocol tests cannot run "
-                    "(the default model is trained by model_store/recipes; Silero is imported "
-                    "by `make silero`)", pytrace=False)
+        pytest.fail(
+            f"model {name!r} is not in {STORE}: its protocol tests cannot run "
+            "(the default model is trained by model_store/recipes; Silero is imported "
+            "by `make silero`)",
+            pytrace=False,
+        )
     return name
 
 
@@ -62,7 +65,7 @@ def frames(samples: np.ndarray, per_message: int = 1) -> list[bytes]:
     if pad:
         samples = np.concatenate([samples, np.zeros(pad, samples.dtype)])
     step = FRAME * per_message
-    return [samples[i:i + step].tobytes() for i in range(0, len(samples), step)]
+    return [samples[i : i + step].tobytes() for i in range(0, len(samples), step)]
 
 
 END = json.dumps({"type": "end"})
@@ -120,13 +123,20 @@ async def _send_all(ws: ClientConnection, messages: Iterable[bytes | str]) -> No
             await ws.send(m)
 
 
-async def run_session(base_ws: str, messages: Sequence[bytes | str] = (), *,
-                      headers: dict[str, str] | None = None, **query: object) -> Session:
+async def run_session(
+    base_ws: str,
+    messages: Sequence[bytes | str] = (),
+    *,
+    headers: dict[str, str] | None = None,
+    **query: object,
+) -> Session:
     """Open a session, send ``messages`` while reading, and collect up to the close."""
+
     async def go() -> Session:
         got: list[dict[str, Any]] = []
-        async with connect(stream_url(base_ws, **query), compression=None, max_size=2**24,
-                           additional_headers=headers) as ws:
+        async with connect(
+            stream_url(base_ws, **query), compression=None, max_size=2**24, additional_headers=headers
+        ) as ws:
             sender = asyncio.create_task(_send_all(ws, messages))
             await read_all(ws, got)
             await sender
@@ -159,11 +169,22 @@ async def expect_refusal(base_ws: str, **query: object) -> Session:
 
 # -- REST -------------------------------------------------------------------------------------
 
-def score(url: str, body: bytes | Iterable[bytes], content_type: str = "audio/wav",
-          headers: dict[str, str] | None = None, **params: object) -> httpx.Response:
+
+def score(
+    url: str,
+    body: bytes | Iterable[bytes],
+    content_type: str = "audio/wav",
+    headers: dict[str, str] | None = None,
+    **params: object,
+) -> httpx.Response:
     q = {k: v for k, v in params.items() if v is not None}
-    return httpx.post(f"{url}/v1/score", params=q, content=body, timeout=60,
-                      headers={"content-type": content_type, **(headers or {})})
+    return httpx.post(
+        f"{url}/v1/score",
+        params=q,
+        content=body,
+        timeout=60,
+        headers={"content-type": content_type, **(headers or {})},
+    )
 
 
 def error_code(r: httpx.Response) -> str:

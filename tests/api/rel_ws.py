@@ -83,11 +83,17 @@ async def read_all(ws: ClientConnection, into: Transcript) -> Transcript:
     return into
 
 
-async def stream_clip(base_ws: str, pcm: bytes, *, query: str = SILERO_Q,
-                      bytes_per_sample: int = 2, frames_per_msg: int = 3,
-                      midway: Callable[[], Awaitable[None]] | None = None,
-                      keepalive: float = 0.2,
-                      headers: dict[str, str] | None = None) -> Transcript:
+async def stream_clip(
+    base_ws: str,
+    pcm: bytes,
+    *,
+    query: str = SILERO_Q,
+    bytes_per_sample: int = 2,
+    frames_per_msg: int = 3,
+    midway: Callable[[], Awaitable[None]] | None = None,
+    keepalive: float = 0.2,
+    headers: dict[str, str] | None = None,
+) -> Transcript:
     """Stream ``pcm`` as whole frames (``frames_per_msg`` per message, so hops straddle
     messages), then ``end``; return the full transcript.
 
@@ -106,12 +112,13 @@ async def stream_clip(base_ws: str, pcm: bytes, *, query: str = SILERO_Q,
     async with ws_connect(f"{base_ws}/v1/stream?{query}", additional_headers=headers) as ws:
         reader = asyncio.create_task(read_all(ws, out))
         for i in range(0, half, step):
-            await ws.send(pcm[i:i + step])
+            await ws.send(pcm[i : i + step])
         if midway is not None:
             await wait_until(lambda: bool(out.messages) or reader.done(), what="ready")
             hop = orjson.loads(out.messages[0])["hop_samples"] * bytes_per_sample
-            await wait_until(lambda: out.results >= half // hop or reader.done(),
-                             what="results of the first half")
+            await wait_until(
+                lambda: out.results >= half // hop or reader.done(), what="results of the first half"
+            )
             task = asyncio.ensure_future(midway())
             while not task.done():
                 await asyncio.wait({task}, timeout=keepalive)
@@ -119,7 +126,7 @@ async def stream_clip(base_ws: str, pcm: bytes, *, query: str = SILERO_Q,
                     await ws.send('{"type":"flush"}')
             task.result()
         for i in range(half, usable, step):
-            await ws.send(pcm[i:min(i + step, usable)])
+            await ws.send(pcm[i : min(i + step, usable)])
         await ws.send('{"type":"end"}')
         await asyncio.wait_for(reader, 60)
     return out
@@ -174,8 +181,7 @@ class ErrorLog(logging.Handler):
         """Formatted records that are neither benign nor contain an ``allowed`` text."""
         out = []
         for r in self.records:
-            text = r.getMessage() + (logging.Formatter().formatException(r.exc_info)
-                                     if r.exc_info else "")
+            text = r.getMessage() + (logging.Formatter().formatException(r.exc_info) if r.exc_info else "")
             if any(b in text for b in (*self.BENIGN, *allowed)):
                 continue
             out.append(f"{r.levelname} {r.name}: {text}")
@@ -183,6 +189,7 @@ class ErrorLog(logging.Handler):
 
 
 # -- metrics ---------------------------------------------------------------------------
+
 
 def metrics_text(base_url: str, headers: dict[str, str] | None = None) -> str:
     r = httpx.get(base_url + "/metrics", timeout=30, headers=headers)
@@ -202,6 +209,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 # -- raw sockets -----------------------------------------------------------------------
 
+
 def small_rcvbuf_socket(port: int, rcvbuf: int = 4096) -> socket.socket:
     """A connected TCP socket with a tiny receive buffer (a client that barely reads)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -218,6 +226,7 @@ def abort(ws: ClientConnection) -> None:
 
 
 # -- fault injection -------------------------------------------------------------------
+
 
 class Intercept:
     """Stands in for ``handle.compute`` on a running server's engine (executor thread).
@@ -276,8 +285,7 @@ def server_side_transport(client_port: int) -> Any:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     for obj in gc.get_objects():
-        if (type(obj) is WebSocketsSansIOProtocol and obj.client
-                and obj.client[1] == client_port):
+        if type(obj) is WebSocketsSansIOProtocol and obj.client and obj.client[1] == client_port:
             return obj.transport
     raise AssertionError(f"no server connection from port {client_port}")
 

@@ -26,16 +26,18 @@ WRONG = {"Authorization": "Bearer nope"}
 
 @pytest.fixture(scope="module")
 def auth_server(silero_model: str) -> Iterator[Server]:
-    settings = make_settings(models=[SILERO], default_model=SILERO, api_keys=["k1", "k2"],
-                             allowed_origins=["https://ok.example"])
+    settings = make_settings(
+        models=[SILERO], default_model=SILERO, api_keys=["k1", "k2"], allowed_origins=["https://ok.example"]
+    )
     with running_server(settings) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def locked_metrics_server(silero_model: str) -> Iterator[Server]:
-    settings = make_settings(models=[SILERO], default_model=SILERO, api_keys=["k1"],
-                             metrics_require_auth=True)
+    settings = make_settings(
+        models=[SILERO], default_model=SILERO, api_keys=["k1"], metrics_require_auth=True
+    )
     with running_server(settings) as srv:
         yield srv
 
@@ -48,9 +50,15 @@ def _assert_unauthorized(r: httpx.Response) -> None:
 
 # -- REST ----------------------------------------------------------------------------------------
 
+
 def test_rest_requires_a_key(auth_server: Server, speech_wav: bytes) -> None:
-    for headers in ({}, WRONG, {"Authorization": "k1"}, {"Authorization": "Basic azE6"},
-                    {"Authorization": "Bearer k1k2"}):
+    for headers in (
+        {},
+        WRONG,
+        {"Authorization": "k1"},
+        {"Authorization": "Basic azE6"},
+        {"Authorization": "Bearer k1k2"},
+    ):
         _assert_unauthorized(auth_server.get("/v1/models", headers=headers))
         _assert_unauthorized(score(auth_server.url, speech_wav, headers=headers))
     for headers in (KEY, KEY2, {"Authorization": "bearer k1"}):
@@ -90,6 +98,7 @@ def test_auth_off_needs_no_key(server: Server, silero_model: str) -> None:
 
 # -- WebSocket --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("how", ["header", "header-k2", "query"])
 async def test_ws_accepts_the_key(auth_server: Server, how: str) -> None:
     if how == "query":
@@ -107,15 +116,19 @@ async def _refused(url: str, headers: dict[str, str] | None = None) -> InvalidSt
     return info.value
 
 
-@pytest.mark.parametrize(("query", "headers"), [
-    ({}, None),
-    ({"token": "nope"}, None),
-    ({"token": ""}, None),
-    ({}, WRONG),
-    ({"token": "k1"}, WRONG),  # a wrong header is not rescued by the query
-])
-async def test_ws_refuses_without_the_key(auth_server: Server, query: dict[str, str],
-                                          headers: dict[str, str] | None) -> None:
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [
+        ({}, None),
+        ({"token": "nope"}, None),
+        ({"token": ""}, None),
+        ({}, WRONG),
+        ({"token": "k1"}, WRONG),  # a wrong header is not rescued by the query
+    ],
+)
+async def test_ws_refuses_without_the_key(
+    auth_server: Server, query: dict[str, str], headers: dict[str, str] | None
+) -> None:
     exc = await _refused(stream_url(auth_server.ws, **query), headers)
     assert exc.response.status_code == 401
     body = json.loads(bytes(exc.response.body or b""))
@@ -127,8 +140,7 @@ async def test_ws_origin_allow_list(auth_server: Server) -> None:
     exc = await _refused(url, {"Origin": "https://evil.example"})
     assert exc.response.status_code == 403
     assert json.loads(bytes(exc.response.body or b""))["error"]["code"] == "origin_not_allowed"
-    s = await run_session(auth_server.ws, [END], headers={"Origin": "https://ok.example"},
-                          token="k1")
+    s = await run_session(auth_server.ws, [END], headers={"Origin": "https://ok.example"}, token="k1")
     assert s.close_code == Close.NORMAL
     s = await run_session(auth_server.ws, [END], token="k1")  # no Origin: not a browser
     assert s.close_code == Close.NORMAL

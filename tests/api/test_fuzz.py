@@ -50,8 +50,7 @@ MAX_FRAMES = 64
 HOP = 512
 SPEECH = read_clip("silero_ref_speech.wav")
 SPEECH_F32 = (SPEECH.astype(np.float32) / 32768).astype("<f4")
-FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None,
-                     suppress_health_check=list(HealthCheck))
+FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 
 
 def _clip(seconds: float, fmt: str, rate: int = 16000, channels: int = 1) -> bytes:
@@ -68,28 +67,34 @@ _CLIPS += [_clip(0.3, "WAV", 8000), _clip(0.3, "WAV", channels=2)]
 AUDIO_BODIES = st.one_of(
     st.binary(max_size=3000),
     st.sampled_from(_CLIPS),
-    st.builds(lambda clip, frac: clip[: int(len(clip) * frac)], st.sampled_from(_CLIPS),
-              st.floats(0.0, 1.0)),
-    st.builds(lambda start, n: SPEECH[start:start + n].tobytes(), st.integers(0, 100_000),
-              st.integers(0, 9000)),
+    st.builds(lambda clip, frac: clip[: int(len(clip) * frac)], st.sampled_from(_CLIPS), st.floats(0.0, 1.0)),
+    st.builds(
+        lambda start, n: SPEECH[start : start + n].tobytes(), st.integers(0, 100_000), st.integers(0, 9000)
+    ),
 )
 for _media in ("audio/wav", "audio/flac", "audio/ogg", "application/octet-stream"):
     schemathesis.openapi.media_type(_media, AUDIO_BODIES)
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory,
-                silero_model: str) -> Iterator[Spawned]:
-    env = {"LOOKBACK_MODELS": "silero-vad", "LOOKBACK_DEFAULT_MODEL": "silero-vad",
-           "LOOKBACK_MAX_UPLOAD_BYTES": str(1 << 20)}
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory, silero_model: str) -> Iterator[Spawned]:
+    env = {
+        "LOOKBACK_MODELS": "silero-vad",
+        "LOOKBACK_DEFAULT_MODEL": "silero-vad",
+        "LOOKBACK_MAX_UPLOAD_BYTES": str(1 << 20),
+    }
     with spawn_server(tmp_path_factory.mktemp("fuzz"), **env) as srv:
         yield srv
 
 
 # -- REST -----------------------------------------------------------------------------------
 
-REST_CHECKS = [checks.not_a_server_error, checks.status_code_conformance,
-               checks.content_type_conformance, checks.response_schema_conformance]
+REST_CHECKS = [
+    checks.not_a_server_error,
+    checks.status_code_conformance,
+    checks.content_type_conformance,
+    checks.response_schema_conformance,
+]
 
 
 def test_rest_schemathesis(fuzz_server: Spawned) -> None:
@@ -116,13 +121,16 @@ def test_rest_schemathesis(fuzz_server: Spawned) -> None:
     negative()
     total = sum(seen.values())
     statuses = collections.Counter(status for _, _, status in seen.elements())
-    print(f"\nschemathesis REST: {total} cases over "
-          f"{len({(m, p) for m, p, _ in seen})} operations; statuses {dict(statuses)}")
+    print(
+        f"\nschemathesis REST: {total} cases over "
+        f"{len({(m, p) for m, p, _ in seen})} operations; statuses {dict(statuses)}"
+    )
     assert total >= REST_EXAMPLES
     assert not any(status >= 500 for status in statuses)
 
 
 # -- WebSocket --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Frames:
@@ -141,17 +149,23 @@ Msg = bytes | str | Frames | Oversized
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
-                                                                  max_size=3),
-    max_leaves=6)
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
 TEXT = st.one_of(
     st.just('{"type":"flush"}'),
     st.just('{"type":"end"}'),
     st.text(max_size=30),
-    st.builds(lambda t, extra: json.dumps({"type": t, **extra}),
-              st.one_of(st.sampled_from(["flush", "end", "pause", "", "FLUSH"]),
-                        st.text(max_size=10), st.integers(), st.none()),
-              st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=2)),
+    st.builds(
+        lambda t, extra: json.dumps({"type": t, **extra}),
+        st.one_of(
+            st.sampled_from(["flush", "end", "pause", "", "FLUSH"]),
+            st.text(max_size=10),
+            st.integers(),
+            st.none(),
+        ),
+        st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=2),
+    ),
     JSON_VALUES.map(json.dumps),
 )
 BINARY = st.one_of(
@@ -162,22 +176,29 @@ BINARY = st.one_of(
     st.just(b""),
     st.just(Oversized()),
 )
-VALID_QUERY = st.fixed_dictionaries({
-    "model": st.sampled_from(["silero-vad", None]),
-    "encoding": st.sampled_from([None, "pcm_s16le", "pcm_f32le", "pcm_f32le"]),
-    "results": st.sampled_from([None, "all", "events"]),
-    "sample_rate": st.sampled_from([None, "16000"]),
-})
-ANY_QUERY = st.fixed_dictionaries({
-    "model": st.sampled_from(["silero-vad", None, "nope"]),
-    "encoding": st.sampled_from([None, "pcm_s16le", "pcm_f32le", "pcm_x"]),
-    "results": st.sampled_from([None, "all", "events", "maybe"]),
-    "sample_rate": st.sampled_from([None, "16000", "8000", "abc"]),
-})
+VALID_QUERY = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(["silero-vad", None]),
+        "encoding": st.sampled_from([None, "pcm_s16le", "pcm_f32le", "pcm_f32le"]),
+        "results": st.sampled_from([None, "all", "events"]),
+        "sample_rate": st.sampled_from([None, "16000"]),
+    }
+)
+ANY_QUERY = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(["silero-vad", None, "nope"]),
+        "encoding": st.sampled_from([None, "pcm_s16le", "pcm_f32le", "pcm_x"]),
+        "results": st.sampled_from([None, "all", "events", "maybe"]),
+        "sample_rate": st.sampled_from([None, "16000", "8000", "abc"]),
+    }
+)
 # one connect query in five may be invalid; the rest open a session to fuzz
 QUERY = st.sampled_from(range(5)).flatmap(lambda i: ANY_QUERY if i == 4 else VALID_QUERY)
-SEQUENCE = st.tuples(QUERY, st.lists(st.one_of(BINARY, BINARY, TEXT), max_size=14),
-                     st.sampled_from(["end", "end", "end", "close", "abort"]))
+SEQUENCE = st.tuples(
+    QUERY,
+    st.lists(st.one_of(BINARY, BINARY, TEXT), max_size=14),
+    st.sampled_from(["end", "end", "end", "close", "abort"]),
+)
 
 
 def encode(msg: Msg, f32: bool) -> bytes | str:
@@ -187,11 +208,11 @@ def encode(msg: Msg, f32: bool) -> bytes | str:
         return msg
     start = (msg.n * 977) % (len(SPEECH) - 128 * msg.n)
     if f32:
-        samples = SPEECH_F32[start:start + 128 * msg.n].copy()
+        samples = SPEECH_F32[start : start + 128 * msg.n].copy()
         if msg.poison:
             samples[len(samples) // 2] = np.nan
         return samples.tobytes()
-    return SPEECH[start:start + 128 * msg.n].tobytes()
+    return SPEECH[start : start + 128 * msg.n].tobytes()
 
 
 class Oracle:
@@ -211,12 +232,19 @@ class Oracle:
             return
         if isinstance(data, bytes):
             n = len(data)
-            code = ("message_too_large" if n > MAX_MSG else
-                    "too_many_frames" if n > MAX_FRAMES * self.frame_bytes else
-                    "empty_message" if n == 0 else
-                    "bad_frame_size" if n % self.frame_bytes else
-                    "non_finite_audio" if self.f32 and not np.isfinite(
-                        np.frombuffer(data, "<f4")).all() else None)
+            code = (
+                "message_too_large"
+                if n > MAX_MSG
+                else "too_many_frames"
+                if n > MAX_FRAMES * self.frame_bytes
+                else "empty_message"
+                if n == 0
+                else "bad_frame_size"
+                if n % self.frame_bytes
+                else "non_finite_audio"
+                if self.f32 and not np.isfinite(np.frombuffer(data, "<f4")).all()
+                else None
+            )
             if code:
                 self.errors.append(code)
                 return
@@ -246,10 +274,15 @@ class Oracle:
             self.buf = 0
 
 
-AFTER_END = {"audio_after_end", "message_too_large", "too_many_frames", "bad_json",
-             "missing_type", "unknown_type"}
-QUERY_ERRORS = {"unknown_model": 4404, "bad_encoding": 4400, "bad_sample_rate": 4400,
-                "bad_query": 4400}
+AFTER_END = {
+    "audio_after_end",
+    "message_too_large",
+    "too_many_frames",
+    "bad_json",
+    "missing_type",
+    "unknown_type",
+}
+QUERY_ERRORS = {"unknown_model": 4404, "bad_encoding": 4400, "bad_sample_rate": 4400, "bad_query": 4400}
 
 
 def expected_refusal(q: dict[str, str | None]) -> str | None:
@@ -264,8 +297,9 @@ def expected_refusal(q: dict[str, str | None]) -> str | None:
     return None
 
 
-async def ws_session(base: str, q: dict[str, str | None], msgs: list[Msg],
-                     ending: str) -> tuple[Transcript, Oracle, int]:
+async def ws_session(
+    base: str, q: dict[str, str | None], msgs: list[Msg], ending: str
+) -> tuple[Transcript, Oracle, int]:
     f32 = q["encoding"] == "pcm_f32le"
     query = "&".join(f"{k}={v}" for k, v in q.items() if v is not None)
     oracle = Oracle(f32)
@@ -292,8 +326,7 @@ async def ws_session(base: str, q: dict[str, str | None], msgs: list[Msg],
     return t, oracle, sent
 
 
-def check_transcript(t: Transcript, oracle: Oracle, q: dict[str, str | None],
-                     ending: str) -> None:
+def check_transcript(t: Transcript, oracle: Oracle, q: dict[str, str | None], ending: str) -> None:
     msgs = t.parsed()
     assert all(m["type"] in ("ready", "result", "event", "error", "summary") for m in msgs)
     codes = t.error_codes()
@@ -304,7 +337,7 @@ def check_transcript(t: Transcript, oracle: Oracle, q: dict[str, str | None],
     if ending == "close" and not oracle.ended:
         # the client hung up first: the server drops what it had not sent yet
         expected = [refusal] if refusal else oracle.errors
-        assert codes == expected[:len(codes)], (codes, expected)
+        assert codes == expected[: len(codes)], (codes, expected)
         assert not t.of_type("summary")
         return
     if refusal is not None:
@@ -312,13 +345,17 @@ def check_transcript(t: Transcript, oracle: Oracle, q: dict[str, str | None],
         assert [m["type"] for m in msgs] == ["error"]
         return
     assert msgs and msgs[0]["type"] == "ready"
-    assert codes[:len(oracle.errors)] == oracle.errors, (codes, oracle.errors)
-    assert set(codes[len(oracle.errors):]) <= AFTER_END, codes
+    assert codes[: len(oracle.errors)] == oracle.errors, (codes, oracle.errors)
+    assert set(codes[len(oracle.errors) :]) <= AFTER_END, codes
     assert oracle.ended
     assert t.close_code == 1000 and msgs[-1]["type"] == "summary"
     s = t.summary
     assert (s["frames"], s["steps"], s["failed_steps"], s["padded_samples"]) == (
-        oracle.frames, oracle.steps, 0, oracle.padded), (s, vars(oracle))
+        oracle.frames,
+        oracle.steps,
+        0,
+        oracle.padded,
+    ), (s, vars(oracle))
     results = [m["step"] for m in t.of_type("result")]
     assert results == (list(range(oracle.steps)) if q["results"] != "events" else [])
 
@@ -351,8 +388,10 @@ def test_server_clean_after_fuzzing(fuzz_server: Spawned) -> None:
     deadline = time.monotonic() + 20
     while True:  # readiness-style poll: aborted sessions are reaped on disconnect
         text = metrics_text(fuzz_server.url)
-        if metric(text, "lookback_state_slots", kind="used") == 0 and \
-                metric(text, "lookback_sessions_active") == 0:
+        if (
+            metric(text, "lookback_state_slots", kind="used") == 0
+            and metric(text, "lookback_sessions_active") == 0
+        ):
             break
         assert time.monotonic() < deadline, "slots still held after the fuzz pass"
         time.sleep(0.05)
@@ -360,6 +399,9 @@ def test_server_clean_after_fuzzing(fuzz_server: Spawned) -> None:
     fuzz_server.terminate()
     assert fuzz_server.proc.wait(30) == 0
     log = Path(fuzz_server.log).read_text()
-    bad = [line for line in log.splitlines()
-           if "Traceback" in line or " ERROR " in line or line.startswith("ERROR")]
+    bad = [
+        line
+        for line in log.splitlines()
+        if "Traceback" in line or " ERROR " in line or line.startswith("ERROR")
+    ]
     assert bad == [], "\n".join(bad[:20])

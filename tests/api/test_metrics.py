@@ -44,8 +44,9 @@ def _key() -> str:
     return f"{SILERO}/{manifest(SILERO)['version']}"
 
 
-async def test_metrics_after_a_stream_and_a_score(metrics_server: Server, speech_clip: np.ndarray,
-                                                 speech_wav: bytes) -> None:
+async def test_metrics_after_a_stream_and_a_score(
+    metrics_server: Server, speech_clip: np.ndarray, speech_wav: bytes
+) -> None:
     srv = metrics_server
     key = _key()
     before = scrape(srv.url)
@@ -85,8 +86,11 @@ async def test_metrics_after_a_stream_and_a_score(metrics_server: Server, speech
     assert metric(m, "lookback_frame_to_result_seconds_count", model=key) == steps
     assert 0 < metric(m, "lookback_frame_to_result_seconds_sum", model=key) < steps * 2.5
     # buckets are cumulative
-    les = sorted((float(dict(lab)["le"]), v) for (n, lab), v in m.items()
-                 if n == "lookback_frame_to_result_seconds_bucket")
+    les = sorted(
+        (float(dict(lab)["le"]), v)
+        for (n, lab), v in m.items()
+        if n == "lookback_frame_to_result_seconds_bucket"
+    )
     assert [v for _, v in les] == sorted(v for _, v in les)
     # errors by code, bytes
     assert metric(m, "lookback_errors_total", code="bad_frame_size") == 1
@@ -103,7 +107,8 @@ async def test_metrics_after_a_stream_and_a_score(metrics_server: Server, speech
     after = scrape(srv.url)
     assert metric(after, "lookback_offline_clips_total", model=key) == 1
     assert metric(after, "lookback_offline_audio_seconds_total", model=key) == pytest.approx(
-        len(speech_clip) / RATE)
+        len(speech_clip) / RATE
+    )
 
     # a refused connect and an unknown model are counted too
     await run_session(srv.ws, model="no-such-model")
@@ -125,13 +130,15 @@ def test_model_info_and_exposition(server: Server, model: str) -> None:
     assert info[0].labels["version"] == manifest(model)["version"]
     assert info[0].labels["provider"] == "CPUExecutionProvider"
     assert info[0].value == 1
-    for name, kind in [("lookback_sessions_started", "counter"),
-                       ("lookback_frames_received", "counter"),
-                       ("lookback_batch_size", "histogram"),
-                       ("lookback_queue_wait_seconds", "histogram"),
-                       ("lookback_frame_to_result_seconds", "histogram"),
-                       ("lookback_state_slots", "gauge"),
-                       ("lookback_ready", "gauge")]:
+    for name, kind in [
+        ("lookback_sessions_started", "counter"),
+        ("lookback_frames_received", "counter"),
+        ("lookback_batch_size", "histogram"),
+        ("lookback_queue_wait_seconds", "histogram"),
+        ("lookback_frame_to_result_seconds", "histogram"),
+        ("lookback_state_slots", "gauge"),
+        ("lookback_ready", "gauge"),
+    ]:
         assert families[name].type == kind, name
     slots = scrape(server.url)
     assert metric(slots, "lookback_state_slots", model=key, kind="capacity") >= 1

@@ -66,8 +66,7 @@ async def test_session_cap_refuses_before_upgrade(silero_model: str) -> None:
         assert healthy.messages == reference.messages
         for r in refusals:
             assert_busy(*r)
-        assert metric(metrics_text(srv.url), "lookback_sessions_refused_total",
-                      reason="capacity") == 2
+        assert metric(metrics_text(srv.url), "lookback_sessions_refused_total", reason="capacity") == 2
         await wait_until(lambda: svc.reserved == 0, what="sessions closed")
         again = await stream_clip(srv.ws, PCM)  # below the cap again: admitted
         assert again.messages == reference.messages
@@ -86,8 +85,10 @@ async def test_rest_queue_full_is_503(silero_model: str) -> None:
         svc = srv.app.state.lookback  # type: ignore[attr-defined]
         body = _wav(CLIP[:16000])
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
-        writer.write(b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: audio/wav\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        writer.write(
+            b"POST /v1/score HTTP/1.1\r\nHost: t\r\nContent-Type: audio/wav\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
 
         def chunk(data: bytes) -> bytes:
             return f"{len(data):x}\r\n".encode() + data + b"\r\n"
@@ -96,11 +97,10 @@ async def test_rest_queue_full_is_503(silero_model: str) -> None:
         await writer.drain()
         await wait_until(lambda: svc.scores_running == 1, what="slow upload admitted")
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-            r = await client.post("/v1/score", content=body,
-                                  headers={"Content-Type": "audio/wav"})
+            r = await client.post("/v1/score", content=body, headers={"Content-Type": "audio/wav"})
             assert_busy(r.status_code, dict(r.headers), r.content)
             for i in range(1000, len(body), 4000):  # the slow one finishes and is scored
-                writer.write(chunk(body[i:i + 4000]))
+                writer.write(chunk(body[i : i + 4000]))
                 await writer.drain()
                 await asyncio.sleep(0.001)  # pacing a deliberately slow uploader
             writer.write(b"0\r\n\r\n")
@@ -109,8 +109,7 @@ async def test_rest_queue_full_is_503(silero_model: str) -> None:
             assert head.startswith(b"HTTP/1.1 200"), head
             writer.close()
             await wait_until(lambda: svc.scores_running == 0, what="lease released")
-            r = await client.post("/v1/score", content=body,
-                                  headers={"Content-Type": "audio/wav"})
+            r = await client.post("/v1/score", content=body, headers={"Content-Type": "audio/wav"})
             assert r.status_code == 200 and r.json()["steps"] == 32
         assert metric(metrics_text(srv.url), "lookback_errors_total", code="server_busy") == 1
 
@@ -123,12 +122,15 @@ async def test_backlog_sheds_new_sessions(silero_model: str) -> None:
         svc = srv.app.state.lookback  # type: ignore[attr-defined]
         (handle,) = svc.engine.models.values()
         ts = [Transcript() for _ in range(5)]
-        async with ws_connect(srv.ws + URL) as s0, ws_connect(srv.ws + URL) as s1, \
-                ws_connect(srv.ws + URL) as s2, ws_connect(srv.ws + URL) as s3, \
-                ws_connect(srv.ws + URL) as s4:
+        async with (
+            ws_connect(srv.ws + URL) as s0,
+            ws_connect(srv.ws + URL) as s1,
+            ws_connect(srv.ws + URL) as s2,
+            ws_connect(srv.ws + URL) as s3,
+            ws_connect(srv.ws + URL) as s4,
+        ):
             socks = [s0, s1, s2, s3, s4]
-            readers = [asyncio.create_task(read_all(ws, t)) for ws, t in zip(socks, ts,
-                                                                             strict=True)]
+            readers = [asyncio.create_task(read_all(ws, t)) for ws, t in zip(socks, ts, strict=True)]
             await wait_until(lambda: all(t.messages for t in ts), what="5 x ready")
             with Intercept(handle) as icpt:
                 icpt.hold = True
@@ -147,7 +149,6 @@ async def test_backlog_sheds_new_sessions(silero_model: str) -> None:
         for t in ts:  # nothing admitted was dropped
             assert t.close_code == 1000 and t.error_codes() == []
             assert len(t.of_type("result")) == t.summary["steps"] == 2
-        assert metric(metrics_text(srv.url), "lookback_sessions_refused_total",
-                      reason="backlog") == 1
+        assert metric(metrics_text(srv.url), "lookback_sessions_refused_total", reason="backlog") == 1
         again = await stream_clip(srv.ws, PCM[: 8 * HOP])
         assert again.close_code == 1000 and again.summary["steps"] == 8

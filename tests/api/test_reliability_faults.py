@@ -82,12 +82,13 @@ async def test_disconnect_with_step_in_flight(srv: Server, reference: Transcript
     batch returns, and nothing leaks."""
     svc, handle = state(srv)
     base_used = handle.table.used
-    ended_before = metric(metrics_text(srv.url), "lookback_sessions_ended_total",
-                          reason="client_gone")
+    ended_before = metric(metrics_text(srv.url), "lookback_sessions_ended_total", reason="client_gone")
     transcripts = {name: Transcript() for name in "ABC"}
-    async with ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as a, \
-            ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as b, \
-            ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as c:
+    async with (
+        ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as a,
+        ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as b,
+        ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as c,
+    ):
         socks = {"A": a, "B": b, "C": c}
         readers = {n: asyncio.create_task(read_all(ws, transcripts[n])) for n, ws in socks.items()}
         await wait_until(lambda: all(t.messages for t in transcripts.values()), what="ready x3")
@@ -112,7 +113,7 @@ async def test_disconnect_with_step_in_flight(srv: Server, reference: Transcript
         # B and C carry on; B's whole stream must equal the reference run alone
         for ws in (b, c):
             for i in range(HOP, len(PCM), 3 * 256):
-                await ws.send(PCM[i:i + 3 * 256])
+                await ws.send(PCM[i : i + 3 * 256])
             await ws.send(END)
         await asyncio.wait_for(asyncio.gather(readers["B"], readers["C"]), 30)
     assert transcripts["B"].messages == transcripts["C"].messages == reference.messages
@@ -148,8 +149,7 @@ async def test_slow_reader_is_closed_alone_with_4429(srv: Server, reference: Tra
     """A client that sends audio but never reads: its bounded send queue (8 messages here)
     overflows and only its session is closed, with 4429; a concurrent session is untouched."""
     svc, handle = state(srv)
-    ended0 = metric(metrics_text(srv.url), "lookback_sessions_ended_total",
-                    reason="slow_consumer")
+    ended0 = metric(metrics_text(srv.url), "lookback_sessions_ended_total", reason="slow_consumer")
     got = Transcript()
 
     async def slow_client() -> None:
@@ -178,8 +178,7 @@ async def test_stuck_client_is_freed(silero_model: str) -> None:
         client = await asyncio.to_thread(StuckClient, server.port, f"/v1/stream?{SILERO_Q}")
         try:
             server_tr = server_side_transport(client.port)
-            server_tr.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                                          4096)
+            server_tr.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
             server_tr.set_write_buffer_limits(high=4096)
             await wait_until(lambda: len(svc.connections) == 1, what="session open")
             (conn,) = svc.connections
@@ -189,8 +188,9 @@ async def test_stuck_client_is_freed(silero_model: str) -> None:
                 sent += 1
             assert conn.end_reason == "slow_consumer"
             assert server_tr.get_write_buffer_size() > 0  # the transport is really stuck
-            await wait_until(lambda: handle.table.used == 0 and not svc.connections,
-                             within=15, what="stuck session freed")
+            await wait_until(
+                lambda: handle.table.used == 0 and not svc.connections, within=15, what="stuck session freed"
+            )
         finally:
             client.close()
         text = metrics_text(server.url)
@@ -206,11 +206,14 @@ async def test_model_call_raises(srv: Server, reference: Transcript) -> None:
     ts = {n: Transcript() for n in "ABC"}
 
     async def fault() -> None:
-        async with ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as a, \
-                ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as b, \
-                ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as c:
-            readers = [asyncio.create_task(read_all(ws, ts[n])) for n, ws in zip("ABC", (a, b, c),
-                                                                                 strict=True)]
+        async with (
+            ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as a,
+            ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as b,
+            ws_connect(f"{srv.ws}/v1/stream?{SILERO_Q}") as c,
+        ):
+            readers = [
+                asyncio.create_task(read_all(ws, ts[n])) for n, ws in zip("ABC", (a, b, c), strict=True)
+            ]
             await wait_until(lambda: all(t.messages for t in ts.values()), what="ready x3")
             with Intercept(handle) as icpt:
                 icpt.hold = True
@@ -225,7 +228,7 @@ async def test_model_call_raises(srv: Server, reference: Transcript) -> None:
                 for _ in range(3):
                     assert len(await icpt.next_batch()) == 2  # [A, B] x 3 steps, all failing
             for ws in (a, b, c):
-                await ws.send(PCM[3 * HOP: 4 * HOP])  # and the batcher still serves
+                await ws.send(PCM[3 * HOP : 4 * HOP])  # and the batcher still serves
                 await ws.send(END)
             await asyncio.wait_for(asyncio.gather(*readers), 30)
 
@@ -233,8 +236,7 @@ async def test_model_call_raises(srv: Server, reference: Transcript) -> None:
     assert healthy.messages == reference.messages
     for n in "AB":
         errors = ts[n].of_type("error")
-        assert [(e["code"], e["step"]) for e in errors] == [("inference_failed", i)
-                                                           for i in range(3)]
+        assert [(e["code"], e["step"]) for e in errors] == [("inference_failed", i) for i in range(3)]
         assert [r["step"] for r in ts[n].of_type("result")] == [3]
         s = ts[n].summary
         assert (s["frames"], s["steps"], s["failed_steps"]) == (16, 1, 3)
@@ -279,7 +281,8 @@ async def test_idle_timeout_and_max_duration(silero_model: str, reference: Trans
             return t, time.monotonic() - t0
 
         (idle, t_idle), (busy, _), (longer, t_long), healthy = await asyncio.gather(
-            silent(), pacing(1.0), pacing(None), stream_clip(server.ws, PCM))
+            silent(), pacing(1.0), pacing(None), stream_clip(server.ws, PCM)
+        )
         assert healthy.messages == reference.messages
         assert (idle.close_code, idle.close_reason) == (4408, "idle_timeout")
         assert idle.error_codes() == ["idle_timeout"] and 0.6 <= t_idle < 5

@@ -65,14 +65,20 @@ class Module:
 
 @pytest.fixture(scope="module")
 def mod(silero_model: str, default_model: str) -> Iterator[Module]:
-    settings = make_settings(default_model="silero-vad", models=["silero-vad", default_model],
-                             api_keys=[KEY], max_message_bytes=MAX_MSG,
-                             max_upload_bytes=MAX_UPLOAD, idle_timeout_s=IDLE_S)
+    settings = make_settings(
+        default_model="silero-vad",
+        models=["silero-vad", default_model],
+        api_keys=[KEY],
+        max_message_bytes=MAX_MSG,
+        max_upload_bytes=MAX_UPLOAD,
+        idle_timeout_s=IDLE_S,
+    )
     with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
         mp.setattr(tempfile, "tempdir", tmp)  # REST spools uploads here: count leftovers
         with running_server(settings) as srv, ErrorLog() as log:
-            refs = [asyncio.run(stream_clip(srv.ws, PCM, query=q, headers=AUTH))
-                    for q in (SILERO_Q, DEFAULT_Q)]
+            refs = [
+                asyncio.run(stream_clip(srv.ws, PCM, query=q, headers=AUTH)) for q in (SILERO_Q, DEFAULT_Q)
+            ]
             for ref, hop in zip(refs, (512, 128), strict=True):
                 assert ref.close_code == 1000
                 assert ref.summary["frames"] == len(PCM) // 256
@@ -100,7 +106,8 @@ async def healthy_next_to(mod: Module, bad: Callable[[], Awaitable[None]]) -> No
 
     silero, default = await asyncio.gather(
         stream_clip(mod.srv.ws, PCM, headers=AUTH, midway=at_silero_midway),
-        stream_clip(mod.srv.ws, PCM, query=DEFAULT_Q, headers=AUTH, midway=at_default_midway))
+        stream_clip(mod.srv.ws, PCM, query=DEFAULT_Q, headers=AUTH, midway=at_default_midway),
+    )
     for got, ref in ((silero, mod.reference), (default, mod.reference_default)):
         assert got.close_code == ref.close_code == 1000
         assert got.messages == ref.messages, "healthy session disturbed by a bad client"
@@ -120,6 +127,7 @@ def errors_by_code(mod: Module) -> dict[str, float]:
 
 # -- WebSocket messages and handshake ---------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class WsCase:
     send: tuple[bytes | str, ...] = ()
@@ -131,46 +139,66 @@ class WsCase:
 
 
 NAN_FRAME = np.full(128, np.nan, "<f4").tobytes()
-INF_FRAMES = np.r_[np.zeros(200, "<f4"), np.float32(np.inf), np.zeros(54, "<f4"),
-                   np.float32(-np.inf)].astype("<f4").tobytes()
+INF_FRAMES = (
+    np.r_[np.zeros(200, "<f4"), np.float32(np.inf), np.zeros(54, "<f4"), np.float32(-np.inf)]
+    .astype("<f4")
+    .tobytes()
+)
 
 WS_CASES: dict[str, WsCase] = {
     "partial_frame": WsCase((bytes(100),), ("bad_frame_size",)),
     "frame_and_a_half": WsCase((bytes(256 + 128),), ("bad_frame_size",)),
-    "partial_frame_f32": WsCase((bytes(256),), ("bad_frame_size",),
-                                query=SILERO_Q + "&encoding=pcm_f32le"),
+    "partial_frame_f32": WsCase((bytes(256),), ("bad_frame_size",), query=SILERO_Q + "&encoding=pcm_f32le"),
     "empty_binary": WsCase((b"",), ("empty_message",)),
     "above_max_message_bytes": WsCase((bytes(MAX_MSG + 256),), ("message_too_large",)),
-    "above_transport_limit": WsCase((bytes(4 * MAX_MSG + 256),), (), close=1009,
-                                    then_valid=False),
+    "above_transport_limit": WsCase((bytes(4 * MAX_MSG + 256),), (), close=1009, then_valid=False),
     "too_many_frames": WsCase((bytes(65 * 256),), ("too_many_frames",)),
     "text_not_json": WsCase(("this is {not json",), ("bad_json",)),
-    "json_without_type": WsCase(('{"kind":"end"}', "[1,2]", '{"type":7}', '"end"'),
-                                ("missing_type",) * 4),
+    "json_without_type": WsCase(('{"kind":"end"}', "[1,2]", '{"type":7}', '"end"'), ("missing_type",) * 4),
     "unknown_type": WsCase(('{"type":"pause"}',), ("unknown_type",)),
     # 64 frames = 16 steps to score before the summary: the late audio and flush arrive
     # while `end` is still being finished, and each gets its error
-    "audio_after_end": WsCase((PCM[: 64 * 256], END, PCM[: 256], '{"type":"flush"}'),
-                              ("audio_after_end", "audio_after_end"), then_valid=False),
-    "nan_f32": WsCase((NAN_FRAME,), ("non_finite_audio",),
-                      query=SILERO_Q + "&encoding=pcm_f32le"),
-    "inf_f32": WsCase((INF_FRAMES,), ("non_finite_audio",),
-                      query=SILERO_Q + "&encoding=pcm_f32le"),
-    "unknown_model": WsCase(errors=("unknown_model",), close=4404, query="model=no-such-model",
-                            then_valid=False, ready=False),
-    "unknown_version": WsCase(errors=("unknown_version",), close=4404,
-                              query=SILERO_Q + "&version=0.0.1", then_valid=False, ready=False),
-    "bad_encoding": WsCase(errors=("bad_encoding",), close=4400,
-                           query=SILERO_Q + "&encoding=pcm_u8", then_valid=False, ready=False),
-    "wrong_sample_rate": WsCase(errors=("bad_sample_rate",), close=4400,
-                                query=SILERO_Q + "&sample_rate=8000", then_valid=False,
-                                ready=False),
-    "sample_rate_not_a_number": WsCase(errors=("bad_sample_rate",), close=4400,
-                                       query=SILERO_Q + "&sample_rate=fast", then_valid=False,
-                                       ready=False),
-    "bad_results_value": WsCase(errors=("bad_query",), close=4400,
-                                query=SILERO_Q + "&results=some", then_valid=False,
-                                ready=False),
+    "audio_after_end": WsCase(
+        (PCM[: 64 * 256], END, PCM[:256], '{"type":"flush"}'),
+        ("audio_after_end", "audio_after_end"),
+        then_valid=False,
+    ),
+    "nan_f32": WsCase((NAN_FRAME,), ("non_finite_audio",), query=SILERO_Q + "&encoding=pcm_f32le"),
+    "inf_f32": WsCase((INF_FRAMES,), ("non_finite_audio",), query=SILERO_Q + "&encoding=pcm_f32le"),
+    "unknown_model": WsCase(
+        errors=("unknown_model",), close=4404, query="model=no-such-model", then_valid=False, ready=False
+    ),
+    "unknown_version": WsCase(
+        errors=("unknown_version",),
+        close=4404,
+        query=SILERO_Q + "&version=0.0.1",
+        then_valid=False,
+        ready=False,
+    ),
+    "bad_encoding": WsCase(
+        errors=("bad_encoding",),
+        close=4400,
+        query=SILERO_Q + "&encoding=pcm_u8",
+        then_valid=False,
+        ready=False,
+    ),
+    "wrong_sample_rate": WsCase(
+        errors=("bad_sample_rate",),
+        close=4400,
+        query=SILERO_Q + "&sample_rate=8000",
+        then_valid=False,
+        ready=False,
+    ),
+    "sample_rate_not_a_number": WsCase(
+        errors=("bad_sample_rate",),
+        close=4400,
+        query=SILERO_Q + "&sample_rate=fast",
+        then_valid=False,
+        ready=False,
+    ),
+    "bad_results_value": WsCase(
+        errors=("bad_query",), close=4400, query=SILERO_Q + "&results=some", then_valid=False, ready=False
+    ),
 }
 
 
@@ -182,8 +210,7 @@ async def test_ws_bad_input(mod: Module, name: str) -> None:
     got = Transcript()
 
     async def bad() -> None:
-        async with ws_connect(f"{mod.srv.ws}/v1/stream?{case.query}",
-                              additional_headers=AUTH) as ws:
+        async with ws_connect(f"{mod.srv.ws}/v1/stream?{case.query}", additional_headers=AUTH) as ws:
             reader = asyncio.create_task(read_all(ws, got))
             if case.ready:  # bad input after `ready`, as a real client would send it
                 await wait_until(lambda: bool(got.messages) or reader.done(), what="ready")
@@ -222,17 +249,18 @@ async def test_ws_missing_or_wrong_key_is_401_before_upgrade(mod: Module, key: s
     async def bad() -> None:
         q = SILERO_Q + (f"&token={key}" if key else "")
         result.append(await refused(f"{mod.srv.ws}/v1/stream?{q}"))
-        result.append(await refused(f"{mod.srv.ws}/v1/stream?{SILERO_Q}",
-                                    additional_headers={"Authorization": f"Bearer {key}"}))
+        result.append(
+            await refused(
+                f"{mod.srv.ws}/v1/stream?{SILERO_Q}", additional_headers={"Authorization": f"Bearer {key}"}
+            )
+        )
 
-    before = metric(metrics_text(mod.srv.url), "lookback_sessions_refused_total",
-                    reason="unauthorized")
+    before = metric(metrics_text(mod.srv.url), "lookback_sessions_refused_total", reason="unauthorized")
     await healthy_next_to(mod, bad)
     for status, _headers, body in result:
         assert status == 401
         assert orjson.loads(body)["error"]["code"] == "unauthorized"
-    after = metric(metrics_text(mod.srv.url), "lookback_sessions_refused_total",
-                   reason="unauthorized")
+    after = metric(metrics_text(mod.srv.url), "lookback_sessions_refused_total", reason="unauthorized")
     assert after - before == 2
 
 
@@ -240,9 +268,8 @@ async def test_ws_non_finite_audio_never_touches_state(mod: Module) -> None:
     """NaN/Inf messages are dropped whole: the rest of the stream scores exactly as if they
     had never been sent (state, context buffer, partial hop and step count untouched)."""
     q = SILERO_Q + "&encoding=pcm_f32le"
-    clean = await stream_clip(mod.srv.ws, F32.tobytes(), query=q, bytes_per_sample=4,
-                              headers=AUTH)
-    msgs = [F32[i:i + 384].tobytes() for i in range(0, len(F32), 384)]  # 3 frames each
+    clean = await stream_clip(mod.srv.ws, F32.tobytes(), query=q, bytes_per_sample=4, headers=AUTH)
+    msgs = [F32[i : i + 384].tobytes() for i in range(0, len(F32), 384)]  # 3 frames each
     poison = [NAN_FRAME, INF_FRAMES, np.r_[F32[:383], np.float32(np.nan)].astype("<f4").tobytes()]
     got = Transcript()
 
@@ -266,6 +293,7 @@ async def test_ws_non_finite_audio_never_touches_state(mod: Module) -> None:
 
 
 # -- REST bodies --------------------------------------------------------------------------
+
 
 def wav(samples: np.ndarray, rate: int = 16000, fmt: str = "WAV") -> bytes:
     buf = io.BytesIO()
@@ -292,29 +320,33 @@ REST_CASES: dict[str, RestCase] = {
     "empty_wav": RestCase(b"", "audio/wav", 400, "empty_body"),
     "empty_raw": RestCase(b"", RAW, 400, "empty_body", {"sample_rate": "16000"}),
     "truncated_wav": RestCase(GOOD_WAV[: len(GOOD_WAV) // 2], "audio/wav", 415, "bad_audio"),
-    "truncated_wav_odd_byte": RestCase(GOOD_WAV[: len(GOOD_WAV) // 2 + 1], "audio/wav", 415,
-                                       "bad_audio"),
+    "truncated_wav_odd_byte": RestCase(GOOD_WAV[: len(GOOD_WAV) // 2 + 1], "audio/wav", 415, "bad_audio"),
     "wav_header_only": RestCase(GOOD_WAV[:40], "audio/wav", 415, "bad_audio"),
     "wav_8khz": RestCase(wav(ONE_S[:8000], 8000), "audio/wav", 400, "bad_sample_rate"),
     "wav_stereo": RestCase(wav(np.stack([ONE_S, ONE_S], 1)), "audio/wav", 400, "bad_channels"),
-    "non_audio_bytes": RestCase(np.random.default_rng(6).bytes(5000), "audio/wav", 415,
-                                "bad_audio"),
+    "non_audio_bytes": RestCase(np.random.default_rng(6).bytes(5000), "audio/wav", 415, "bad_audio"),
     "non_audio_flac": RestCase(b"fLaC" + bytes(2000), "audio/flac", 415, "bad_audio"),
     "wrong_content_type": RestCase(b"hello", "text/plain", 415, "bad_audio"),
     "raw_odd_length": RestCase(b"abc", RAW, 415, "bad_audio", {"sample_rate": "16000"}),
     "raw_without_rate": RestCase(PCM[:2048], RAW, 400, "bad_sample_rate"),
     "raw_wrong_rate": RestCase(PCM[:2048], RAW, 400, "bad_sample_rate", {"sample_rate": "8000"}),
-    "raw_f32_nan": RestCase(np.r_[F32[:1000], np.float32(np.nan)].astype("<f4").tobytes(), RAW,
-                            400, "non_finite_audio",
-                            {"sample_rate": "16000", "encoding": "pcm_f32le"}),
+    "raw_f32_nan": RestCase(
+        np.r_[F32[:1000], np.float32(np.nan)].astype("<f4").tobytes(),
+        RAW,
+        400,
+        "non_finite_audio",
+        {"sample_rate": "16000", "encoding": "pcm_f32le"},
+    ),
     "bad_format_value": RestCase(GOOD_WAV, "audio/wav", 400, "bad_query", {"format": "xml"}),
     "negative_sample_rate": RestCase(PCM[:2048], RAW, 400, "bad_query", {"sample_rate": "-5"}),
     "unknown_model": RestCase(GOOD_WAV, "audio/wav", 404, "unknown_model", {"model": "nope"}),
-    "unknown_version": RestCase(GOOD_WAV, "audio/wav", 404, "unknown_version",
-                                {"model": "silero-vad", "version": "0.0.1"}),
+    "unknown_version": RestCase(
+        GOOD_WAV, "audio/wav", 404, "unknown_version", {"model": "silero-vad", "version": "0.0.1"}
+    ),
     "missing_key": RestCase(GOOD_WAV, "audio/wav", 401, "unauthorized", headers={}),
-    "wrong_key": RestCase(GOOD_WAV, "audio/wav", 401, "unauthorized",
-                          headers={"Authorization": "Bearer nope"}),
+    "wrong_key": RestCase(
+        GOOD_WAV, "audio/wav", 401, "unauthorized", headers={"Authorization": "Bearer nope"}
+    ),
     "too_large_chunked": RestCase(wav(np.tile(CLIP, 3)), "audio/wav", 413, "upload_too_large"),
 }
 
@@ -326,13 +358,19 @@ async def test_rest_bad_input(mod: Module, name: str) -> None:
 
     async def body() -> AsyncIterator[bytes]:  # a generator body goes out chunked, without a length
         for i in range(0, len(case.body), 16384):
-            yield case.body[i:i + 16384]
+            yield case.body[i : i + 16384]
 
     async def bad() -> None:
         async with httpx.AsyncClient(base_url=mod.srv.url, timeout=30) as client:
             content = body() if name.endswith("_chunked") else case.body
-            got.append(await client.post("/v1/score", content=content, params=case.params,
-                                         headers={**case.headers, "Content-Type": case.ctype}))
+            got.append(
+                await client.post(
+                    "/v1/score",
+                    content=content,
+                    params=case.params,
+                    headers={**case.headers, "Content-Type": case.ctype},
+                )
+            )
 
     await healthy_next_to(mod, bad)
     (r,) = got
@@ -342,12 +380,15 @@ async def test_rest_bad_input(mod: Module, name: str) -> None:
     assert mod.srv.app.state.lookback.scores_running == 0  # type: ignore[attr-defined]
 
 
-async def _raw_post(port: int, length: int, first: bytes) -> tuple[asyncio.StreamReader,
-                                                                     asyncio.StreamWriter]:
+async def _raw_post(
+    port: int, length: int, first: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/score HTTP/1.1\r\nHost: test\r\nContent-Type: audio/wav\r\n"
-                 + f"Authorization: Bearer {KEY}\r\nContent-Length: {length}\r\n\r\n".encode()
-                 + first)
+    writer.write(
+        b"POST /v1/score HTTP/1.1\r\nHost: test\r\nContent-Type: audio/wav\r\n"
+        + f"Authorization: Bearer {KEY}\r\nContent-Length: {length}\r\n\r\n".encode()
+        + first
+    )
     await writer.drain()
     return reader, writer
 
@@ -355,8 +396,11 @@ async def _raw_post(port: int, length: int, first: bytes) -> tuple[asyncio.Strea
 async def _response(reader: asyncio.StreamReader, within: float) -> bytes:
     """One HTTP response (head + Content-Length body), without waiting for the socket to close."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), within)
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
     return head + await asyncio.wait_for(reader.readexactly(length), within)
 
 
@@ -407,6 +451,7 @@ async def test_rest_client_stops_mid_body(mod: Module) -> None:
 
 
 # -- after all of it ------------------------------------------------------------------------
+
 
 def test_server_survived_every_bad_input(mod: Module) -> None:
     srv = mod.srv

@@ -66,8 +66,10 @@ def _score_wav(server: Server, model: str, body: bytes, cache: dict[str, dict]) 
 
 # -- /v1/score -------------------------------------------------------------------------------
 
-def test_score_wav(server: Server, model: str, speech_wav: bytes, speech_clip: np.ndarray,
-                   wav_result: dict) -> None:
+
+def test_score_wav(
+    server: Server, model: str, speech_wav: bytes, speech_clip: np.ndarray, wav_result: dict
+) -> None:
     spec = manifest(model)
     body = _score_wav(server, model, speech_wav, wav_result)
     labels = [lab for out in spec["outputs"] for lab in out["labels"]]
@@ -90,8 +92,9 @@ def test_score_wav(server: Server, model: str, speech_wav: bytes, speech_clip: n
 
 
 @pytest.mark.parametrize("encoding", ["pcm_s16le", "pcm_f32le"])
-def test_raw_pcm_matches_wav(server: Server, model: str, speech_wav: bytes,
-                             speech_clip: np.ndarray, wav_result: dict, encoding: str) -> None:
+def test_raw_pcm_matches_wav(
+    server: Server, model: str, speech_wav: bytes, speech_clip: np.ndarray, wav_result: dict, encoding: str
+) -> None:
     ref = _score_wav(server, model, speech_wav, wav_result)
     if encoding == "pcm_s16le":
         raw = speech_clip.astype("<i2").tobytes()
@@ -106,8 +109,9 @@ def test_raw_pcm_matches_wav(server: Server, model: str, speech_wav: bytes,
     assert body["events"] == ref["events"]
 
 
-def test_flac_matches_wav(server: Server, silero_model: str, speech_wav: bytes,
-                          speech_clip: np.ndarray, wav_result: dict) -> None:
+def test_flac_matches_wav(
+    server: Server, silero_model: str, speech_wav: bytes, speech_clip: np.ndarray, wav_result: dict
+) -> None:
     ref = _score_wav(server, SILERO, speech_wav, wav_result)
     r = score(server.url, _wav(speech_clip, "FLAC"), "audio/flac", model=SILERO)
     assert r.status_code == 200, r.text
@@ -117,14 +121,26 @@ def test_flac_matches_wav(server: Server, silero_model: str, speech_wav: bytes,
 
 def test_ndjson_stream(server: Server, model: str, speech_wav: bytes, wav_result: dict) -> None:
     ref = _score_wav(server, model, speech_wav, wav_result)
-    with httpx.stream("POST", f"{server.url}/v1/score", params={"model": model, "format": "ndjson"},
-                      content=speech_wav, headers={"content-type": "audio/wav"}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/score",
+        params={"model": model, "format": "ndjson"},
+        content=speech_wav,
+        headers={"content-type": "audio/wav"},
+        timeout=60,
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("application/x-ndjson")
         lines = [json.loads(line) for line in r.iter_lines() if line]
     head, chunks, summary = lines[0], lines[1:-1], lines[-1]
-    assert head == {"type": "header", "model": model, "version": ref["version"],
-                    "sample_rate": 16000, "hop_samples": HOPS[model], "labels": ref["labels"]}
+    assert head == {
+        "type": "header",
+        "model": model,
+        "version": ref["version"],
+        "sample_rate": 16000,
+        "hop_samples": HOPS[model],
+        "labels": ref["labels"],
+    }
     assert chunks and all(c["type"] == "scores" for c in chunks)
     expected_first = 0
     for c in chunks:
@@ -134,12 +150,15 @@ def test_ndjson_stream(server: Server, model: str, speech_wav: bytes, wav_result
         joined = [x for c in chunks for x in c["scores"][lab]]
         assert joined == ref["scores"][lab]
     assert [e for c in chunks for e in c["events"]] == ref["events"]
-    assert summary == {"type": "summary", "steps": ref["steps"], "events": ref["events"],
-                       "duration": ref["duration"]}
+    assert summary == {
+        "type": "summary",
+        "steps": ref["steps"],
+        "events": ref["events"],
+        "duration": ref["duration"],
+    }
 
 
-def test_raw_needs_the_model_sample_rate(server: Server, silero_model: str,
-                                         speech_clip: np.ndarray) -> None:
+def test_raw_needs_the_model_sample_rate(server: Server, silero_model: str, speech_clip: np.ndarray) -> None:
     raw = speech_clip[:RATE].tobytes()
     for params in ({}, {"sample_rate": 8000}):
         r = score(server.url, raw, RAW, model=SILERO, **params)
@@ -149,14 +168,18 @@ def test_raw_needs_the_model_sample_rate(server: Server, silero_model: str,
     assert (r.status_code, error_code(r)) == (400, "bad_sample_rate")
 
 
-@pytest.mark.parametrize(("params", "status", "code"), [
-    ({"model": "no-such-model"}, 404, "unknown_model"),
-    ({"model": SILERO, "version": "9.9.9"}, 404, "unknown_version"),
-    ({"model": SILERO, "format": "xml"}, 400, "bad_query"),
-    ({"model": SILERO, "encoding": "pcm_u8"}, 400, "bad_query"),
-])
-def test_score_query_errors(server: Server, silero_model: str, speech_wav: bytes,
-                            params: dict[str, str], status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("params", "status", "code"),
+    [
+        ({"model": "no-such-model"}, 404, "unknown_model"),
+        ({"model": SILERO, "version": "9.9.9"}, 404, "unknown_version"),
+        ({"model": SILERO, "format": "xml"}, 400, "bad_query"),
+        ({"model": SILERO, "encoding": "pcm_u8"}, 400, "bad_query"),
+    ],
+)
+def test_score_query_errors(
+    server: Server, silero_model: str, speech_wav: bytes, params: dict[str, str], status: int, code: str
+) -> None:
     r = score(server.url, speech_wav, **params)
     assert r.status_code == status == ERRORS[code].http
     assert error_code(r) == code
@@ -179,16 +202,23 @@ def test_score_body_errors(server: Server, silero_model: str, speech_clip: np.nd
 
 # -- WAV streamed as it arrives -------------------------------------------------------------------
 
+
 def _wav_variant(samples: np.ndarray, kind: str) -> bytes:
     """The same 16-bit PCM audio in WAV layouts the streaming parser must follow."""
     data = samples.astype("<i2").tobytes()
     fmt = (1, 1, RATE, RATE * 2, 2, 16)
-    fmt_chunk = b"fmt " + (16).to_bytes(4, "little") + b"".join(
-        v.to_bytes(n, "little") for v, n in zip(fmt, (2, 2, 4, 4, 2, 2), strict=True))
+    fmt_chunk = (
+        b"fmt "
+        + (16).to_bytes(4, "little")
+        + b"".join(v.to_bytes(n, "little") for v, n in zip(fmt, (2, 2, 4, 4, 2, 2), strict=True))
+    )
     if kind == "extensible":  # WAVE_FORMAT_EXTENSIBLE with the PCM sub-format GUID
-        body = b"".join(v.to_bytes(n, "little") for v, n in zip(
-            (0xFFFE, 1, RATE, RATE * 2, 2, 16, 22, 16, 4), (2, 2, 4, 4, 2, 2, 2, 2, 4),
-            strict=True)) + bytes.fromhex("0100000000001000800000aa00389b71")
+        body = b"".join(
+            v.to_bytes(n, "little")
+            for v, n in zip(
+                (0xFFFE, 1, RATE, RATE * 2, 2, 16, 22, 16, 4), (2, 2, 4, 4, 2, 2, 2, 2, 4), strict=True
+            )
+        ) + bytes.fromhex("0100000000001000800000aa00389b71")
         fmt_chunk = b"fmt " + len(body).to_bytes(4, "little") + body
     extra = b"LIST" + (5).to_bytes(4, "little") + b"INFOx\0"  # odd size: padded
     size = 0xFFFFFFFF if kind == "open_length" else len(data)
@@ -206,17 +236,19 @@ def _wav_variant(samples: np.ndarray, kind: str) -> bytes:
 def short_chunk_server(default_model: str) -> Iterator[Server]:
     """Offline chunks of 7 steps (1,792 bytes): a clip spans hundreds of them, so body
     parts of any size split samples across chunk boundaries."""
-    with running_server(make_settings(models=[default_model], default_model=default_model,
-                                      offline_chunk_steps=7)) as srv:
+    with running_server(
+        make_settings(models=[default_model], default_model=default_model, offline_chunk_steps=7)
+    ) as srv:
         yield srv
 
 
-@pytest.mark.parametrize("kind", ["plain", "extensible", "open_length", "chunk_before_data",
-                                  "chunk_after_data"])
+@pytest.mark.parametrize(
+    "kind", ["plain", "extensible", "open_length", "chunk_before_data", "chunk_after_data"]
+)
 @pytest.mark.parametrize("part", [999, 1000, 65537])  # odd parts split samples
 def test_streamed_wav_layouts_score_like_the_plain_wav(
-        short_chunk_server: Server, default_model: str,
-        speech_clip: np.ndarray, kind: str, part: int) -> None:
+    short_chunk_server: Server, default_model: str, speech_clip: np.ndarray, kind: str, part: int
+) -> None:
     clip = speech_clip[: 3 * RATE + 77]
     want = score(short_chunk_server.url, _wav(clip), model=default_model).json()
     body = _wav(clip) if kind == "plain" else _wav_variant(clip, kind)
@@ -227,8 +259,9 @@ def test_streamed_wav_layouts_score_like_the_plain_wav(
     assert body["scores"] == want["scores"] and body["events"] == want["events"]
 
 
-def test_float_wav_is_decoded_by_libsndfile(server: Server, default_model: str,
-                                            speech_clip: np.ndarray) -> None:
+def test_float_wav_is_decoded_by_libsndfile(
+    server: Server, default_model: str, speech_clip: np.ndarray
+) -> None:
     """Not 16-bit PCM: spooled and decoded as before, same numbers."""
     clip = speech_clip[: 2 * RATE]
     buf = io.BytesIO()
@@ -240,9 +273,9 @@ def test_float_wav_is_decoded_by_libsndfile(server: Server, default_model: str,
 
 
 @pytest.mark.parametrize("ctype", ["audio/wav", RAW])
-def test_ndjson_reads_a_body_that_arrives_in_many_parts(server: Server, default_model: str,
-                                                        speech_clip: np.ndarray,
-                                                        ctype: str) -> None:
+def test_ndjson_reads_a_body_that_arrives_in_many_parts(
+    server: Server, default_model: str, speech_clip: np.ndarray, ctype: str
+) -> None:
     """The scorer reads the body while the response streams: no other reader may take
     parts of it (Starlette's disconnect listener once did, losing audio)."""
     clip = speech_clip[: 5 * RATE]
@@ -250,17 +283,23 @@ def test_ndjson_reads_a_body_that_arrives_in_many_parts(server: Server, default_
     params = {"model": default_model, "format": "ndjson"}
     if ctype == RAW:
         params["sample_rate"] = RATE
-    with httpx.stream("POST", f"{server.url}/v1/score", params=params,
-                      content=_chunked(body, 4096), headers={"content-type": ctype},
-                      timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/score",
+        params=params,
+        content=_chunked(body, 4096),
+        headers={"content-type": ctype},
+        timeout=60,
+    ) as r:
         lines = [json.loads(line) for line in r.iter_lines() if line]
     assert lines[-1]["type"] == "summary", lines[-1]
     assert lines[-1]["duration"] == len(clip) / RATE
     assert sum(len(c["scores"]["speech"]) for c in lines[1:-1]) == lines[-1]["steps"]
 
 
-def test_truncated_streamed_wav_is_bad_audio(short_chunk_server: Server, default_model: str,
-                                             speech_clip: np.ndarray) -> None:
+def test_truncated_streamed_wav_is_bad_audio(
+    short_chunk_server: Server, default_model: str, speech_clip: np.ndarray
+) -> None:
     wav = _wav(speech_clip[: 2 * RATE])
     for cut, part in ((len(wav) // 2, 1000), (len(wav) // 2 + 1, 1000), (len(wav) - 2, 999)):
         r = score(short_chunk_server.url, _chunked(wav[:cut], part), model=default_model)
@@ -270,24 +309,28 @@ def test_truncated_streamed_wav_is_bad_audio(short_chunk_server: Server, default
 
 # -- upload limits ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_server(silero_model: str) -> Iterator[Server]:
     """Limits small enough to hit: 100 kB bodies, 1 s of audio."""
-    settings = make_settings(models=[SILERO], default_model=SILERO, max_upload_bytes=100_000,
-                             max_upload_seconds=1.0)
+    settings = make_settings(
+        models=[SILERO], default_model=SILERO, max_upload_bytes=100_000, max_upload_seconds=1.0
+    )
     with running_server(settings) as srv:
         yield srv
 
 
 def _chunked(data: bytes, size: int = 8192) -> Iterator[bytes]:
     for i in range(0, len(data), size):
-        yield data[i:i + size]
+        yield data[i : i + size]
 
 
 def test_content_length_above_limit(small_server: Server, speech_clip: np.ndarray) -> None:
     big = _wav(speech_clip[: 4 * RATE])  # 128 kB
-    for body, ctype, params in ((big, "audio/wav", {}),
-                                (speech_clip[: 4 * RATE].tobytes(), RAW, {"sample_rate": 16000})):
+    for body, ctype, params in (
+        (big, "audio/wav", {}),
+        (speech_clip[: 4 * RATE].tobytes(), RAW, {"sample_rate": 16000}),
+    ):
         r = score(small_server.url, body, ctype, **params)
         assert (r.status_code, error_code(r)) == (413, "upload_too_large"), ctype
 
@@ -295,8 +338,10 @@ def test_content_length_above_limit(small_server: Server, speech_clip: np.ndarra
 def test_chunked_body_above_limit(small_server: Server, speech_clip: np.ndarray) -> None:
     """No Content-Length to check up front: the server counts while it reads."""
     big = speech_clip[: 4 * RATE].tobytes()
-    for ctype, body, params in (("audio/wav", _wav(speech_clip[: 4 * RATE]), {}),
-                                (RAW, big, {"sample_rate": 16000})):
+    for ctype, body, params in (
+        ("audio/wav", _wav(speech_clip[: 4 * RATE]), {}),
+        (RAW, big, {"sample_rate": 16000}),
+    ):
         r = score(small_server.url, _chunked(body), ctype, **params)
         assert "content-length" not in r.request.headers
         assert r.request.headers["transfer-encoding"] == "chunked"
@@ -305,10 +350,12 @@ def test_chunked_body_above_limit(small_server: Server, speech_clip: np.ndarray)
 
 def test_audio_longer_than_limit(small_server: Server, speech_clip: np.ndarray) -> None:
     two_s = speech_clip[: 2 * RATE]  # 64 kB: under the byte limit, over 1 s
-    for body, ctype, params in ((_wav(two_s), "audio/wav", {}),
-                                (_wav(two_s, "FLAC"), "audio/flac", {}),
-                                (two_s.tobytes(), RAW, {"sample_rate": 16000}),
-                                (_chunked(two_s.tobytes()), RAW, {"sample_rate": 16000})):
+    for body, ctype, params in (
+        (_wav(two_s), "audio/wav", {}),
+        (_wav(two_s, "FLAC"), "audio/flac", {}),
+        (two_s.tobytes(), RAW, {"sample_rate": 16000}),
+        (_chunked(two_s.tobytes()), RAW, {"sample_rate": 16000}),
+    ):
         r = score(small_server.url, body, ctype, **params)
         assert (r.status_code, error_code(r)) == (413, "audio_too_long"), ctype
     ok = score(small_server.url, _wav(speech_clip[:RATE]))
@@ -317,12 +364,16 @@ def test_audio_longer_than_limit(small_server: Server, speech_clip: np.ndarray) 
 
 # -- parity: streaming == offline ---------------------------------------------------------------
 
-async def test_ws_rest_parity(server: Server, model: str, speech_clip: np.ndarray,
-                              speech_wav: bytes) -> None:
+
+async def test_ws_rest_parity(server: Server, model: str, speech_clip: np.ndarray, speech_wav: bytes) -> None:
     s = await run_session(server.ws, [*frames(speech_clip, 5), END], model=model)
     async with httpx.AsyncClient(timeout=60) as http:
-        r = await http.post(f"{server.url}/v1/score", params={"model": model}, content=speech_wav,
-                            headers={"content-type": "audio/wav"})
+        r = await http.post(
+            f"{server.url}/v1/score",
+            params={"model": model},
+            content=speech_wav,
+            headers={"content-type": "audio/wav"},
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["steps"] == len(s.results) == s.summary["steps"]
@@ -334,6 +385,7 @@ async def test_ws_rest_parity(server: Server, model: str, speech_clip: np.ndarra
 
 
 # -- models, health, OpenAPI --------------------------------------------------------------------
+
 
 def test_models(server: Server, model: str) -> None:
     r = server.get("/v1/models")
@@ -375,7 +427,8 @@ def test_openapi_and_docs(silero_model: str) -> None:
             assert path in paths, path
         score_op = paths["/v1/score"]["post"]
         assert {"audio/wav", "audio/flac", "application/octet-stream"} <= set(
-            score_op["requestBody"]["content"])
+            score_op["requestBody"]["content"]
+        )
         params = {p["name"] for p in score_op["parameters"]}
         assert {"model", "version", "format", "encoding", "sample_rate"} <= params
         docs = client.get("/docs")

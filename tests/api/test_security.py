@@ -42,26 +42,41 @@ def test_key_ok_semantics(monkeypatch: pytest.MonkeyPatch) -> None:
     on = make_settings(api_keys=KEYS)
     for key in KEYS:
         assert auth.key_ok(on, key)
-    for given in (None, "", " ", KEYS[0][:-1], KEYS[0] + "x", " " + KEYS[0], KEYS[0].upper(),
-                  KEYS[0] + KEYS[1], "right-key-Q1x9\n", "ключ", WRONG[0]):
+    for given in (
+        None,
+        "",
+        " ",
+        KEYS[0][:-1],
+        KEYS[0] + "x",
+        " " + KEYS[0],
+        KEYS[0].upper(),
+        KEYS[0] + KEYS[1],
+        "right-key-Q1x9\n",
+        "ключ",
+        WRONG[0],
+    ):
         assert not auth.key_ok(on, given), given
 
     # constant time: every check goes through hmac.compare_digest on bytes, once per
     # configured key, whether the key matches the first, the last or none (no early exit)
     counting = _Counting(auth.hmac.compare_digest)
     monkeypatch.setattr(auth.hmac, "compare_digest", counting)
-    for given, ok in ((KEYS[0], True), (KEYS[1], True), (WRONG[0], False), ("x", False),
-                      ("y" * 500, False)):
+    for given, ok in ((KEYS[0], True), (KEYS[1], True), (WRONG[0], False), ("x", False), ("y" * 500, False)):
         counting.calls.clear()
         assert auth.key_ok(on, given) is ok
         assert counting.calls == [(bytes, bytes)] * len(KEYS), given
 
 
 def test_log_hygiene_redacts_query_tokens() -> None:
-    rec = logging.LogRecord("uvicorn.error", logging.INFO, __file__, 1,
-                            '%s - "WebSocket %s" %d', ("127.0.0.1:1", "/v1/stream?model=m&"
-                                                       "token=s3cret&x=1&TOKEN=again", 401),
-                            None)
+    rec = logging.LogRecord(
+        "uvicorn.error",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "WebSocket %s" %d',
+        ("127.0.0.1:1", "/v1/stream?model=m&token=s3cret&x=1&TOKEN=again", 401),
+        None,
+    )
     assert LogHygiene().filter(rec)
     assert rec.getMessage() == '127.0.0.1:1 - "WebSocket /v1/stream?model=m&token=***&x=1&TOKEN=***" 401'
     for header in ("< authorization: Bearer s3cret", "< Authorization: s3cret"):
@@ -74,9 +89,13 @@ async def test_keys_origins_and_logs_on_a_real_server(tmp_path: Path, silero_mod
     """One `lookback serve` at log level debug (access log on): wrong keys, right keys,
     ``?token=`` on REST and on the WebSocket, browser Origins. Afterwards the whole log
     holds none of the key strings, right or wrong."""
-    env = {"LOOKBACK_MODELS": "silero-vad", "LOOKBACK_DEFAULT_MODEL": "silero-vad",
-           "LOOKBACK_API_KEYS": ",".join(KEYS), "LOOKBACK_ALLOWED_ORIGINS": ",".join(ORIGINS),
-           "LOOKBACK_LOG_LEVEL": "debug"}
+    env = {
+        "LOOKBACK_MODELS": "silero-vad",
+        "LOOKBACK_DEFAULT_MODEL": "silero-vad",
+        "LOOKBACK_API_KEYS": ",".join(KEYS),
+        "LOOKBACK_ALLOWED_ORIGINS": ",".join(ORIGINS),
+        "LOOKBACK_LOG_LEVEL": "debug",
+    }
     with spawn_server(tmp_path, **env) as srv:
         base = f"{srv.ws}/v1/stream?{SILERO_Q}"
         bearer = {"Authorization": f"Bearer {KEYS[0]}"}
@@ -94,8 +113,7 @@ async def test_keys_origins_and_logs_on_a_real_server(tmp_path: Path, silero_mod
         # WebSocket: a key by header or by ?token= (browsers cannot set headers)
         await denied(401, "unauthorized", base)
         await denied(401, "unauthorized", f"{base}&token={WRONG[0]}")
-        await denied(401, "unauthorized", base,
-                     additional_headers={"Authorization": f"Bearer {WRONG[1]}"})
+        await denied(401, "unauthorized", base, additional_headers={"Authorization": f"Bearer {WRONG[1]}"})
         await accepted(f"{base}&token={KEYS[0]}")
         await accepted(base, additional_headers={"Authorization": f"Bearer {KEYS[1]}"})
         # Origin: a listed browser origin passes, an unlisted one is 403 before the upgrade
@@ -103,8 +121,13 @@ async def test_keys_origins_and_logs_on_a_real_server(tmp_path: Path, silero_mod
         await accepted(f"{base}&token={KEYS[0]}", origin=ORIGINS[0])
         await accepted(f"{base}&token={KEYS[1]}", origin=ORIGINS[1])
         await accepted(f"{base}&token={KEYS[0]}")
-        for bad in ("https://evil.example", "https://app.example.evil.example", "null",
-                    "http://app.example", "https://other.example"):
+        for bad in (
+            "https://evil.example",
+            "https://app.example.evil.example",
+            "null",
+            "http://app.example",
+            "https://other.example",
+        ):
             await denied(403, "origin_not_allowed", f"{base}&token={KEYS[0]}", origin=bad)
 
         # REST: Authorization: Bearer only; ?token= is refused even with the right key
@@ -118,8 +141,9 @@ async def test_keys_origins_and_logs_on_a_real_server(tmp_path: Path, silero_mod
             ):
                 r = await client.get("/v1/models", params=params, headers=headers)
                 assert r.status_code == status, (params, headers)
-            r = await client.post("/v1/score", params={"token": KEYS[1]}, content=b"RIFF",
-                                  headers={"Content-Type": "audio/wav"})
+            r = await client.post(
+                "/v1/score", params={"token": KEYS[1]}, content=b"RIFF", headers={"Content-Type": "audio/wav"}
+            )
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         srv.terminate()
         assert srv.proc.wait(30) == 0

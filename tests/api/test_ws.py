@@ -40,6 +40,7 @@ def _hop_frames(model: str) -> int:
 
 # -- ready / result / event / summary -----------------------------------------------------------
 
+
 async def test_ready_message_fields(server: Server, model: str) -> None:
     spec = manifest(model)
     labels = [lab for out in spec["outputs"] for lab in out["labels"]]
@@ -73,8 +74,9 @@ async def test_session_ids_are_unique(server: Server) -> None:
 
 
 @pytest.mark.parametrize("per_message", [1, 7])
-async def test_stream_results_events_summary(server: Server, model: str, speech_clip: np.ndarray,
-                                             per_message: int) -> None:
+async def test_stream_results_events_summary(
+    server: Server, model: str, speech_clip: np.ndarray, per_message: int
+) -> None:
     hop = HOPS[model]
     msgs = frames(speech_clip, per_message)
     n_frames = math.ceil(len(speech_clip) / FRAME)
@@ -119,8 +121,7 @@ async def test_stream_results_events_summary(server: Server, model: str, speech_
     assert summary["duration"] == n_frames * FRAME / RATE  # audio received, padding excluded
 
 
-async def test_framing_does_not_change_scores(server: Server, model: str,
-                                              speech_clip: np.ndarray) -> None:
+async def test_framing_does_not_change_scores(server: Server, model: str, speech_clip: np.ndarray) -> None:
     """One frame per message and many frames per message give the same numbers."""
     clip = speech_clip[: RATE * 3]
     a = await run_session(server.ws, [*frames(clip, 1), END], model=model)
@@ -142,8 +143,7 @@ async def test_results_events_mode(server: Server, model: str, speech_clip: np.n
     assert {m["type"] for m in quiet.messages} == {"ready", "event", "summary"}
 
 
-async def test_flush_pads_a_partial_hop(server: Server, model: str,
-                                        speech_clip: np.ndarray) -> None:
+async def test_flush_pads_a_partial_hop(server: Server, model: str, speech_clip: np.ndarray) -> None:
     hop = HOPS[model]
     one = speech_clip[:FRAME].tobytes()
     async with connect(stream_url(server.ws, model=model), compression=None) as ws:
@@ -155,7 +155,7 @@ async def test_flush_pads_a_partial_hop(server: Server, model: str,
         assert first["time"] == hop / RATE
         await ws.send(FLUSH)  # nothing buffered: no step
         # time keeps counting the padded samples: the next hop is step 1
-        await ws.send(b"".join(frames(speech_clip[FRAME:FRAME + hop])))
+        await ws.send(b"".join(frames(speech_clip[FRAME : FRAME + hop])))
         second = await recv_json(ws)
         assert second["type"] == "result" and second["step"] == 1
         assert second["time"] == 2 * hop / RATE
@@ -169,8 +169,7 @@ async def test_flush_pads_a_partial_hop(server: Server, model: str,
     assert ws.close_code == Close.NORMAL
 
 
-async def test_end_flushes_buffered_audio(server: Server, silero_model: str,
-                                          speech_clip: np.ndarray) -> None:
+async def test_end_flushes_buffered_audio(server: Server, silero_model: str, speech_clip: np.ndarray) -> None:
     """``end`` scores a partial hop like ``flush`` before the summary."""
     s = await run_session(server.ws, [speech_clip[: 3 * FRAME].tobytes(), END], model=SILERO)
     assert [r["step"] for r in s.results] == [0]
@@ -183,8 +182,9 @@ async def test_f32_encoding_matches_s16(server: Server, model: str, speech_clip:
     clip = speech_clip[: RATE * 2]
     as_f32 = (clip.astype(np.float32) / 32768).astype("<f4")
     a = await run_session(server.ws, [*frames(clip, 4), END], model=model)
-    b = await run_session(server.ws, [*frames(as_f32, 4), END], model=model, encoding="pcm_f32le",
-                          sample_rate=16000)
+    b = await run_session(
+        server.ws, [*frames(as_f32, 4), END], model=model, encoding="pcm_f32le", sample_rate=16000
+    )
     assert b.ready["encoding"] == "pcm_f32le"
     label = a.ready["labels"][0]
     assert a.scores(label) == b.scores(label)
@@ -207,11 +207,12 @@ BAD_MESSAGES: list[tuple[bytes | str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("bad", "code"), BAD_MESSAGES,
-                         ids=[f"{c}-{i}" for i, (_, c) in enumerate(BAD_MESSAGES)])
-async def test_bad_message_keeps_session_open(server: Server, silero_model: str,
-                                              speech_clip: np.ndarray, bad: bytes | str,
-                                              code: str) -> None:
+@pytest.mark.parametrize(
+    ("bad", "code"), BAD_MESSAGES, ids=[f"{c}-{i}" for i, (_, c) in enumerate(BAD_MESSAGES)]
+)
+async def test_bad_message_keeps_session_open(
+    server: Server, silero_model: str, speech_clip: np.ndarray, bad: bytes | str, code: str
+) -> None:
     hop = speech_clip[: HOPS[SILERO]].tobytes()
     s = await run_session(server.ws, [bad, hop, END], model=SILERO)
     assert ERRORS[code].close is None  # documented as "stays open"
@@ -224,8 +225,7 @@ async def test_bad_message_keeps_session_open(server: Server, silero_model: str,
     assert s.close_code == Close.NORMAL
 
 
-async def test_non_finite_audio_is_dropped_whole(server: Server, model: str,
-                                                 speech_clip: np.ndarray) -> None:
+async def test_non_finite_audio_is_dropped_whole(server: Server, model: str, speech_clip: np.ndarray) -> None:
     hop = HOPS[model]
     good = (speech_clip[:hop].astype(np.float32) / 32768).astype("<f4")
     nan = good.copy()
@@ -248,8 +248,7 @@ async def test_audio_after_end(server: Server, silero_model: str, speech_clip: n
     # 48 steps in three messages are still being scored when `end` arrives, so the
     # messages after it are read while the session finishes.
     burst = frames(speech_clip[: 48 * hop], 16)
-    s = await run_session(server.ws, [*burst, END, speech_clip[:FRAME].tobytes(), FLUSH, END],
-                          model=SILERO)
+    s = await run_session(server.ws, [*burst, END, speech_clip[:FRAME].tobytes(), FLUSH, END], model=SILERO)
     assert [e["code"] for e in s.errors] == ["audio_after_end", "audio_after_end"]
     assert s.summary["steps"] == 48 and s.summary["frames"] == 48 * hop // FRAME
     assert len(s.results) == 48
@@ -270,8 +269,7 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("query", "code"), REFUSALS, ids=[c for _, c in REFUSALS])
-async def test_query_refusal(server: Server, silero_model: str, query: dict[str, str],
-                             code: str) -> None:
+async def test_query_refusal(server: Server, silero_model: str, query: dict[str, str], code: str) -> None:
     q = {"model": SILERO, **query}
     s = await expect_refusal(server.ws, **q)
     err = s.messages[0]
@@ -282,8 +280,14 @@ async def test_query_refusal(server: Server, silero_model: str, query: dict[str,
 
 
 async def test_valid_query_values_are_accepted(server: Server, silero_model: str) -> None:
-    for q in ({"sample_rate": "16000"}, {"encoding": "pcm_f32le"}, {"results": "events"},
-              {"results": "all"}, {"version": "latest"}, {"version": manifest(SILERO)["version"]}):
+    for q in (
+        {"sample_rate": "16000"},
+        {"encoding": "pcm_f32le"},
+        {"results": "events"},
+        {"results": "all"},
+        {"version": "latest"},
+        {"version": manifest(SILERO)["version"]},
+    ):
         s = await run_session(server.ws, [END], model=SILERO, **q)
         assert s.ready["model"] == SILERO, q
         assert s.close_code == Close.NORMAL, q
@@ -297,16 +301,24 @@ async def test_default_model_when_no_model_given(server: Server, default_model: 
 
 # -- configured limits ---------------------------------------------------------------------------
 
+
 async def test_configured_limits(silero_model: str, speech_clip: np.ndarray) -> None:
     """max_frames_per_message and max_message_bytes are the configured ones, not defaults."""
-    settings = make_settings(models=[SILERO], max_frames_per_message=8, max_message_bytes=4096,
-                             max_pending_steps=8)
+    settings = make_settings(
+        models=[SILERO], max_frames_per_message=8, max_message_bytes=4096, max_pending_steps=8
+    )
     hop = speech_clip[: HOPS[SILERO]].tobytes()
     with running_server(settings) as srv:
-        s = await run_session(srv.ws, [
-            b"\x00" * (9 * 2 * FRAME),    # 9 frames: above max_frames_per_message
-            b"\x00" * (17 * 2 * FRAME),   # 4352 bytes: above max_message_bytes
-            hop, END], model=SILERO)
+        s = await run_session(
+            srv.ws,
+            [
+                b"\x00" * (9 * 2 * FRAME),  # 9 frames: above max_frames_per_message
+                b"\x00" * (17 * 2 * FRAME),  # 4352 bytes: above max_message_bytes
+                hop,
+                END,
+            ],
+            model=SILERO,
+        )
     assert [e["code"] for e in s.errors] == ["too_many_frames", "message_too_large"]
     assert "max_frames_per_message=8" in s.errors[0]["message"]
     assert "max_message_bytes=4096" in s.errors[1]["message"]

@@ -46,11 +46,25 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI
         receive, send = ws.receive, ws.send
         dumps = orjson.dumps
         try:
-            await send({"type": "websocket.send", "text": dumps({
-                "type": "ready", "session_id": uuid.uuid4().hex[:16], "model": "echo",
-                "version": "1", "sample_rate": 16000, "frame_samples": frame_samples,
-                "hop_samples": hop_samples, "labels": ["speech"], "encoding": "pcm_s16le",
-                "threshold": 0.5}).decode()})
+            await send(
+                {
+                    "type": "websocket.send",
+                    "text": dumps(
+                        {
+                            "type": "ready",
+                            "session_id": uuid.uuid4().hex[:16],
+                            "model": "echo",
+                            "version": "1",
+                            "sample_rate": 16000,
+                            "frame_samples": frame_samples,
+                            "hop_samples": hop_samples,
+                            "labels": ["speech"],
+                            "encoding": "pcm_s16le",
+                            "threshold": 0.5,
+                        }
+                    ).decode(),
+                }
+            )
             frames = 0
             steps = 0
             while True:
@@ -61,23 +75,54 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI
                 if data is not None:
                     frames += len(data) // frame_bytes
                     while (steps + 1) * hop_frames <= frames:
-                        await send({"type": "websocket.send", "text": dumps({
-                            "type": "result", "step": steps,
-                            "time": (steps + 1) * hop_seconds,
-                            "scores": {"speech": SCORE}}).decode()})
+                        await send(
+                            {
+                                "type": "websocket.send",
+                                "text": dumps(
+                                    {
+                                        "type": "result",
+                                        "step": steps,
+                                        "time": (steps + 1) * hop_seconds,
+                                        "scores": {"speech": SCORE},
+                                    }
+                                ).decode(),
+                            }
+                        )
                         steps += 1
                     continue
                 body = orjson.loads(msg.get("text") or "{}")
                 if isinstance(body, dict) and body.get("type") == "end":
                     if frames > steps * hop_frames:  # flush: a padded last step
-                        await send({"type": "websocket.send", "text": dumps({
-                            "type": "result", "step": steps, "time": (steps + 1) * hop_seconds,
-                            "scores": {"speech": SCORE}}).decode()})
+                        await send(
+                            {
+                                "type": "websocket.send",
+                                "text": dumps(
+                                    {
+                                        "type": "result",
+                                        "step": steps,
+                                        "time": (steps + 1) * hop_seconds,
+                                        "scores": {"speech": SCORE},
+                                    }
+                                ).decode(),
+                            }
+                        )
                         steps += 1
-                    await send({"type": "websocket.send", "text": dumps({
-                        "type": "summary", "frames": frames, "steps": steps, "failed_steps": 0,
-                        "padded_samples": 0, "duration": steps * hop_seconds,
-                        "events": []}).decode()})
+                    await send(
+                        {
+                            "type": "websocket.send",
+                            "text": dumps(
+                                {
+                                    "type": "summary",
+                                    "frames": frames,
+                                    "steps": steps,
+                                    "failed_steps": 0,
+                                    "padded_samples": 0,
+                                    "duration": steps * hop_seconds,
+                                    "events": [],
+                                }
+                            ).decode(),
+                        }
+                    )
                     await ws.close(1000, "normal")
                     return
         finally:

@@ -39,8 +39,7 @@ class _Refill:
         self.session: Any = None
         self.done = 0
 
-    def on_result(self, index: int, time: float, scores: list[float],
-                  events: list[Event] | None) -> None:
+    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
         self.done += 1
         self.session.push(self.frame)
 
@@ -49,10 +48,17 @@ class _Refill:
 
 
 def _settings(model: str, max_batch: int, sessions: int) -> Settings:
-    return Settings(_env_file=None, models=[model], default_model=model,  # type: ignore[call-arg]
-                    max_batch_size=max_batch, max_sessions=max(sessions, 16),
-                    warmup_batch_sizes=[1, min(max_batch, sessions)], initial_slots=8,
-                    max_pending_steps=64, max_frames_per_message=64)
+    return Settings(
+        _env_file=None,
+        models=[model],
+        default_model=model,  # type: ignore[call-arg]
+        max_batch_size=max_batch,
+        max_sessions=max(sessions, 16),
+        warmup_batch_sizes=[1, min(max_batch, sessions)],
+        initial_slots=8,
+        max_pending_steps=64,
+        max_frames_per_message=64,
+    )
 
 
 async def engine_rate(model: str, sessions: int, max_batch: int, seconds: float) -> float:
@@ -87,12 +93,12 @@ async def engine_rate(model: str, sessions: int, max_batch: int, seconds: float)
 def ort_ceiling(model: str, batch: int, seconds: float) -> float:
     """Steps/s of the raw step graph at ``batch`` with states fed back, no engine."""
     eng = Engine(_settings(model, batch, batch))
-    handle = eng._load(next(sm for sm in discover(eng.settings.model_store)
-                            if sm.spec.name == model))
+    handle = eng._load(next(sm for sm in discover(eng.settings.model_store) if sm.spec.name == model))
     feeds = handle.step_feeds(batch)
     rng = np.random.default_rng(0)
     feeds[handle.spec.audio_input.name] = (
-        rng.standard_normal(feeds[handle.spec.audio_input.name].shape) * 0.1).astype(np.float32)
+        rng.standard_normal(feeds[handle.spec.audio_input.name].shape) * 0.1
+    ).astype(np.float32)
     rt = handle.step
     names = rt.output_names
     state_map = [(st.input, names.index(st.output)) for st in handle.spec.states]
@@ -123,8 +129,10 @@ def memory_per_session(model: str) -> dict[str, float]:
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
         heap = sum(s.size_diff for s in after.compare_to(before, "filename"))
-        out = {"state_bytes_per_session": float(handle.table.bytes_per_slot),
-               "heap_bytes_per_session_incl_slab_growth": heap / 1000}
+        out = {
+            "state_bytes_per_session": float(handle.table.bytes_per_slot),
+            "heap_bytes_per_session_incl_slab_growth": heap / 1000,
+        }
         for s in sessions:
             s.close()
         await eng.stop()
@@ -133,8 +141,13 @@ def memory_per_session(model: str) -> dict[str, float]:
     return asyncio.run(run())
 
 
-def main(json_out: str | None = None, *, model: str = "lookback-vad", seconds: float = 3.0,
-         sessions: tuple[int, ...] = SESSIONS) -> dict[str, Any]:
+def main(
+    json_out: str | None = None,
+    *,
+    model: str = "lookback-vad",
+    seconds: float = 3.0,
+    sessions: tuple[int, ...] = SESSIONS,
+) -> dict[str, Any]:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     rows = []
@@ -142,14 +155,24 @@ def main(json_out: str | None = None, *, model: str = "lookback-vad", seconds: f
         ceiling = ort_ceiling(model, n, seconds)
         batched = asyncio.run(engine_rate(model, n, n, seconds))
         naive = asyncio.run(engine_rate(model, n, 1, seconds))
-        rows.append({"sessions": n, "ort_ceiling_fps": ceiling, "engine_fps": batched,
-                     "engine_bs1_fps": naive, "vs_ceiling": batched / ceiling,
-                     "vs_unbatched": batched / naive})
-        print(f"  {n:5d} sessions: ORT {ceiling:10.0f}/s  engine {batched:10.0f}/s "
-              f"({batched / ceiling:.2f}x ceiling)  bs=1 {naive:8.0f}/s "
-              f"({batched / naive:.1f}x)", file=sys.stderr, flush=True)
-    result = {"model": model, "seconds_per_point": seconds, "rows": rows,
-              "memory": memory_per_session(model)}
+        rows.append(
+            {
+                "sessions": n,
+                "ort_ceiling_fps": ceiling,
+                "engine_fps": batched,
+                "engine_bs1_fps": naive,
+                "vs_ceiling": batched / ceiling,
+                "vs_unbatched": batched / naive,
+            }
+        )
+        print(
+            f"  {n:5d} sessions: ORT {ceiling:10.0f}/s  engine {batched:10.0f}/s "
+            f"({batched / ceiling:.2f}x ceiling)  bs=1 {naive:8.0f}/s "
+            f"({batched / naive:.1f}x)",
+            file=sys.stderr,
+            flush=True,
+        )
+    result = {"model": model, "seconds_per_point": seconds, "rows": rows, "memory": memory_per_session(model)}
     result["markdown"] = to_markdown(result)
     if json_out:
         with open(json_out, "w") as f:
@@ -158,17 +181,26 @@ def main(json_out: str | None = None, *, model: str = "lookback-vad", seconds: f
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    lines = [f"Engine only, one core, model `{result['model']}` (frames/s = steps/s x hop/128)",
-             "", "| sessions | ORT ceiling steps/s | engine steps/s | engine / ceiling | "
-             "engine bs=1 steps/s | batched / bs=1 |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Engine only, one core, model `{result['model']}` (frames/s = steps/s x hop/128)",
+        "",
+        "| sessions | ORT ceiling steps/s | engine steps/s | engine / ceiling | "
+        "engine bs=1 steps/s | batched / bs=1 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['sessions']} | {r['ort_ceiling_fps']:.0f} | {r['engine_fps']:.0f} | "
-                     f"{r['vs_ceiling']:.2f} | {r['engine_bs1_fps']:.0f} | "
-                     f"{r['vs_unbatched']:.1f}x |")
+        lines.append(
+            f"| {r['sessions']} | {r['ort_ceiling_fps']:.0f} | {r['engine_fps']:.0f} | "
+            f"{r['vs_ceiling']:.2f} | {r['engine_bs1_fps']:.0f} | "
+            f"{r['vs_unbatched']:.1f}x |"
+        )
     mem = result["memory"]
-    lines += ["", f"State per session: {mem['state_bytes_per_session']:.0f} bytes in slabs; "
-              f"Python heap per open session: {mem['heap_bytes_per_session_incl_slab_growth']:.0f} "
-              "bytes (incl. slab growth)."]
+    lines += [
+        "",
+        f"State per session: {mem['state_bytes_per_session']:.0f} bytes in slabs; "
+        f"Python heap per open session: {mem['heap_bytes_per_session_incl_slab_growth']:.0f} "
+        "bytes (incl. slab growth).",
+    ]
     return "\n".join(lines)
 
 
@@ -179,6 +211,7 @@ if __name__ == "__main__":
     ap.add_argument("--sessions", default=",".join(map(str, SESSIONS)))
     ap.add_argument("--json")
     a = ap.parse_args()
-    res = main(a.json, model=a.model, seconds=a.seconds,
-               sessions=tuple(int(x) for x in a.sessions.split(",")))
+    res = main(
+        a.json, model=a.model, seconds=a.seconds, sessions=tuple(int(x) for x in a.sessions.split(","))
+    )
     print(res["markdown"])

@@ -32,8 +32,12 @@ def make_null_model(model: str, dest_store: Path, *, source_store: Path | None =
     if spec["audio_input"].get("layout", "BT") != "BT":
         raise ValueError("the null model is written for a [batch, time] audio input")
     window = spec["context_samples"] + spec["hop_samples"]
-    dtypes = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-              "int64": TensorProto.INT64, "int32": TensorProto.INT32}
+    dtypes = {
+        "float32": TensorProto.FLOAT,
+        "float16": TensorProto.FLOAT16,
+        "int64": TensorProto.INT64,
+        "int32": TensorProto.INT32,
+    }
 
     def batched(shape: list[int], axis: int) -> list[int | str]:
         dims: list[int | str] = list(shape)
@@ -54,14 +58,17 @@ def make_null_model(model: str, dest_store: Path, *, source_store: Path | None =
         n = len(out["labels"])
         starts, ends = f"{out['name']}_starts", f"{out['name']}_ends"
         last, zero = f"{out['name']}_last", f"{out['name']}_zero"
-        inits += [helper.make_tensor(starts, TensorProto.INT64, [1], [window - n]),
-                  helper.make_tensor(ends, TensorProto.INT64, [1], [window]),
-                  helper.make_tensor(f"{out['name']}_axes", TensorProto.INT64, [1], [1]),
-                  helper.make_tensor(zero, TensorProto.FLOAT, [], [0.0])]
-        nodes += [helper.make_node("Slice", [audio, starts, ends, f"{out['name']}_axes"], [last]),
-                  helper.make_node("Mul", [last, zero], [out["name"]])]
-        outputs.append(helper.make_tensor_value_info(out["name"], TensorProto.FLOAT,
-                                                     ["batch", n]))
+        inits += [
+            helper.make_tensor(starts, TensorProto.INT64, [1], [window - n]),
+            helper.make_tensor(ends, TensorProto.INT64, [1], [window]),
+            helper.make_tensor(f"{out['name']}_axes", TensorProto.INT64, [1], [1]),
+            helper.make_tensor(zero, TensorProto.FLOAT, [], [0.0]),
+        ]
+        nodes += [
+            helper.make_node("Slice", [audio, starts, ends, f"{out['name']}_axes"], [last]),
+            helper.make_node("Mul", [last, zero], [out["name"]]),
+        ]
+        outputs.append(helper.make_tensor_value_info(out["name"], TensorProto.FLOAT, ["batch", n]))
     for c in spec.get("constants", []):
         inputs.append(helper.make_tensor_value_info(c["name"], dtypes[c["dtype"]], c["shape"]))
     graph = helper.make_graph(nodes, "null", inputs, outputs, initializer=inits)
@@ -75,10 +82,14 @@ def make_null_model(model: str, dest_store: Path, *, source_store: Path | None =
     blob = proto.SerializeToString()
     (folder / "model.onnx").write_bytes(blob)
     spec.pop("sequence", None)  # offline falls back to steps; the bench streams only
-    spec.update(name=name, version="1", license="MIT",
-                description=f"Null twin of {spec['name']} for benchmarks: same contract, "
-                            "states passed through, every score 0.",
-                graph={"file": "model.onnx", "sha256": hashlib.sha256(blob).hexdigest()})
+    spec.update(
+        name=name,
+        version="1",
+        license="MIT",
+        description=f"Null twin of {spec['name']} for benchmarks: same contract, "
+        "states passed through, every score 0.",
+        graph={"file": "model.onnx", "sha256": hashlib.sha256(blob).hexdigest()},
+    )
     (folder / "model.json").write_text(json.dumps(spec, indent=2))
     return name
 

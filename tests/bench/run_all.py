@@ -57,8 +57,21 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
 FIXTURE = REPO / "tests" / "fixtures" / "audio" / "silero_ref_speech.wav"
 BIN = Path(sys.executable).parent
-STEPS = ("engine", "echo", "lookback", "null", "naive", "fpm10", "silero", "silero_naive", "offline",
-         "memory", "workers", "soak", "pairs")
+STEPS = (
+    "engine",
+    "echo",
+    "lookback",
+    "null",
+    "naive",
+    "fpm10",
+    "silero",
+    "silero_naive",
+    "offline",
+    "memory",
+    "workers",
+    "soak",
+    "pairs",
+)
 
 
 @dataclass(frozen=True)
@@ -75,12 +88,30 @@ class Plan:
     start: int
 
 
-FULL = Plan(warmup=2.0, duration=6.0, max_trials=8, ramp_time=140.0, offline_short_s=60.0,
-            offline_long_s=3600.0, idle_sessions=1000, engine_seconds=3.0,
-            engine_sessions=(1, 64, 512, 2048), start=64)
-QUICK = Plan(warmup=0.5, duration=1.5, max_trials=3, ramp_time=25.0, offline_short_s=10.0,
-             offline_long_s=120.0, idle_sessions=100, engine_seconds=0.3,
-             engine_sessions=(1, 64), start=16)
+FULL = Plan(
+    warmup=2.0,
+    duration=6.0,
+    max_trials=8,
+    ramp_time=140.0,
+    offline_short_s=60.0,
+    offline_long_s=3600.0,
+    idle_sessions=1000,
+    engine_seconds=3.0,
+    engine_sessions=(1, 64, 512, 2048),
+    start=64,
+)
+QUICK = Plan(
+    warmup=0.5,
+    duration=1.5,
+    max_trials=3,
+    ramp_time=25.0,
+    offline_short_s=10.0,
+    offline_long_s=120.0,
+    idle_sessions=100,
+    engine_seconds=0.3,
+    engine_sessions=(1, 64),
+    start=16,
+)
 
 
 def log(text: str) -> None:
@@ -126,8 +157,7 @@ def proc_status(pid: int) -> dict[str, int]:
 class Server:
     """A server subprocess pinned to ``cpu``: started, polled for /readyz, SIGTERM-stopped."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int,
-                 cpu: int | None) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, cpu: int | None) -> None:
         self.name, self.argv, self.port, self.cpu = name, argv, port, cpu
         self.env = {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -152,13 +182,13 @@ class Server:
                 os.sched_setaffinity(0, {cpu})
 
         with open(self.logpath, "wb") as logfile:  # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=REPO, stdout=logfile,
-                                         stderr=subprocess.STDOUT, preexec_fn=pin)
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, cwd=REPO, stdout=logfile, stderr=subprocess.STDOUT, preexec_fn=pin
+            )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                   + self.log_tail())
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n" + self.log_tail())
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
                     return self
@@ -188,21 +218,29 @@ class Server:
 
 
 def lookback_server(model: str, port: int, cpu: int | None, **env: Any) -> Server:
-    base = {"LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_PORT": str(port),
-            "LOOKBACK_LOG_LEVEL": "warning", "LOOKBACK_MODELS": model,
-            "LOOKBACK_DEFAULT_MODEL": model, "LOOKBACK_MAX_SESSIONS": "4200"}
+    base = {
+        "LOOKBACK_HOST": "127.0.0.1",
+        "LOOKBACK_PORT": str(port),
+        "LOOKBACK_LOG_LEVEL": "warning",
+        "LOOKBACK_MODELS": model,
+        "LOOKBACK_DEFAULT_MODEL": model,
+        "LOOKBACK_MAX_SESSIONS": "4200",
+    }
     base.update({f"LOOKBACK_{k.upper()}": str(v) for k, v in env.items()})
     script = BIN / "lookback"
-    argv = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "lookback.cli",
-                                                             "serve"]
+    argv = [str(script), "serve"] if script.exists() else [sys.executable, "-m", "lookback.cli", "serve"]
     return Server(f"lookback-{model}", argv, base, port, cpu)
 
 
 def echo_server(port: int, cpu: int | None, hop: int = 128) -> Server:
-    env = {"LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_LOG_LEVEL": "warning",
-           "LOOKBACK_MAX_SESSIONS": "4200"}
-    return Server("echo", [sys.executable, "-m", "tests.bench.echo_server", "--port", str(port),
-                           "--hop", str(hop)], env, port, cpu)
+    env = {"LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_LOG_LEVEL": "warning", "LOOKBACK_MAX_SESSIONS": "4200"}
+    return Server(
+        "echo",
+        [sys.executable, "-m", "tests.bench.echo_server", "--port", str(port), "--hop", str(hop)],
+        env,
+        port,
+        cpu,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,15 +262,22 @@ class Bench:
 
     def load_cfg(self, url: str | list[str], fpm: int = 1, **kw: Any) -> LoadConfig:
         p = self.plan
-        return LoadConfig(urls=[url] if isinstance(url, str) else url, warmup=p.warmup,
-                          duration=p.duration, wav=str(FIXTURE) if FIXTURE.exists() else None,
-                          frames_per_message=fpm, p99_ms=self.args.p99_ms,
-                          cpus=self.client_cpus, end_timeout=6.0, quiet=False, **kw)
+        return LoadConfig(
+            urls=[url] if isinstance(url, str) else url,
+            warmup=p.warmup,
+            duration=p.duration,
+            wav=str(FIXTURE) if FIXTURE.exists() else None,
+            frames_per_message=fpm,
+            p99_ms=self.args.p99_ms,
+            cpus=self.client_cpus,
+            end_timeout=6.0,
+            quiet=False,
+            **kw,
+        )
 
     def ramp(self, cfg: LoadConfig, start: int) -> dict[str, Any]:
         p = self.plan
-        res = ramp(cfg, start=max(1, start), max_sessions=4000, max_trials=p.max_trials,
-                   max_time=p.ramp_time)
+        res = ramp(cfg, start=max(1, start), max_sessions=4000, max_trials=p.max_trials, max_time=p.ramp_time)
         print(format_ramp(res), file=sys.stderr, flush=True)
         return res
 
@@ -258,16 +303,20 @@ class Bench:
             "res = eb.main(sys.argv[1], **kw)\n"
             "open(sys.argv[1], 'w').write(json.dumps(res, default=str))\n"
         )
-        want = {"model": self.model, "seconds": p.engine_seconds,
-                "sessions": list(p.engine_sessions)}
+        want = {"model": self.model, "seconds": p.engine_seconds, "sessions": list(p.engine_sessions)}
         cpu = self.server_cpu
 
         def pin() -> None:
             if cpu is not None:
                 os.sched_setaffinity(0, {cpu})
 
-        r = subprocess.run([sys.executable, "-c", code, str(out), json.dumps(want)], cwd=REPO,
-                           preexec_fn=pin, timeout=900, stdout=sys.stderr)
+        r = subprocess.run(
+            [sys.executable, "-c", code, str(out), json.dumps(want)],
+            cwd=REPO,
+            preexec_fn=pin,
+            timeout=900,
+            stdout=sys.stderr,
+        )
         if r.returncode == 3:
             return {"skipped": "tests/bench/engine_bench.py has no main()"}
         if r.returncode != 0:
@@ -298,8 +347,7 @@ class Bench:
         with tempfile.TemporaryDirectory(prefix="bench-null-") as store:
             name = make_null_model(self.model, Path(store))
             with lookback_server(name, free_port(), self.server_cpu, model_store=store) as srv:
-                res = self.ramp(self.load_cfg(srv.url, 1, model=name),
-                                self.ramp_start("lookback", 1.0))
+                res = self.ramp(self.load_cfg(srv.url, 1, model=name), self.ramp_start("lookback", 1.0))
         res["model"] = name
         return res
 
@@ -310,8 +358,12 @@ class Bench:
         for _ in range(n):
             echo = self.step_echo()
             look = self.step_lookback()
-            run = {"echo": _ms(echo), "lookback": _ms(look),
-                   "echo_p99_ms": _p99(echo), "lookback_p99_ms": _p99(look)}
+            run = {
+                "echo": _ms(echo),
+                "lookback": _ms(look),
+                "echo_p99_ms": _p99(echo),
+                "lookback_p99_ms": _p99(look),
+            }
             if "null" in self.results:  # the twin rides along when its step ran
                 null = self.step_null()
                 run.update(null=_ms(null), null_p99_ms=_p99(null))
@@ -319,8 +371,7 @@ class Bench:
         return {"runs": runs}
 
     def step_naive(self) -> dict[str, Any]:
-        return self._lookback_ramp(self.model, 1, self.ramp_start("lookback", 0.25),
-                                   max_batch_size=1)
+        return self._lookback_ramp(self.model, 1, self.ramp_start("lookback", 0.25), max_batch_size=1)
 
     def step_fpm10(self) -> dict[str, Any]:
         return self._lookback_ramp(self.model, 10, self.ramp_start("lookback", 1.0))
@@ -338,20 +389,23 @@ class Bench:
             return {**self.results["naive"], "same_as": "naive"}
         if not has_model("silero-vad"):
             return {"skipped": "silero-vad is not imported (make silero)"}
-        return self._lookback_ramp("silero-vad", 1, self.ramp_start("silero", 0.25),
-                                   max_batch_size=1)
+        return self._lookback_ramp("silero-vad", 1, self.ramp_start("silero", 0.25), max_batch_size=1)
 
     # 9. two server processes -----------------------------------------------------------
     def step_workers(self) -> dict[str, Any]:
         if not self.pinned:
             return {"skipped": "needs 2 CPUs"}
         ports = [free_port(), free_port()]
-        with lookback_server(self.model, ports[0], self.cpus[0]) as a, \
-                lookback_server(self.model, ports[1], self.cpus[1]) as b:
+        with (
+            lookback_server(self.model, ports[0], self.cpus[0]) as a,
+            lookback_server(self.model, ports[1], self.cpus[1]) as b,
+        ):
             cfg = replace(self.load_cfg([a.url, b.url], model=self.model), cpus=self.cpus)
             res = self.ramp(cfg, self.ramp_start("lookback", 1.0))
-        res["how"] = ("2 `lookback serve` processes on 2 ports, one pinned per CPU; sessions "
-                      "alternate between them; client processes unpinned (share both CPUs)")
+        res["how"] = (
+            "2 `lookback serve` processes on 2 ports, one pinned per CPU; sessions "
+            "alternate between them; client processes unpinned (share both CPUs)"
+        )
         return res
 
     # 6. offline ----------------------------------------------------------------------
@@ -367,12 +421,18 @@ class Bench:
                 with lookback_server(self.model, free_port(), self.server_cpu) as srv:
                     before = proc_status(srv.pid)
                     r = score_file(srv.port, path, self.model, srv.pid)
-                    r.update(audio_s=seconds, file_bytes=path.stat().st_size,
-                             generate_s=gen_s, rss_before=before.get("VmRSS"),
-                             hwm_before=before.get("VmHWM"))
-                log(f"offline {label}: {seconds:.0f} s audio in {r['seconds']:.2f} s "
+                    r.update(
+                        audio_s=seconds,
+                        file_bytes=path.stat().st_size,
+                        generate_s=gen_s,
+                        rss_before=before.get("VmRSS"),
+                        hwm_before=before.get("VmHWM"),
+                    )
+                log(
+                    f"offline {label}: {seconds:.0f} s audio in {r['seconds']:.2f} s "
                     f"({r['x_realtime']:.0f}x real time), server peak RSS "
-                    f"{r['peak_rss'] / 2**20:.0f} MiB")
+                    f"{r['peak_rss'] / 2**20:.0f} MiB"
+                )
                 out[label] = r
                 path.unlink()
         out["peak_rss_ratio"] = out["long"]["peak_rss"] / out["short"]["peak_rss"]
@@ -382,8 +442,7 @@ class Bench:
     def step_memory(self) -> dict[str, Any]:
         n = self.plan.idle_sessions
         raise_fd_limit(n + 64)
-        with lookback_server(self.model, free_port(), self.server_cpu,
-                             max_sessions=max(n + 16, 1200)) as srv:
+        with lookback_server(self.model, free_port(), self.server_cpu, max_sessions=max(n + 16, 1200)) as srv:
             time.sleep(0.5)
             rss0 = proc_status(srv.pid)["VmRSS"]
 
@@ -395,10 +454,18 @@ class Bench:
 
             ready, rss1, failures = asyncio.run(hold())
         per = (rss1 - rss0) / max(1, ready)
-        log(f"memory: {ready}/{n} idle sessions: RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB "
-            f"= {per / 1024:.1f} KiB per session")
-        return {"sessions": n, "ready": ready, "failures": failures, "rss_0": rss0,
-                "rss_n": rss1, "bytes_per_session": per}
+        log(
+            f"memory: {ready}/{n} idle sessions: RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB "
+            f"= {per / 1024:.1f} KiB per session"
+        )
+        return {
+            "sessions": n,
+            "ready": ready,
+            "failures": failures,
+            "rss_0": rss0,
+            "rss_n": rss1,
+            "bytes_per_session": per,
+        }
 
     # 9. soak: session churn (issue 6's long variant) --------------------------------------
     def step_soak(self) -> dict[str, Any]:
@@ -406,9 +473,11 @@ class Bench:
 
         n = 2000 if self.plan.idle_sessions < 1000 else 20_000
         r = run_soak(n, warm=500)
-        log(f"soak: {n} sessions in {r['seconds']} s; RSS {r['rss_warm_mib']} -> "
+        log(
+            f"soak: {n} sessions in {r['seconds']} s; RSS {r['rss_warm_mib']} -> "
             f"{r['rss_end_mib']} MiB ({r['rss_change_pct']:+.2f}%); slots used "
-            f"{r['slots_used']}; fds {r['fds_warm']} -> {r['fds_end']}")
+            f"{r['slots_used']}; fds {r['fds_warm']} -> {r['fds_end']}"
+        )
         return r
 
     # -----------------------------------------------------------------------------------
@@ -485,18 +554,28 @@ def score_file(port: int, path: Path, model: str, pid: int) -> dict[str, Any]:
     with rss_sampler(pid) as sampled:
         t = time.perf_counter()
         with httpx.Client(timeout=1800) as http:
-            r = http.post(f"http://127.0.0.1:{port}/v1/score", params={"model": model},
-                          content=body(), headers={"Content-Type": "audio/wav"})
+            r = http.post(
+                f"http://127.0.0.1:{port}/v1/score",
+                params={"model": model},
+                content=body(),
+                headers={"Content-Type": "audio/wav"},
+            )
         seconds = time.perf_counter() - t
         peak_sampled = sampled()
     if r.status_code != 200:
         raise RuntimeError(f"/v1/score answered {r.status_code}: {r.text[:500]}")
     data = r.json()
     st = proc_status(pid)
-    return {"seconds": seconds, "x_realtime": data["duration"] / seconds, "steps": data["steps"],
-            "duration": data["duration"], "response_bytes": len(r.content),
-            "peak_rss": st.get("VmHWM", peak_sampled), "peak_rss_sampled": peak_sampled,
-            "rss_after": st.get("VmRSS")}
+    return {
+        "seconds": seconds,
+        "x_realtime": data["duration"] / seconds,
+        "steps": data["steps"],
+        "duration": data["duration"],
+        "response_bytes": len(r.content),
+        "peak_rss": st.get("VmHWM", peak_sampled),
+        "peak_rss_sampled": peak_sampled,
+        "rss_after": st.get("VmRSS"),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -531,16 +610,19 @@ def summarize(res: dict[str, Any], model: str) -> dict[str, Any]:
     """The derived figures: model-alone sessions, the bound, ratios vs targets."""
     echo, look, naive = _ms(res.get("echo")), _ms(res.get("lookback")), _ms(res.get("naive"))
     # Rounds run back to back: the first ramps, then the repeated ones (echo, Lookback, null).
-    rounds = [{"echo": echo, "lookback": look, "null": _ms(res.get("null"))},
-              *(res.get("pairs") or {}).get("runs", [])]
+    rounds = [
+        {"echo": echo, "lookback": look, "null": _ms(res.get("null"))},
+        *(res.get("pairs") or {}).get("runs", []),
+    ]
     pairs = [(r["echo"], r["lookback"]) for r in rounds if r["echo"] and r["lookback"] is not None]
     pair_ratios = [lb / e for e, lb in pairs]
     if len(pairs) > 1:  # the medians over back-to-back pairs stand for this machine
         echo = int(np.median([e for e, _ in pairs]))
         look = int(np.median([lb for _, lb in pairs]))
     # The null twin, run right after each Lookback ramp: (null, Lookback, echo) triples.
-    triples = [(r["null"], r["lookback"], r["echo"]) for r in rounds
-               if r.get("null") and r["lookback"] and r["echo"]]
+    triples = [
+        (r["null"], r["lookback"], r["echo"]) for r in rounds if r.get("null") and r["lookback"] and r["echo"]
+    ]
     null = int(np.median([t[0] for t in triples])) if triples else None
     sil, sil_naive, f10 = _ms(res.get("silero")), _ms(res.get("silero_naive")), _ms(res.get("fpm10"))
     model_alone = None
@@ -560,27 +642,42 @@ def summarize(res: dict[str, Any], model: str) -> dict[str, Any]:
     x_rt = (off.get("long") or {}).get("x_realtime")
     rss_ratio = off.get("peak_rss_ratio")
     targets = [
-        ("Lookback / echo (1 frame/msg)" + (f", median of {len(pairs)} pairs" if len(pairs) > 1
-                                            else ""),
-         float(np.median(pair_ratios)) if pair_ratios else None, 0.8),
+        (
+            "Lookback / echo (1 frame/msg)" + (f", median of {len(pairs)} pairs" if len(pairs) > 1 else ""),
+            float(np.median(pair_ratios)) if pair_ratios else None,
+            0.8,
+        ),
         ("Lookback / naive (1 frame/msg)", ratio(look, naive), 2.5),
         ("Silero / Silero naive", ratio(sil, sil_naive), 2.0),
         ("10 frames/msg / naive", ratio(f10, naive), 4.0),
         ("10 frames/msg / bound", ratio(f10, bound), 0.9),
         ("offline x real time (long clip)", x_rt, 2000.0),
     ]
-    rows_t = [{"name": n, "value": v, "target": t, "met": None if v is None else v >= t}
-              for n, v, t in targets]
-    rows_t.append({"name": "long / short clip peak RSS", "value": rss_ratio, "target": 1.2,
-                   "met": None if rss_ratio is None else rss_ratio <= 1.2, "at_most": True})
-    return {"echo_sessions": echo, "lookback_sessions": look, "pairs": pairs,
-            "null_sessions": null, "null_triples": triples,
-            "null_over_echo": float(np.median([n / e for n, _, e in triples])) if triples
-            else None,
-            "lookback_over_null": float(np.median([lb / n for n, lb, _ in triples])) if triples
-            else None,
-            "pair_ratios": pair_ratios, "model_alone_sessions": model_alone,
-            "bound_sessions": bound, "targets": rows_t}
+    rows_t = [
+        {"name": n, "value": v, "target": t, "met": None if v is None else v >= t} for n, v, t in targets
+    ]
+    rows_t.append(
+        {
+            "name": "long / short clip peak RSS",
+            "value": rss_ratio,
+            "target": 1.2,
+            "met": None if rss_ratio is None else rss_ratio <= 1.2,
+            "at_most": True,
+        }
+    )
+    return {
+        "echo_sessions": echo,
+        "lookback_sessions": look,
+        "pairs": pairs,
+        "null_sessions": null,
+        "null_triples": triples,
+        "null_over_echo": float(np.median([n / e for n, _, e in triples])) if triples else None,
+        "lookback_over_null": float(np.median([lb / n for n, lb, _ in triples])) if triples else None,
+        "pair_ratios": pair_ratios,
+        "model_alone_sessions": model_alone,
+        "bound_sessions": bound,
+        "targets": rows_t,
+    }
 
 
 def to_markdown(report: dict[str, Any]) -> str:
@@ -605,75 +702,106 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| client send lateness p99 ms | trials |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    names = [("echo", "echo ceiling (same stack, instant reply)", 1),
-             ("lookback", f"Lookback `{model}`", 1),
-             ("null", f"Lookback `{(res.get('null') or {}).get('model', 'null twin')}` "
-              "(null twin: no arithmetic; not a target)", 1),
-             ("naive", f"Lookback `{model}`, max_batch_size=1", 1),
-             ("fpm10", f"Lookback `{model}`", 10),
-             ("silero", "Lookback `silero-vad` (hop 512)", 1),
-             ("silero_naive", "Lookback `silero-vad`, max_batch_size=1", 1),
-             ("workers", f"2 server processes (one per CPU), `{model}`", 1)]
+    names = [
+        ("echo", "echo ceiling (same stack, instant reply)", 1),
+        ("lookback", f"Lookback `{model}`", 1),
+        (
+            "null",
+            f"Lookback `{(res.get('null') or {}).get('model', 'null twin')}` "
+            "(null twin: no arithmetic; not a target)",
+            1,
+        ),
+        ("naive", f"Lookback `{model}`, max_batch_size=1", 1),
+        ("fpm10", f"Lookback `{model}`", 10),
+        ("silero", "Lookback `silero-vad` (hop 512)", 1),
+        ("silero_naive", "Lookback `silero-vad`, max_batch_size=1", 1),
+        ("workers", f"2 server processes (one per CPU), `{model}`", 1),
+    ]
     for key, label, fpm in names:
         r = res.get(key)
         if r is None:
             continue
         if "max_sessions" not in r:
-            lines.append(f"| {label} | {fpm} | {r.get('error') or r.get('skipped') or '-'} "
-                         "| | | | | |")
+            lines.append(f"| {label} | {fpm} | {r.get('error') or r.get('skipped') or '-'} | | | | | |")
             continue
         best = r.get("best") or {}
         client = best.get("client", {})
         cpu = client.get("cpu_total")
         warn = " (client-bound?)" if r.get("client_bottleneck") else ""
-        lines.append(f"| {label} | {fpm} | {r['max_sessions']}{warn} | {_p99(r)} | "
-                     f"{_fmt(best.get('results_per_s'), '.0f')} | "
-                     f"{'-' if cpu is None else f'{cpu * 100:.0f}%'} | "
-                     f"{_fmt(client.get('slip_p99_ms'), '.1f')} | {len(r['trials'])} |")
-    flagged = [(label, r["best"]["client"]["reasons"]) for key, label, _ in names
-               if (r := res.get(key)) and r.get("client_bottleneck") and r.get("best")]
+        lines.append(
+            f"| {label} | {fpm} | {r['max_sessions']}{warn} | {_p99(r)} | "
+            f"{_fmt(best.get('results_per_s'), '.0f')} | "
+            f"{'-' if cpu is None else f'{cpu * 100:.0f}%'} | "
+            f"{_fmt(client.get('slip_p99_ms'), '.1f')} | {len(r['trials'])} |"
+        )
+    flagged = [
+        (label, r["best"]["client"]["reasons"])
+        for key, label, _ in names
+        if (r := res.get(key)) and r.get("client_bottleneck") and r.get("best")
+    ]
     if flagged:
         lines.append("")
     for label, reasons in flagged:
         lines.append(f"- {label}: client may have been the limit: {'; '.join(reasons)}")
     if len(s["pairs"]) > 1:
-        each = ", ".join(f"{lb}/{e} = {r:.2f}" for (e, lb), r in zip(s["pairs"], s["pair_ratios"],
-                                                                     strict=True))
-        lines += ["", f"Echo and Lookback (1 frame/msg) ramps, {len(s['pairs'])} pairs run back "
-                  f"to back (the first pair is in the table above), Lookback/echo: {each}. "
-                  f"Medians: echo {s['echo_sessions']}, Lookback {s['lookback_sessions']}; the "
-                  "ratio row and the bound below use the medians."]
+        each = ", ".join(
+            f"{lb}/{e} = {r:.2f}" for (e, lb), r in zip(s["pairs"], s["pair_ratios"], strict=True)
+        )
+        lines += [
+            "",
+            f"Echo and Lookback (1 frame/msg) ramps, {len(s['pairs'])} pairs run back "
+            f"to back (the first pair is in the table above), Lookback/echo: {each}. "
+            f"Medians: echo {s['echo_sessions']}, Lookback {s['lookback_sessions']}; the "
+            "ratio row and the bound below use the medians.",
+        ]
     if s.get("null_triples"):
         each = ", ".join(f"{n}/{lb}/{e}" for n, lb, e in s["null_triples"])
-        lines += ["", f"Null twin / Lookback / echo, each run back to back: {each}. Medians: null "
-                  f"twin / echo {s['null_over_echo']:.2f} (everything the server does per step "
-                  f"but the model's math), Lookback / null twin {s['lookback_over_null']:.2f} "
-                  "(what the math costs on top)."]
-    lines += ["", f"Model alone (ORT ceiling / 125 frames/s): "
-              f"{_fmt(s['model_alone_sessions'], '.0f')} sessions; bound "
-              f"1/(1/echo + 1/model_alone) = {_fmt(s['bound_sessions'], '.0f')} sessions.", ""]
+        lines += [
+            "",
+            f"Null twin / Lookback / echo, each run back to back: {each}. Medians: null "
+            f"twin / echo {s['null_over_echo']:.2f} (everything the server does per step "
+            f"but the model's math), Lookback / null twin {s['lookback_over_null']:.2f} "
+            "(what the math costs on top).",
+        ]
+    lines += [
+        "",
+        f"Model alone (ORT ceiling / 125 frames/s): "
+        f"{_fmt(s['model_alone_sessions'], '.0f')} sessions; bound "
+        f"1/(1/echo + 1/model_alone) = {_fmt(s['bound_sessions'], '.0f')} sessions.",
+        "",
+    ]
     off = res.get("offline") or {}
     if "long" in off:
-        lines += ["| offline clip | audio s | wall s | x real time | server peak RSS MiB |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "| offline clip | audio s | wall s | x real time | server peak RSS MiB |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for k in ("short", "long"):
             o = off[k]
-            lines.append(f"| {k} | {o['audio_s']:.0f} | {o['seconds']:.2f} | {o['x_realtime']:.0f} | "
-                         f"{o['peak_rss'] / 2**20:.0f} |")
+            lines.append(
+                f"| {k} | {o['audio_s']:.0f} | {o['seconds']:.2f} | {o['x_realtime']:.0f} | "
+                f"{o['peak_rss'] / 2**20:.0f} |"
+            )
         lines.append("")
     elif off:
         lines += [f"Offline: {off.get('error') or off.get('skipped')}", ""]
     soak = res.get("soak") or {}
     if "rss_end_mib" in soak:
-        lines += [f"Soak: {soak['sessions']} sessions churned in {soak['seconds']} s; RSS after "
-                  f"warm-up {soak['rss_warm_mib']} MiB, at end {soak['rss_end_mib']} MiB "
-                  f"({soak['rss_change_pct']:+.2f}%, target within 5%); slots in use "
-                  f"{soak['slots_used']}; fds {soak['fds_warm']} -> {soak['fds_end']}.", ""]
+        lines += [
+            f"Soak: {soak['sessions']} sessions churned in {soak['seconds']} s; RSS after "
+            f"warm-up {soak['rss_warm_mib']} MiB, at end {soak['rss_end_mib']} MiB "
+            f"({soak['rss_change_pct']:+.2f}%, target within 5%); slots in use "
+            f"{soak['slots_used']}; fds {soak['fds_warm']} -> {soak['fds_end']}.",
+            "",
+        ]
     mem = res.get("memory") or {}
     if "bytes_per_session" in mem:
-        lines += [f"Memory: server RSS {mem['rss_0'] / 2**20:.0f} MiB with 0 sessions, "
-                  f"{mem['rss_n'] / 2**20:.0f} MiB with {mem['ready']} idle sessions: "
-                  f"{mem['bytes_per_session'] / 1024:.1f} KiB per session.", ""]
+        lines += [
+            f"Memory: server RSS {mem['rss_0'] / 2**20:.0f} MiB with 0 sessions, "
+            f"{mem['rss_n'] / 2**20:.0f} MiB with {mem['ready']} idle sessions: "
+            f"{mem['bytes_per_session'] / 1024:.1f} KiB per session.",
+            "",
+        ]
     lines += ["| ratio | value | target | met |", "| --- | --- | --- | --- |"]
     for t in s["targets"]:
         op = "<=" if t.get("at_most") else ">="
@@ -708,16 +836,28 @@ def _strip(obj: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fast smoke pass with tiny durations")
-    ap.add_argument("--model", default=None, help="Lookback's model (default lookback-vad, or "
-                    "silero-vad while lookback-vad is not in model_store)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="Lookback's model (default lookback-vad, or "
+        "silero-vad while lookback-vad is not in model_store)",
+    )
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(STEPS)}")
     ap.add_argument("--skip", help="comma-separated steps to leave out")
     ap.add_argument("--p99-ms", type=float, default=20.0)
-    ap.add_argument("--budget-s", type=float, default=23 * 60.0,
-                    help="skip the remaining steps once this much time has passed")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=23 * 60.0,
+        help="skip the remaining steps once this much time has passed",
+    )
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    ap.add_argument("--pairs", type=int, default=2,
-                    help="extra echo + Lookback ramp pairs for the median ratio (0 in --quick)")
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=2,
+        help="extra echo + Lookback ramp pairs for the median ratio (0 in --quick)",
+    )
     args = ap.parse_args(argv)
 
     notes = []
@@ -747,13 +887,23 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now()
     host = socket.gethostname()
     report = {
-        "date": now.isoformat(timespec="seconds"), "quick": args.quick, "model": args.model,
-        "p99_ms": args.p99_ms, "notes": notes, "elapsed_s": time.monotonic() - t0,
-        "machine": {"host": host, "nproc": os.cpu_count(), "cpus_available": bench.cpus,
-                    "cpu_model": cpu_model(), "server_cpu": bench.server_cpu,
-                    "client_cpus": bench.client_cpus, "python": sys.version.split()[0],
-                    "loadavg_start": [round(x, 2) for x in load_start],
-                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+        "date": now.isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "model": args.model,
+        "p99_ms": args.p99_ms,
+        "notes": notes,
+        "elapsed_s": time.monotonic() - t0,
+        "machine": {
+            "host": host,
+            "nproc": os.cpu_count(),
+            "cpus_available": bench.cpus,
+            "cpu_model": cpu_model(),
+            "server_cpu": bench.server_cpu,
+            "client_cpus": bench.client_cpus,
+            "python": sys.version.split()[0],
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        },
         "results": results,
     }
     report["summary"] = summarize(results, args.model)

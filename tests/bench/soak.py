@@ -65,17 +65,23 @@ async def _one(base_ws: str, i: int, seed: int, stats: Counter[str]) -> None:
     frames = rng.randint(1, 12)
     how = rng.choices(["end", "close", "drop"], weights=[6, 2, 2])[0]
     start = rng.randrange(0, len(SPEECH) - 128 * frames)
-    pcm = (SPEECH_F32 if f32 else SPEECH)[start:start + 128 * frames].tobytes()
+    pcm = (SPEECH_F32 if f32 else SPEECH)[start : start + 128 * frames].tobytes()
     per = rng.choice([1, 2, 3, 64])
     step = len(pcm) // frames * per
     q = "model=silero-vad" + ("&encoding=pcm_f32le" if f32 else "")
     try:
-        async with connect(f"{base_ws}/v1/stream?{q}", compression=None, proxy=None,
-                           ping_interval=None, open_timeout=30, close_timeout=5) as ws:
+        async with connect(
+            f"{base_ws}/v1/stream?{q}",
+            compression=None,
+            proxy=None,
+            ping_interval=None,
+            open_timeout=30,
+            close_timeout=5,
+        ) as ws:
             ready = json.loads(await ws.recv())
             assert ready["type"] == "ready", ready
             for k in range(0, len(pcm), step):
-                await ws.send(pcm[k:k + step])
+                await ws.send(pcm[k : k + step])
             if how == "drop":
                 ws.transport.abort()  # no close frame, the TCP connection just goes
                 stats["dropped"] += 1
@@ -101,8 +107,9 @@ async def _one(base_ws: str, i: int, seed: int, stats: Counter[str]) -> None:
         stats[f"client_failure_{type(exc).__name__}"] += 1
 
 
-async def churn(base_ws: str, first: int, count: int, *, concurrency: int, seed: int,
-                stats: Counter[str]) -> None:
+async def churn(
+    base_ws: str, first: int, count: int, *, concurrency: int, seed: int, stats: Counter[str]
+) -> None:
     """Sessions ``first .. first+count-1``, ``concurrency`` at a time."""
     it = iter(range(first, first + count))
 
@@ -129,12 +136,23 @@ def _mib(n: int) -> float:
     return round(n / 2**20, 2)
 
 
-def run_soak(sessions: int, *, warm: int = 200, concurrency: int = 32, seed: int = 6,
-             checkpoint_every: int = 1000, workdir: Path | None = None) -> dict[str, Any]:
+def run_soak(
+    sessions: int,
+    *,
+    warm: int = 200,
+    concurrency: int = 32,
+    seed: int = 6,
+    checkpoint_every: int = 1000,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
     """Churn ``sessions`` sessions (the first ``warm`` of them a warm-up batch) against a
     fresh server and return the figures; raises if the server is not idle at the end."""
-    env = {"LOOKBACK_MODELS": "silero-vad", "LOOKBACK_DEFAULT_MODEL": "silero-vad",
-           "LOOKBACK_LOG_LEVEL": "warning", "LOOKBACK_MAX_SESSIONS": str(4 * concurrency + 64)}
+    env = {
+        "LOOKBACK_MODELS": "silero-vad",
+        "LOOKBACK_DEFAULT_MODEL": "silero-vad",
+        "LOOKBACK_LOG_LEVEL": "warning",
+        "LOOKBACK_MAX_SESSIONS": str(4 * concurrency + 64),
+    }
     stats: Counter[str] = Counter()
     out: dict[str, Any] = {"sessions": sessions, "warm": warm, "concurrency": concurrency}
     with contextlib.ExitStack() as stack:
@@ -164,15 +182,21 @@ def run_soak(sessions: int, *, warm: int = 200, concurrency: int = 32, seed: int
         shutdown = time.perf_counter() - t_term
         log = srv.log.read_text()
     out.update(
-        seconds=round(elapsed, 1), sessions_per_s=round(sessions / elapsed, 1),
-        rss_checkpoints_mib=checkpoints, rss_end_mib=_mib(rss),
+        seconds=round(elapsed, 1),
+        sessions_per_s=round(sessions / elapsed, 1),
+        rss_checkpoints_mib=checkpoints,
+        rss_end_mib=_mib(rss),
         rss_change_pct=round(100 * (rss - base_rss) / base_rss, 2),
-        fds_end=fds, fds_change=fds - base_fds,
-        slots_used=final.get("slots_used", 0), slots_capacity=final.get("slots_capacity", 0),
+        fds_end=fds,
+        fds_change=fds - base_fds,
+        slots_used=final.get("slots_used", 0),
+        slots_capacity=final.get("slots_capacity", 0),
         sessions_active=final.get("sessions_active", 0),
         ended_by_reason={k[6:]: v for k, v in final.items() if k.startswith("ended_")},
         server_errors={k[6:]: v for k, v in final.items() if k.startswith("error_")},
-        client=dict(stats), tracebacks=log.count("Traceback"), exit_code=exit_code,
+        client=dict(stats),
+        tracebacks=log.count("Traceback"),
+        exit_code=exit_code,
         shutdown_s=round(shutdown, 2),
     )
     return out
@@ -185,12 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seed", type=int, default=6)
     args = ap.parse_args(argv)
-    figures = run_soak(args.sessions, warm=args.warm, concurrency=args.concurrency,
-                       seed=args.seed)
+    figures = run_soak(args.sessions, warm=args.warm, concurrency=args.concurrency, seed=args.seed)
     print(json.dumps(figures, indent=2))
-    ok = (figures["slots_used"] == 0 and figures["sessions_active"] == 0
-          and abs(figures["rss_change_pct"]) <= 5 and abs(figures["fds_change"]) <= 4
-          and figures["tracebacks"] == 0 and figures["exit_code"] == 0)
+    ok = (
+        figures["slots_used"] == 0
+        and figures["sessions_active"] == 0
+        and abs(figures["rss_change_pct"]) <= 5
+        and abs(figures["fds_change"]) <= 4
+        and figures["tracebacks"] == 0
+        and figures["exit_code"] == 0
+    )
     return 0 if ok else 1
 
 

@@ -45,8 +45,8 @@ def _unframe(data: bytes) -> tuple[int, bytes, int]:
     elif n == 127:
         (n,) = struct.unpack("!Q", data[2:10])
         pos = 10
-    mask = data[pos:pos + 4]
-    body = data[pos + 4:pos + 4 + n]
+    mask = data[pos : pos + 4]
+    body = data[pos + 4 : pos + 4 + n]
     return b0 & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(body)), pos + 4 + n
 
 
@@ -112,8 +112,7 @@ def _open_session(proc: _Proc, msgs: list[bytes]) -> tuple[_RawSession, _FakeTra
     request = tr.written[0].decode()
     assert request.startswith("GET /v1/stream?model=m HTTP/1.1\r\n")
     assert "Sec-WebSocket-Extensions" not in request  # no permessage-deflate
-    key = next(line.split(": ")[1] for line in request.split("\r\n")
-               if line.startswith("Sec-WebSocket-Key"))
+    key = next(line.split(": ")[1] for line in request.split("\r\n") if line.startswith("Sec-WebSocket-Key"))
     accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
     return s, tr, accept
 
@@ -124,8 +123,10 @@ async def test_raw_client_parses_split_and_coalesced_frames() -> None:
     proc.meas_start, proc.meas_end = 0.0, float("inf")
     s, tr, accept = _open_session(proc, [b"m0", b"m1"])
     ready = orjson.dumps({"type": "ready", "hop_samples": 512})
-    stream = (f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-              f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").encode()
+    stream = (
+        f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    ).encode()
     stream += _server_frame(1, ready)
     for _ in range(4):  # messages hold 2 frames, hop is 4 frames: step i <- message 2i + 1
         s.send_next()
@@ -139,7 +140,7 @@ async def test_raw_client_parses_split_and_coalesced_frames() -> None:
     stream += _server_frame(1, orjson.dumps({"type": "summary", "steps": 2, "frames": 16}))
     stream += _server_frame(8, struct.pack("!H", 1000) + b"normal")
     for i in range(0, len(stream), 7):  # arbitrary TCP segmentation
-        s.data_received(stream[i:i + 7])
+        s.data_received(stream[i : i + 7])
     assert s.ready and s.hop_frames == 4
     assert s.results == 2 and s.events == 1 and s.errors == {"bad_json": 1}
     assert s.summary == {"type": "summary", "steps": 2, "frames": 16}
@@ -154,8 +155,7 @@ async def test_raw_client_reports_refused_upgrade() -> None:
     proc = _Proc(LoadConfig())
     s, _, _ = _open_session(proc, [b"m"])
     body = b'{"error":{"code":"server_busy","message":"cap"}}'
-    s.data_received(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n" % len(body)
-                    + body)
+    s.data_received(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert s.failure == "http_503:server_busy" and not s.ready
 
 
@@ -166,10 +166,16 @@ def test_ramp_brackets_and_bisects(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_run(cfg: LoadConfig) -> dict[str, Any]:
         seen.append(cfg.sessions)
         ok = cfg.sessions <= capacity
-        return {"sessions": cfg.sessions, "passed": ok, "lost_results": 0, "errors": {},
-                "latency_ms": {"p50": 1.0, "p99": 5.0 if ok else 50.0, "p99.9": 9.0},
-                "results_per_s": 1.0, "connected": cfg.sessions,
-                "client": {"cpu_total": 0.1, "bottleneck": False, "slip_p99_ms": 0.1}}
+        return {
+            "sessions": cfg.sessions,
+            "passed": ok,
+            "lost_results": 0,
+            "errors": {},
+            "latency_ms": {"p50": 1.0, "p99": 5.0 if ok else 50.0, "p99.9": 9.0},
+            "results_per_s": 1.0,
+            "connected": cfg.sessions,
+            "client": {"cpu_total": 0.1, "bottleneck": False, "slip_p99_ms": 0.1},
+        }
 
     monkeypatch.setattr(loadtest, "run_load", fake_run)
     monkeypatch.setattr(loadtest, "wait_server_idle", lambda url, timeout=0: None)
@@ -183,19 +189,23 @@ def test_ramp_brackets_and_bisects(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen[:3] == [1000, 500, 250] and res["max_sessions"] <= capacity
 
 
-def test_ramp_retries_a_failure_once_when_the_client_slipped(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ramp_retries_a_failure_once_when_the_client_slipped(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
     def fake_run(cfg: LoadConfig) -> dict[str, Any]:
         calls.append(cfg.sessions)
         noisy = calls.count(cfg.sessions) == 1 and cfg.sessions == 64  # first try at 64: noise
         ok = cfg.sessions <= 100 and not noisy
-        return {"sessions": cfg.sessions, "passed": ok, "lost_results": 0, "errors": {},
-                "latency_ms": {"p50": 1.0, "p99": 5.0 if ok else 50.0, "p99.9": 9.0},
-                "results_per_s": 1.0, "connected": cfg.sessions,
-                "client": {"cpu_total": 0.1, "bottleneck": noisy or cfg.sessions == 128,
-                           "slip_p99_ms": 5.0}}
+        return {
+            "sessions": cfg.sessions,
+            "passed": ok,
+            "lost_results": 0,
+            "errors": {},
+            "latency_ms": {"p50": 1.0, "p99": 5.0 if ok else 50.0, "p99.9": 9.0},
+            "results_per_s": 1.0,
+            "connected": cfg.sessions,
+            "client": {"cpu_total": 0.1, "bottleneck": noisy or cfg.sessions == 128, "slip_p99_ms": 5.0},
+        }
 
     monkeypatch.setattr(loadtest, "run_load", fake_run)
     monkeypatch.setattr(loadtest, "wait_server_idle", lambda url, timeout=0: None)
@@ -208,9 +218,15 @@ def test_ramp_retries_a_failure_once_when_the_client_slipped(
 @contextlib.contextmanager
 def _echo(hop: int) -> Iterator[str]:
     port = free_port()
-    config = uvicorn.Config(create_echo_app(hop), host="127.0.0.1", port=port,
-                            log_level="warning", ws="websockets-sansio",
-                            ws_per_message_deflate=False, lifespan="on")
+    config = uvicorn.Config(
+        create_echo_app(hop),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        lifespan="on",
+    )
     with uvicorn_in_thread(config):
         yield f"ws://127.0.0.1:{port}"
 
@@ -218,8 +234,18 @@ def _echo(hop: int) -> Iterator[str]:
 @pytest.mark.parametrize("client", ["raw", "websockets"])
 def test_short_run_against_echo_counts_every_result(client: str) -> None:
     with _echo(hop=512) as url:
-        r = run_load(LoadConfig(urls=[url], sessions=4, duration=0.8, warmup=0.2,
-                                frames_per_message=3, client=client, quiet=True, procs=2))
+        r = run_load(
+            LoadConfig(
+                urls=[url],
+                sessions=4,
+                duration=0.8,
+                warmup=0.2,
+                frames_per_message=3,
+                client=client,
+                quiet=True,
+                procs=2,
+            )
+        )
     assert r["connected"] == 4 and not r["process_failures"]
     assert r["close_codes"] == {"1000": 4}
     assert r["lost_results"] == 0 and r["no_summary"] == 0 and not r["errors"]
@@ -234,8 +260,7 @@ def test_short_run_against_lookback() -> None:
         pytest.skip("no model in model_store")
     model = "lookback-vad" if "lookback-vad" in models else models[0]
     with running_server(make_settings(models=[model], default_model=model)) as srv:
-        r = run_load(LoadConfig(urls=[srv.ws], sessions=3, duration=0.8, warmup=0.2,
-                                model=model, quiet=True))
+        r = run_load(LoadConfig(urls=[srv.ws], sessions=3, duration=0.8, warmup=0.2, model=model, quiet=True))
         assert r["connected"] == 3 and r["lost_results"] == 0 and not r["errors"]
         assert r["close_codes"] == {"1000": 3}
 

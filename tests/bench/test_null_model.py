@@ -28,12 +28,15 @@ async def test_null_twin_passes_states_through_and_scores_zero(tmp_path: Path) -
         rng = np.random.default_rng(0)
         before = {}
         for st in real.states:
-            table.slabs[st.input][slots] = rng.standard_normal(
-                (3, *st.shape)).astype(np.float32)
+            table.slabs[st.input][slots] = rng.standard_normal((3, *st.shape)).astype(np.float32)
             before[st.input] = table.slabs[st.input][slots].copy()
         pcm = [rng.integers(-3000, 3000, 128, dtype=np.int16) for _ in slots]
-        out = handle.compute([Step(s, 0, p.tobytes(), None, 0.0)  # type: ignore[arg-type]
-                              for s, p in zip(slots, pcm, strict=True)])
+        out = handle.compute(
+            [
+                Step(s, 0, p.tobytes(), None, 0.0)  # type: ignore[arg-type]
+                for s, p in zip(slots, pcm, strict=True)
+            ]
+        )
         assert out.shape == (3, 1) and not out.any()
         for st in real.states:
             np.testing.assert_array_equal(table.slabs[st.input][slots], before[st.input])

@@ -15,7 +15,10 @@ def _ramp(n: int) -> dict[str, Any]:
 
 def _results(pairs: list[dict[str, int]] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
-        "echo": _ramp(300), "lookback": _ramp(150), "naive": _ramp(25), "fpm10": _ramp(250),
+        "echo": _ramp(300),
+        "lookback": _ramp(150),
+        "naive": _ramp(25),
+        "fpm10": _ramp(250),
         "engine": {"rows": [{"sessions": 512, "ort_ceiling_fps": 375_000.0}]},
     }
     if pairs is not None:
@@ -28,11 +31,25 @@ def _target(summary: dict[str, Any], prefix: str) -> float:
 
 
 def _markdown(res: dict[str, Any], summary: dict[str, Any]) -> str:
-    return to_markdown({"results": res, "summary": summary, "model": "lookback-vad",
-                        "quick": False, "date": "d", "p99_ms": 20.0,
-                        "machine": {"host": "h", "cpu_model": "c", "nproc": 2, "server_cpu": 0,
-                                    "client_cpus": [1], "loadavg_start": [0],
-                                    "loadavg_end": [0]}})
+    return to_markdown(
+        {
+            "results": res,
+            "summary": summary,
+            "model": "lookback-vad",
+            "quick": False,
+            "date": "d",
+            "p99_ms": 20.0,
+            "machine": {
+                "host": "h",
+                "cpu_model": "c",
+                "nproc": 2,
+                "server_cpu": 0,
+                "client_cpus": [1],
+                "loadavg_start": [0],
+                "loadavg_end": [0],
+            },
+        }
+    )
 
 
 def test_single_pair_ratios_and_bound() -> None:
@@ -63,8 +80,9 @@ def test_a_failed_pair_is_left_out() -> None:
 
 
 def test_null_twin_medians_over_triples() -> None:
-    res = _results([{"echo": 320, "lookback": 200, "null": 240},
-                    {"echo": 280, "lookback": 210, "null": None}])  # type: ignore[dict-item]
+    res = _results(
+        [{"echo": 320, "lookback": 200, "null": 240}, {"echo": 280, "lookback": 210, "null": None}]
+    )  # type: ignore[dict-item]
     res["null"] = {**_ramp(200), "model": "null-lookback-vad"}
     s = summarize(res, "lookback-vad")
     # triples (null, Lookback, echo): (200, 150, 300), (240, 200, 320); the third has no null

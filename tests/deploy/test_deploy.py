@@ -61,6 +61,7 @@ INSTALL_HINTS = {
 
 # --- helpers ------------------------------------------------------------------------------
 
+
 def require_tool(name: str) -> str:
     """Path of an external tool; fail loudly (or skip loudly when allowed) if missing."""
     local = Path(sys.executable).parent / name  # the venv's bin, also when not activated
@@ -74,8 +75,7 @@ def require_tool(name: str) -> str:
 
 
 def run_tool(*cmd: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=60,
-                          check=False)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
 
 
 def load_yaml(path: Path) -> Any:
@@ -127,6 +127,7 @@ def compose_env(service: dict[str, Any]) -> dict[str, str]:
 
 # --- Prometheus ---------------------------------------------------------------------------
 
+
 def test_promtool_check_config() -> None:
     promtool = require_tool("promtool")
     res = run_tool(promtool, "check", "config", str(PROM_CONFIG))
@@ -177,11 +178,16 @@ def _unit_test_file(tmp_path: Path, tests: list[dict[str, Any]]) -> Path:
                 rule["annotations"] = {"summary": rule["annotations"]["summary"]}
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
     path = tmp_path / "alerts_test.yml"
-    path.write_text(yaml.safe_dump({
-        "rule_files": [str(tmp_path / "alerts.yml")],
-        "evaluation_interval": "1m",
-        "tests": tests,
-    }, sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [str(tmp_path / "alerts.yml")],
+                "evaluation_interval": "1m",
+                "tests": tests,
+            },
+            sort_keys=False,
+        )
+    )
     return path
 
 
@@ -197,46 +203,70 @@ A, B = "a:8000", "b:8000"
 
 
 def _bucket(instance: str, le: str, values: str) -> dict[str, str]:
-    return {"series": f'lookback_frame_to_result_seconds_bucket{{job="lookback",'
-                      f'instance="{instance}",model="lookback-vad/1",le="{le}"}}',
-            "values": values}
+    return {
+        "series": f'lookback_frame_to_result_seconds_bucket{{job="lookback",'
+        f'instance="{instance}",model="lookback-vad/1",le="{le}"}}',
+        "values": values,
+    }
 
 
 ALERT_UNIT_TESTS: list[dict[str, Any]] = [
-    {   # p99 above 20 ms on instance a (half the steps land in (20, 30] ms); b is fast.
+    {  # p99 above 20 ms on instance a (half the steps land in (20, 30] ms); b is fast.
         "interval": "1m",
         "input_series": [
-            _bucket(A, "0.01", "0+10x20"), _bucket(A, "0.02", "0+50x20"),
-            _bucket(A, "0.03", "0+100x20"), _bucket(A, "+Inf", "0+100x20"),
-            _bucket(B, "0.01", "0+100x20"), _bucket(B, "0.02", "0+100x20"),
-            _bucket(B, "0.03", "0+100x20"), _bucket(B, "+Inf", "0+100x20"),
+            _bucket(A, "0.01", "0+10x20"),
+            _bucket(A, "0.02", "0+50x20"),
+            _bucket(A, "0.03", "0+100x20"),
+            _bucket(A, "+Inf", "0+100x20"),
+            _bucket(B, "0.01", "0+100x20"),
+            _bucket(B, "0.02", "0+100x20"),
+            _bucket(B, "0.03", "0+100x20"),
+            _bucket(B, "+Inf", "0+100x20"),
         ],
         "alert_rule_test": [
             {"eval_time": "3m", "alertname": "LookbackFrameLatencyP99High", "exp_alerts": []},
-            {"eval_time": "10m", "alertname": "LookbackFrameLatencyP99High", "exp_alerts": [
-                {"exp_labels": _labels(instance=A, model="lookback-vad/1",
-                                       severity="warning"),
-                 "exp_annotations": _summary("Frame-to-result p99 29.8ms on a:8000 "
-                                             "(lookback-vad/1)")}]},
+            {
+                "eval_time": "10m",
+                "alertname": "LookbackFrameLatencyP99High",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(instance=A, model="lookback-vad/1", severity="warning"),
+                        "exp_annotations": _summary("Frame-to-result p99 29.8ms on a:8000 (lookback-vad/1)"),
+                    }
+                ],
+            },
         ],
     },
-    {   # sessions near the 1000 cap: a has 950 over two models, b has 500.
+    {  # sessions near the 1000 cap: a has 950 over two models, b has 500.
         "interval": "1m",
         "input_series": [
-            {"series": f'lookback_sessions_active{{job="lookback",instance="{A}",model="m/1"}}',
-             "values": "600x10"},
-            {"series": f'lookback_sessions_active{{job="lookback",instance="{A}",model="n/1"}}',
-             "values": "350x10"},
-            {"series": f'lookback_sessions_active{{job="lookback",instance="{B}",model="m/1"}}',
-             "values": "500x10"},
+            {
+                "series": f'lookback_sessions_active{{job="lookback",instance="{A}",model="m/1"}}',
+                "values": "600x10",
+            },
+            {
+                "series": f'lookback_sessions_active{{job="lookback",instance="{A}",model="n/1"}}',
+                "values": "350x10",
+            },
+            {
+                "series": f'lookback_sessions_active{{job="lookback",instance="{B}",model="m/1"}}',
+                "values": "500x10",
+            },
         ],
         "alert_rule_test": [
-            {"eval_time": "5m", "alertname": "LookbackSessionsNearCap", "exp_alerts": [
-                {"exp_labels": _labels(instance=A, severity="warning"),
-                 "exp_annotations": _summary("Lookback a:8000 at 950 sessions (cap 1000)")}]},
+            {
+                "eval_time": "5m",
+                "alertname": "LookbackSessionsNearCap",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(instance=A, severity="warning"),
+                        "exp_annotations": _summary("Lookback a:8000 at 950 sessions (cap 1000)"),
+                    }
+                ],
+            },
         ],
     },
-    {   # not ready: a stays at 0; b blips to 0 for one minute (a drain) and recovers.
+    {  # not ready: a stays at 0; b blips to 0 for one minute (a drain) and recovers.
         "interval": "1m",
         "input_series": [
             {"series": f'lookback_ready{{job="lookback",instance="{A}"}}', "values": "0x10"},
@@ -245,57 +275,116 @@ ALERT_UNIT_TESTS: list[dict[str, Any]] = [
             {"series": f'up{{job="lookback",instance="{B}"}}', "values": "1x10"},
         ],
         "alert_rule_test": [
-            {"eval_time": "5m", "alertname": "LookbackNotReady", "exp_alerts": [
-                {"exp_labels": _labels(instance=A, severity="warning"),
-                 "exp_annotations": _summary("Lookback a:8000 not ready for 2m")}]},
-            {"eval_time": "5m", "alertname": "LookbackDown", "exp_alerts": [
-                {"exp_labels": _labels(instance=A, severity="critical"),
-                 "exp_annotations": _summary("Lookback target a:8000 is down")}]},
+            {
+                "eval_time": "5m",
+                "alertname": "LookbackNotReady",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(instance=A, severity="warning"),
+                        "exp_annotations": _summary("Lookback a:8000 not ready for 2m"),
+                    }
+                ],
+            },
+            {
+                "eval_time": "5m",
+                "alertname": "LookbackDown",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(instance=A, severity="critical"),
+                        "exp_annotations": _summary("Lookback target a:8000 is down"),
+                    }
+                ],
+            },
         ],
     },
-    {   # one failed model call fires at once; errors split into server and client codes.
+    {  # one failed model call fires at once; errors split into server and client codes.
         "interval": "1m",
         "input_series": [
-            {"series": f'lookback_batch_failures_total{{job="lookback",instance="{A}",'
-                       f'model="m/1"}}', "values": "0 0 1 1 1 1 1 1"},
-            {"series": f'lookback_batch_failures_total{{job="lookback",instance="{B}",'
-                       f'model="m/1"}}', "values": "0x8"},
-            {"series": f'lookback_errors_total{{job="lookback",instance="{A}",'
-                       f'code="inference_failed"}}', "values": "0+1x20"},
-            {"series": f'lookback_errors_total{{job="lookback",instance="{A}",'
-                       f'code="bad_frame_size"}}', "values": "0+1x20"},
+            {
+                "series": f'lookback_batch_failures_total{{job="lookback",instance="{A}",model="m/1"}}',
+                "values": "0 0 1 1 1 1 1 1",
+            },
+            {
+                "series": f'lookback_batch_failures_total{{job="lookback",instance="{B}",model="m/1"}}',
+                "values": "0x8",
+            },
+            {
+                "series": f'lookback_errors_total{{job="lookback",instance="{A}",code="inference_failed"}}',
+                "values": "0+1x20",
+            },
+            {
+                "series": f'lookback_errors_total{{job="lookback",instance="{A}",code="bad_frame_size"}}',
+                "values": "0+1x20",
+            },
         ],
         "alert_rule_test": [
-            {"eval_time": "3m", "alertname": "LookbackBatchFailures", "exp_alerts": [
-                {"exp_labels": _labels(instance=A, model="m/1", severity="critical"),
-                 "exp_annotations": _summary("Model calls failing for m/1 on a:8000")}]},
-            {"eval_time": "10m", "alertname": "LookbackServerErrors", "exp_alerts": [
-                {"exp_labels": _labels(instance=A, code="inference_failed",
-                                       severity="critical"),
-                 "exp_annotations": _summary("Lookback a:8000 sends inference_failed errors")}]},
+            {
+                "eval_time": "3m",
+                "alertname": "LookbackBatchFailures",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(instance=A, model="m/1", severity="critical"),
+                        "exp_annotations": _summary("Model calls failing for m/1 on a:8000"),
+                    }
+                ],
+            },
+            {
+                "eval_time": "10m",
+                "alertname": "LookbackServerErrors",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(instance=A, code="inference_failed", severity="critical"),
+                        "exp_annotations": _summary("Lookback a:8000 sends inference_failed errors"),
+                    }
+                ],
+            },
             {"eval_time": "20m", "alertname": "LookbackClientErrorRateHigh", "exp_alerts": []},
         ],
     },
-    {   # load shedding (capacity) fires; a trickle of auth refusals stays below threshold.
+    {  # load shedding (capacity) fires; a trickle of auth refusals stays below threshold.
         "interval": "1m",
         "input_series": [
-            {"series": f'lookback_sessions_refused_total{{job="lookback",instance="{A}",'
-                       f'reason="capacity"}}', "values": "0+5x10"},
-            {"series": f'lookback_sessions_refused_total{{job="lookback",instance="{A}",'
-                       f'reason="unauthorized"}}', "values": "0+1x20"},
-            {"series": f'lookback_backlog_steps{{job="lookback",instance="{A}",model="m/1"}}',
-             "values": "3000x10"},
-            {"series": f'lookback_backlog_steps{{job="lookback",instance="{B}",model="m/1"}}',
-             "values": "100x10"},
+            {
+                "series": f'lookback_sessions_refused_total{{job="lookback",instance="{A}",'
+                f'reason="capacity"}}',
+                "values": "0+5x10",
+            },
+            {
+                "series": f'lookback_sessions_refused_total{{job="lookback",instance="{A}",'
+                f'reason="unauthorized"}}',
+                "values": "0+1x20",
+            },
+            {
+                "series": f'lookback_backlog_steps{{job="lookback",instance="{A}",model="m/1"}}',
+                "values": "3000x10",
+            },
+            {
+                "series": f'lookback_backlog_steps{{job="lookback",instance="{B}",model="m/1"}}',
+                "values": "100x10",
+            },
         ],
         "alert_rule_test": [
-            {"eval_time": "5m", "alertname": "LookbackSessionsShed", "exp_alerts": [
-                {"exp_labels": _labels(instance=A, reason="capacity", severity="warning"),
-                 "exp_annotations": _summary("Lookback a:8000 sheds sessions (capacity)")}]},
+            {
+                "eval_time": "5m",
+                "alertname": "LookbackSessionsShed",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(instance=A, reason="capacity", severity="warning"),
+                        "exp_annotations": _summary("Lookback a:8000 sheds sessions (capacity)"),
+                    }
+                ],
+            },
             {"eval_time": "20m", "alertname": "LookbackSessionsRefused", "exp_alerts": []},
-            {"eval_time": "3m", "alertname": "LookbackBacklogHigh", "exp_alerts": [
-                {"exp_labels": _labels(instance=A, severity="warning"),
-                 "exp_annotations": _summary("Batcher backlog 3000 steps on a:8000")}]},
+            {
+                "eval_time": "3m",
+                "alertname": "LookbackBacklogHigh",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(instance=A, severity="warning"),
+                        "exp_annotations": _summary("Batcher backlog 3000 steps on a:8000"),
+                    }
+                ],
+            },
         ],
     },
 ]
@@ -313,11 +402,18 @@ def test_alert_unit_tests_can_fail(tmp_path: Path) -> None:
     """Control: a wrong expectation must make promtool fail, or the test above proves nothing."""
     promtool = require_tool("promtool")
     wrong = copy.deepcopy(ALERT_UNIT_TESTS[2])
-    wrong["alert_rule_test"] = [{"eval_time": "5m", "alertname": "LookbackNotReady",
-                                 "exp_alerts": [{"exp_labels": _labels(instance=B,
-                                                                       severity="warning"),
-                                                 "exp_annotations": _summary(
-                                                     "Lookback b:8000 not ready for 2m")}]}]
+    wrong["alert_rule_test"] = [
+        {
+            "eval_time": "5m",
+            "alertname": "LookbackNotReady",
+            "exp_alerts": [
+                {
+                    "exp_labels": _labels(instance=B, severity="warning"),
+                    "exp_annotations": _summary("Lookback b:8000 not ready for 2m"),
+                }
+            ],
+        }
+    ]
     res = run_tool(promtool, "test", "rules", str(_unit_test_file(tmp_path, [wrong])))
     assert res.returncode != 0, res.stdout + res.stderr
 
@@ -348,8 +444,7 @@ def test_alert_constants_match_configured_limits() -> None:
     }
     for where, env in sources.items():
         max_sessions = int(env.get("LOOKBACK_MAX_SESSIONS", defaults["max_sessions"].default))
-        shed = int(env.get("LOOKBACK_SHED_BACKLOG_STEPS",
-                           defaults["shed_backlog_steps"].default))
+        shed = int(env.get("LOOKBACK_SHED_BACKLOG_STEPS", defaults["shed_backlog_steps"].default))
         assert int(cap.group(1)) == max_sessions, f"{where}: max_sessions {max_sessions}"
         assert int(backlog.group(1)) == shed, f"{where}: shed_backlog_steps {shed}"
     # The HPA must add pods before any pod reaches the cap.
@@ -360,6 +455,7 @@ def test_alert_constants_match_configured_limits() -> None:
 
 
 # --- Grafana ------------------------------------------------------------------------------
+
 
 def dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())
@@ -394,8 +490,13 @@ def as_promql(expr: str) -> str:
         inner = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr)
         assert inner, expr
         expr = inner.group(1)
-    for var, value in (("$__rate_interval", "5m"), ("$__interval", "1m"),
-                       ("$__range", "1h"), ("$instance", ".*"), ("$model", ".*")):
+    for var, value in (
+        ("$__rate_interval", "5m"),
+        ("$__interval", "1m"),
+        ("$__range", "1h"),
+        ("$instance", ".*"),
+        ("$model", ".*"),
+    ):
         expr = expr.replace(var, value)
     assert "$" not in expr, f"unknown Grafana variable in {expr}"
     return expr
@@ -416,8 +517,7 @@ def test_dashboard_structure() -> None:
             assert t["expr"].strip() and t["refId"], p["title"]
         g = p["gridPos"]
         assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
-        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
-                for y in range(g["y"], g["y"] + g["h"])}
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & mine, f"panel {p['title']!r} overlaps another"
         cells |= mine
     variables = {v["name"] for v in d["templating"]["list"]}
@@ -425,29 +525,44 @@ def test_dashboard_structure() -> None:
     # Every view the runbook relies on has a panel.
     names = set().union(*(metric_names(e) for e in dashboard_exprs()))
     wanted = {
-        "lookback_sessions_active", "lookback_frames_received_total",
-        "lookback_batch_size_bucket", "lookback_queue_wait_seconds_bucket",
-        "lookback_frame_to_result_seconds_bucket", "lookback_errors_total",
-        "lookback_sessions_refused_total", "lookback_sessions_ended_total",
-        "lookback_model_run_seconds_bucket", "lookback_offline_audio_seconds_total",
+        "lookback_sessions_active",
+        "lookback_frames_received_total",
+        "lookback_batch_size_bucket",
+        "lookback_queue_wait_seconds_bucket",
+        "lookback_frame_to_result_seconds_bucket",
+        "lookback_errors_total",
+        "lookback_sessions_refused_total",
+        "lookback_sessions_ended_total",
+        "lookback_model_run_seconds_bucket",
+        "lookback_offline_audio_seconds_total",
         "lookback_model_info",
     }
     assert wanted <= names, f"dashboard lacks panels for {sorted(wanted - names)}"
-    assert any(p["type"] == "heatmap" and "lookback_batch_size_bucket" in p["targets"][0]["expr"]
-               for p in panels)
+    assert any(
+        p["type"] == "heatmap" and "lookback_batch_size_bucket" in p["targets"][0]["expr"] for p in panels
+    )
     quantiles = " ".join(dashboard_exprs())
     for metric in ("lookback_queue_wait_seconds", "lookback_frame_to_result_seconds"):
         for q in ("0.50", "0.99"):
-            assert f"histogram_quantile({q}, sum by (le, model) (rate({metric}_bucket" \
-                in quantiles, f"no p{q} of {metric}"
+            assert f"histogram_quantile({q}, sum by (le, model) (rate({metric}_bucket" in quantiles, (
+                f"no p{q} of {metric}"
+            )
 
 
 def test_dashboard_promql_parses(tmp_path: Path) -> None:
     """promtool parses each dashboard expression as a recording rule."""
     promtool = require_tool("promtool")
     exprs = dashboard_exprs()
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard_expr_{i}", "expr": as_promql(e)} for i, e in enumerate(exprs)]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard_expr_{i}", "expr": as_promql(e)} for i, e in enumerate(exprs)
+                ],
+            }
+        ]
+    }
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump(rules))
     res = run_tool(promtool, "check", "rules", str(path))
@@ -491,13 +606,24 @@ def _serving_settings() -> Any:
 
     found = {p.parent.parent.name for p in MODEL_STORE.glob("*/*/model.json")}
     if not found:
-        pytest.fail(f"no model in {MODEL_STORE}: the default lookback-vad model must be "
-                    "committed (or run `make silero` to import silero-vad)", pytrace=False)
+        pytest.fail(
+            f"no model in {MODEL_STORE}: the default lookback-vad model must be "
+            "committed (or run `make silero` to import silero-vad)",
+            pytrace=False,
+        )
     model = "lookback-vad" if "lookback-vad" in found else sorted(found)[0]
-    return Settings(_env_file=None, model_store=MODEL_STORE, models=[model],
-                    default_model=model, warmup_batch_sizes=[1], initial_slots=4,
-                    max_sessions=8, demo_enabled=False, api_keys=[],
-                    metrics_require_auth=False)
+    return Settings(
+        _env_file=None,
+        model_store=MODEL_STORE,
+        models=[model],
+        default_model=model,
+        warmup_batch_sizes=[1],
+        initial_slots=4,
+        max_sessions=8,
+        demo_enabled=False,
+        api_keys=[],
+        metrics_require_auth=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -530,8 +656,11 @@ def test_dashboard_metrics_exist(scrape: str) -> None:
         for name in metric_names(expr):
             referenced.setdefault(name, set()).add(expr)
     assert len(referenced) >= 15, sorted(referenced)
-    missing = {n: sorted(e)[0] for n, e in referenced.items()
-               if n not in scraped and n not in registry and n not in recorded}
+    missing = {
+        n: sorted(e)[0]
+        for n, e in referenced.items()
+        if n not in scraped and n not in registry and n not in recorded
+    }
     assert not missing, f"dashboard names metrics no server exposes: {missing}"
     # The live scrape must carry the bulk of them (prometheus-client prints HELP/TYPE even
     # for labelled families without children); the registry only fills the rest.
@@ -540,8 +669,10 @@ def test_dashboard_metrics_exist(scrape: str) -> None:
 
 
 def test_metric_name_extraction() -> None:
-    expr = ('histogram_quantile(0.99, sum by (le) (rate(lookback_queue_wait_seconds_bucket'
-            '{instance=~"lookback_fake", model=~"$model"}[5m]))) / lookback:errors:rate5m')
+    expr = (
+        "histogram_quantile(0.99, sum by (le) (rate(lookback_queue_wait_seconds_bucket"
+        '{instance=~"lookback_fake", model=~"$model"}[5m]))) / lookback:errors:rate5m'
+    )
     assert metric_names(expr) == {"lookback_queue_wait_seconds_bucket", "lookback:errors:rate5m"}
 
 
@@ -560,6 +691,7 @@ def test_grafana_provisioning() -> None:
 
 # --- Kubernetes ---------------------------------------------------------------------------
 
+
 def k8s_versions() -> list[str]:
     import kubernetes_validate.utils as kv
 
@@ -573,11 +705,28 @@ def check_podmonitor(doc: dict[str, Any]) -> None:
     assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}
     assert doc["metadata"]["name"]
     spec = doc["spec"]
-    assert set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel",
-                         "podTargetLabels", "sampleLimit", "targetLimit"}
+    assert set(spec) <= {
+        "selector",
+        "podMetricsEndpoints",
+        "namespaceSelector",
+        "jobLabel",
+        "podTargetLabels",
+        "sampleLimit",
+        "targetLimit",
+    }
     assert spec["selector"]["matchLabels"]
-    allowed = {"port", "path", "interval", "scrapeTimeout", "scheme", "honorLabels",
-               "authorization", "relabelings", "metricRelabelings", "tlsConfig"}
+    allowed = {
+        "port",
+        "path",
+        "interval",
+        "scrapeTimeout",
+        "scheme",
+        "honorLabels",
+        "authorization",
+        "relabelings",
+        "metricRelabelings",
+        "tlsConfig",
+    }
     for ep in spec["podMetricsEndpoints"]:
         assert set(ep) <= allowed, set(ep) - allowed
         assert isinstance(ep["port"], str) and ep["path"].startswith("/")
@@ -600,8 +749,7 @@ def test_k8s_manifest_validates(path: Path) -> None:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
                 where = ".".join(str(p) for p in exc.path)
-                pytest.fail(f"{path.name} {doc['kind']} @ {version}: {where}: {exc.message}",
-                            pytrace=False)
+                pytest.fail(f"{path.name} {doc['kind']} @ {version}: {where}: {exc.message}", pytrace=False)
 
 
 def test_k8s_validation_is_strict() -> None:
@@ -631,8 +779,10 @@ def test_kustomize_build() -> None:
 
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl not installed: kustomize rendering not checked "
-                    "(test_kustomization_lists_every_manifest still checks the resource list)")
+        pytest.skip(
+            "kubectl not installed: kustomize rendering not checked "
+            "(test_kustomization_lists_every_manifest still checks the resource list)"
+        )
     res = run_tool(kubectl, "kustomize", str(K8S))
     assert res.returncode == 0, res.stderr
     docs = [d for d in yaml.safe_load_all(res.stdout) if d]
@@ -713,8 +863,9 @@ def test_k8s_deployment_drains_and_is_hardened() -> None:
     assert pre_stop >= 5
     from lookback.settings import Settings
 
-    drain = float(container_env(dep).get("LOOKBACK_DRAIN_GRACE_S",
-                                         Settings.model_fields["drain_grace_s"].default))
+    drain = float(
+        container_env(dep).get("LOOKBACK_DRAIN_GRACE_S", Settings.model_fields["drain_grace_s"].default)
+    )
     # SIGTERM -> drain sessions (<= drain) -> uvicorn's graceful HTTP shutdown (<= drain).
     assert pod["terminationGracePeriodSeconds"] > pre_stop + 2 * drain
 
@@ -726,6 +877,7 @@ def test_k8s_deployment_drains_and_is_hardened() -> None:
 
 
 # --- LOOKBACK_* environment -------------------------------------------------------------
+
 
 def _env_sources() -> dict[str, dict[str, str]]:
     sources: dict[str, dict[str, str]] = {}
@@ -765,6 +917,7 @@ def test_lookback_env_vars_are_settings_fields(monkeypatch: pytest.MonkeyPatch) 
 
 
 # --- Dockerfile ---------------------------------------------------------------------------
+
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
@@ -843,8 +996,9 @@ def test_dockerfile_structure() -> None:
         assert env["LOOKBACK_MODEL_STORE"] == "/app/model_store"
         assert env["LOOKBACK_HOST"] == "0.0.0.0"
         assert env["LOOKBACK_PORT"] == "8000"
-        assert any(c.startswith("model_store/lookback-vad/ /app/model_store/lookback-vad")
-                   for c in by["COPY"]), f"{runtime} does not bake in the default model"
+        assert any(
+            c.startswith("model_store/lookback-vad/ /app/model_store/lookback-vad") for c in by["COPY"]
+        ), f"{runtime} does not bake in the default model"
         assert any("--from=" in c and "/opt/venv" in c for c in by["COPY"])
         # the healthcheck's python command is valid Python
         cmd = json.loads(health.split("CMD", 1)[1])
@@ -859,14 +1013,15 @@ def test_dockerfile_matches_installed_onnxruntime() -> None:
     from importlib.metadata import PackageNotFoundError, version
 
     args = dockerfile_args()
-    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-runtime-ubuntu24\.04",
-                     args["CUDA_IMAGE"])
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-cudnn-runtime-ubuntu24\.04", args["CUDA_IMAGE"])
     assert m, args["CUDA_IMAGE"]
     try:
         ort_gpu = version("onnxruntime-gpu")
     except PackageNotFoundError:
-        pytest.skip("onnxruntime-gpu not installed here (not linux x86_64): "
-                    "cannot compare its CUDA build with CUDA_IMAGE")
+        pytest.skip(
+            "onnxruntime-gpu not installed here (not linux x86_64): "
+            "cannot compare its CUDA build with CUDA_IMAGE"
+        )
     assert args["ORT_VERSION"] == ort_gpu
     from onnxruntime.capi import build_and_package_info as info
 
@@ -874,8 +1029,11 @@ def test_dockerfile_matches_installed_onnxruntime() -> None:
 
 
 def _dockerignore_patterns() -> list[str]:
-    return [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines()
-            if ln.strip() and not ln.strip().startswith("#")]
+    return [
+        ln.strip()
+        for ln in DOCKERIGNORE.read_text().splitlines()
+        if ln.strip() and not ln.strip().startswith("#")
+    ]
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
@@ -930,14 +1088,19 @@ def test_copy_sources_exist_and_survive_dockerignore() -> None:
                 path = REPO / src
                 assert path.exists(), f"stage {stage}: COPY source {src} is not in the repository"
                 files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-                kept = [f for f in files
-                        if not dockerignored(str(f.relative_to(REPO)), patterns)]
+                kept = [f for f in files if not dockerignored(str(f.relative_to(REPO)), patterns)]
                 assert kept, f"stage {stage}: .dockerignore excludes all of COPY source {src}"
                 copied += 1
     assert copied >= 4
-    for secret in (".env", ".venv/bin/python", "model_store/silero-vad/6.2.3/silero_vad.onnx",
-                   "model_store/recipes/data/x.wav", "tests/deploy/test_deploy.py",
-                   ".git/config", "service/lookback/__pycache__/app.cpython-311.pyc"):
+    for secret in (
+        ".env",
+        ".venv/bin/python",
+        "model_store/silero-vad/6.2.3/silero_vad.onnx",
+        "model_store/recipes/data/x.wav",
+        "tests/deploy/test_deploy.py",
+        ".git/config",
+        "service/lookback/__pycache__/app.cpython-311.pyc",
+    ):
         assert dockerignored(secret, patterns), f"{secret} would enter the build context"
 
 
@@ -948,9 +1111,11 @@ def test_wheel_contains_package_data(tmp_path: Path) -> None:
     import zipfile
 
     if importlib.util.find_spec("setuptools") is None:
-        pytest.fail("setuptools is not installed in this environment: pip install "
-                    "'setuptools>=68' (the wheel is built offline, without build isolation)",
-                    pytrace=False)
+        pytest.fail(
+            "setuptools is not installed in this environment: pip install "
+            "'setuptools>=68' (the wheel is built offline, without build isolation)",
+            pytrace=False,
+        )
     # The same inputs as the Dockerfile's wheel stage, in a scratch copy (an in-tree build
     # would leave build/ in the repository and could reuse stale files from it).
     src = tmp_path / "src"
@@ -958,29 +1123,46 @@ def test_wheel_contains_package_data(tmp_path: Path) -> None:
     for needed in ("pyproject.toml", "README.md"):
         assert (REPO / needed).is_file(), f"{needed} missing: the Dockerfile copies it"
         shutil.copy2(REPO / needed, src / needed)
-    shutil.copytree(REPO / "service", src / "service",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(REPO / "service", src / "service", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     res = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--quiet", "--wheel-dir", str(tmp_path / "wheels"), str(src)],
-        capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(tmp_path / "wheels"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     (wheel,) = (tmp_path / "wheels").glob("lookback_serve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    data = sorted(str(p.relative_to(REPO / "service")) for p in (REPO / "service" / "lookback").rglob("*")
-                  if p.is_file() and p.suffix not in {".py", ".pyc"}
-                  and "__pycache__" not in p.parts)
+    data = sorted(
+        str(p.relative_to(REPO / "service"))
+        for p in (REPO / "service" / "lookback").rglob("*")
+        if p.is_file() and p.suffix not in {".py", ".pyc"} and "__pycache__" not in p.parts
+    )
     assert "lookback/py.typed" in data
     missing = [d for d in data if d not in names]
-    assert not missing, (f"not packaged into the wheel (add them to "
-                         f"[tool.setuptools.package-data] in pyproject.toml): {missing}")
-    entry = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert not missing, (
+        f"not packaged into the wheel (add them to "
+        f"[tool.setuptools.package-data] in pyproject.toml): {missing}"
+    )
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert re.search(r"^lookback\s*=\s*lookback\.cli:main$", entry, re.M), entry
 
 
 # --- Compose ------------------------------------------------------------------------------
+
 
 def _bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
     """container path -> host path for relative bind mounts."""
@@ -1020,19 +1202,25 @@ def test_compose_parses_and_references_exist() -> None:
             assert src.exists(), f"{name}: mount source for {dst} missing: {src}"
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
-            assert src.startswith(".") or src in (doc.get("volumes") or {}), \
+            assert src.startswith(".") or src in (doc.get("volumes") or {}), (
                 f"{name}: named volume {src} not declared"
+            )
 
     prom = _bind_mounts(services["prometheus"])
-    config_in = next(a for a in services["prometheus"]["command"]
-                     if a.startswith("--config.file=")).split("=", 1)[1]
+    config_in = next(a for a in services["prometheus"]["command"] if a.startswith("--config.file=")).split(
+        "=", 1
+    )[1]
     assert prom[config_in] == PROM_CONFIG
     for rule_file in load_yaml(PROM_CONFIG)["rule_files"]:
         inside = str(Path(config_in).parent / rule_file)
         assert prom.get(inside) == PROM_DIR / rule_file, f"{inside} not mounted"
     # Prometheus scrapes a host the compose network resolves.
-    targets = [t for j in load_yaml(PROM_CONFIG)["scrape_configs"]
-               for sc in j["static_configs"] for t in sc["targets"]]
+    targets = [
+        t
+        for j in load_yaml(PROM_CONFIG)["scrape_configs"]
+        for sc in j["static_configs"]
+        for t in sc["targets"]
+    ]
     names = set(services) | {"localhost"} | set(cpu["networks"]["default"]["aliases"])
     assert all(t.split(":")[0] in names for t in targets), targets
     home = compose_env(services["grafana"])["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]

@@ -71,8 +71,10 @@ class ToyGraph:
 def step_signature(*, labels: int = 1) -> ToyGraph:
     return ToyGraph(
         audio=Port("audio", "float32", ["B", CONTEXT + HOP]),
-        states=[(Port("conv", "float32", ["B", 3, 2]), Port("conv_out", "float32", ["B", 3, 2])),
-                (Port("h", "float32", [1, "B", 4]), Port("h_out", "float32", [1, "B", 4]))],
+        states=[
+            (Port("conv", "float32", ["B", 3, 2]), Port("conv_out", "float32", ["B", 3, 2])),
+            (Port("h", "float32", [1, "B", 4]), Port("h_out", "float32", [1, "B", 4])),
+        ],
         constants=[Port("sr", "int64", [])],
         scores=[Port("score", "float32", ["B", labels])],
     )
@@ -80,9 +82,11 @@ def step_signature(*, labels: int = 1) -> ToyGraph:
 
 def sequence_signature(*, labels: int = 1) -> ToyGraph:
     sig = step_signature()
-    return sig.with_(audio=Port("audio", "float32", ["B", "T"]), sequence=True,
-                     scores=[Port("score", "float32",
-                                  ["B", "N"] if labels == 1 else ["B", "N", labels])])
+    return sig.with_(
+        audio=Port("audio", "float32", ["B", "T"]),
+        sequence=True,
+        scores=[Port("score", "float32", ["B", "N"] if labels == 1 else ["B", "N", labels])],
+    )
 
 
 def _vi(p: Port) -> onnx.ValueInfoProto:
@@ -168,8 +172,9 @@ def save(sig: ToyGraph, path: Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def toy_manifest(*, labels: list[str] | None = None, sequence: bool = False,
-                 version: str = "1", name: str = "toy") -> dict[str, Any]:
+def toy_manifest(
+    *, labels: list[str] | None = None, sequence: bool = False, version: str = "1", name: str = "toy"
+) -> dict[str, Any]:
     """A manifest matching ``step_signature()`` (hashes filled in by ``write_model``)."""
     m: dict[str, Any] = {
         "name": name,
@@ -179,12 +184,10 @@ def toy_manifest(*, labels: list[str] | None = None, sequence: bool = False,
         "hop_samples": HOP,
         "context_samples": CONTEXT,
         "graph": {"file": "model.onnx", "sha256": "0" * 64},
-        "audio_input": {"name": "audio", "dtype": "float32", "scale": "int16/32768",
-                        "layout": "BT"},
+        "audio_input": {"name": "audio", "dtype": "float32", "scale": "int16/32768", "layout": "BT"},
         "states": [
             {"input": "conv", "output": "conv_out", "shape": [3, 2], "batch_axis": 0},
-            {"input": "h", "output": "h_out", "shape": [1, 4], "batch_axis": 1,
-             "initial": 0.25},
+            {"input": "h", "output": "h_out", "shape": [1, 4], "batch_axis": 1, "initial": 0.25},
         ],
         "constants": [{"name": "sr", "dtype": "int64", "shape": [], "value": 16000}],
         "outputs": [{"name": "score", "labels": labels or ["speech"]}],
@@ -194,17 +197,24 @@ def toy_manifest(*, labels: list[str] | None = None, sequence: bool = False,
     return m
 
 
-def write_model(store: Path, manifest: dict[str, Any] | None = None, *,
-                step: ToyGraph | None = None, seq: ToyGraph | None = None) -> Path:
+def write_model(
+    store: Path,
+    manifest: dict[str, Any] | None = None,
+    *,
+    step: ToyGraph | None = None,
+    seq: ToyGraph | None = None,
+) -> Path:
     """Write ``<store>/<name>/<version>/`` with graphs and a manifest carrying their hashes."""
     manifest = copy.deepcopy(manifest or toy_manifest())
     folder = store / manifest["name"] / manifest["version"]
     folder.mkdir(parents=True, exist_ok=True)
     n_labels = sum(len(o["labels"]) for o in manifest["outputs"])
-    manifest["graph"]["sha256"] = save(step or step_signature(labels=n_labels),
-                                       folder / manifest["graph"]["file"])
+    manifest["graph"]["sha256"] = save(
+        step or step_signature(labels=n_labels), folder / manifest["graph"]["file"]
+    )
     if manifest.get("sequence"):
-        manifest["sequence"]["sha256"] = save(seq or sequence_signature(labels=n_labels),
-                                              folder / manifest["sequence"]["file"])
+        manifest["sequence"]["sha256"] = save(
+            seq or sequence_signature(labels=n_labels), folder / manifest["sequence"]["file"]
+        )
     (folder / "model.json").write_text(json.dumps(manifest, indent=1))
     return folder

@@ -40,8 +40,7 @@ def require_default_model() -> str:
     folder = STORE / "lookback-vad" / "1"
     missing = [f for f in ("model.json", "model.onnx", "sequence.onnx") if not (folder / f).is_file()]
     if missing:
-        pytest.fail(f"default model lookback-vad/1 is not in {STORE}: missing {missing}",
-                    pytrace=False)
+        pytest.fail(f"default model lookback-vad/1 is not in {STORE}: missing {missing}", pytrace=False)
     return DEFAULT_KEY
 
 
@@ -58,6 +57,7 @@ async def running_engine(*models: str, **overrides: object) -> AsyncIterator[Eng
 
 # --- sinks ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Collect:
     """ResultSink recording everything, in call order."""
@@ -68,8 +68,7 @@ class Collect:
     events: list[Event] = field(default_factory=list)
     errors: list[tuple[int, LookbackError]] = field(default_factory=list)
 
-    def on_result(self, index: int, time: float, scores: np.ndarray,
-                  events: list[Event] | None) -> None:
+    def on_result(self, index: int, time: float, scores: np.ndarray, events: list[Event] | None) -> None:
         self.indices.append(index)
         self.times.append(time)
         self.rows.append(np.array(scores, dtype=np.float32, copy=True))
@@ -87,6 +86,7 @@ class Collect:
 
 
 # --- audio ----------------------------------------------------------------------------------
+
 
 def read_clip(name: str) -> np.ndarray:
     data, rate = sf.read(str(AUDIO / name), dtype="int16")
@@ -125,7 +125,7 @@ def varied_clips(n: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
         base = bases[i % len(bases)]
         offset = int(rng.integers(0, base.size - length))
         gain = float(rng.uniform(0.05, 1.5))
-        x = base[offset:offset + length] * gain
+        x = base[offset : offset + length] * gain
         x += rng.normal(0.0, rng.uniform(0, 800), length)
         if i % 8 == 3:  # a tone burst
             t = np.arange(length) / SR
@@ -154,21 +154,24 @@ def random_bursts(n_frames: int, max_burst: int, rng: random.Random) -> list[int
 
 # --- driving sessions -----------------------------------------------------------------------
 
-async def push_all(session: StreamSession, data: bytes, bursts: Iterable[int],
-                   frame_bytes: int | None = None) -> None:
+
+async def push_all(
+    session: StreamSession, data: bytes, bursts: Iterable[int], frame_bytes: int | None = None
+) -> None:
     """Push ``data`` in bursts of whole frames, waiting for room (never dropping audio)."""
     fb = frame_bytes or session.frame_bytes
     pos = 0
     for k in bursts:
-        chunk = data[pos:pos + k * fb]
+        chunk = data[pos : pos + k * fb]
         pos += len(chunk)
         await session.wait_for_room(len(chunk))
         session.push(chunk)
     assert pos == len(data)
 
 
-async def stream_clip(engine: Engine, handle: ModelHandle, clip: np.ndarray, *,
-                      frames_per_push: int = 1, flush: bool = True) -> Collect:
+async def stream_clip(
+    engine: Engine, handle: ModelHandle, clip: np.ndarray, *, frames_per_push: int = 1, flush: bool = True
+) -> Collect:
     """One session, alone: the clip pushed ``frames_per_push`` frames at a time."""
     sink = Collect()
     session = engine.open_session(handle, sink)
@@ -193,13 +196,14 @@ async def offline_chunks(clip: np.ndarray, sizes: Sequence[int]) -> AsyncIterato
     pos, i = 0, 0
     while pos < x.size:
         k = sizes[i % len(sizes)]
-        yield x[pos:pos + k]
+        yield x[pos : pos + k]
         pos += k
         i += 1
 
 
-async def score_offline(engine: Engine, handle: ModelHandle, chunks: AsyncIterator[np.ndarray]
-                        ) -> tuple[np.ndarray, list[Event]]:
+async def score_offline(
+    engine: Engine, handle: ModelHandle, chunks: AsyncIterator[np.ndarray]
+) -> tuple[np.ndarray, list[Event]]:
     rows, events = [], []
     expected_first = 0
     async for out in engine.score(handle, chunks):

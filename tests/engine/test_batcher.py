@@ -69,8 +69,7 @@ def slots(handle: ModelHandle, n: int) -> list[int]:
     return [handle.table.acquire() for _ in range(n)]
 
 
-async def test_failing_compute_fails_the_whole_batch_then_recovers(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failing_compute_fails_the_whole_batch_then_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
         real = handle.compute
@@ -117,8 +116,7 @@ async def test_wrong_row_count_fails_the_batch_clearly(monkeypatch: pytest.Monke
         assert metric(engine, "lookback_batch_failures_total") == 1
 
 
-async def test_lookback_error_from_compute_reaches_waiters_unchanged(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_lookback_error_from_compute_reaches_waiters_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
 
@@ -149,8 +147,7 @@ async def test_a_broken_waiter_does_not_starve_the_batch() -> None:
         assert len(await handle.batcher.submit_future(a, 1, payload(a))) == 1
 
 
-async def test_greedy_batching_next_batch_forms_while_one_runs(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_greedy_batching_next_batch_forms_while_one_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     async with running_engine("silero-vad", max_batch_size=256) as engine:
         handle = engine.resolve("silero-vad")
         rec = Recorder(handle, monkeypatch)
@@ -234,8 +231,7 @@ async def test_max_wait_deadline_runs_a_partial_batch(monkeypatch: pytest.Monkey
         assert rec.sizes == [1]
 
 
-async def test_max_wait_never_waits_once_every_open_session_is_ready(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_max_wait_never_waits_once_every_open_session_is_ready(monkeypatch: pytest.MonkeyPatch) -> None:
     # two open sessions, a 60 s wait and room for 8: nobody else can add a step, so go now
     async with running_engine("silero-vad", max_batch_size=8, max_wait_ms=60_000) as engine:
         handle = engine.resolve("silero-vad")
@@ -247,8 +243,7 @@ async def test_max_wait_never_waits_once_every_open_session_is_ready(
         assert time.monotonic() - t0 < 30
 
 
-async def test_fill_deadline_and_a_new_step_in_the_same_tick(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_fill_deadline_and_a_new_step_in_the_same_tick(monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadline timer fires and, before the batcher resumes, a step completes the
     batch: the step is queued once and nothing raises (it used to resolve a done future)."""
     async with running_engine("silero-vad", max_batch_size=2, max_wait_ms=60_000) as engine:
@@ -265,16 +260,19 @@ async def test_fill_deadline_and_a_new_step_in_the_same_tick(
         assert rec.sizes == [2]
 
 
-@pytest.mark.parametrize(("mode", "provider", "cpus", "inline"), [
-    ("auto", "CPUExecutionProvider", 1, True),
-    ("auto", "CPUExecutionProvider", 2, False),
-    ("auto", "CUDAExecutionProvider", 1, False),
-    ("inline", "CPUExecutionProvider", 4, True),
-    ("thread", "CPUExecutionProvider", 1, False),
-])
+@pytest.mark.parametrize(
+    ("mode", "provider", "cpus", "inline"),
+    [
+        ("auto", "CPUExecutionProvider", 1, True),
+        ("auto", "CPUExecutionProvider", 2, False),
+        ("auto", "CUDAExecutionProvider", 1, False),
+        ("inline", "CPUExecutionProvider", 4, True),
+        ("thread", "CPUExecutionProvider", 1, False),
+    ],
+)
 def test_model_calls_inline_only_where_a_thread_buys_nothing(
-        mode: str, provider: str, cpus: int, inline: bool,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    mode: str, provider: str, cpus: int, inline: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(engine_module, "usable_cpus", lambda: cpus)
     assert engine_module.inline_model_calls(mode, provider) is inline
 
@@ -304,8 +302,7 @@ async def test_inline_batcher_still_lets_the_loop_run(monkeypatch: pytest.Monkey
         assert ticks >= 20
 
 
-async def test_stop_fails_queued_steps_after_the_running_batch(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stop_fails_queued_steps_after_the_running_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
         rec = Recorder(handle, monkeypatch)

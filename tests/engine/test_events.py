@@ -17,13 +17,22 @@ MIN_SIL = 1600  # 100 ms
 
 
 def detector(**kw: float) -> EventDetector:
-    spec = EventSpec(**{"threshold": 0.5, "neg_threshold": 0.35, "min_silence_ms": 100,
-                        "speech_pad_ms": 30, "min_speech_ms": 0, **kw})
+    spec = EventSpec(
+        **{
+            "threshold": 0.5,
+            "neg_threshold": 0.35,
+            "min_silence_ms": 100,
+            "speech_pad_ms": 30,
+            "min_speech_ms": 0,
+            **kw,
+        }
+    )
     return EventDetector(spec, "speech", sample_rate=SR, hop=HOP)
 
 
-def run(det: EventDetector, scores: list[float], *, finish: bool = True,
-        hop: int = HOP) -> list[tuple[str, int, int]]:
+def run(
+    det: EventDetector, scores: list[float], *, finish: bool = True, hop: int = HOP
+) -> list[tuple[str, int, int]]:
     """(kind, sample, step index at which it was emitted); finish marked as step -1."""
     out = []
     for i, s in enumerate(scores):
@@ -37,8 +46,14 @@ def run(det: EventDetector, scores: list[float], *, finish: bool = True,
 class ReferenceVADIterator:
     """Silero's ``VADIterator.__call__`` logic (silero-vad 6.x), fed scores instead of audio."""
 
-    def __init__(self, threshold: float, sampling_rate: int, min_silence_duration_ms: float,
-                 speech_pad_ms: float, neg_threshold: float) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        sampling_rate: int,
+        min_silence_duration_ms: float,
+        speech_pad_ms: float,
+        neg_threshold: float,
+    ) -> None:
         self.threshold = threshold
         self.neg_threshold = neg_threshold
         self.min_silence_samples = sampling_rate * min_silence_duration_ms / 1000
@@ -67,9 +82,15 @@ class ReferenceVADIterator:
         return None
 
 
-def reference_events(scores: list[float], hop: int = HOP, *, threshold: float = 0.5,
-                     neg: float = 0.35, min_silence_ms: float = 100, pad_ms: float = 30
-                     ) -> list[tuple[str, int, int]]:
+def reference_events(
+    scores: list[float],
+    hop: int = HOP,
+    *,
+    threshold: float = 0.5,
+    neg: float = 0.35,
+    min_silence_ms: float = 100,
+    pad_ms: float = 30,
+) -> list[tuple[str, int, int]]:
     it = ReferenceVADIterator(threshold, SR, min_silence_ms, pad_ms, neg)
     out = []
     for i, s in enumerate(scores):
@@ -125,8 +146,9 @@ def test_in_between_scores_do_not_reset_the_silence_timer_but_speech_does() -> N
 
 
 def test_default_neg_threshold_is_threshold_minus_015() -> None:
-    det = EventDetector(EventSpec(threshold=0.6, min_silence_ms=0, speech_pad_ms=0), "speech",
-                        sample_rate=SR, hop=HOP)
+    det = EventDetector(
+        EventSpec(threshold=0.6, min_silence_ms=0, speech_pad_ms=0), "speech", sample_rate=SR, hop=HOP
+    )
     assert run(det, [0.7, 0.46, 0.44], finish=False) == [("start", 0, 0), ("end", 2 * HOP, 2)]
 
 
@@ -167,8 +189,7 @@ def test_finish_during_silence_uses_the_silence_start() -> None:
 
 
 def test_finish_end_never_past_the_stream() -> None:
-    det = EventDetector(EventSpec(threshold=0.5, speech_pad_ms=500), "speech", sample_rate=SR,
-                        hop=HOP)
+    det = EventDetector(EventSpec(threshold=0.5, speech_pad_ms=500), "speech", sample_rate=SR, hop=HOP)
     evs = run(det, [0.9, 0.9, 0.1])
     assert evs[-1] == ("end", 3 * HOP, -1)
 
@@ -189,8 +210,12 @@ def test_matches_silero_vaditerator_on_random_scores(seed: int, hop: int) -> Non
         if rng.random() < 0.08:
             level = rng.choice([0.05, 0.2, 0.36, 0.45, 0.5, 0.7, 0.95])
         scores.append(min(1.0, max(0.0, level + rng.uniform(-0.12, 0.12))))
-    det = EventDetector(EventSpec(threshold=0.5, neg_threshold=0.35, min_silence_ms=100,
-                                  speech_pad_ms=30), "speech", sample_rate=SR, hop=hop)
+    det = EventDetector(
+        EventSpec(threshold=0.5, neg_threshold=0.35, min_silence_ms=100, speech_pad_ms=30),
+        "speech",
+        sample_rate=SR,
+        hop=hop,
+    )
     got = run(det, scores, finish=False, hop=hop)
     want = reference_events(scores, hop)
     assert got == want
@@ -198,6 +223,7 @@ def test_matches_silero_vaditerator_on_random_scores(seed: int, hop: int) -> Non
 
 
 # --- scan: the offline fast path -----------------------------------------------------------
+
 
 def runs_of_scores(rng: random.Random, n: int) -> list[float]:
     """Bimodal scores in runs (speech, silence, hovering near the thresholds), float32."""
@@ -218,13 +244,16 @@ def runs_of_scores(rng: random.Random, n: int) -> list[float]:
     return out[:n]
 
 
-@pytest.mark.parametrize("spec", [
-    {},
-    {"min_silence_ms": 0},
-    {"min_speech_ms": 250},
-    {"min_speech_ms": 40, "min_silence_ms": 30, "speech_pad_ms": 0},
-    {"neg_threshold": 0.5},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {},
+        {"min_silence_ms": 0},
+        {"min_speech_ms": 250},
+        {"min_speech_ms": 40, "min_silence_ms": 30, "speech_pad_ms": 0},
+        {"neg_threshold": 0.5},
+    ],
+)
 @pytest.mark.parametrize("hop", [128, 512])
 def test_scan_gives_exactly_the_events_of_update(spec: dict[str, float], hop: int) -> None:
     """Chunk by chunk, ``scan`` emits what ``update`` step by step emits: same events,
@@ -238,7 +267,7 @@ def test_scan_gives_exactly_the_events_of_update(spec: dict[str, float], hop: in
         pos = 0
         while pos < len(scores):
             k = rng.choice([1, 2, 7, 64, 2048])
-            got += fast.scan(np.asarray(scores[pos:pos + k], np.float32), pos)
+            got += fast.scan(np.asarray(scores[pos : pos + k], np.float32), pos)
             pos += k
         assert got == want, f"seed {seed}"
         total = len(scores) * hop
@@ -246,7 +275,17 @@ def test_scan_gives_exactly_the_events_of_update(spec: dict[str, float], hop: in
 
 
 def make_pair(spec: dict[str, float], hop: int) -> tuple[EventDetector, EventDetector]:
-    full = EventSpec(**{"threshold": 0.5, "neg_threshold": 0.35, "min_silence_ms": 100,
-                        "speech_pad_ms": 30, "min_speech_ms": 0, **spec})
-    return (EventDetector(full, "speech", sample_rate=SR, hop=hop),
-            EventDetector(full, "speech", sample_rate=SR, hop=hop))
+    full = EventSpec(
+        **{
+            "threshold": 0.5,
+            "neg_threshold": 0.35,
+            "min_silence_ms": 100,
+            "speech_pad_ms": 30,
+            "min_speech_ms": 0,
+            **spec,
+        }
+    )
+    return (
+        EventDetector(full, "speech", sample_rate=SR, hop=hop),
+        EventDetector(full, "speech", sample_rate=SR, hop=hop),
+    )

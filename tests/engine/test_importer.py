@@ -46,8 +46,9 @@ def test_import_publishes_a_valid_model_and_is_idempotent(tmp_path: Path) -> Non
     onnx = target / spec.graph.file
     assert hashlib.sha256(onnx.read_bytes()).hexdigest() == spec.graph.sha256
     sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-    check_step_graph(spec, [GraphPort.of(i) for i in sess.get_inputs()],
-                     [GraphPort.of(o) for o in sess.get_outputs()])
+    check_step_graph(
+        spec, [GraphPort.of(i) for i in sess.get_inputs()], [GraphPort.of(o) for o in sess.get_outputs()]
+    )
 
     stamps = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in target.iterdir()}
     assert import_model("silero-vad", store, pip=NO_PIP) == target
@@ -55,9 +56,7 @@ def test_import_publishes_a_valid_model_and_is_idempotent(tmp_path: Path) -> Non
 
 
 @pytest.mark.silero
-def test_expected_hash_mismatch_is_a_contract_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_expected_hash_mismatch_is_a_contract_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = json.loads(KNOWN.manifest.read_text())
     raw["graph"]["sha256"] = "0" * 64
     bad = tmp_path / "silero-vad-6.2.3.json"

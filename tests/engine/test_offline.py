@@ -36,7 +36,7 @@ class Source:
         while pos < out.size:
             k = min(out.size - pos, src.size - (start + pos) % src.size)
             i = (start + pos) % src.size
-            out[pos:pos + k] = src[i:i + k]
+            out[pos : pos + k] = src[i : i + k]
             pos += k
 
     async def chunks(self) -> AsyncIterator[np.ndarray]:
@@ -55,7 +55,8 @@ class Source:
 
 
 async def test_ten_minutes_through_the_sequence_graph_in_bounded_memory(
-        default_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    default_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with running_engine(default_model) as engine:
         handle = engine.resolve(default_model)
         spec = handle.spec
@@ -87,9 +88,11 @@ async def test_ten_minutes_through_the_sequence_graph_in_bounded_memory(
         finally:
             tracemalloc.stop()
     clip_bytes = source.total * 4
-    print(f"\n[offline {MINUTES} min] {n_scores} steps, {len(lengths)} graph calls, longest "
-          f"{max(lengths)} samples, python peak {peak / 2**20:.1f} MiB "
-          f"(whole clip would be {clip_bytes / 2**20:.1f} MiB), {events} events")
+    print(
+        f"\n[offline {MINUTES} min] {n_scores} steps, {len(lengths)} graph calls, longest "
+        f"{max(lengths)} samples, python peak {peak / 2**20:.1f} MiB "
+        f"(whole clip would be {clip_bytes / 2**20:.1f} MiB), {events} events"
+    )
     assert n_scores == -(-source.total // spec.hop_samples)
     assert max(lengths) <= max_window
     assert max(lengths) == max_window  # the big chunks were split at max_steps
@@ -98,7 +101,8 @@ async def test_ten_minutes_through_the_sequence_graph_in_bounded_memory(
 
 
 async def test_a_long_clip_through_the_batcher_in_bounded_pieces(
-        silero_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    silero_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     chunk_steps = 32
     async with running_engine("silero-vad", offline_chunk_steps=chunk_steps) as engine:
         handle = engine.resolve("silero-vad")
@@ -144,7 +148,8 @@ async def test_tiny_clip_is_padded_to_one_step(any_model: str) -> None:
 
 
 async def test_offline_batcher_failure_raises_and_frees_the_slot(
-        silero_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    silero_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
 

@@ -84,8 +84,7 @@ BATCHING = {  # model calls in the executor thread or on the loop, greedy or hel
 
 
 @pytest.mark.parametrize("batching", list(BATCHING))
-async def test_batched_equals_solo(any_model: str, batching: str,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_batched_equals_solo(any_model: str, batching: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """64 sessions, different clips, random bursts and interleavings, batched by the
     MicroBatcher, give for every step the numbers each session gets alone at batch 1."""
     name = any_model
@@ -108,8 +107,9 @@ async def test_batched_equals_solo(any_model: str, batching: str,
         assert set(log.sizes) == {1}
 
     # batched: all 64 at once, random bursts, random arrival interleavings
-    async with running_engine(name, max_batch_size=256, initial_slots=N_SESSIONS,
-                              **BATCHING[batching]) as engine:
+    async with running_engine(
+        name, max_batch_size=256, initial_slots=N_SESSIONS, **BATCHING[batching]
+    ) as engine:
         handle = engine.resolve(name)
         log = BatchLog(handle, monkeypatch)
 
@@ -124,7 +124,7 @@ async def test_batched_equals_solo(any_model: str, batching: str,
             for k in plans[i]:
                 for _ in range(r.choice([0, 0, 1, 2, 5])):  # interleave with the others
                     await asyncio.sleep(0)
-                chunk = data[pos:pos + k * session.frame_bytes]
+                chunk = data[pos : pos + k * session.frame_bytes]
                 pos += len(chunk)
                 await session.wait_for_room(len(chunk))
                 session.push(chunk)
@@ -144,21 +144,24 @@ async def test_batched_equals_solo(any_model: str, batching: str,
         assert a.events == b.events, f"session {i}: events differ"
     worst = max(diffs)
     exact = sum(d == 0.0 for d in diffs)
-    print(f"\n[batched==solo {name}, {batching}] {N_SESSIONS} sessions, {sum(sizes)} steps in "
-          f"{len(sizes)} batches (mean {np.mean(sizes):.1f}, max {max(sizes)}); "
-          f"max |batched - solo| = {worst:.3g}; exactly equal: {worst == 0.0} "
-          f"({exact}/{N_SESSIONS} sessions bit-identical)")
+    print(
+        f"\n[batched==solo {name}, {batching}] {N_SESSIONS} sessions, {sum(sizes)} steps in "
+        f"{len(sizes)} batches (mean {np.mean(sizes):.1f}, max {max(sizes)}); "
+        f"max |batched - solo| = {worst:.3g}; exactly equal: {worst == 0.0} "
+        f"({exact}/{N_SESSIONS} sessions bit-identical)"
+    )
     assert worst <= 1e-6
 
 
 # --- offline == streaming -------------------------------------------------------------------------
+
 
 def long_clip() -> np.ndarray:
     """~22 s: the speech fixture, a quieter noisy copy, and the fixture again (not whole frames)."""
     x = speech().astype(np.float64)
     rng = np.random.default_rng(3)
     noisy = 0.3 * x + rng.normal(0, 300, x.size)
-    clip = np.concatenate([x, noisy, x[: 75_001]])
+    clip = np.concatenate([x, noisy, x[:75_001]])
     return np.clip(np.round(clip), -32768, 32767).astype(np.int16)
 
 
@@ -183,11 +186,14 @@ async def test_offline_equals_streaming(any_model: str) -> None:
     assert len(streamed.rows) == len(offline) == -(-clip.size // hop)
     diff = float(np.max(np.abs(offline - streamed.scores)))
     diff2 = float(np.max(np.abs(offline2 - streamed.scores)))
-    print(f"\n[offline==streaming {name}] {len(offline)} steps, "
-          f"{'sequence graph' if uses_sequence else 'batcher'}: max diff {diff:.3g} / {diff2:.3g}")
+    print(
+        f"\n[offline==streaming {name}] {len(offline)} steps, "
+        f"{'sequence graph' if uses_sequence else 'batcher'}: max diff {diff:.3g} / {diff2:.3g}"
+    )
     assert diff <= 1e-5 and diff2 <= 1e-5
-    assert [(e.event, e.label, e.time) for e in events] == \
-           [(e.event, e.label, e.time) for e in streamed.events]
+    assert [(e.event, e.label, e.time) for e in events] == [
+        (e.event, e.label, e.time) for e in streamed.events
+    ]
     assert events2 == streamed.events
     assert len(streamed.events) >= 4, "the clip should produce speech segments"
     assert streamed.events[-1].event == "end"
@@ -209,6 +215,7 @@ async def test_offline_equals_streaming_on_every_fixture_clip(any_model: str) ->
 
 # --- Silero through Lookback == Silero's own package ----------------------------------------------
 
+
 def reference() -> np.ndarray:
     ref = json.loads(REF.read_text())
     assert ref["model"] == "silero-vad" and ref["hop_samples"] == 512
@@ -228,11 +235,17 @@ async def test_silero_matches_its_own_package(silero_model: str) -> None:
     assert got.times == [(i + 1) * 512 / SR for i in range(ref.size)]
     # and the events are those Silero's VADIterator makes from its own probabilities
     ev = handle.spec.events
-    want = reference_events(ref.tolist(), 512, threshold=ev.threshold, neg=ev.end_threshold,
-                            min_silence_ms=ev.min_silence_ms, pad_ms=ev.speech_pad_ms)
+    want = reference_events(
+        ref.tolist(),
+        512,
+        threshold=ev.threshold,
+        neg=ev.end_threshold,
+        min_silence_ms=ev.min_silence_ms,
+        pad_ms=ev.speech_pad_ms,
+    )
     live = [(e.event, e.sample) for e in got.events]
     assert live[: len(want)] == [(kind, sample) for kind, sample, _ in want]
-    assert len(want) >= 4 and live[len(want):] in ([], [("end", ref.size * 512)])
+    assert len(want) >= 4 and live[len(want) :] in ([], [("end", ref.size * 512)])
 
 
 async def test_silero_matches_its_own_package_while_batched(silero_model: str) -> None:
@@ -256,10 +269,11 @@ async def test_silero_matches_its_own_package_while_batched(silero_model: str) -
 
 # --- session isolation ------------------------------------------------------------------------------
 
+
 def loud_speech(seconds: float = 2.0) -> np.ndarray:
     x = speech().astype(np.float64)
     start = int(np.argmax(np.abs(x) > 3000))  # into the first sentence
-    return np.clip(x[start:start + int(seconds * SR)] * 2.5, -32768, 32767).astype(np.int16)
+    return np.clip(x[start : start + int(seconds * SR)] * 2.5, -32768, 32767).astype(np.int16)
 
 
 def quiet(seconds: float = 1.0) -> np.ndarray:
@@ -299,7 +313,7 @@ async def test_stale_state_would_change_the_scores(any_model: str) -> None:
     speech_then_quiet = np.concatenate([loud_speech(), quiet()])
     async with running_engine(name) as engine:
         both = await stream_clip(engine, engine.resolve(name), speech_then_quiet)
-    after = both.scores[-len(quiet()) // engine.resolve(name).spec.hop_samples:]
+    after = both.scores[-len(quiet()) // engine.resolve(name).spec.hop_samples :]
     fresh = await fresh_scores(name, quiet())
     assert after.shape == fresh.shape
     assert float(np.max(np.abs(after - fresh))) > 1e-3
@@ -330,7 +344,8 @@ async def test_slot_reused_after_close_when_idle_starts_clean(any_model: str) ->
 
 
 async def test_slot_reused_after_close_with_a_step_in_flight_starts_clean(
-        any_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    any_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     name = any_model
     async with running_engine(name) as engine:
         handle = engine.resolve(name)
@@ -342,7 +357,7 @@ async def test_slot_reused_after_close_with_a_step_in_flight_starts_clean(
         await push_all(first, data[: len(data) // 2], even_bursts(len(data) // 2 // first.frame_bytes, 8))
         await first.wait_idle()
         gate.hold()
-        first.push(data[len(data) // 2: len(data) // 2 + 3 * first.hop_bytes])  # 3 more steps
+        first.push(data[len(data) // 2 : len(data) // 2 + 3 * first.hop_bytes])  # 3 more steps
         assert await asyncio.to_thread(gate.entered.wait, 30)
         assert first.pending_steps == 3
         first.close()  # disconnect: one step running in the executor, two queued
@@ -360,7 +375,8 @@ async def test_slot_reused_after_close_with_a_step_in_flight_starts_clean(
 
 
 async def test_slot_reused_after_close_with_a_step_queued_in_the_batcher(
-        any_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    any_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Closed while its step waits for a batch: the step is withdrawn, the slot freed at once."""
     name = any_model
     async with running_engine(name) as engine:
@@ -386,6 +402,7 @@ async def test_slot_reused_after_close_with_a_step_queued_in_the_batcher(
 
 
 # --- shape guard ----------------------------------------------------------------------------------
+
 
 async def test_partial_frames_are_refused(any_model: str) -> None:
     name = any_model
@@ -423,13 +440,13 @@ async def test_a_step_of_the_wrong_length_is_refused(silero_model: str, samples:
         row = await handle.batcher.submit_future(slot, 0, to_s16(loud_speech()[:512]))
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
-        fresh = await handle.batcher.submit_future(handle.table.acquire(), 0,
-                                                   to_s16(loud_speech()[:512]))
+        fresh = await handle.batcher.submit_future(handle.table.acquire(), 0, to_s16(loud_speech()[:512]))
     np.testing.assert_array_equal(row, fresh)
 
 
 async def test_engine_feeds_the_graph_exactly_context_plus_hop(
-        any_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    any_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     name = any_model
     async with running_engine(name) as engine:
         handle = engine.resolve(name)

@@ -77,7 +77,8 @@ async def test_results_arrive_in_step_order_with_times(any_model: str) -> None:
 
 
 async def test_pending_queue_is_bounded_and_wait_for_room_unblocks(
-        silero_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    silero_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with running_engine("silero-vad", max_pending_steps=4, max_frames_per_message=4) as engine:
         handle = engine.resolve("silero-vad")
         gate = Gate(handle, monkeypatch)
@@ -87,15 +88,15 @@ async def test_pending_queue_is_bounded_and_wait_for_room_unblocks(
         data = to_s16(speech()[: 8 * 512])
         assert session.push(data[:hop]) == 1
         await gate.wait_entered()  # step 0 is running, held
-        assert session.push(data[hop:4 * hop]) == 3  # 1 in flight + 3 queued = the bound
+        assert session.push(data[hop : 4 * hop]) == 3  # 1 in flight + 3 queued = the bound
         assert session.pending_steps == 4
         frames_before = session.frames
         with pytest.raises(BackpressureError) as info:
-            session.push(data[4 * hop:5 * hop])
+            session.push(data[4 * hop : 5 * hop])
         assert info.value.code == "too_many_pending_steps"
         assert session.frames == frames_before and session.steps_made == 4  # refused whole
         # a partial hop makes no step: still accepted
-        assert session.push(data[4 * hop:4 * hop + 256]) == 0
+        assert session.push(data[4 * hop : 4 * hop + 256]) == 0
         with pytest.raises(BackpressureError):  # one message that could never fit
             await session.wait_for_room(5 * hop)
         waiter = asyncio.create_task(session.wait_for_room(hop))
@@ -104,7 +105,7 @@ async def test_pending_queue_is_bounded_and_wait_for_room_unblocks(
         gate.release.set()  # steps complete; room appears
         await asyncio.wait_for(waiter, 30)
         assert session.pending_steps <= 3
-        session.push(data[4 * hop + 256:5 * hop + 256])
+        session.push(data[4 * hop + 256 : 5 * hop + 256])
         await session.wait_idle()
         session.close()
     assert sink.indices == [0, 1, 2, 3, 4]
@@ -114,8 +115,7 @@ async def test_pending_queue_is_bounded_and_wait_for_room_unblocks(
 async def test_backpressure_resumes_reading_at_half_the_bound(silero_model: str) -> None:
     """A full session's transport waits for the queue to drain to half the bound, so an
     overloaded server parks each reader once per many messages, not once per message."""
-    async with running_engine("silero-vad", max_pending_steps=8,
-                              max_frames_per_message=4) as engine:
+    async with running_engine("silero-vad", max_pending_steps=8, max_frames_per_message=4) as engine:
         handle = engine.resolve("silero-vad")
         await handle.batcher.stop()  # completions are driven by hand below
         session = engine.open_session(handle, Collect())
@@ -141,7 +141,7 @@ async def test_backpressure_resumes_reading_at_half_the_bound(silero_model: str)
 
 
 async def test_flush_zero_pads_and_counts_padding(silero_model: str) -> None:
-    clip = speech()[SR: SR + 512 + 3 * FRAME]  # one hop and three frames
+    clip = speech()[SR : SR + 512 + 3 * FRAME]  # one hop and three frames
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
         sink = Collect()
@@ -156,8 +156,9 @@ async def test_flush_zero_pads_and_counts_padding(silero_model: str) -> None:
         await session.wait_idle()
         session.close()
         # the same audio with the zero frame sent explicitly
-        padded = await stream_clip(engine, handle, np.concatenate([clip, np.zeros(FRAME, np.int16)]),
-                                   flush=False)
+        padded = await stream_clip(
+            engine, handle, np.concatenate([clip, np.zeros(FRAME, np.int16)]), flush=False
+        )
     assert sink.indices == [0, 1] and sink.times == [512 / SR, 1024 / SR]
     np.testing.assert_array_equal(sink.scores, padded.scores)
 
@@ -173,11 +174,10 @@ async def test_flush_pads_float32_too(silero_model: str) -> None:
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-async def test_non_finite_float_audio_is_refused_and_touches_nothing(any_model: str,
-                                                                     bad: float) -> None:
+async def test_non_finite_float_audio_is_refused_and_touches_nothing(any_model: str, bad: float) -> None:
     name = any_model
-    clip = speech()[SR: SR + 2 * 4 * 512]
-    frames = [clip_f32(clip[i:i + FRAME]) for i in range(0, clip.size, FRAME)]
+    clip = speech()[SR : SR + 2 * 4 * 512]
+    frames = [clip_f32(clip[i : i + FRAME]) for i in range(0, clip.size, FRAME)]
     async with running_engine(name) as engine:
         handle = engine.resolve(name)
         sink = Collect()
@@ -248,8 +248,9 @@ async def test_unknown_encoding_is_refused(silero_model: str) -> None:
 
 
 async def test_sessions_beyond_capacity_are_refused(silero_model: str) -> None:
-    async with running_engine("silero-vad", max_sessions=1, max_concurrent_scores=1,
-                              max_queued_scores=0) as engine:
+    async with running_engine(
+        "silero-vad", max_sessions=1, max_concurrent_scores=1, max_queued_scores=0
+    ) as engine:
         handle = engine.resolve("silero-vad")
         a = engine.open_session(handle, Collect())
         b = engine.open_session(handle, Collect())
@@ -262,7 +263,8 @@ async def test_sessions_beyond_capacity_are_refused(silero_model: str) -> None:
 
 
 async def test_failed_batch_reaches_the_sink_as_an_error_and_the_session_goes_on(
-        silero_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    silero_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
         real = handle.compute
@@ -288,7 +290,7 @@ async def test_failed_batch_reaches_the_sink_as_an_error_and_the_session_goes_on
 async def test_finish_closes_an_open_segment_at_the_stream_end(silero_model: str) -> None:
     x = speech()
     start = int(np.argmax(np.abs(x) > 3000))
-    clip = whole_frames(x[start: start + SR // 2])  # cut in the middle of speech
+    clip = whole_frames(x[start : start + SR // 2])  # cut in the middle of speech
     async with running_engine("silero-vad") as engine:
         got = await stream_clip(engine, engine.resolve("silero-vad"), clip)
     assert [e.event for e in got.events] == ["start", "end"]
@@ -300,8 +302,7 @@ async def test_empty_message_is_refused_for_every_encoding(encoding: str) -> Non
     """The one-hop fast path must never take an empty message (regression: f32 did)."""
     async with running_engine("silero-vad") as engine:
         sink = Collect()
-        session = engine.open_session(engine.resolve("silero-vad"), sink,
-                                      encoding=encoding)  # type: ignore[arg-type]
+        session = engine.open_session(engine.resolve("silero-vad"), sink, encoding=encoding)  # type: ignore[arg-type]
         with pytest.raises(BadAudio) as info:
             session.push(b"")
         assert info.value.code == "empty_message"

@@ -105,8 +105,9 @@ def test_gather_scatter_round_trip_with_batch_axis_1() -> None:
 @pytest.mark.parametrize("scratch", [False, True])
 def test_batch_axis_behind_size_1_dims_is_a_view(scratch: bool) -> None:
     """A GRU's [1, B, H]: the gathered rows keep their memory, in the graph's layout."""
-    t = StateTable([SlabSpec("h", (1, 5), np.dtype(np.float32), 0.0, batch_axis=1)],
-                   initial_capacity=8, max_capacity=8)
+    t = StateTable(
+        [SlabSpec("h", (1, 5), np.dtype(np.float32), 0.0, batch_axis=1)], initial_capacity=8, max_capacity=8
+    )
     for s in range(8):
         t.acquire()
         t.slabs["h"][s] = np.arange(5) + 10 * s

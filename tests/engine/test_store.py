@@ -31,8 +31,9 @@ def only(store: Path) -> StoredModel:
     return found[0]
 
 
-def test_discover_finds_models_and_skips_broken_manifests(tmp_path: Path,
-                                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_discover_finds_models_and_skips_broken_manifests(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     g.write_model(tmp_path, g.toy_manifest(version="1"))
     g.write_model(tmp_path, g.toy_manifest(version="2", sequence=True))
     broken = tmp_path / "broken" / "1"
@@ -63,8 +64,14 @@ def test_open_graphs_verifies_and_checks_both_graphs(tmp_path: Path) -> None:
     assert seq is not None
     assert [i.name for i in step.inputs] == ["audio", "conv", "h", "sr"]
     assert step.provider == "CPUExecutionProvider"
-    out = step.run({"audio": np.ones((2, 192), np.float32), "conv": np.zeros((2, 3, 2), np.float32),
-                    "h": np.zeros((1, 2, 4), np.float32), "sr": np.array(16000, np.int64)})
+    out = step.run(
+        {
+            "audio": np.ones((2, 192), np.float32),
+            "conv": np.zeros((2, 3, 2), np.float32),
+            "h": np.zeros((1, 2, 4), np.float32),
+            "sr": np.array(16000, np.int64),
+        }
+    )
     assert out[0].shape == (2, 1)
 
 
@@ -161,7 +168,7 @@ async def test_engine_serves_a_toy_model_with_both_batch_axes(tmp_path: Path) ->
         await session.wait_idle()
         session.close()
         audio = np.concatenate([np.zeros(64), x]).astype(np.float32) / 32768
-        expect = [audio[k * 128:k * 128 + 192].mean() for k in range(3)]
+        expect = [audio[k * 128 : k * 128 + 192].mean() for k in range(3)]
         np.testing.assert_allclose(sink.scores[:, 0], expect, rtol=1e-6)
         # slot released and reset: the table holds only initial values again
         assert handle.table.used == 0

@@ -75,27 +75,29 @@ def _padded(spec: ModelSpec, audio: np.ndarray) -> np.ndarray:
     return np.concatenate([np.zeros(spec.context_samples, np.float32), audio[:n]])
 
 
-def _run_steps(spec: ModelSpec, step: ort.InferenceSession, audio: np.ndarray
-               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _run_steps(
+    spec: ModelSpec, step: ort.InferenceSession, audio: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     states = _states(spec)
     hop, win = spec.hop_samples, spec.window_samples
     scores = []
     for t in range((audio.size - spec.context_samples) // hop):
-        feed = {spec.audio_input.name: audio[None, t * hop: t * hop + win], **states}
+        feed = {spec.audio_input.name: audio[None, t * hop : t * hop + win], **states}
         outs = dict(zip([o.name for o in step.get_outputs()], step.run(None, feed), strict=True))
         scores.append(outs["score"][0, 0])
         states = {st.input: outs[st.output] for st in spec.states}
     return np.asarray(scores, np.float32), states
 
 
-def _run_sequence(spec: ModelSpec, seq: ort.InferenceSession, audio: np.ndarray,
-                  chunks: list[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _run_sequence(
+    spec: ModelSpec, seq: ort.InferenceSession, audio: np.ndarray, chunks: list[int]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     states = _states(spec)
     hop, ctx = spec.hop_samples, spec.context_samples
     names = [o.name for o in seq.get_outputs()]
     scores, t = [], 0
     for n in chunks:
-        feed = {spec.audio_input.name: audio[None, t * hop: ctx + (t + n) * hop], **states}
+        feed = {spec.audio_input.name: audio[None, t * hop : ctx + (t + n) * hop], **states}
         outs = dict(zip(names, seq.run(None, feed), strict=True))
         assert outs["score"].shape == (1, n)
         scores.append(outs["score"][0])
@@ -107,20 +109,31 @@ def _run_sequence(spec: ModelSpec, seq: ort.InferenceSession, audio: np.ndarray,
 def test_manifest_is_valid(spec: ModelSpec) -> None:
     assert spec.key == "lookback-vad/1"
     assert (spec.sample_rate, spec.frame_samples, spec.hop_samples, spec.context_samples) == (
-        16000, 128, 128, 384)
+        16000,
+        128,
+        128,
+        384,
+    )
     assert [(s.input, s.output, s.batch_axis) for s in spec.states] == [
-        ("conv", "conv_out", 0), ("h", "h_out", 1)]
+        ("conv", "conv_out", 0),
+        ("h", "h_out", 1),
+    ]
     assert spec.labels == ["speech"]
     assert 0.2 < spec.events.threshold < 0.8
     assert spec.sequence is not None and spec.sequence.max_steps == 2048
 
 
-def test_manifest_matches_graphs(spec: ModelSpec, step: ort.InferenceSession,
-                                 sequence: ort.InferenceSession) -> None:
-    check_step_graph(spec, [GraphPort.of(p) for p in step.get_inputs()],
-                     [GraphPort.of(p) for p in step.get_outputs()])
-    check_sequence_graph(spec, [GraphPort.of(p) for p in sequence.get_inputs()],
-                         [GraphPort.of(p) for p in sequence.get_outputs()])
+def test_manifest_matches_graphs(
+    spec: ModelSpec, step: ort.InferenceSession, sequence: ort.InferenceSession
+) -> None:
+    check_step_graph(
+        spec, [GraphPort.of(p) for p in step.get_inputs()], [GraphPort.of(p) for p in step.get_outputs()]
+    )
+    check_sequence_graph(
+        spec,
+        [GraphPort.of(p) for p in sequence.get_inputs()],
+        [GraphPort.of(p) for p in sequence.get_outputs()],
+    )
 
 
 def test_sha256_matches_files(spec: ModelSpec) -> None:
@@ -136,15 +149,15 @@ def test_model_is_small() -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sequence_in_random_chunks_equals_steps(spec: ModelSpec, step: ort.InferenceSession,
-                                                sequence: ort.InferenceSession, seed: int) -> None:
+def test_sequence_in_random_chunks_equals_steps(
+    spec: ModelSpec, step: ort.InferenceSession, sequence: ort.InferenceSession, seed: int
+) -> None:
     audio = _padded(spec, _clip(SPEECH_CLIPS[seed % len(SPEECH_CLIPS)])[: 16000 * 5])
     total = (audio.size - spec.context_samples) // spec.hop_samples
     rng = np.random.default_rng(seed)
     chunks: list[int] = [1, 1]
     while sum(chunks) < total:
-        chunks.append(int(rng.choice([1, 2, 3, int(rng.integers(4, 40)),
-                                      int(rng.integers(40, 300))])))
+        chunks.append(int(rng.choice([1, 2, 3, int(rng.integers(4, 40)), int(rng.integers(40, 300))])))
     chunks[-1] -= sum(chunks) - total
     chunks = [c for c in chunks if c > 0]
     assert 1 in chunks and max(chunks) > 40
@@ -163,15 +176,16 @@ def test_batched_step_equals_single(spec: ModelSpec, step: ort.InferenceSession)
     rng = np.random.default_rng(3)
     b = 5
     audio = rng.uniform(-0.2, 0.2, (b, spec.window_samples)).astype(np.float32)
-    states = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.5
-              for k, v in _states(spec, b).items()}
+    states = {k: rng.standard_normal(v.shape).astype(np.float32) * 0.5 for k, v in _states(spec, b).items()}
     batched = step.run(None, {"audio": audio, **states})
     for i in range(b):
-        alone = step.run(None, {"audio": audio[i: i + 1], "conv": states["conv"][i: i + 1],
-                                "h": states["h"][:, i: i + 1]})
-        assert np.max(np.abs(alone[0] - batched[0][i: i + 1])) <= TOL
-        assert np.max(np.abs(alone[1] - batched[1][i: i + 1])) <= TOL
-        assert np.max(np.abs(alone[2] - batched[2][:, i: i + 1])) <= TOL
+        alone = step.run(
+            None,
+            {"audio": audio[i : i + 1], "conv": states["conv"][i : i + 1], "h": states["h"][:, i : i + 1]},
+        )
+        assert np.max(np.abs(alone[0] - batched[0][i : i + 1])) <= TOL
+        assert np.max(np.abs(alone[1] - batched[1][i : i + 1])) <= TOL
+        assert np.max(np.abs(alone[2] - batched[2][:, i : i + 1])) <= TOL
 
 
 def test_long_sequence_and_silence(spec: ModelSpec, sequence: ort.InferenceSession) -> None:

@@ -39,9 +39,16 @@ from tests.conftest import test_settings as make_settings
 ARTIFACTS = REPO / "tests" / "artifacts"
 SPEECH = AUDIO / "silero_ref_speech.wav"  # 16 kHz mono, speech 0.5-3.4 s, 4.6-7.1 s, 8.3-9.1 s
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
 ]
 API_KEY = "demo-test-key"
 
@@ -91,9 +98,13 @@ def browser(playwright_api: Any) -> Iterator[Any]:
     exe = _chromium()
     with tempfile.TemporaryDirectory(prefix="lookback-chromium-") as profile:
         ctx = playwright_api.chromium.launch_persistent_context(
-            profile, executable_path=exe, headless=True, viewport={"width": 1100, "height": 900},
+            profile,
+            executable_path=exe,
+            headless=True,
+            viewport={"width": 1100, "height": 900},
             args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={SPEECH}"],
-            timeout=30_000)
+            timeout=30_000,
+        )
         try:
             yield ctx
         finally:
@@ -162,9 +173,11 @@ def _pick(page: Page, model: str) -> str:
 def _report(name: str, d: dict[str, Any]) -> None:
     lat = sorted(d["latencies"])
     p50 = lat[len(lat) // 2] if lat else float("nan")
-    print(f"\n[{name}] state={d['state']} results={d['results']} frames={d['framesSent']} "
-          f"events={[(e['event'], round(e['time'], 2)) for e in d['events']]} "
-          f"latency p50={p50:.1f} ms (page p50={d['p50']}, p95={d['p95']}, n={len(lat)})")
+    print(
+        f"\n[{name}] state={d['state']} results={d['results']} frames={d['framesSent']} "
+        f"events={[(e['event'], round(e['time'], 2)) for e in d['events']]} "
+        f"latency p50={p50:.1f} ms (page p50={d['p50']}, p95={d['p95']}, n={len(lat)})"
+    )
 
 
 @pytest.mark.parametrize("model", MODEL_PARAMS)
@@ -174,9 +187,12 @@ def test_microphone_streams_scores_and_events(browser: Any, demo_server: Server,
         key = _pick(page, model)
         page.page.click("#start")
         # The fake microphone loops the clip: speech begins 0.5 s in.
-        page.wait("() => { const d = window.lookbackDemo; return d.state === 'streaming' && "
-                  "d.events.some(e => e.event === 'start') && d.latencies.length >= 10 && "
-                  "d.ready && d.results * d.ready.hop_samples >= 3 * d.ready.sample_rate }", 25)
+        page.wait(
+            "() => { const d = window.lookbackDemo; return d.state === 'streaming' && "
+            "d.events.some(e => e.event === 'start') && d.latencies.length >= 10 && "
+            "d.ready && d.results * d.ready.hop_samples >= 3 * d.ready.sample_rate }",
+            25,
+        )
         shot = page.screenshot(f"demo-microphone-{model}.png")
         page.page.click("#stop")
         page.wait("() => window.lookbackDemo.state === 'closed' && window.lookbackDemo.summary", 10)
@@ -198,8 +214,7 @@ def test_microphone_streams_scores_and_events(browser: Any, demo_server: Server,
 
 
 @pytest.mark.parametrize("model", MODEL_PARAMS)
-def test_wav_file_streams_at_real_time(browser: Any, demo_server: Server, model: str,
-                                       tmp_path: Path) -> None:
+def test_wav_file_streams_at_real_time(browser: Any, demo_server: Server, model: str, tmp_path: Path) -> None:
     """A dropped/chosen WAV (48 kHz stereo here) is resampled, downmixed and streamed in real time."""
     clip, rate = sf.read(str(SPEECH), dtype="float32")
     head = clip[: int(4.5 * rate)]  # one utterance (0.5-3.4 s) and the silence after it
@@ -232,9 +247,12 @@ def test_wav_file_streams_at_real_time(browser: Any, demo_server: Server, model:
 def test_refusals_are_explained(browser: Any, silero_model: str) -> None:
     """401 from the pre-check names the API key; a refused handshake reads "busy or refused (1006)"."""
     settings = make_settings(default_model=SILERO, models=[SILERO], api_keys=[API_KEY], max_sessions=1)
-    with running_server(settings) as srv, open_page(
-            browser, srv.url + "/demo/",
-            allowed_errors=("status of 401", "WebSocket connection to")) as page:
+    with (
+        running_server(settings) as srv,
+        open_page(
+            browser, srv.url + "/demo/", allowed_errors=("status of 401", "WebSocket connection to")
+        ) as page,
+    ):
         page.wait("() => window.lookbackDemo.state === 'error'", 10)
         assert "API key" in page.page.inner_text("#message")
         assert page.demo()["errors"][-1]["code"] == "unauthorized"

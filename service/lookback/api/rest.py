@@ -39,8 +39,15 @@ if TYPE_CHECKING:
 
 router = APIRouter()
 _OPT = orjson.OPT_SERIALIZE_NUMPY
-_CONTAINER_TYPES = {"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/flac",
-                    "audio/x-flac", "audio/ogg"}
+_CONTAINER_TYPES = {
+    "audio/wav",
+    "audio/x-wav",
+    "audio/wave",
+    "audio/vnd.wave",
+    "audio/flac",
+    "audio/x-flac",
+    "audio/ogg",
+}
 _RAW_TYPES = {"application/octet-stream", "audio/l16", "audio/pcm"}
 
 
@@ -55,8 +62,7 @@ def _svc(request: Request) -> ServiceState:
 
 def require_key(request: Request) -> None:
     if not auth.key_ok(_svc(request).settings, auth.bearer(request)):
-        raise RestError("missing or wrong API key (Authorization: Bearer <key>)",
-                        code="unauthorized")
+        raise RestError("missing or wrong API key (Authorization: Bearer <key>)", code="unauthorized")
 
 
 class _Body:
@@ -77,15 +83,15 @@ class _Body:
         try:
             part = await asyncio.wait_for(anext(self._parts, None), self._timeout)
         except TimeoutError:
-            raise RestError(f"no body data for idle_timeout_s={self._timeout:g}",
-                            code="idle_timeout") from None
+            raise RestError(
+                f"no body data for idle_timeout_s={self._timeout:g}", code="idle_timeout"
+            ) from None
         except ClientDisconnect as exc:
             raise RestError("client disconnected mid-body", code="bad_audio") from exc
         if part is not None:
             self.received += len(part)
             if self.received > self.max_bytes:
-                raise RestError(f"body exceeds max_upload_bytes={self.max_bytes}",
-                                code="upload_too_large")
+                raise RestError(f"body exceeds max_upload_bytes={self.max_bytes}", code="upload_too_large")
         return part
 
 
@@ -106,24 +112,35 @@ def error_response(exc: LookbackError, retry_after: int | None = None) -> JSONRe
         headers["WWW-Authenticate"] = "Bearer"
     if status == 503:
         headers["Retry-After"] = str(retry_after or 1)
-    return JSONResponse({"error": {"code": exc.code, "message": exc.message}},
-                        status_code=status, headers=headers or None)
+    return JSONResponse(
+        {"error": {"code": exc.code, "message": exc.message}}, status_code=status, headers=headers or None
+    )
 
 
 # -- health --------------------------------------------------------------------------------
+
 
 @router.get("/healthz", tags=["health"], summary="Liveness: the process answers")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"], summary="Readiness: models loaded and warm, not draining",
-            responses={503: {"description": "not ready (loading or draining)"}})
+@router.get(
+    "/readyz",
+    tags=["health"],
+    summary="Readiness: models loaded and warm, not draining",
+    responses={503: {"description": "not ready (loading or draining)"}},
+)
 async def readyz(request: Request) -> JSONResponse:
     svc = _svc(request)
     ok = svc.engine.ready and not svc.draining
-    body = {"ready": ok, "draining": svc.draining, "provider": svc.engine.provider,
-            "models": sorted(svc.engine.models), "sessions": len(svc.connections)}
+    body = {
+        "ready": ok,
+        "draining": svc.draining,
+        "provider": svc.engine.provider,
+        "models": sorted(svc.engine.models),
+        "sessions": len(svc.connections),
+    }
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -138,38 +155,62 @@ async def metrics(request: Request) -> Response:
 
 # -- models --------------------------------------------------------------------------------
 
-@router.get("/v1/models", tags=["models"], dependencies=[Depends(require_key)],
-            summary="Loaded models: their contract and active execution provider")
+
+@router.get(
+    "/v1/models",
+    tags=["models"],
+    dependencies=[Depends(require_key)],
+    summary="Loaded models: their contract and active execution provider",
+)
 async def models(request: Request) -> dict[str, Any]:
     svc = _svc(request)
-    return {"default_model": svc.settings.default_model, "provider": svc.engine.provider,
-            "models": svc.engine.describe()}
+    return {
+        "default_model": svc.settings.default_model,
+        "provider": svc.engine.provider,
+        "models": svc.engine.describe(),
+    }
 
 
 # -- scoring -------------------------------------------------------------------------------
 
+
 @router.post(
-    "/v1/score", tags=["scoring"], dependencies=[Depends(require_key)],
+    "/v1/score",
+    tags=["scoring"],
+    dependencies=[Depends(require_key)],
     summary="Score a whole clip offline (same numbers as streaming it)",
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "audio/wav": {"schema": {"type": "string", "format": "binary"}},
-        "audio/flac": {"schema": {"type": "string", "format": "binary"}},
-        "audio/ogg": {"schema": {"type": "string", "format": "binary"}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    }}},
-    responses={200: {"description": "scores and events (format=ndjson: one JSON line per chunk)",
-                     "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
-               400: {"description": "bad request"}, 401: {"description": "unauthorized"},
-               404: {"description": "unknown model"}, 413: {"description": "too large"},
-               415: {"description": "not audio"}, 503: {"description": "busy"}},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                "audio/flac": {"schema": {"type": "string", "format": "binary"}},
+                "audio/ogg": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+    responses={
+        200: {
+            "description": "scores and events (format=ndjson: one JSON line per chunk)",
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+        },
+        400: {"description": "bad request"},
+        401: {"description": "unauthorized"},
+        404: {"description": "unknown model"},
+        413: {"description": "too large"},
+        415: {"description": "not audio"},
+        503: {"description": "busy"},
+    },
 )
 async def score(
     request: Request,
     model: Annotated[str | None, Query(description="default: the configured model")] = None,
     version: Annotated[str | None, Query(description="default: latest")] = None,
     format: Annotated[Literal["json", "ndjson"], Query()] = "json",
-    encoding: Annotated[Literal["pcm_s16le", "pcm_f32le"], Query(
-        description="raw PCM bodies only")] = "pcm_s16le",
+    encoding: Annotated[
+        Literal["pcm_s16le", "pcm_f32le"], Query(description="raw PCM bodies only")
+    ] = "pcm_s16le",
     sample_rate: Annotated[int | None, Query(ge=1, le=384000, description="raw PCM: required")] = None,
 ) -> Response:
     svc = _svc(request)
@@ -177,28 +218,39 @@ async def score(
     handle = svc.engine.resolve(model, version)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in _CONTAINER_TYPES and ctype not in _RAW_TYPES:
-        raise RestError(f"unsupported content type {ctype[:60]!r}; send audio/wav, audio/flac, "
-                        "audio/ogg or application/octet-stream", code="bad_audio")
+        raise RestError(
+            f"unsupported content type {ctype[:60]!r}; send audio/wav, audio/flac, "
+            "audio/ogg or application/octet-stream",
+            code="bad_audio",
+        )
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > s.max_upload_bytes:
-        raise RestError(f"body of {length} bytes exceeds max_upload_bytes={s.max_upload_bytes}",
-                        code="upload_too_large")
+        raise RestError(
+            f"body of {length} bytes exceeds max_upload_bytes={s.max_upload_bytes}", code="upload_too_large"
+        )
     lease = svc.admit_score()
     if lease is None:
         raise RestError("offline scoring queue is full; retry later", code="server_busy")
     try:
         if ctype in _RAW_TYPES:
             if sample_rate is not None and sample_rate != handle.spec.sample_rate:
-                raise RestError(f"sample_rate {sample_rate} differs from the model's "
-                                f"{handle.spec.sample_rate}", code="bad_sample_rate")
+                raise RestError(
+                    f"sample_rate {sample_rate} differs from the model's {handle.spec.sample_rate}",
+                    code="bad_sample_rate",
+                )
             if sample_rate is None:
-                raise RestError("raw PCM needs the sample_rate query parameter",
-                                code="bad_sample_rate")
-            source: _Source = _RawSource(_Body(request, s.max_upload_bytes), encoding, handle,
-                                         s.max_upload_seconds, s.offline_chunk_steps)
+                raise RestError("raw PCM needs the sample_rate query parameter", code="bad_sample_rate")
+            source: _Source = _RawSource(
+                _Body(request, s.max_upload_bytes),
+                encoding,
+                handle,
+                s.max_upload_seconds,
+                s.offline_chunk_steps,
+            )
         else:
-            source = await _open_container(_Body(request, s.max_upload_bytes), handle,
-                                           s.max_upload_seconds, s.offline_chunk_steps)
+            source = await _open_container(
+                _Body(request, s.max_upload_bytes), handle, s.max_upload_seconds, s.offline_chunk_steps
+            )
         await source.check()
     except BaseException:
         lease.release()
@@ -206,11 +258,17 @@ async def score(
     return await _respond(svc, handle, source, format, lease)
 
 
-async def _respond(svc: ServiceState, handle: ModelHandle, source: _Source,
-                   fmt: str, lease: ScoreLease) -> Response:
+async def _respond(
+    svc: ServiceState, handle: ModelHandle, source: _Source, fmt: str, lease: ScoreLease
+) -> Response:
     spec = handle.spec
-    head = {"model": spec.name, "version": spec.version, "sample_rate": spec.sample_rate,
-            "hop_samples": spec.hop_samples, "labels": spec.labels}
+    head = {
+        "model": spec.name,
+        "version": spec.version,
+        "sample_rate": spec.sample_rate,
+        "hop_samples": spec.hop_samples,
+        "labels": spec.labels,
+    }
 
     async def chunks() -> AsyncIterator[OfflineChunk]:
         try:
@@ -227,6 +285,7 @@ async def _respond(svc: ServiceState, handle: ModelHandle, source: _Source,
         lease.release()
 
     if fmt == "ndjson":
+
         async def lines() -> AsyncIterator[bytes]:
             steps, events = 0, []
             yield orjson.dumps({"type": "header", **head}) + b"\n"
@@ -234,18 +293,36 @@ async def _respond(svc: ServiceState, handle: ModelHandle, source: _Source,
                 async for c in chunks():
                     steps += len(c.scores)
                     events += [e.as_dict() for e in c.events]
-                    yield orjson.dumps({
-                        "type": "scores", "first_step": c.first_step,
-                        "scores": _columns(c.scores, spec.labels),
-                        "events": [e.as_dict() for e in c.events]}, option=_OPT) + b"\n"
+                    yield (
+                        orjson.dumps(
+                            {
+                                "type": "scores",
+                                "first_step": c.first_step,
+                                "scores": _columns(c.scores, spec.labels),
+                                "events": [e.as_dict() for e in c.events],
+                            },
+                            option=_OPT,
+                        )
+                        + b"\n"
+                    )
             except LookbackError as exc:
-                yield orjson.dumps({"type": "error", "code": exc.code,
-                                    "message": exc.message}) + b"\n"
+                yield orjson.dumps({"type": "error", "code": exc.code, "message": exc.message}) + b"\n"
                 return
-            yield orjson.dumps({"type": "summary", "steps": steps, "events": events,
-                                "duration": source.samples / spec.sample_rate}) + b"\n"
-        return _BodyReadingStream(lines(), media_type="application/x-ndjson",
-                                  background=BackgroundTask(cleanup))
+            yield (
+                orjson.dumps(
+                    {
+                        "type": "summary",
+                        "steps": steps,
+                        "events": events,
+                        "duration": source.samples / spec.sample_rate,
+                    }
+                )
+                + b"\n"
+            )
+
+        return _BodyReadingStream(
+            lines(), media_type="application/x-ndjson", background=BackgroundTask(cleanup)
+        )
 
     parts: list[np.ndarray] = []
     events: list[dict[str, object]] = []
@@ -256,9 +333,13 @@ async def _respond(svc: ServiceState, handle: ModelHandle, source: _Source,
     finally:
         cleanup()
     scores = np.concatenate(parts) if parts else np.zeros((0, len(spec.labels)), np.float32)
-    body = {**head, "steps": int(scores.shape[0]), "duration": source.samples / spec.sample_rate,
-            "scores": _columns(scores, spec.labels),
-            "events": events}
+    body = {
+        **head,
+        "steps": int(scores.shape[0]),
+        "duration": source.samples / spec.sample_rate,
+        "scores": _columns(scores, spec.labels),
+        "events": events,
+    }
     return Response(orjson.dumps(body, option=_OPT), media_type="application/json")
 
 
@@ -303,9 +384,17 @@ class _RawSource(_Source):
     so trailing chunks are not scored and a short body is reported as truncated.
     """
 
-    def __init__(self, body: _Body, encoding: str, handle: ModelHandle, max_seconds: float,
-                 chunk_steps: int, *, first: bytes | None = None,
-                 limit: int | None = None) -> None:
+    def __init__(
+        self,
+        body: _Body,
+        encoding: str,
+        handle: ModelHandle,
+        max_seconds: float,
+        chunk_steps: int,
+        *,
+        first: bytes | None = None,
+        limit: int | None = None,
+    ) -> None:
         self.dtype = np.dtype("<i2" if encoding == "pcm_s16le" else "<f4")
         self.max_samples = int(max_seconds * handle.spec.sample_rate)
         self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
@@ -345,10 +434,12 @@ class _RawSource(_Source):
             if done:
                 usable = len(blob) - len(blob) % size
                 if usable != len(blob):
-                    raise RestError("audio is truncated: the body ends inside a sample"
-                                    if self._limit is not None else
-                                    "raw body length is not a whole number of samples",
-                                    code="bad_audio")
+                    raise RestError(
+                        "audio is truncated: the body ends inside a sample"
+                        if self._limit is not None
+                        else "raw body length is not a whole number of samples",
+                        code="bad_audio",
+                    )
             else:
                 usable = len(blob) - len(blob) % step
             if left is not None:
@@ -362,9 +453,11 @@ class _RawSource(_Source):
                     raise RestError("audio exceeds max_upload_seconds", code="audio_too_long")
                 yield audio
         if left:  # the header promised more than the body held
-            raise RestError(f"audio is truncated: header promises "
-                            f"{self.samples + left // size} samples, body holds {self.samples}",
-                            code="bad_audio")
+            raise RestError(
+                f"audio is truncated: header promises "
+                f"{self.samples + left // size} samples, body holds {self.samples}",
+                code="bad_audio",
+            )
 
     def _decode(self, blob: bytes, at: int, nbytes: int) -> np.ndarray:
         data = np.frombuffer(blob, self.dtype, count=nbytes // self.dtype.itemsize, offset=at)
@@ -402,7 +495,7 @@ def _parse_wav_head(buf: bytes) -> object:
     while pos <= _WAV_HEAD_MAX:
         if pos + 8 > len(buf):
             return _NEED_MORE
-        cid = buf[pos:pos + 4]
+        cid = buf[pos : pos + 4]
         (size,) = struct.unpack_from("<I", buf, pos + 4)
         if cid == b"fmt ":
             if size < 16 or pos + 8 + size > len(buf):
@@ -410,7 +503,7 @@ def _parse_wav_head(buf: bytes) -> object:
             code, channels, rate = struct.unpack_from("<HHI", buf, pos + 8)
             (bits,) = struct.unpack_from("<H", buf, pos + 22)
             if code == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the real format is in the GUID
-                sub = buf[pos + 32:pos + 48] if size >= 40 else b""
+                sub = buf[pos + 32 : pos + 48] if size >= 40 else b""
                 code = struct.unpack_from("<H", sub)[0] if sub[2:] == _PCM_GUID_TAIL else 0
             fmt = (code, channels, rate, bits)
         elif cid == b"data":
@@ -422,8 +515,7 @@ def _parse_wav_head(buf: bytes) -> object:
     return None
 
 
-async def _open_container(body: _Body, handle: ModelHandle, max_seconds: float,
-                          chunk_steps: int) -> _Source:
+async def _open_container(body: _Body, handle: ModelHandle, max_seconds: float, chunk_steps: int) -> _Source:
     """Stream a 16-bit PCM WAV as it arrives; spool anything else for libsndfile."""
     head = b""
     parsed: object = _NEED_MORE
@@ -438,21 +530,36 @@ async def _open_container(body: _Body, handle: ModelHandle, max_seconds: float,
     spec, max_bytes = handle.spec, body.max_bytes
     _check_format(parsed.channels, parsed.rate, spec.sample_rate)
     if parsed.data_bytes is not None and parsed.data_offset + parsed.data_bytes > max_bytes:
-        raise RestError(f"the WAV header declares {parsed.data_offset + parsed.data_bytes} "
-                        f"bytes; max_upload_bytes={max_bytes}", code="upload_too_large")
+        raise RestError(
+            f"the WAV header declares {parsed.data_offset + parsed.data_bytes} "
+            f"bytes; max_upload_bytes={max_bytes}",
+            code="upload_too_large",
+        )
     if parsed.data_bytes is not None and parsed.data_bytes // 2 > max_seconds * spec.sample_rate:
-        raise RestError(f"audio of {parsed.data_bytes / 2 / spec.sample_rate:.0f}s exceeds "
-                        f"max_upload_seconds={max_seconds:g}", code="audio_too_long")
-    return _RawSource(body, "pcm_s16le", handle, max_seconds, chunk_steps,
-                      first=head[parsed.data_offset:], limit=parsed.data_bytes)
+        raise RestError(
+            f"audio of {parsed.data_bytes / 2 / spec.sample_rate:.0f}s exceeds "
+            f"max_upload_seconds={max_seconds:g}",
+            code="audio_too_long",
+        )
+    return _RawSource(
+        body,
+        "pcm_s16le",
+        handle,
+        max_seconds,
+        chunk_steps,
+        first=head[parsed.data_offset :],
+        limit=parsed.data_bytes,
+    )
 
 
 def _check_format(channels: int, rate: int, model_rate: int) -> None:
     if channels != 1:
         raise RestError(f"audio has {channels} channels; send mono", code="bad_channels")
     if rate != model_rate:
-        raise RestError(f"audio is {rate} Hz; the model needs {model_rate} Hz (Lookback never "
-                        "resamples silently)", code="bad_sample_rate")
+        raise RestError(
+            f"audio is {rate} Hz; the model needs {model_rate} Hz (Lookback never resamples silently)",
+            code="bad_sample_rate",
+        )
 
 
 class _ContainerSource(_Source):
@@ -464,8 +571,9 @@ class _ContainerSource(_Source):
         self.chunk = chunk
 
     @classmethod
-    async def open(cls, body: _Body, head: bytes, handle: ModelHandle, max_seconds: float,
-                   chunk_steps: int) -> _ContainerSource:
+    async def open(
+        cls, body: _Body, head: bytes, handle: ModelHandle, max_seconds: float, chunk_steps: int
+    ) -> _ContainerSource:
         """Spool ``head`` (the bytes already read) and the rest of ``body``, then open."""
         fd, path = tempfile.mkstemp(prefix="lookback-", suffix=".upload")
         try:
@@ -488,12 +596,17 @@ class _ContainerSource(_Source):
                 raise
             if _truncated(snd):
                 snd.close()
-                raise RestError("audio is truncated: the WAV header promises more data than "
-                                "the body holds", code="bad_audio")
+                raise RestError(
+                    "audio is truncated: the WAV header promises more data than the body holds",
+                    code="bad_audio",
+                )
             if snd.frames > max_seconds * spec.sample_rate:
                 snd.close()
-                raise RestError(f"audio of {snd.frames / spec.sample_rate:.0f}s exceeds "
-                                f"max_upload_seconds={max_seconds:g}", code="audio_too_long")
+                raise RestError(
+                    f"audio of {snd.frames / spec.sample_rate:.0f}s exceeds "
+                    f"max_upload_seconds={max_seconds:g}",
+                    code="audio_too_long",
+                )
             return cls(path, snd, chunk_steps * spec.hop_samples)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -513,8 +626,10 @@ class _ContainerSource(_Source):
             if block.size < self.chunk:
                 break
         if self.samples < self.file.frames:
-            raise RestError(f"audio is truncated: header promises {self.file.frames} samples, "
-                            f"body holds {self.samples}", code="bad_audio")
+            raise RestError(
+                f"audio is truncated: header promises {self.file.frames} samples, body holds {self.samples}",
+                code="bad_audio",
+            )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -52,8 +52,7 @@ class ServiceState:
     def account_frames(self, conn: Connection) -> None:
         session = conn.session
         if session is not None and session.frames > conn.frames_reported:
-            self.metrics.frames.labels(conn.handle.spec.key).inc(
-                session.frames - conn.frames_reported)
+            self.metrics.frames.labels(conn.handle.spec.key).inc(session.frames - conn.frames_reported)
             conn.frames_reported = session.frames
 
     def admit_score(self) -> ScoreLease | None:
@@ -96,12 +95,14 @@ class ServiceState:
             if conn.end_reason is not None:
                 continue
             if now - conn.opened > s.max_session_s:
-                conn.close_now(Close.MAX_DURATION, "max_duration",
-                               f"session reached max_session_s={s.max_session_s:g}")
+                conn.close_now(
+                    Close.MAX_DURATION, "max_duration", f"session reached max_session_s={s.max_session_s:g}"
+                )
                 self.metrics.error("max_duration")
             elif loop_now - conn.last_seen > s.idle_timeout_s and not conn.ended:
-                conn.close_now(Close.IDLE_TIMEOUT, "idle_timeout",
-                               f"no message for idle_timeout_s={s.idle_timeout_s:g}")
+                conn.close_now(
+                    Close.IDLE_TIMEOUT, "idle_timeout", f"no message for idle_timeout_s={s.idle_timeout_s:g}"
+                )
                 self.metrics.error("idle_timeout")
         self.tick_metrics()
 

@@ -43,8 +43,7 @@ _CLOSE = object()  # queue sentinel: (code, reason) follows
 
 def _refuse(status: int, code: str, message: str, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers=headers)
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 async def finish_coroutine(coro: Any, yielded: Any) -> Any:
@@ -78,8 +77,9 @@ async def finish_coroutine(coro: Any, yielded: Any) -> Any:
 class Connection:
     """One WebSocket session: the engine's ResultSink and the socket's only writer."""
 
-    def __init__(self, ws: WebSocket, svc: ServiceState, handle: ModelHandle,
-                 results: str, session_id: str) -> None:
+    def __init__(
+        self, ws: WebSocket, svc: ServiceState, handle: ModelHandle, results: str, session_id: str
+    ) -> None:
         self.ws = ws
         self.svc = svc
         self.handle = handle
@@ -108,15 +108,22 @@ class Connection:
         self.end_code: int | None = None  # set by close_now (forced closes only)
 
     # -- ResultSink ----------------------------------------------------------------------
-    def on_result(self, index: int, time: float, scores: list[float],
-                  events: list[Event] | None) -> None:
+    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
         if self.want_results:
             # orjson on a small dict is about twice as fast as an f-string with float reprs
             single = self.single
-            self._put(orjson.dumps({
-                "type": "result", "step": index, "time": time,
-                "scores": {single: scores[0]} if single is not None
-                else dict(zip(self.labels, scores, strict=True))}).decode())
+            self._put(
+                orjson.dumps(
+                    {
+                        "type": "result",
+                        "step": index,
+                        "time": time,
+                        "scores": {single: scores[0]}
+                        if single is not None
+                        else dict(zip(self.labels, scores, strict=True)),
+                    }
+                ).decode()
+            )
         if events:
             for ev in events:
                 self._put(orjson.dumps({"type": "event", **ev.as_dict()}).decode())
@@ -134,8 +141,7 @@ class Connection:
             return
         if len(self.out) >= self.limit:
             self.svc.metrics.error("slow_consumer")
-            self.close_now(Close.SLOW_CONSUMER, "slow_consumer",
-                           "send queue full: read results faster")
+            self.close_now(Close.SLOW_CONSUMER, "slow_consumer", "send queue full: read results faster")
             return
         self.out.append(text)
         if self._idle is not None:
@@ -257,12 +263,15 @@ class Connection:
                 if self.ended:
                     self.send_error("audio_after_end", "audio received after end; ignored")
                 elif n > max_bytes:
-                    self.send_error("message_too_large",
-                                    f"message of {n} bytes exceeds max_message_bytes={max_bytes}")
+                    self.send_error(
+                        "message_too_large", f"message of {n} bytes exceeds max_message_bytes={max_bytes}"
+                    )
                 elif n > max_frames_bytes:
-                    self.send_error("too_many_frames",
-                                    f"message holds {n // session.frame_bytes} frames; "
-                                    f"max_frames_per_message={s.max_frames_per_message}")
+                    self.send_error(
+                        "too_many_frames",
+                        f"message holds {n // session.frame_bytes} frames; "
+                        f"max_frames_per_message={s.max_frames_per_message}",
+                    )
                 else:
                     try:
                         session.push(data, perf())
@@ -296,8 +305,7 @@ class Connection:
                 self.ended = True
                 self.finisher = asyncio.create_task(self.finish(Close.NORMAL, "normal"))
         else:
-            self.send_error("unknown_type", f'unknown message type {kind[:40]!r}; '
-                            'expected "flush" or "end"')
+            self.send_error("unknown_type", f'unknown message type {kind[:40]!r}; expected "flush" or "end"')
 
     async def finish(self, code: int, reason: str) -> None:
         """Score what is buffered, send the summary, then close with ``code``."""
@@ -309,14 +317,22 @@ class Connection:
         tail = session.finish()
         for ev in tail:
             self._put(orjson.dumps({"type": "event", **ev.as_dict()}).decode())
-        self._put(orjson.dumps({
-            "type": "summary", "session_id": self.id, "frames": session.frames,
-            "steps": session.steps_done, "failed_steps": session.steps_failed,
-            "padded_samples": session.padded_samples,
-            "duration": session.frames * self.handle.spec.frame_samples
-            / self.handle.spec.sample_rate,
-            "events": [e.as_dict() for e in session.events],
-        }).decode())
+        self._put(
+            orjson.dumps(
+                {
+                    "type": "summary",
+                    "session_id": self.id,
+                    "frames": session.frames,
+                    "steps": session.steps_done,
+                    "failed_steps": session.steps_failed,
+                    "padded_samples": session.padded_samples,
+                    "duration": session.frames
+                    * self.handle.spec.frame_samples
+                    / self.handle.spec.sample_rate,
+                    "events": [e.as_dict() for e in session.events],
+                }
+            ).decode()
+        )
         self.close_after_queue(code, reason)
 
 
@@ -325,8 +341,9 @@ def _parse_query(ws: WebSocket, svc: ServiceState) -> tuple[ModelHandle, str, st
     handle = svc.engine.resolve(q.get("model") or None, q.get("version") or None)
     encoding = q.get("encoding", "pcm_s16le")
     if encoding not in BYTES_PER_SAMPLE:
-        raise LookbackError(f"encoding {encoding[:40]!r} not supported; use pcm_s16le or "
-                            "pcm_f32le", code="bad_encoding")
+        raise LookbackError(
+            f"encoding {encoding[:40]!r} not supported; use pcm_s16le or pcm_f32le", code="bad_encoding"
+        )
     rate = q.get("sample_rate")
     if rate is not None:
         try:
@@ -336,11 +353,12 @@ def _parse_query(ws: WebSocket, svc: ServiceState) -> tuple[ModelHandle, str, st
         if not ok:
             raise LookbackError(
                 f"sample_rate {rate[:20]!r} does not match the model's "
-                f"{handle.spec.sample_rate}; resample on the client", code="bad_sample_rate")
+                f"{handle.spec.sample_rate}; resample on the client",
+                code="bad_sample_rate",
+            )
     results = q.get("results", "all")
     if results not in ("all", "events"):
-        raise LookbackError(f"results must be all or events, not {results[:20]!r}",
-                            code="bad_query")
+        raise LookbackError(f"results must be all or events, not {results[:20]!r}", code="bad_query")
     return handle, encoding, results
 
 
@@ -361,8 +379,9 @@ async def stream(ws: WebSocket) -> None:
     if busy is not None:
         code, message = busy
         svc.metrics.sessions_refused.labels(code).inc()
-        await ws.send_denial_response(_refuse(503, "draining" if code == "draining"
-                                              else "server_busy", message, retry_after=1))
+        await ws.send_denial_response(
+            _refuse(503, "draining" if code == "draining" else "server_busy", message, retry_after=1)
+        )
         return
     svc.reserved += 1
     try:
@@ -397,13 +416,22 @@ async def _serve(conn: Connection, svc: ServiceState, handle: ModelHandle) -> No
     m.sessions_active.labels(key).inc()
     svc.connections.add(conn)
     conn.writer = asyncio.create_task(conn.run_writer())
-    conn._put(orjson.dumps({
-        "type": "ready", "session_id": conn.id, "model": spec.name, "version": spec.version,
-        "sample_rate": spec.sample_rate, "frame_samples": spec.frame_samples,
-        "hop_samples": spec.hop_samples, "labels": spec.labels,
-        "encoding": conn.session.encoding if conn.session else None,
-        "threshold": spec.events.threshold,
-    }).decode())
+    conn._put(
+        orjson.dumps(
+            {
+                "type": "ready",
+                "session_id": conn.id,
+                "model": spec.name,
+                "version": spec.version,
+                "sample_rate": spec.sample_rate,
+                "frame_samples": spec.frame_samples,
+                "hop_samples": spec.hop_samples,
+                "labels": spec.labels,
+                "encoding": conn.session.encoding if conn.session else None,
+                "threshold": spec.events.threshold,
+            }
+        ).decode()
+    )
     reason = "error"
     try:
         conn.reader = asyncio.current_task()

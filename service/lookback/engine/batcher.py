@@ -53,8 +53,9 @@ class Step:
 
     __slots__ = ("index", "payload", "slot", "t_arrival", "t_ready", "waiter")
 
-    def __init__(self, slot: int, index: int, payload: bytes | np.ndarray,
-                 waiter: Waiter, t_arrival: float) -> None:
+    def __init__(
+        self, slot: int, index: int, payload: bytes | np.ndarray, waiter: Waiter, t_arrival: float
+    ) -> None:
         self.slot = slot
         self.index = index
         self.payload = payload  # bytes: pcm_s16le; ndarray: float32 in [-1, 1)
@@ -64,8 +65,9 @@ class Step:
 
 
 class MicroBatcher:
-    def __init__(self, handle: ModelHandle, *, max_batch_size: int, max_wait_ms: float,
-                 inline: bool = False) -> None:
+    def __init__(
+        self, handle: ModelHandle, *, max_batch_size: int, max_wait_ms: float, inline: bool = False
+    ) -> None:
         self.handle = handle
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -112,7 +114,8 @@ class MicroBatcher:
             self._task = None
         while self._ready:
             self._ready.popleft().waiter.set_exception(
-                InferenceError("server stopping: step not run", code="draining"))
+                InferenceError("server stopping: step not run", code="draining")
+            )
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -126,8 +129,9 @@ class MicroBatcher:
         """Queue a step for the next batch; a malformed one fails alone, here, not its batch."""
         p = step.payload
         if (len(p) != self._hop_bytes) if isinstance(p, bytes) else (p.shape != (self._hop,)):
-            step.waiter.set_exception(BadAudio(
-                f"a step must carry exactly {self._hop} samples; refused before batching"))
+            step.waiter.set_exception(
+                BadAudio(f"a step must carry exactly {self._hop} samples; refused before batching")
+            )
             return
         self.enqueue(step)
 
@@ -189,8 +193,7 @@ class MicroBatcher:
             self._m_steps.inc(n)
             self._m_size.observe(n)
             self._m_run.observe(t1 - t0)
-            self._m_wait.observe_many(
-                t0 - np.array([s.t_ready for s in batch], np.float64), self._label)
+            self._m_wait.observe_many(t0 - np.array([s.t_ready for s in batch], np.float64), self._label)
             rows = out.tolist()  # python floats: cheaper per step than numpy row views
             for step, row in zip(batch, rows, strict=True):
                 try:
@@ -198,8 +201,8 @@ class MicroBatcher:
                 except Exception:  # a broken consumer must not stop the batcher
                     log.exception("waiter raised on a result")
             self._m_latency.observe_many(
-                time.perf_counter() - np.array([s.t_arrival for s in batch], np.float64),
-                self._label)
+                time.perf_counter() - np.array([s.t_arrival for s in batch], np.float64), self._label
+            )
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Hold the batch until it is full, every open session is in it, or its oldest
@@ -224,8 +227,11 @@ class MicroBatcher:
             full.set_result(None)
 
     def _fail(self, batch: list[Step], exc: BaseException) -> None:
-        err = exc if isinstance(exc, LookbackError) else InferenceError(
-            f"model call failed for a batch of {len(batch)}: {exc}")
+        err = (
+            exc
+            if isinstance(exc, LookbackError)
+            else InferenceError(f"model call failed for a batch of {len(batch)}: {exc}")
+        )
         log.error("batch of %d failed: %s", len(batch), exc)
         self._m_failures.inc()
         for step in batch:

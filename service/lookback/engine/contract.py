@@ -131,8 +131,7 @@ class ModelSpec(_Strict):
     def _consistent(self) -> ModelSpec:
         if self.hop_samples % self.frame_samples:
             raise ValueError(
-                f"hop_samples ({self.hop_samples}) must be a multiple of "
-                f"frame_samples ({self.frame_samples})"
+                f"hop_samples ({self.hop_samples}) must be a multiple of frame_samples ({self.frame_samples})"
             )
         labels = self.labels
         if len(set(labels)) != len(labels):
@@ -190,6 +189,7 @@ def _describe(exc: ValidationError) -> str:
 
 # --- checking the manifest against the graph -------------------------------------------
 
+
 class GraphPort:
     """Name, shape and type of one graph input or output, as ORT reports it."""
 
@@ -208,8 +208,14 @@ def _is_dynamic(dim: Any) -> bool:
 
 
 def _check_port(
-    where: str, port: GraphPort | None, field: str, *, rank: int, dtype: str,
-    batch_axis: int, fixed: dict[int, int],
+    where: str,
+    port: GraphPort | None,
+    field: str,
+    *,
+    rank: int,
+    dtype: str,
+    batch_axis: int,
+    fixed: dict[int, int],
 ) -> None:
     if port is None:
         raise ContractError(f"{where}: {field} names a tensor the graph does not have")
@@ -251,14 +257,11 @@ def check_step_graph(spec: ModelSpec, inputs: list[GraphPort], outputs: list[Gra
         if rank not in (1, 2):
             raise ContractError(f"{where}: outputs[{i}].name rank mismatch: expected [B] or [B, L]")
         fixed = {1: len(out.labels)} if rank == 2 else {}
-        _check_port(where, port, f"outputs[{i}].name", rank=rank, dtype="float32",
-                    batch_axis=0, fixed=fixed)
+        _check_port(where, port, f"outputs[{i}].name", rank=rank, dtype="float32", batch_axis=0, fixed=fixed)
     _check_no_extra_inputs(where, spec, ins)
 
 
-def check_sequence_graph(
-    spec: ModelSpec, inputs: list[GraphPort], outputs: list[GraphPort]
-) -> None:
+def check_sequence_graph(spec: ModelSpec, inputs: list[GraphPort], outputs: list[GraphPort]) -> None:
     """Refuse a sequence graph whose signature does not match the manifest."""
     assert spec.sequence is not None
     where = f"{spec.key} {spec.sequence.file}"
@@ -276,13 +279,18 @@ def check_sequence_graph(
                 f"{where}: outputs[{i}].sequence_name rank mismatch: expected [B, N] or [B, N, L]"
             )
         fixed = {2: len(out.labels)} if rank == 3 else {}
-        _check_port(where, port, f"outputs[{i}].sequence_name", rank=rank, dtype="float32",
-                    batch_axis=0, fixed=fixed)
+        _check_port(
+            where, port, f"outputs[{i}].sequence_name", rank=rank, dtype="float32", batch_axis=0, fixed=fixed
+        )
     _check_no_extra_inputs(where, spec, ins, audio=spec.sequence.audio_input)
 
 
 def _check_audio(
-    where: str, spec: ModelSpec, ins: dict[str, GraphPort], *, time: int | None,
+    where: str,
+    spec: ModelSpec,
+    ins: dict[str, GraphPort],
+    *,
+    time: int | None,
     name: str | None = None,
 ) -> None:
     rank = 2 if spec.audio_input.layout == "BT" else 3
@@ -291,21 +299,35 @@ def _check_audio(
         fixed[rank - 1] = time
     if rank == 3:
         fixed[1] = 1
-    _check_port(where, ins.get(name or spec.audio_input.name), "audio_input.name", rank=rank,
-                dtype=spec.audio_input.dtype, batch_axis=0, fixed=fixed)
+    _check_port(
+        where,
+        ins.get(name or spec.audio_input.name),
+        "audio_input.name",
+        rank=rank,
+        dtype=spec.audio_input.dtype,
+        batch_axis=0,
+        fixed=fixed,
+    )
 
 
-def _check_states(
-    where: str, spec: ModelSpec, ins: dict[str, GraphPort], outs: dict[str, GraphPort]
-) -> None:
+def _check_states(where: str, spec: ModelSpec, ins: dict[str, GraphPort], outs: dict[str, GraphPort]) -> None:
     for i, st in enumerate(spec.states):
         full = list(st.shape)
         full.insert(st.batch_axis, -1)
         fixed = {ax: d for ax, d in enumerate(full) if ax != st.batch_axis}
-        for field, port in ((f"states[{i}].input", ins.get(st.input)),
-                            (f"states[{i}].output", outs.get(st.output))):
-            _check_port(where, port, field, rank=st.full_shape_rank, dtype=st.dtype,
-                        batch_axis=st.batch_axis, fixed=fixed)
+        for field, port in (
+            (f"states[{i}].input", ins.get(st.input)),
+            (f"states[{i}].output", outs.get(st.output)),
+        ):
+            _check_port(
+                where,
+                port,
+                field,
+                rank=st.full_shape_rank,
+                dtype=st.dtype,
+                batch_axis=st.batch_axis,
+                fixed=fixed,
+            )
 
 
 def _check_constants(where: str, spec: ModelSpec, ins: dict[str, GraphPort]) -> None:
@@ -328,8 +350,11 @@ def _check_constants(where: str, spec: ModelSpec, ins: dict[str, GraphPort]) -> 
 def _check_no_extra_inputs(
     where: str, spec: ModelSpec, ins: dict[str, GraphPort], audio: str | None = None
 ) -> None:
-    known = {audio or spec.audio_input.name, *(s.input for s in spec.states),
-             *(c.name for c in spec.constants)}
+    known = {
+        audio or spec.audio_input.name,
+        *(s.input for s in spec.states),
+        *(c.name for c in spec.constants),
+    }
     extra = sorted(set(ins) - known)
     if extra:
         raise ContractError(

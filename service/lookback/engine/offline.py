@@ -60,11 +60,11 @@ class SequenceScorer:
         hop = self.spec.hop_samples
         audio = np.concatenate([self.leftover, samples.astype(np.float32, copy=False)])
         n = audio.size // hop
-        self.leftover = audio[n * hop:].copy()
+        self.leftover = audio[n * hop :].copy()
         parts = []
         for start in range(0, n, self.max_steps):
             k = min(self.max_steps, n - start)
-            parts.append(self._run(audio[start * hop:(start + k) * hop], k))
+            parts.append(self._run(audio[start * hop : (start + k) * hop], k))
         if not parts:
             return np.zeros((0, len(self.spec.labels)), np.float32)
         return np.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -81,7 +81,7 @@ class SequenceScorer:
         spec = self.spec
         window = np.concatenate([self.context, new])
         if spec.context_samples:
-            self.context = window[-spec.context_samples:].copy()
+            self.context = window[-spec.context_samples :].copy()
         if self.scale != 1.0:
             window = window * self.scale
         feeds = dict(self.constants)
@@ -117,8 +117,9 @@ async def _with_sequence(
     spec = handle.spec
     loop = asyncio.get_running_loop()
     scorer = SequenceScorer(handle)
-    detector = EventDetector(spec.events, spec.event_label, sample_rate=spec.sample_rate,
-                             hop=spec.hop_samples)
+    detector = EventDetector(
+        spec.events, spec.event_label, sample_rate=spec.sample_rate, hop=spec.hop_samples
+    )
     col = spec.labels.index(spec.event_label)
     step = 0
 
@@ -146,8 +147,7 @@ class _Collect:
         self.error: LookbackError | None = None
         self.labels = labels
 
-    def on_result(self, index: int, time: float, scores: list[float],
-                  events: list[Event] | None) -> None:
+    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
         self.rows.append(scores)
         if events:
             self.events.extend(events)
@@ -158,8 +158,9 @@ class _Collect:
     def take(self, first_step: int) -> OfflineChunk:
         if self.error is not None:
             raise self.error
-        scores = (np.asarray(self.rows, dtype=np.float32) if self.rows
-                  else np.zeros((0, self.labels), np.float32))
+        scores = (
+            np.asarray(self.rows, dtype=np.float32) if self.rows else np.zeros((0, self.labels), np.float32)
+        )
         out = OfflineChunk(first_step, scores, self.events)
         self.rows, self.events = [], []
         return out
@@ -170,8 +171,7 @@ async def _with_batcher(
 ) -> AsyncIterator[OfflineChunk]:
     spec = handle.spec
     sink = _Collect(len(spec.labels))
-    session = StreamSession(handle, sink, encoding="pcm_f32le",
-                            max_pending_steps=max_pending_steps)
+    session = StreamSession(handle, sink, encoding="pcm_f32le", max_pending_steps=max_pending_steps)
     frame = spec.frame_samples
     carry = np.zeros(0, np.float32)
     piece = max_pending_steps * spec.hop_samples
@@ -182,15 +182,14 @@ async def _with_batcher(
             whole = (audio.size // frame) * frame
             carry = audio[whole:].copy()
             for start in range(0, whole, piece):
-                session.push(audio[start:min(whole, start + piece)].tobytes())
+                session.push(audio[start : min(whole, start + piece)].tobytes())
                 await session.wait_idle()
             if sink.rows:
                 out = sink.take(step)
                 step += len(out.scores)
                 yield out
         if carry.size:  # pad the last partial frame; flush pads the partial hop
-            session.push(np.concatenate(
-                [carry, np.zeros(frame - carry.size, np.float32)]).tobytes())
+            session.push(np.concatenate([carry, np.zeros(frame - carry.size, np.float32)]).tobytes())
         session.flush()
         await session.wait_idle()
         out = sink.take(step)

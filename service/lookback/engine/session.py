@@ -34,16 +34,21 @@ BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
 class ResultSink(Protocol):
     """Where a session's outputs go, in step order (called on the event loop)."""
 
-    def on_result(self, index: int, time: float, scores: list[float],
-                  events: list[Event] | None) -> None:
+    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
         """``scores`` holds one float per label: the model's float32 values, exactly."""
 
     def on_error(self, index: int, error: LookbackError) -> None: ...
 
 
 class StreamSession:
-    def __init__(self, handle: ModelHandle, sink: ResultSink, *,
-                 encoding: Encoding = "pcm_s16le", max_pending_steps: int = 64) -> None:
+    def __init__(
+        self,
+        handle: ModelHandle,
+        sink: ResultSink,
+        *,
+        encoding: Encoding = "pcm_s16le",
+        max_pending_steps: int = 64,
+    ) -> None:
         if encoding not in BYTES_PER_SAMPLE:
             raise BadAudio(f"unknown encoding {encoding!r}", code="bad_encoding")
         spec = handle.spec
@@ -71,8 +76,9 @@ class StreamSession:
         self._resume_at = 0  # ... for pending_steps to fall to this
         labels = spec.labels
         self._event_col = labels.index(spec.event_label)
-        self.detector = EventDetector(spec.events, spec.event_label,
-                                      sample_rate=spec.sample_rate, hop=spec.hop_samples)
+        self.detector = EventDetector(
+            spec.events, spec.event_label, sample_rate=spec.sample_rate, hop=spec.hop_samples
+        )
         self.events: list[Event] = []
         self.frames = 0
         self.steps_made = 0
@@ -89,17 +95,30 @@ class StreamSession:
         if n == self._fast_bytes and not self._buf and not self.closed:
             # The hot path: one int16 message holding exactly one hop, no partial hop kept.
             if self._in_flight is None:
-                step = Step(self.slot, self.steps_made, data, self,
-                            time.perf_counter() if t_arrival is None else t_arrival)
+                step = Step(
+                    self.slot,
+                    self.steps_made,
+                    data,
+                    self,
+                    time.perf_counter() if t_arrival is None else t_arrival,
+                )
                 self._in_flight = step
                 self._enqueue_ready(step)
             else:
                 if len(self._queue) + 2 > self.max_pending:
                     raise BackpressureError(
                         f"{len(self._queue) + 1} steps already waiting; audio arrives faster "
-                        "than it is scored")
-                self._queue.append(Step(self.slot, self.steps_made, data, self,
-                                        time.perf_counter() if t_arrival is None else t_arrival))
+                        "than it is scored"
+                    )
+                self._queue.append(
+                    Step(
+                        self.slot,
+                        self.steps_made,
+                        data,
+                        self,
+                        time.perf_counter() if t_arrival is None else t_arrival,
+                    )
+                )
             self.steps_made += 1
             self.frames += self._frames_per_hop
             return 1
@@ -110,13 +129,15 @@ class StreamSession:
         if n % self.frame_bytes:
             raise BadAudio(
                 f"message of {n} bytes is not a whole number of {self.frame_bytes}-byte frames",
-                code="bad_frame_size")
+                code="bad_frame_size",
+            )
         buffered = len(self._buf) + n
         new_steps = buffered // self.hop_bytes
         pending = len(self._queue) + (self._in_flight is not None)
         if new_steps and pending + new_steps > self.max_pending:
             raise BackpressureError(
-                f"{pending} steps already waiting; audio arrives faster than it is scored")
+                f"{pending} steps already waiting; audio arrives faster than it is scored"
+            )
         if self._is_f32 and not np.isfinite(np.frombuffer(data, "<f4")).all():
             raise BadAudio("pcm_f32le message holds NaN or Inf samples", code="non_finite_audio")
         if t_arrival is None:
@@ -142,8 +163,7 @@ class StreamSession:
         return 1
 
     def _enqueue(self, data: bytes, t_arrival: float) -> None:
-        payload: bytes | np.ndarray = (
-            np.frombuffer(data, "<f4").copy() if self._is_f32 else data)
+        payload: bytes | np.ndarray = np.frombuffer(data, "<f4").copy() if self._is_f32 else data
         step = Step(self.slot, self.steps_made, payload, self, t_arrival)
         self.steps_made += 1
         if self._in_flight is None:
@@ -238,7 +258,8 @@ class StreamSession:
         need = self.steps_for(nbytes)
         if need > self.max_pending:
             raise BackpressureError(
-                f"one message makes {need} steps; max_pending_steps is {self.max_pending}")
+                f"one message makes {need} steps; max_pending_steps is {self.max_pending}"
+            )
         if self.pending_steps + need <= self.max_pending:
             return
         self._resume_at = min(self.max_pending - need, self.max_pending // 2)

@@ -107,14 +107,13 @@ def _to_batch_axis(rows: np.ndarray, axis: int) -> np.ndarray:
     When every dim ahead of the batch axis is 1 (a GRU's [1, B, H]) the two layouts share
     their memory order, so a reshape does it: about 2 us less per call than moveaxis.
     """
-    ahead = rows.shape[1:axis + 1]
+    ahead = rows.shape[1 : axis + 1]
     if all(d == 1 for d in ahead):
-        return rows.reshape(ahead + rows.shape[:1] + rows.shape[axis + 1:])
+        return rows.reshape(ahead + rows.shape[:1] + rows.shape[axis + 1 :])
     return np.ascontiguousarray(np.moveaxis(rows, 0, axis))
 
 
 def _from_batch_axis(value: np.ndarray, axis: int) -> np.ndarray:
     if all(d == 1 for d in value.shape[:axis]):
-        return value.reshape(value.shape[axis:axis + 1] + value.shape[:axis]
-                             + value.shape[axis + 1:])
+        return value.reshape(value.shape[axis : axis + 1] + value.shape[:axis] + value.shape[axis + 1 :])
     return np.moveaxis(value, axis, 0)

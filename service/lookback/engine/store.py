@@ -72,7 +72,8 @@ def verify_file(folder: Path, file: str, expected: str, field: str) -> Path:
     actual = sha256_file(path)
     if actual != expected:
         raise ContractError(
-            f"{folder}: {field}.sha256 mismatch for {file}: manifest {expected}, file {actual}")
+            f"{folder}: {field}.sha256 mismatch for {file}: manifest {expected}, file {actual}"
+        )
     return path
 
 
@@ -81,16 +82,14 @@ def open_graphs(
 ) -> tuple[GraphRuntime, GraphRuntime | None]:
     """Verify hashes, open ORT sessions and check both signatures against the manifest."""
     spec, folder = stored.spec, stored.path
-    kw = dict(providers=providers, intra_op_threads=intra_op_threads,
-              inter_op_threads=inter_op_threads)
-    step = GraphRuntime(str(verify_file(folder, spec.graph.file, spec.graph.sha256, "graph")),
-                        **kw)  # type: ignore[arg-type]
-    check_step_graph(spec, [GraphPort.of(i) for i in step.inputs],
-                     [GraphPort.of(o) for o in step.outputs])
+    kw = dict(providers=providers, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+    step = GraphRuntime(str(verify_file(folder, spec.graph.file, spec.graph.sha256, "graph")), **kw)  # type: ignore[arg-type]
+    check_step_graph(spec, [GraphPort.of(i) for i in step.inputs], [GraphPort.of(o) for o in step.outputs])
     seq = None
     if spec.sequence is not None:
         path = verify_file(folder, spec.sequence.file, spec.sequence.sha256, "sequence")
         seq = GraphRuntime(str(path), **kw)  # type: ignore[arg-type]
-        check_sequence_graph(spec, [GraphPort.of(i) for i in seq.inputs],
-                             [GraphPort.of(o) for o in seq.outputs])
+        check_sequence_graph(
+            spec, [GraphPort.of(i) for i in seq.inputs], [GraphPort.of(o) for o in seq.outputs]
+        )
     return step, seq
