@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,32 +22,25 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import soundfile as sf
 import uvicorn
 
 from lookback.app import create_app
 from lookback.engine.engine import Engine
 from lookback.metrics import Metrics
 from lookback.settings import Settings
+from tests.support import AUDIO, FIXTURES, REPO, STORE, free_port, read_clip
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
-AUDIO = FIXTURES / "audio"
-STORE = REPO / "model_store"
+__all__ = [
+    "AUDIO",
+    "FIXTURES",
+    "REPO",
+    "STORE",
+    "free_port",
+    "read_clip",
+]  # importers predating tests.support
+
 DEFAULT_MODEL = "lookback-vad"
 SILERO = "silero-vad"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def read_clip(name: str) -> np.ndarray:
-    data, rate = sf.read(str(AUDIO / name), dtype="int16")
-    assert rate == 16000 and data.ndim == 1
-    return data
 
 
 @pytest.fixture(scope="session")

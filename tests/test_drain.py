@@ -16,7 +16,8 @@ import httpx
 import orjson
 
 from tests.api.rel_ws import SILERO_Q, Transcript, read_all, refused, wait_until, ws_connect
-from tests.conftest import read_clip, spawn_server
+from tests.conftest import spawn_server
+from tests.support import read_clip
 
 GRACE_S = 15.0
 CLIP = read_clip("silero_ref_speech.wav")

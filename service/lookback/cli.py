@@ -126,7 +126,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from lookback.loadtest import main_args
+    from lookback.loadtest.cli import main_args
 
     return main_args(args)
 
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="N real-time WebSocket sessions: latency percentiles, "
         "or --ramp to find how many stay under a p99 bound",
     )
-    from lookback.loadtest import add_arguments
+    from lookback.loadtest.cli import add_arguments
 
     add_arguments(lt)
     lt.set_defaults(func=cmd_loadtest)

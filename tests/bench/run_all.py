@@ -51,7 +51,12 @@ from typing import Any
 import httpx
 import numpy as np
 
-from lookback.loadtest import IdleSessions, LoadConfig, format_ramp, raise_fd_limit, ramp
+from lookback.loadtest.config import LoadConfig
+from lookback.loadtest.fanout import raise_fd_limit
+from lookback.loadtest.idle import IdleSessions
+from lookback.loadtest.ramp import ramp
+from lookback.loadtest.report import format_ramp
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,12 +140,6 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return "unknown"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_status(pid: int) -> dict[str, int]:

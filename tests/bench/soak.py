@@ -36,7 +36,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.conftest import read_clip, spawn_server
+from tests.conftest import spawn_server
+from tests.support import read_clip
 
 SPEECH = read_clip("silero_ref_speech.wav")
 SPEECH_F32 = (SPEECH.astype(np.float32) / 32768).astype("<f4")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import soundfile as sf
 
 from lookback.engine.contract import (
     GraphPort,
@@ -22,10 +21,10 @@ from lookback.engine.contract import (
     check_step_graph,
     load_manifest,
 )
+from tests.support import AUDIO, read_clip
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "model_store" / "lookback-vad" / "1"
-AUDIO = ROOT / "tests" / "fixtures" / "audio"
 SPEECH_CLIPS = ["lookback_speech_noise.wav", "lookback_speech_clicks.wav"]
 NOISE_CLIP = "lookback_noise_only.wav"
 TOL = 1e-5
@@ -55,9 +54,7 @@ def sequence(spec: ModelSpec) -> ort.InferenceSession:
 
 
 def _clip(name: str) -> np.ndarray:
-    data, sr = sf.read(AUDIO / name, dtype="int16")
-    assert sr == 16000 and data.ndim == 1
-    return data.astype(np.float32) / 32768.0
+    return read_clip(name).astype(np.float32) / 32768.0
 
 
 def _states(spec: ModelSpec, batch: int = 1) -> dict[str, np.ndarray]:

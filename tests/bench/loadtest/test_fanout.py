@@ -1,0 +1,78 @@
+"""``lookback.loadtest.fanout`` and ``idle``: short end-to-end runs against the echo server and
+Lookback itself, over several client processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+
+from lookback.loadtest.config import LoadConfig
+from lookback.loadtest.fanout import run_load
+from lookback.loadtest.idle import IdleSessions
+from tests.bench.echo_server import create_echo_app
+from tests.conftest import STORE, running_server, uvicorn_in_thread
+from tests.conftest import test_settings as make_settings
+from tests.support import free_port
+
+
+@contextlib.contextmanager
+def _echo(hop: int) -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(
+        create_echo_app(hop),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        lifespan="on",
+    )
+    with uvicorn_in_thread(config):
+        yield f"ws://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("client", ["raw", "websockets"])
+def test_short_run_against_echo_counts_every_result(client: str) -> None:
+    with _echo(hop=512) as url:
+        r = run_load(
+            LoadConfig(
+                urls=[url],
+                sessions=4,
+                duration=0.8,
+                warmup=0.2,
+                frames_per_message=3,
+                client=client,
+                quiet=True,
+                procs=2,
+            )
+        )
+    assert r["connected"] == 4 and not r["process_failures"]
+    assert r["close_codes"] == {"1000": 4}
+    assert r["lost_results"] == 0 and r["no_summary"] == 0 and not r["errors"]
+    # hop 4 frames, 3 frames per message: every frame sent is scored (the last hop padded)
+    assert r["results_total"] >= r["frames_sent"] / 4
+    assert r["results_measured"] > 0 and r["latency_ms"]["p50"] is not None
+
+
+def test_short_run_against_lookback() -> None:
+    models = [p.parent.parent.name for p in STORE.glob("*/*/model.json")]
+    if not models:
+        pytest.skip("no model in model_store")
+    model = "lookback-vad" if "lookback-vad" in models else models[0]
+    with running_server(make_settings(models=[model], default_model=model)) as srv:
+        r = run_load(LoadConfig(urls=[srv.ws], sessions=3, duration=0.8, warmup=0.2, model=model, quiet=True))
+        assert r["connected"] == 3 and r["lost_results"] == 0 and not r["errors"]
+        assert r["close_codes"] == {"1000": 3}
+
+
+def test_idle_sessions_open_and_close() -> None:
+    async def run(url: str) -> int:
+        async with IdleSessions(url, 5) as idle:
+            return idle.ready
+
+    with _echo(hop=128) as url:
+        assert asyncio.run(run(url)) == 5
