@@ -56,6 +56,7 @@ from lookback.loadtest.fanout import raise_fd_limit
 from lookback.loadtest.idle import IdleSessions
 from lookback.loadtest.ramp import ramp
 from lookback.loadtest.report import format_ramp
+from tests.bench.report import max_sessions_of, p99_of, strip_blobs, summarize, to_markdown
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -358,14 +359,14 @@ class Bench:
             echo = self.step_echo()
             look = self.step_lookback()
             run = {
-                "echo": _ms(echo),
-                "lookback": _ms(look),
-                "echo_p99_ms": _p99(echo),
-                "lookback_p99_ms": _p99(look),
+                "echo": max_sessions_of(echo),
+                "lookback": max_sessions_of(look),
+                "echo_p99_ms": p99_of(echo),
+                "lookback_p99_ms": p99_of(look),
             }
             if "null" in self.results:  # the twin rides along when its step ran
                 null = self.step_null()
-                run.update(null=_ms(null), null_p99_ms=_p99(null))
+                run.update(null=max_sessions_of(null), null_p99_ms=p99_of(null))
             runs.append(run)
         return {"runs": runs}
 
@@ -578,258 +579,18 @@ def score_file(port: int, path: Path, model: str, pid: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
-# report
-
-
-def _ms(res: dict[str, Any] | None) -> int | None:
-    if not res or "max_sessions" not in res:
-        return None
-    return int(res["max_sessions"])
-
-
-def _p99(res: dict[str, Any] | None) -> str:
-    best = (res or {}).get("best")
-    if not best:
-        return "-"
-    return f"{best['latency_ms']['p99']:.1f}"
+# the model's hop (the report's arithmetic is in tests/bench/report.py)
 
 
 def has_model(name: str) -> bool:
     return any((REPO / "model_store" / name).glob("*/model.json"))
 
 
-def _hop_of(model: str) -> int:
+def hop_of(model: str) -> int:
     for mj in sorted((REPO / "model_store" / model).glob("*/model.json")):
         with contextlib.suppress(Exception):
             return int(json.loads(mj.read_text())["hop_samples"])
     return 128
-
-
-def summarize(res: dict[str, Any], model: str) -> dict[str, Any]:
-    """The derived figures: model-alone sessions, the bound, ratios vs targets."""
-    echo, look, naive = _ms(res.get("echo")), _ms(res.get("lookback")), _ms(res.get("naive"))
-    # Rounds run back to back: the first ramps, then the repeated ones (echo, Lookback, null).
-    rounds = [
-        {"echo": echo, "lookback": look, "null": _ms(res.get("null"))},
-        *(res.get("pairs") or {}).get("runs", []),
-    ]
-    pairs = [(r["echo"], r["lookback"]) for r in rounds if r["echo"] and r["lookback"] is not None]
-    pair_ratios = [lb / e for e, lb in pairs]
-    if len(pairs) > 1:  # the medians over back-to-back pairs stand for this machine
-        echo = int(np.median([e for e, _ in pairs]))
-        look = int(np.median([lb for _, lb in pairs]))
-    # The null twin, run right after each Lookback ramp: (null, Lookback, echo) triples.
-    triples = [
-        (r["null"], r["lookback"], r["echo"]) for r in rounds if r.get("null") and r["lookback"] and r["echo"]
-    ]
-    null = int(np.median([t[0] for t in triples])) if triples else None
-    sil, sil_naive, f10 = _ms(res.get("silero")), _ms(res.get("silero_naive")), _ms(res.get("fpm10"))
-    model_alone = None
-    eng = res.get("engine") or {}
-    rows = eng.get("rows") or []
-    if rows:
-        hop = _hop_of(model)
-        mid = [r for r in rows if 64 <= r.get("sessions", 0) <= 512] or rows
-        ceiling = max(float(r.get("ort_ceiling_fps", 0)) for r in mid)
-        model_alone = ceiling * hop / 128 / 125
-    bound = (1 / (1 / echo + 1 / model_alone)) if echo and model_alone else None
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
-    off = res.get("offline") or {}
-    x_rt = (off.get("long") or {}).get("x_realtime")
-    rss_ratio = off.get("peak_rss_ratio")
-    targets = [
-        (
-            "Lookback / echo (1 frame/msg)" + (f", median of {len(pairs)} pairs" if len(pairs) > 1 else ""),
-            float(np.median(pair_ratios)) if pair_ratios else None,
-            0.8,
-        ),
-        ("Lookback / naive (1 frame/msg)", ratio(look, naive), 2.5),
-        ("Silero / Silero naive", ratio(sil, sil_naive), 2.0),
-        ("10 frames/msg / naive", ratio(f10, naive), 4.0),
-        ("10 frames/msg / bound", ratio(f10, bound), 0.9),
-        ("offline x real time (long clip)", x_rt, 2000.0),
-    ]
-    rows_t = [
-        {"name": n, "value": v, "target": t, "met": None if v is None else v >= t} for n, v, t in targets
-    ]
-    rows_t.append(
-        {
-            "name": "long / short clip peak RSS",
-            "value": rss_ratio,
-            "target": 1.2,
-            "met": None if rss_ratio is None else rss_ratio <= 1.2,
-            "at_most": True,
-        }
-    )
-    return {
-        "echo_sessions": echo,
-        "lookback_sessions": look,
-        "pairs": pairs,
-        "null_sessions": null,
-        "null_triples": triples,
-        "null_over_echo": float(np.median([n / e for n, _, e in triples])) if triples else None,
-        "lookback_over_null": float(np.median([lb / n for n, lb, _ in triples])) if triples else None,
-        "pair_ratios": pair_ratios,
-        "model_alone_sessions": model_alone,
-        "bound_sessions": bound,
-        "targets": rows_t,
-    }
-
-
-def to_markdown(report: dict[str, Any]) -> str:
-    res = report["results"]
-    s = report["summary"]
-    m = report["machine"]
-    model = report["model"]
-    lines = [
-        f"# Lookback benchmark {report['date']} on {m['host']}",
-        "",
-        f"{m['cpu_model']}, nproc {m['nproc']}; server pinned to CPU {m['server_cpu']}, "
-        f"load generator to CPU(s) {m['client_cpus']}; load average {m['loadavg_start']} at "
-        f"start, {m['loadavg_end']} at end. Model `{model}`"
-        + (" (quick smoke pass: tiny durations, numbers not meaningful)" if report["quick"] else "")
-        + ".",
-        "",
-        f"Real-time sessions: each streams 128-sample frames at 16 kHz (one frame per 8 ms); "
-        f"the largest N with p99 frame-to-result latency <= {report['p99_ms']:g} ms and no "
-        "result lost (ramp: doubling, then bisection).",
-        "",
-        "| run | frames/msg | max sessions | p99 ms at max | results/s at max | client CPU at max "
-        "| client send lateness p99 ms | trials |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    names = [
-        ("echo", "echo ceiling (same stack, instant reply)", 1),
-        ("lookback", f"Lookback `{model}`", 1),
-        (
-            "null",
-            f"Lookback `{(res.get('null') or {}).get('model', 'null twin')}` "
-            "(null twin: no arithmetic; not a target)",
-            1,
-        ),
-        ("naive", f"Lookback `{model}`, max_batch_size=1", 1),
-        ("fpm10", f"Lookback `{model}`", 10),
-        ("silero", "Lookback `silero-vad` (hop 512)", 1),
-        ("silero_naive", "Lookback `silero-vad`, max_batch_size=1", 1),
-        ("workers", f"2 server processes (one per CPU), `{model}`", 1),
-    ]
-    for key, label, fpm in names:
-        r = res.get(key)
-        if r is None:
-            continue
-        if "max_sessions" not in r:
-            lines.append(f"| {label} | {fpm} | {r.get('error') or r.get('skipped') or '-'} | | | | | |")
-            continue
-        best = r.get("best") or {}
-        client = best.get("client", {})
-        cpu = client.get("cpu_total")
-        warn = " (client-bound?)" if r.get("client_bottleneck") else ""
-        lines.append(
-            f"| {label} | {fpm} | {r['max_sessions']}{warn} | {_p99(r)} | "
-            f"{_fmt(best.get('results_per_s'), '.0f')} | "
-            f"{'-' if cpu is None else f'{cpu * 100:.0f}%'} | "
-            f"{_fmt(client.get('slip_p99_ms'), '.1f')} | {len(r['trials'])} |"
-        )
-    flagged = [
-        (label, r["best"]["client"]["reasons"])
-        for key, label, _ in names
-        if (r := res.get(key)) and r.get("client_bottleneck") and r.get("best")
-    ]
-    if flagged:
-        lines.append("")
-    for label, reasons in flagged:
-        lines.append(f"- {label}: client may have been the limit: {'; '.join(reasons)}")
-    if len(s["pairs"]) > 1:
-        each = ", ".join(
-            f"{lb}/{e} = {r:.2f}" for (e, lb), r in zip(s["pairs"], s["pair_ratios"], strict=True)
-        )
-        lines += [
-            "",
-            f"Echo and Lookback (1 frame/msg) ramps, {len(s['pairs'])} pairs run back "
-            f"to back (the first pair is in the table above), Lookback/echo: {each}. "
-            f"Medians: echo {s['echo_sessions']}, Lookback {s['lookback_sessions']}; the "
-            "ratio row and the bound below use the medians.",
-        ]
-    if s.get("null_triples"):
-        each = ", ".join(f"{n}/{lb}/{e}" for n, lb, e in s["null_triples"])
-        lines += [
-            "",
-            f"Null twin / Lookback / echo, each run back to back: {each}. Medians: null "
-            f"twin / echo {s['null_over_echo']:.2f} (everything the server does per step "
-            f"but the model's math), Lookback / null twin {s['lookback_over_null']:.2f} "
-            "(what the math costs on top).",
-        ]
-    lines += [
-        "",
-        f"Model alone (ORT ceiling / 125 frames/s): "
-        f"{_fmt(s['model_alone_sessions'], '.0f')} sessions; bound "
-        f"1/(1/echo + 1/model_alone) = {_fmt(s['bound_sessions'], '.0f')} sessions.",
-        "",
-    ]
-    off = res.get("offline") or {}
-    if "long" in off:
-        lines += [
-            "| offline clip | audio s | wall s | x real time | server peak RSS MiB |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for k in ("short", "long"):
-            o = off[k]
-            lines.append(
-                f"| {k} | {o['audio_s']:.0f} | {o['seconds']:.2f} | {o['x_realtime']:.0f} | "
-                f"{o['peak_rss'] / 2**20:.0f} |"
-            )
-        lines.append("")
-    elif off:
-        lines += [f"Offline: {off.get('error') or off.get('skipped')}", ""]
-    soak = res.get("soak") or {}
-    if "rss_end_mib" in soak:
-        lines += [
-            f"Soak: {soak['sessions']} sessions churned in {soak['seconds']} s; RSS after "
-            f"warm-up {soak['rss_warm_mib']} MiB, at end {soak['rss_end_mib']} MiB "
-            f"({soak['rss_change_pct']:+.2f}%, target within 5%); slots in use "
-            f"{soak['slots_used']}; fds {soak['fds_warm']} -> {soak['fds_end']}.",
-            "",
-        ]
-    mem = res.get("memory") or {}
-    if "bytes_per_session" in mem:
-        lines += [
-            f"Memory: server RSS {mem['rss_0'] / 2**20:.0f} MiB with 0 sessions, "
-            f"{mem['rss_n'] / 2**20:.0f} MiB with {mem['ready']} idle sessions: "
-            f"{mem['bytes_per_session'] / 1024:.1f} KiB per session.",
-            "",
-        ]
-    lines += ["| ratio | value | target | met |", "| --- | --- | --- | --- |"]
-    for t in s["targets"]:
-        op = "<=" if t.get("at_most") else ">="
-        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['name']} | {_fmt(t['value'], '.2f')} | {op} {t['target']:g} | {met} |")
-    eng = res.get("engine") or {}
-    if eng.get("markdown"):
-        lines += ["", eng["markdown"]]
-    elif eng:
-        lines += ["", f"Engine bench: {eng.get('error') or eng.get('skipped')}"]
-    w = res.get("workers") or {}
-    if w.get("how"):
-        lines += ["", f"Two server processes: {w['how']}."]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def _strip(obj: Any) -> Any:
-    """JSON-safe copy without raw byte blobs."""
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if not isinstance(v, bytes | bytearray)}
-    if isinstance(obj, list | tuple):
-        return [_strip(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -905,14 +666,14 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    report["summary"] = summarize(results, args.model)
+    report["summary"] = summarize(results, hop_of(args.model))
     md = to_markdown(report)
     if notes:
         md += "\nNotes: " + "; ".join(notes) + "\n"
     report["markdown"] = md
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{now:%Y-%m-%d}-{host}" + ("-quick" if args.quick else "")
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(_strip(report), indent=2, default=str))
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(strip_blobs(report), indent=2, default=str))
     (args.out_dir / f"{stem}.md").write_text(md)
     print(md)
     log(f"wrote {args.out_dir / stem}.json and .md in {report['elapsed_s']:.0f} s")

@@ -1,4 +1,4 @@
-"""The bench report's arithmetic: bound, ratios, and the median over repeated ramp pairs."""
+"""``tests/bench/report.py``: bound, ratios, and the median over repeated ramp pairs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.bench.run_all import summarize, to_markdown
+from tests.bench.report import strip_blobs, summarize, to_markdown
 
 
 def _ramp(n: int) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def _markdown(res: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 def test_single_pair_ratios_and_bound() -> None:
-    s = summarize(_results(), "lookback-vad")
+    s = summarize(_results(), hop_samples=128)
     assert s["model_alone_sessions"] == pytest.approx(3000.0)
     assert s["bound_sessions"] == pytest.approx(1 / (1 / 300 + 1 / 3000))
     assert _target(s, "Lookback / echo") == pytest.approx(0.5)
@@ -63,7 +63,7 @@ def test_single_pair_ratios_and_bound() -> None:
 
 def test_repeated_pairs_use_medians() -> None:
     runs = [{"echo": 250, "lookback": 200}, {"echo": 320, "lookback": 160}]
-    s = summarize(_results(runs), "lookback-vad")
+    s = summarize(_results(runs), hop_samples=128)
     # pair ratios 0.5, 0.8, 0.5 -> median 0.5; medians echo 300, Lookback 160
     assert s["pair_ratios"] == pytest.approx([0.5, 0.8, 0.5])
     assert _target(s, "Lookback / echo (1 frame/msg), median of 3 pairs") == pytest.approx(0.5)
@@ -75,7 +75,7 @@ def test_repeated_pairs_use_medians() -> None:
 
 
 def test_a_failed_pair_is_left_out() -> None:
-    s = summarize(_results([{"echo": None, "lookback": 100}]), "lookback-vad")  # type: ignore[dict-item]
+    s = summarize(_results([{"echo": None, "lookback": 100}]), hop_samples=128)  # type: ignore[dict-item]
     assert s["pair_ratios"] == pytest.approx([0.5])
 
 
@@ -84,7 +84,7 @@ def test_null_twin_medians_over_triples() -> None:
         [{"echo": 320, "lookback": 200, "null": 240}, {"echo": 280, "lookback": 210, "null": None}]
     )  # type: ignore[dict-item]
     res["null"] = {**_ramp(200), "model": "null-lookback-vad"}
-    s = summarize(res, "lookback-vad")
+    s = summarize(res, hop_samples=128)
     # triples (null, Lookback, echo): (200, 150, 300), (240, 200, 320); the third has no null
     assert s["null_triples"] == [(200, 150, 300), (240, 200, 320)]
     assert s["null_sessions"] == 220
@@ -93,3 +93,13 @@ def test_null_twin_medians_over_triples() -> None:
     md = _markdown(res, s)
     assert "| Lookback `null-lookback-vad` (null twin: no arithmetic; not a target) | 1 | 200 |" in md
     assert "200/150/300, 240/200/320" in md
+
+
+def test_model_alone_scales_with_the_hop() -> None:
+    """A 512-sample hop steps once per 4 frames: the same ORT ceiling holds 4x the sessions."""
+    assert summarize(_results(), hop_samples=512)["model_alone_sessions"] == pytest.approx(4 * 3000.0)
+
+
+def test_strip_blobs_leaves_json_safe_values() -> None:
+    raw = {"latencies": b"\x00" * 8, "p99": float("nan"), "rows": [(1, float("inf")), {"x": 2.5}]}
+    assert strip_blobs(raw) == {"p99": None, "rows": [[1, None], {"x": 2.5}]}
