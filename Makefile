@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint bench silero system-deps train clean protocol
+.PHONY: install serve test check lint docs bench silero system-deps train clean protocol
 
 install: $(STAMP)
 
@@ -45,9 +45,23 @@ silero: install
 test: install system-deps silero
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Tests are linted and type-checked too (pyproject relaxes annotations for them).
+LINTED := service tests model_store/recipes
 lint: install
-	$(BIN)/ruff check service tests model_store/recipes
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
+
+# The inner loop: lint and the fast tests. No apt, no browser, no deployment tools, no
+# download: Silero's tests run only when it is already imported (`make silero`).
+SILERO_PRESENT := $(wildcard model_store/silero-vad/*/silero_vad.onnx)
+CHECK_MARKS := not slow$(if $(SILERO_PRESENT),, and not silero)
+check: lint
+	$(BIN)/python -m pytest -q -m "$(CHECK_MARKS)" $(PYTEST_ARGS)
+
+# The reference tables of docs/ (errors, configuration, metrics) from the code.
+docs: install
+	$(BIN)/lookback docs --write
 
 bench: install silero
 	$(BIN)/python -m tests.bench.run_all

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -73,7 +74,7 @@ def test_settings(**overrides: object) -> Settings:
     in the model call behave the same under ``taskset -c 0``; inline is tested by name.
     No GC freeze: the test process starts many apps (tests/test_app.py covers it).
     """
-    base: dict[str, object] = dict(
+    base: dict[str, Any] = dict(
         model_store=STORE,
         warmup_batch_sizes=[1],
         port=0,
@@ -84,7 +85,7 @@ def test_settings(**overrides: object) -> Settings:
         gc_freeze=False,
     )
     base.update(overrides)
-    return Settings(_env_file=None, **base)  # type: ignore[call-arg]
+    return Settings(_env_file=None, **base)
 
 
 @dataclass
@@ -107,7 +108,6 @@ class Server:
 def uvicorn_in_thread(config: uvicorn.Config) -> Iterator[uvicorn.Server]:
     """Run a uvicorn server in a daemon thread; ready when uvicorn says it started."""
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

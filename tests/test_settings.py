@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -20,8 +21,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def _settings(**kw: object) -> Settings:
-    return Settings(_env_file=None, **kw)  # type: ignore[call-arg]
+def _settings(**kw: Any) -> Settings:
+    return Settings(_env_file=None, **kw)
 
 
 def test_defaults_are_sane() -> None:
@@ -91,10 +92,10 @@ def test_init_values_take_lists_too() -> None:
 def test_dotenv_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = tmp_path / ".env"
     env.write_text("LOOKBACK_PORT=7001\nLOOKBACK_API_KEYS=x,y\nOTHER_THING=1\n")
-    s = Settings(_env_file=env)  # type: ignore[call-arg]
+    s = Settings(_env_file=env)
     assert s.port == 7001 and len(s.api_keys) == 2
     monkeypatch.setenv("LOOKBACK_PORT", "7002")  # the environment wins over the file
-    assert Settings(_env_file=env).port == 7002  # type: ignore[call-arg]
+    assert Settings(_env_file=env).port == 7002
 
 
 @pytest.mark.parametrize(

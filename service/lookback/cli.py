@@ -1,4 +1,4 @@
-"""``lookback serve | models | stream | score | protocol`` (and ``loadtest``)."""
+"""``lookback serve | models | stream | score | protocol | docs`` (and ``loadtest``)."""
 
 from __future__ import annotations
 
@@ -138,6 +138,17 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from lookback.reference import PAGES, stale_pages
+
+    stale = stale_pages(args.root, write=args.write)
+    for rel in stale:
+        print(f"{'rewrote' if args.write else 'out of date'}: {rel}", file=sys.stderr)
+    if not stale:
+        print(f"up to date: {', '.join(PAGES)}", file=sys.stderr)
+    return 1 if stale and not args.write else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lookback", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -185,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("protocol", help="print the error and close code tables")
     pr.set_defaults(func=cmd_protocol)
+
+    d = sub.add_parser("docs", help="check (or --write) the generated tables of docs/ in a checkout")
+    d.add_argument("--write", action="store_true", help="rewrite the out-of-date tables")
+    d.add_argument("--root", type=Path, default=Path.cwd(), help="the checkout (default: here)")
+    d.set_defaults(func=cmd_docs)
     return p
 
 

@@ -51,7 +51,7 @@ def _settings(model: str, max_batch: int, sessions: int) -> Settings:
     return Settings(
         _env_file=None,
         models=[model],
-        default_model=model,  # type: ignore[call-arg]
+        default_model=model,
         max_batch_size=max_batch,
         max_sessions=max(sessions, 16),
         warmup_batch_sizes=[1, min(max_batch, sessions)],

@@ -22,7 +22,7 @@ import random
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ HOP_FRAMES = 4  # Silero VAD: 512-sample hop
 
 def _metrics(base: str) -> dict[str, float]:
     text = httpx.get(base + "/metrics", timeout=30).text
-    out: Counter[str] = Counter()
+    out: defaultdict[str, float] = defaultdict(float)
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name == "lookback_state_slots":

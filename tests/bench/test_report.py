@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ def _ramp(n: int) -> dict[str, Any]:
     return {"max_sessions": n, "trials": [], "best": None}
 
 
-def _results(pairs: list[dict[str, int]] | None = None) -> dict[str, Any]:
+def _results(pairs: Sequence[Mapping[str, int | None]] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
         "echo": _ramp(300),
         "lookback": _ramp(150),
@@ -75,14 +76,14 @@ def test_repeated_pairs_use_medians() -> None:
 
 
 def test_a_failed_pair_is_left_out() -> None:
-    s = summarize(_results([{"echo": None, "lookback": 100}]), hop_samples=128)  # type: ignore[dict-item]
+    s = summarize(_results([{"echo": None, "lookback": 100}]), hop_samples=128)
     assert s["pair_ratios"] == pytest.approx([0.5])
 
 
 def test_null_twin_medians_over_triples() -> None:
     res = _results(
         [{"echo": 320, "lookback": 200, "null": 240}, {"echo": 280, "lookback": 210, "null": None}]
-    )  # type: ignore[dict-item]
+    )
     res["null"] = {**_ramp(200), "model": "null-lookback-vad"}
     s = summarize(res, hop_samples=128)
     # triples (null, Lookback, echo): (200, 150, 300), (240, 200, 320); the third has no null
