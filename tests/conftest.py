@@ -204,3 +204,31 @@ def server(silero_model: str) -> Iterator[Server]:
     """A shared server with every model in the store (default model + Silero)."""
     with running_server() as srv:
         yield srv
+
+
+# --- marks -----------------------------------------------------------------------------------
+# A test's marks follow from where it lives and what it uses, so nobody has to remember them
+# (`make check` runs -m "not slow"; pyproject lists the markers).
+FOLDER_MARKS = {"web": ("browser", "slow"), "deploy": ("deploy", "slow")}
+FIXTURE_MARKS = {"silero_model": ("silero",)}
+# Slow tests of the folders the engine and API seam branches own: move these into the files
+# (@pytest.mark.slow) once those branches are merged.
+SLOW_ELSEWHERE = (
+    "tests/api/test_fuzz.py::",
+    "tests/api/test_security.py::test_keys_origins_and_logs_on_a_real_server",
+    "tests/engine/test_offline.py::test_a_long_clip_through_the_batcher_in_bounded_pieces",
+    "tests/engine/test_parity.py::test_batched_equals_solo[silero-vad-inline-wait]",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        rel = item.path.relative_to(REPO / "tests").parts
+        marks = set(FOLDER_MARKS.get(rel[0], ())) if len(rel) > 1 else set()
+        for fixture, extra in FIXTURE_MARKS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                marks.update(extra)
+        if item.nodeid.startswith(SLOW_ELSEWHERE):
+            marks.add("slow")
+        for mark in sorted(marks):
+            item.add_marker(mark)

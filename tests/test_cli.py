@@ -157,6 +157,7 @@ def test_wrong_api_key_is_a_clean_error(silero_model: str, capsys: pytest.Captur
         assert EVENT_LINE.findall(capsys.readouterr().out)
 
 
+@pytest.mark.slow
 def test_console_scripts_against_a_spawned_server(tmp_path: Path, silero_model: str) -> None:
     """``lookback serve`` in a subprocess, ``lookback stream`` and ``score`` against it."""
     env = {"LOOKBACK_MODELS": SILERO, "LOOKBACK_DEFAULT_MODEL": SILERO}

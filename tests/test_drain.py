@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
 
 from tests.api.rel_ws import SILERO_Q, Transcript, read_all, refused, wait_until, ws_connect
 from tests.conftest import spawn_server
@@ -31,6 +32,7 @@ def frames_of(n: int) -> bytes:
     return (pcm * (need // len(pcm) + 1))[:need]
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_open_sessions(tmp_path: Path, silero_model: str) -> None:
     # frames per session: three end mid-hop (Silero's hop is 4 frames); the last one has
     # ~2000 steps still queued when SIGTERM lands, which keeps the drain open long enough

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.bench.soak import run_soak
 
 SESSIONS = 2000
 WARM = 500
 
 
+@pytest.mark.slow
 def test_session_churn_leaks_nothing(tmp_path: Path, silero_model: str) -> None:
     f = run_soak(SESSIONS, warm=WARM, concurrency=32, workdir=tmp_path)
     print(f"\nsoak: {f}")

@@ -18,6 +18,9 @@ from tests.conftest import STORE, running_server, uvicorn_in_thread
 from tests.conftest import test_settings as make_settings
 from tests.support import free_port
 
+# Client processes against real servers: seconds each.
+pytestmark = pytest.mark.slow
+
 
 @contextlib.contextmanager
 def _echo(hop: int) -> Iterator[str]:
