@@ -157,7 +157,7 @@ def test_copy_sources_exist_and_survive_dockerignore() -> None:
         ".venv/bin/python",
         "model_store/silero-vad/6.2.3/silero_vad.onnx",
         "model_store/recipes/data/x.wav",
-        "tests/deploy/test_deploy.py",
+        "tests/deploy/test_prometheus.py",
         ".git/config",
         "service/lookback/__pycache__/app.cpython-311.pyc",
     ):
