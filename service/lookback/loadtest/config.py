@@ -51,7 +51,7 @@ class LoadConfig:
 
 
 # ------------------------------------------------------------------------------------------
-# URLs and audio
+# URLs, query and headers
 
 
 def split_url(url: str) -> tuple[str, int, str]:
