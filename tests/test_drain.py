@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tests.api.rel_ws import SILERO_Q, Transcript, read_all, refused, wait_until, ws_connect
+from tests.api.ws_util import SILERO_Q, Transcript, read_all, refused, wait_until, ws_connect
 from tests.conftest import read_clip, spawn_server
 
 GRACE_S = 15.0

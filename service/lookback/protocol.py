@@ -125,17 +125,106 @@ def spec_for(code: str) -> ErrorSpec:
     return ERRORS.get(code, ERRORS["internal_error"])
 
 
-# --- encoders (hot path: orjson, floats at full float32 precision) ------------------------
+# --- server messages (hot path: orjson, floats at full float32 precision) ------------------
 
 
 def encode(msg: dict[str, Any]) -> str:
     return orjson.dumps(msg).decode()
 
 
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The JSON body of every HTTP refusal: REST errors and pre-upgrade WebSocket refusals."""
+    return {"error": {"code": code, "message": message}}
+
+
 def error_message(code: str, message: str, **extra: Any) -> str:
     body: dict[str, Any] = {"type": "error", "code": code, "message": message}
     body.update(extra)
     return encode(body)
+
+
+def ready_message(
+    *,
+    session_id: str,
+    model: str,
+    version: str,
+    sample_rate: int,
+    frame_samples: int,
+    hop_samples: int,
+    labels: list[str],
+    encoding: str | None,
+    threshold: float,
+) -> str:
+    return encode(
+        {
+            "type": "ready",
+            "session_id": session_id,
+            "model": model,
+            "version": version,
+            "sample_rate": sample_rate,
+            "frame_samples": frame_samples,
+            "hop_samples": hop_samples,
+            "labels": labels,
+            "encoding": encoding,
+            "threshold": threshold,
+        }
+    )
+
+
+def result_message(step: int, time: float, scores: dict[str, float]) -> str:
+    # orjson on a small dict is about twice as fast as an f-string with float reprs
+    return orjson.dumps({"type": "result", "step": step, "time": time, "scores": scores}).decode()
+
+
+def event_message(event: dict[str, Any]) -> str:
+    return orjson.dumps({"type": "event", **event}).decode()
+
+
+def summary_message(
+    *,
+    session_id: str,
+    frames: int,
+    steps: int,
+    failed_steps: int,
+    padded_samples: int,
+    duration: float,
+    events: list[dict[str, Any]],
+) -> str:
+    return encode(
+        {
+            "type": "summary",
+            "session_id": session_id,
+            "frames": frames,
+            "steps": steps,
+            "failed_steps": failed_steps,
+            "padded_samples": padded_samples,
+            "duration": duration,
+            "events": events,
+        }
+    )
+
+
+# --- REST ndjson lines (format=ndjson of POST /v1/score) -----------------------------------
+
+_NP = orjson.OPT_SERIALIZE_NUMPY
+
+
+def ndjson_header(
+    *, model: str, version: str, sample_rate: int, hop_samples: int, labels: list[str]
+) -> dict[str, Any]:
+    """The clip header; the JSON answer carries the same fields at its top level."""
+    return {
+        "model": model,
+        "version": version,
+        "sample_rate": sample_rate,
+        "hop_samples": hop_samples,
+        "labels": labels,
+    }
+
+
+def ndjson_line(kind: str, body: dict[str, Any]) -> bytes:
+    """One line of an ndjson answer: ``header``, ``scores``, ``summary`` or ``error``."""
+    return orjson.dumps({"type": kind, **body}, option=_NP) + b"\n"
 
 
 def markdown_tables() -> str:

@@ -17,9 +17,9 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from starlette.datastructures import State
 
-from lookback.api.state import ServiceState
-from lookback.app import create_app
+from lookback.app import create_app, drain
 from lookback.settings import Settings
 
 log = logging.getLogger("lookback")
@@ -81,19 +81,19 @@ class DrainingServer(uvicorn.Server):
 
     async def _drain(self) -> None:
         app = self.config.loaded_app
-        svc = _find_state(app)
+        state = _find_state(app)
         try:
-            if svc is not None:
-                await svc.drain(self.settings.drain_grace_s)
+            if state is not None:
+                await drain(state, self.settings.drain_grace_s)
         finally:
             self.should_exit = True
 
 
-def _find_state(app: object) -> ServiceState | None:
-    """The ServiceState of the app, looking through middleware wrappers."""
+def _find_state(app: object) -> State | None:
+    """The Lookback app's state, looking through middleware wrappers."""
     for _ in range(8):
-        state = getattr(getattr(app, "state", None), "lookback", None)
-        if state is not None:
+        state = getattr(app, "state", None)
+        if isinstance(state, State) and hasattr(state, "admission"):
             return state
         app = getattr(app, "app", None)
         if app is None:

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 from websockets.exceptions import ConnectionClosed
 
-from tests.api.rel_ws import Transcript, abort, metric, metrics_text, read_all, ws_connect
+from tests.api.ws_util import Transcript, abort, metric, metrics_text, read_all, ws_connect
 from tests.conftest import Spawned, read_clip, spawn_server
 
 REST_EXAMPLES = 150

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from lookback.app import create_app
 from lookback.protocol import ERRORS
-from tests.api.protocol_util import (
+from tests.api.ws_util import (
     END,
     HOPS,
     RATE,

@@ -12,7 +12,7 @@ import pytest
 
 from lookback.api import auth
 from lookback.server import LogHygiene
-from tests.api.rel_ws import SILERO_Q, refused, ws_connect
+from tests.api.ws_util import SILERO_Q, refused, ws_connect
 from tests.conftest import spawn_server
 from tests.conftest import test_settings as make_settings
 
