@@ -23,7 +23,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import DEFAULT_MODEL, SILERO, STORE
+from lookback.app import create_app
+from lookback.metrics import Metrics
+from lookback.server import uvicorn_config
+from lookback.settings import Settings
+from tests.conftest import DEFAULT_MODEL, SILERO, STORE, Server, free_port, uvicorn_in_thread
 
 FRAME = 128
 RATE = 16000
@@ -495,14 +499,41 @@ class Intercept:
         self.restore()
 
 
-def server_side_transport(client_port: int) -> Any:
-    """The server's transport of the in-thread connection whose client port is given."""
+def server_side_protocol(client_port: int) -> Any:
+    """The server's protocol object (HTTP or WebSocket) of the in-thread connection whose
+    client port is given."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+    kinds = (HttpToolsProtocol, WebSocketsSansIOProtocol)
+    found = []
     for obj in gc.get_objects():
-        if type(obj) is WebSocketsSansIOProtocol and obj.client and obj.client[1] == client_port:
-            return obj.transport
-    raise AssertionError(f"no server connection from port {client_port}")
+        with contextlib.suppress(ReferenceError):  # dead weak proxies among gc's objects
+            if isinstance(obj, kinds) and obj.client and obj.client[1] == client_port:
+                found.append(obj)
+    live = [p for p in found if isinstance(p, WebSocketsSansIOProtocol)] or found  # upgraded: the WS one
+    if not live:
+        raise AssertionError(f"no server connection from port {client_port}")
+    return live[0]
+
+
+def server_side_transport(client_port: int) -> Any:
+    """The server's transport of the in-thread connection whose client port is given."""
+    return server_side_protocol(client_port).transport
+
+
+@contextlib.contextmanager
+def guarded_server(settings: Settings, *, engine: Any = None) -> Iterator[Server]:
+    """A real server in a thread under the production uvicorn configuration
+    (``lookback.server.uvicorn_config``: the transport guards of ``lookback.transport``)."""
+    metrics = engine.metrics if engine is not None else Metrics()
+    app = create_app(settings, metrics=metrics, engine=engine)
+    port = free_port()
+    config = uvicorn_config(
+        app, settings.model_copy(update={"host": "127.0.0.1"}), port=port, metrics=metrics
+    )
+    with uvicorn_in_thread(config):
+        yield Server(f"http://127.0.0.1:{port}", port, app, settings, metrics)
 
 
 class StuckClient:
@@ -531,6 +562,10 @@ class StuckClient:
 
     def send(self, data: bytes) -> None:
         self.proto.send_binary(data)
+        self._flush()
+
+    def send_text(self, text: str) -> None:
+        self.proto.send_text(text.encode())
         self._flush()
 
     def close(self) -> None:

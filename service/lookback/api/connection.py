@@ -22,10 +22,12 @@ from collections.abc import Iterator
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 from fastapi import WebSocket
 
 from lookback.api import direct_send
+from lookback.api.pcm_range import float_problem
 from lookback.engine.engine import Engine
 from lookback.engine.events import Event
 from lookback.engine.session import StreamSession
@@ -47,6 +49,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("lookback.ws")
 
 _CLOSE = object()  # queue sentinel: (code, reason) follows
+
+
+def _f32(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, "<f4")
 
 
 class Phase(Enum):
@@ -86,6 +92,8 @@ class Connection:
         self.opened = time.monotonic()
         self.last_seen = self.opened
         self.phase = Phase.OPEN
+        self.disconnected = False  # the transport reported the socket gone
+        self.closing_since = 0.0  # loop time the close was decided (CLOSING / ABORTING)
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.bytes_in = 0
@@ -113,6 +121,17 @@ class Connection:
 
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
+        if scores[0] != scores[0] or (self.single is None and any(v != v for v in scores)):
+            # NaN scores: the engine's guard (engine/guard.py) reset this session's state
+            self.metrics.error("non_finite_state")
+            self._put(
+                error_message(
+                    "non_finite_state",
+                    "the model produced NaN or Inf for this step; the session's state was reset",
+                    step=index,
+                )
+            )
+            return
         if self.want_results:
             single = self.single
             self._put(
@@ -187,6 +206,7 @@ class Connection:
         """Close once every queued message is sent (normal end, drain)."""
         if self._accepts_output():
             self.phase = Phase.CLOSING
+            self.closing_since = asyncio.get_running_loop().time()
             self.close_code, self.close_reason = code, reason
             self.out.append(_CLOSE)
             self.out.append((code, reason))
@@ -198,6 +218,7 @@ class Connection:
             return
         self.out.clear()
         self.phase = Phase.ABORTING
+        self.closing_since = asyncio.get_running_loop().time()
         self.close_code, self.close_reason = code, reason
         self.out.extend([error_message(reason, message), _CLOSE, (code, reason)])
         self._wake()
@@ -253,6 +274,10 @@ class Connection:
             return
         # Not even the close frame goes out to a client that reads nothing, and the reader
         # would wait forever on one that sends nothing either: stop it to free the session.
+        self.stop_reader()
+
+    def stop_reader(self) -> None:
+        """End the handler's wait in receive(): the session is released as if closed."""
         if self.reader is not None and not self.reader.done():
             self.reader.cancel()
 
@@ -266,10 +291,12 @@ class Connection:
         max_frames_bytes = s.max_frames_per_message * session.frame_bytes
         loop = asyncio.get_running_loop()
         perf = time.perf_counter
+        check_float, max_amp = session.encoding == "pcm_f32le", s.max_float_amplitude
         while True:
             msg = await receive()
             mtype = msg["type"]
             if mtype == "websocket.disconnect":
+                self.disconnected = True
                 return self.close_reason or "client_gone"
             self.last_seen = loop.time()
             data = msg.get("bytes")
@@ -288,6 +315,8 @@ class Connection:
                         f"message holds {n // session.frame_bytes} frames; "
                         f"max_frames_per_message={s.max_frames_per_message}",
                     )
+                elif check_float and n % 4 == 0 and (problem := float_problem(_f32(data), max_amp)):
+                    self.send_error(*problem)
                 else:
                     try:
                         session.push(data, perf())
@@ -368,9 +397,9 @@ class Connection:
         try:
             self.reader = asyncio.current_task()
             reason = await self.run()
-        except asyncio.CancelledError:  # from Connection._abort only; anything else propagates
+        except asyncio.CancelledError:  # from stop_reader once closing; anything else propagates
             task = asyncio.current_task()
-            if self.phase is not Phase.ABORTING or task is None or task.uncancel() > 0:
+            if self.close_reason is None or task is None or task.uncancel() > 0:
                 raise
             reason = self.close_reason or "error"
         except Exception:
@@ -384,7 +413,7 @@ class Connection:
                 registry.account_frames(self)
                 self.session.close()
             if self.writer is not None and not self.writer.done():
-                if reason == "client_gone":
+                if self.disconnected:  # nothing queued can be delivered any more
                     self.writer.cancel()
                 else:  # let it send what is queued; a writer cancelled meanwhile is no error
                     _, pending = await asyncio.wait({self.writer}, timeout=2.0)
@@ -453,7 +482,13 @@ class Connections:
         s = self.settings
         loop_now = asyncio.get_running_loop().time()
         for conn in self:
-            if conn.close_reason is not None or conn.phase is Phase.BROKEN:
+            if conn.close_reason is not None:
+                # A client that reads nothing never completes the close: stop waiting for
+                # it (the transport drops such a socket too; this frees the session here).
+                if loop_now - conn.closing_since > s.ws_send_timeout_s + 1.0:
+                    conn.stop_reader()
+                continue
+            if conn.phase is Phase.BROKEN:
                 continue
             if now - conn.opened > s.max_session_s:
                 conn.close_now(

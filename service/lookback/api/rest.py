@@ -5,7 +5,8 @@ Routes only: the upload decoders are in ``lookback.api.uploads``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
@@ -19,6 +20,7 @@ from starlette.datastructures import State
 from lookback import protocol
 from lookback.api import auth
 from lookback.api.admission import ScoreLease
+from lookback.api.query import unique_query
 from lookback.api.uploads import CONTAINER_TYPES, RAW_TYPES, Body, RawSource, Source, open_container
 from lookback.engine.offline import OfflineChunk
 from lookback.errors import LookbackError, RequestError
@@ -82,7 +84,7 @@ async def metrics(request: Request) -> Response:
 @router.get(
     "/v1/models",
     tags=["models"],
-    dependencies=[Depends(require_key)],
+    dependencies=[Depends(unique_query), Depends(require_key)],
     summary="Loaded models: their contract and active execution provider",
 )
 async def models(request: Request) -> dict[str, Any]:
@@ -100,7 +102,7 @@ async def models(request: Request) -> dict[str, Any]:
 @router.post(
     "/v1/score",
     tags=["scoring"],
-    dependencies=[Depends(require_key)],
+    dependencies=[Depends(unique_query), Depends(require_key)],
     summary="Score a whole clip offline (same numbers as streaming it)",
     openapi_extra={
         "requestBody": {
@@ -154,6 +156,13 @@ async def score(
     lease = svc.admission.admit_score()
     if lease is None:
         raise RequestError("offline scoring queue is full; retry later", code="server_busy")
+    body = Body(
+        request,
+        s.max_upload_bytes,
+        s.idle_timeout_s,
+        min_rate=s.min_upload_rate_bps,
+        rate_grace=s.upload_rate_grace_s,
+    )
     try:
         if ctype in RAW_TYPES:
             if sample_rate is not None and sample_rate != handle.spec.sample_rate:
@@ -164,18 +173,20 @@ async def score(
             if sample_rate is None:
                 raise RequestError("raw PCM needs the sample_rate query parameter", code="bad_sample_rate")
             source: Source = RawSource(
-                Body(request, s.max_upload_bytes, s.idle_timeout_s),
+                body,
                 encoding,
                 handle,
                 s.max_upload_seconds,
                 s.offline_chunk_steps,
+                max_amplitude=s.max_float_amplitude,
             )
         else:
             source = await open_container(
-                Body(request, s.max_upload_bytes, s.idle_timeout_s),
+                body,
                 handle,
                 s.max_upload_seconds,
                 s.offline_chunk_steps,
+                max_amplitude=s.max_float_amplitude,
             )
         await source.check()
     except BaseException:
@@ -194,7 +205,7 @@ async def _respond(svc: State, handle: ModelHandle, source: Source, fmt: str, le
         labels=spec.labels,
     )
 
-    async def chunks() -> AsyncIterator[OfflineChunk]:
+    async def chunks() -> AsyncGenerator[OfflineChunk, None]:
         try:
             async with lease.running():
                 async for chunk in svc.engine.score(handle, source.chunks()):
@@ -214,18 +225,20 @@ async def _respond(svc: State, handle: ModelHandle, source: Source, fmt: str, le
             steps, events = 0, []
             yield protocol.ndjson_line("header", head)
             try:
-                async for c in chunks():
-                    steps += len(c.scores)
-                    events += [e.as_dict() for e in c.events]
-                    yield protocol.ndjson_line(
-                        "scores",
-                        {
-                            "first_step": c.first_step,
-                            "scores": _columns(c.scores, spec.labels),
-                            "events": [e.as_dict() for e in c.events],
-                        },
-                    )
+                async with contextlib.aclosing(chunks()) as scored:  # releases the lease at once
+                    async for c in scored:
+                        steps += len(c.scores)
+                        events += [e.as_dict() for e in c.events]
+                        yield protocol.ndjson_line(
+                            "scores",
+                            {
+                                "first_step": c.first_step,
+                                "scores": _columns(c.scores, spec.labels),
+                                "events": [e.as_dict() for e in c.events],
+                            },
+                        )
             except LookbackError as exc:
+                svc.metrics.error(exc.code)
                 yield protocol.ndjson_line("error", {"code": exc.code, "message": exc.message})
                 return
             yield protocol.ndjson_line(
@@ -264,7 +277,11 @@ class _BodyReadingStream(StreamingResponse):
     """
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await self.stream_response(send)
+        try:
+            await self.stream_response(send)
+        except OSError:  # the transport dropped a client that stopped reading (send_timeout)
+            if hasattr(self.body_iterator, "aclose"):
+                await self.body_iterator.aclose()
         if self.background is not None:
             await self.background()
 

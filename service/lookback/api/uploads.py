@@ -23,6 +23,7 @@ import numpy as np
 import soundfile as sf
 from starlette.requests import ClientDisconnect, Request
 
+from lookback.api.pcm_range import float_problem
 from lookback.errors import RequestError
 
 if TYPE_CHECKING:
@@ -44,25 +45,51 @@ class Body:
     """The request body, part by part, counted against ``max_upload_bytes``.
 
     Every source reads through this. A client that hangs up mid-body is ``bad_audio``;
-    one silent for ``idle_timeout_s`` mid-body gets 408, so a stalled upload cannot hold
-    its place in the scoring queue forever.
+    one silent for ``idle_timeout_s`` mid-body gets 408 ``idle_timeout``, and one that
+    trickles bytes slower than ``min_upload_rate_bps`` gets 408 ``upload_too_slow``, so a
+    stalled upload cannot hold its place in the scoring queue. The rate counts only the
+    time spent waiting for the client, not the time the server spent scoring or queueing.
     """
 
-    def __init__(self, request: Request, max_bytes: int, timeout: float) -> None:
+    def __init__(
+        self,
+        request: Request,
+        max_bytes: int,
+        timeout: float,
+        *,
+        min_rate: float = 0.0,
+        rate_grace: float = 5.0,
+    ) -> None:
         self._parts = request.stream()
         self._timeout = timeout
+        self._min_rate = min_rate
+        self._grace = rate_grace
+        self._waited = 0.0
         self.max_bytes = max_bytes
         self.received = 0
 
     async def next(self) -> bytes | None:
+        timeout, slow = self._timeout, False
+        if self._min_rate > 0:
+            allowed = max(self._grace, self.received / self._min_rate) - self._waited
+            if allowed < timeout:
+                timeout, slow = max(allowed, 0.0), True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
-            part = await asyncio.wait_for(anext(self._parts, None), self._timeout)
+            part = await asyncio.wait_for(anext(self._parts, None), timeout)
         except TimeoutError:
+            if slow:
+                raise RequestError(
+                    f"body arrives slower than min_upload_rate_bps={self._min_rate:g}", code="upload_too_slow"
+                ) from None
             raise RequestError(
                 f"no body data for idle_timeout_s={self._timeout:g}", code="idle_timeout"
             ) from None
         except ClientDisconnect as exc:
             raise RequestError("client disconnected mid-body", code="bad_audio") from exc
+        finally:
+            self._waited += loop.time() - started
         if part is not None:
             self.received += len(part)
             if self.received > self.max_bytes:
@@ -111,7 +138,9 @@ class RawSource(Source):
         *,
         first: bytes | None = None,
         limit: int | None = None,
+        max_amplitude: float = 4.0,
     ) -> None:
+        self.max_amplitude = max_amplitude
         self.dtype = np.dtype("<i2" if encoding == "pcm_s16le" else "<f4")
         self.max_samples = int(max_seconds * handle.spec.sample_rate)
         self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
@@ -183,8 +212,9 @@ class RawSource(Source):
             np.multiply(data, np.float32(1 / 32768), out=audio, casting="unsafe")
         else:
             audio[:] = data
-            if not np.isfinite(audio).all():
-                raise RequestError("pcm_f32le body holds NaN or Inf", code="non_finite_audio")
+            problem = float_problem(audio, self.max_amplitude)
+            if problem is not None:
+                raise RequestError(problem[1], code=problem[0])
         return audio
 
 
@@ -192,6 +222,7 @@ class RawSource(Source):
 
 _PCM_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")  # KSDATAFORMAT_SUBTYPE_PCM
 _WAV_HEAD_MAX = 64 * 1024  # a header longer than this is left to libsndfile
+_FMT_MAX = 1024  # a fmt chunk is 16, 18 or 40 bytes; more is not a WAV we should buffer
 _NEED_MORE = object()
 
 
@@ -202,8 +233,11 @@ class _WavHead(NamedTuple):
     data_bytes: int | None  # None: open-ended, up to the end of the body
 
 
-def _parse_wav_head(buf: bytes) -> object:
-    """A ``_WavHead`` for a 16-bit PCM WAV, ``_NEED_MORE``, or None (not streamable)."""
+def _parse_wav_head(buf: bytes | bytearray) -> object:
+    """A ``_WavHead`` for a 16-bit PCM WAV, ``_NEED_MORE``, or None (not streamable).
+
+    Reads at most ``_WAV_HEAD_MAX`` bytes of chunks before the data chunk, and refuses a
+    fmt chunk above ``_FMT_MAX`` at once instead of waiting for its bytes."""
     if len(buf) < 12:
         return _NEED_MORE
     if buf[:4] != b"RIFF" or buf[8:12] != b"WAVE":
@@ -215,6 +249,10 @@ def _parse_wav_head(buf: bytes) -> object:
         cid = buf[pos : pos + 4]
         (size,) = struct.unpack_from("<I", buf, pos + 4)
         if cid == b"fmt ":
+            if size > _FMT_MAX:
+                raise RequestError(
+                    f"WAV fmt chunk declares {size} bytes; at most {_FMT_MAX}", code="bad_audio"
+                )
             if size < 16 or pos + 8 + size > len(buf):
                 return _NEED_MORE if size >= 16 else None
             code, channels, rate = struct.unpack_from("<HHI", buf, pos + 8)
@@ -232,18 +270,22 @@ def _parse_wav_head(buf: bytes) -> object:
     return None
 
 
-async def open_container(body: Body, handle: ModelHandle, max_seconds: float, chunk_steps: int) -> Source:
+async def open_container(
+    body: Body, handle: ModelHandle, max_seconds: float, chunk_steps: int, *, max_amplitude: float = 4.0
+) -> Source:
     """Stream a 16-bit PCM WAV as it arrives; spool anything else for libsndfile."""
-    head = b""
+    head = bytearray()
     parsed: object = _NEED_MORE
-    while parsed is _NEED_MORE:
+    while parsed is _NEED_MORE and len(head) <= _WAV_HEAD_MAX + 8:
         part = await body.next()
         if part is None:
             break
         head += part
         parsed = _parse_wav_head(head)
     if not isinstance(parsed, _WavHead):  # not one we stream: libsndfile decides
-        return await _ContainerSource.open(body, head, handle, max_seconds, chunk_steps)
+        return await _ContainerSource.open(
+            body, bytes(head), handle, max_seconds, chunk_steps, max_amplitude=max_amplitude
+        )
     spec, max_bytes = handle.spec, body.max_bytes
     _check_format(parsed.channels, parsed.rate, spec.sample_rate)
     if parsed.data_bytes is not None and parsed.data_offset + parsed.data_bytes > max_bytes:
@@ -264,7 +306,7 @@ async def open_container(body: Body, handle: ModelHandle, max_seconds: float, ch
         handle,
         max_seconds,
         chunk_steps,
-        first=head[parsed.data_offset :],
+        first=bytes(head[parsed.data_offset :]),
         limit=parsed.data_bytes,
     )
 
@@ -282,14 +324,22 @@ def _check_format(channels: int, rate: int, model_rate: int) -> None:
 class _ContainerSource(Source):
     """WAV/FLAC/OGG through libsndfile, from a spooled temp file, block by block."""
 
-    def __init__(self, path: str, info: sf.SoundFile, chunk: int) -> None:
+    def __init__(self, path: str, info: sf.SoundFile, chunk: int, max_amplitude: float) -> None:
         self.path = path
         self.file = info
         self.chunk = chunk
+        self.max_amplitude = max_amplitude
 
     @classmethod
     async def open(
-        cls, body: Body, head: bytes, handle: ModelHandle, max_seconds: float, chunk_steps: int
+        cls,
+        body: Body,
+        head: bytes,
+        handle: ModelHandle,
+        max_seconds: float,
+        chunk_steps: int,
+        *,
+        max_amplitude: float = 4.0,
     ) -> _ContainerSource:
         """Spool ``head`` (the bytes already read) and the rest of ``body``, then open."""
         fd, path = tempfile.mkstemp(prefix="lookback-", suffix=".upload")
@@ -324,7 +374,7 @@ class _ContainerSource(Source):
                     f"max_upload_seconds={max_seconds:g}",
                     code="audio_too_long",
                 )
-            return cls(path, snd, chunk_steps * spec.hop_samples)
+            return cls(path, snd, chunk_steps * spec.hop_samples, max_amplitude)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -338,6 +388,9 @@ class _ContainerSource(Source):
                 raise RequestError(f"audio is truncated or corrupt: {exc}", code="bad_audio") from exc
             if block.size == 0:
                 break
+            problem = float_problem(block, self.max_amplitude)  # float WAVs: one rule with raw f32
+            if problem is not None:
+                raise RequestError(problem[1], code=problem[0])
             self.samples += block.size
             yield block
             if block.size < self.chunk:

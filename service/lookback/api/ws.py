@@ -15,6 +15,7 @@ from fastapi import APIRouter, WebSocket
 from lookback.api import auth
 from lookback.api.admission import Admission
 from lookback.api.connection import Connection, Connections
+from lookback.api.query import check_unique_query
 from lookback.api.responses import error_response
 from lookback.engine.engine import Engine
 from lookback.engine.session import BYTES_PER_SAMPLE
@@ -31,6 +32,7 @@ router = APIRouter()
 
 def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ModelHandle, str, str]:
     q = ws.query_params
+    check_unique_query(q.multi_items())
     handle = engine.resolve(q.get("model") or None, q.get("version") or None)
     encoding = q.get("encoding", "pcm_s16le")
     if encoding not in BYTES_PER_SAMPLE:
