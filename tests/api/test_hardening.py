@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -337,10 +338,15 @@ async def test_a_slow_consumer_sees_4429_and_a_stuck_one_is_dropped(silero_model
                     got = await asyncio.wait_for(read_all(ws, Transcript()), 20)
                     assert (got.close_code, got.close_reason) == (4429, "slow_consumer")
                 else:
-                    await wait_until(lambda p=proto: p.disconnected, within=20, what="stuck socket dropped")
+                    await until_dropped(proto)
             await wait_until(lambda: not svc.connections, what="session freed")
         text = metrics_text(server.url)
         assert metric(text, "lookback_sessions_ended_total", reason="slow_consumer") == 2
+
+
+async def until_dropped(proto: Any) -> None:
+    """Until the server's side of a connection is gone (its file descriptor closed)."""
+    await wait_until(lambda: bool(proto.disconnected), within=20, what="stuck socket dropped")
 
 
 # -- 6: float input range and the state guard --------------------------------------------------
@@ -430,7 +436,7 @@ async def test_sigterm_exits_within_the_grace_whatever_the_clients(silero_model:
         app, settings.model_copy(update={"host": "127.0.0.1"}), port=port, metrics=metrics
     )
     server = DrainingServer(config, settings)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.run, daemon=True)
     with ErrorLog() as log:
         thread.start()
@@ -534,9 +540,9 @@ async def test_float_wav_follows_the_raw_float_rule(srv: Server, value: float, c
 def test_a_key_list_without_keys_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("LOOKBACK_API_KEYS", value)
     with pytest.raises(ValidationError, match="holds no key"):
-        Settings(_env_file=None)  # type: ignore[call-arg]
+        Settings(_env_file=None)
     monkeypatch.setenv("LOOKBACK_API_KEYS", "")
-    assert not Settings(_env_file=None).auth_enabled  # type: ignore[call-arg]
+    assert not Settings(_env_file=None).auth_enabled
 
 
 async def test_duplicate_query_parameters_are_refused(srv: Server) -> None:

@@ -101,7 +101,7 @@ async def test_keys_origins_and_logs_on_a_real_server(tmp_path: Path, silero_mod
         bearer = {"Authorization": f"Bearer {KEYS[0]}"}
 
         async def accepted(url: str, **kw: object) -> None:
-            async with ws_connect(url, **kw) as ws:  # type: ignore[arg-type]
+            async with ws_connect(url, **kw) as ws:
                 assert orjson.loads(await ws.recv())["type"] == "ready"
                 await ws.send('{"type":"end"}')
                 assert orjson.loads(await ws.recv())["type"] == "summary"

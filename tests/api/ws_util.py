@@ -143,10 +143,11 @@ async def _send_all(ws: ClientConnection, messages: Iterable[bytes | str]) -> No
 
 async def run_session(
     base_ws: str,
-    messages: Sequence[bytes | str] = (),
+    messages: Sequence[Any] = (),  # bytes and str
+    /,
     *,
-    headers: dict[str, str] | None = None,
-    **query: object,
+    headers: Any = None,
+    **query: Any,
 ) -> Session:
     """Open a session, send ``messages`` while reading, and collect up to the close."""
 
@@ -158,7 +159,7 @@ async def run_session(
             sender = asyncio.create_task(_send_all(ws, messages))
             await collect_json(ws, got)
             await sender
-            return Session(got, ws.close_code, ws.close_reason)
+            return Session(got, ws.close_code, ws.close_reason or "")
 
     return await asyncio.wait_for(go(), SESSION_TIMEOUT)
 
@@ -178,7 +179,7 @@ async def recv_until(ws: ClientConnection, kind: str, wait: float = 10.0) -> lis
     return out
 
 
-async def expect_refusal(base_ws: str, **query: object) -> Session:
+async def expect_refusal(base_ws: str, **query: Any) -> Session:
     """A query-level refusal: the upgrade succeeds, then one error and a 44xx close."""
     s = await run_session(base_ws, **query)
     assert len(s.messages) == 1 and s.messages[0]["type"] == "error", s.messages
@@ -192,8 +193,9 @@ def score(
     url: str,
     body: bytes | Iterable[bytes],
     content_type: str = "audio/wav",
-    headers: dict[str, str] | None = None,
-    **params: object,
+    /,
+    headers: Any = None,
+    **params: Any,
 ) -> httpx.Response:
     q = {k: v for k, v in params.items() if v is not None}
     return httpx.post(
@@ -353,7 +355,7 @@ async def refused(url: str, **kw: Any) -> tuple[int, dict[str, str], bytes]:
             pass
     except InvalidStatus as exc:
         r = exc.response
-        return r.status_code, {k.lower(): v for k, v in r.headers.raw_items()}, r.body or b""
+        return r.status_code, {k.lower(): v for k, v in r.headers.raw_items()}, bytes(r.body or b"")
     raise AssertionError(f"{url} was upgraded; expected an HTTP refusal")
 
 
