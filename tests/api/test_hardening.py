@@ -67,8 +67,9 @@ def silero(**kw: object) -> Settings:
 
 @pytest.fixture(scope="module")
 def srv(silero_model: str) -> Iterator[Server]:
-    """One guarded server for the tests that do not need their own limits."""
-    with guarded_server(silero(header_timeout_s=2.0)) as server:
+    """One guarded server for the tests that do not need their own limits: every model,
+    the default one (lookback-vad, scored offline through its sequence graph) included."""
+    with guarded_server(make_settings(header_timeout_s=2.0)) as server:
         yield server
 
 
