@@ -18,7 +18,7 @@ import pytest
 
 from lookback.cli import main
 from lookback.protocol import CLOSE_CODES, ERRORS
-from tests.api.protocol_util import HOPS, manifest, require_model
+from tests.api.ws_util import HOPS, manifest, require_model
 from tests.conftest import (
     AUDIO,
     DEFAULT_MODEL,

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 
 from lookback.client import FRAME, LookbackClient, LookbackClientError, frames_of, read_wav
-from tests.api.protocol_util import HOPS, require_model
+from tests.api.ws_util import HOPS, require_model
 from tests.conftest import AUDIO, DEFAULT_MODEL, SILERO, Server, running_server
 from tests.conftest import test_settings as make_settings
 

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.api.rel_ws import SILERO_Q, Transcript, read_all, refused, wait_until, ws_connect
+from tests.api.ws_util import SILERO_Q, Transcript, read_all, refused, wait_until, ws_connect
 from tests.conftest import spawn_server
 from tests.support import read_clip
 

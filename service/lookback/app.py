@@ -12,10 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import State
 
 from lookback import __version__, protocol
 from lookback.api import rest, ws
-from lookback.api.state import ServiceState
+from lookback.api.admission import Admission
+from lookback.api.connection import Connections
+from lookback.api.responses import error_response
 from lookback.engine.engine import Engine
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
@@ -44,45 +47,58 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+async def drain(state: State, grace: float) -> None:
+    """Refuse new work, then finish every open session with a summary and 1001 in ``grace``."""
+    state.admission.draining = True
+    state.metrics.ready.set(0)
+    await state.connections.drain(grace)
+
+
 def create_app(
     settings: Settings | None = None, *, metrics: Metrics | None = None, engine: Engine | None = None
 ) -> FastAPI:
     settings = settings or Settings()
     metrics = metrics or Metrics()
     engine = engine or Engine(settings, metrics)
-    svc = ServiceState(settings, engine, metrics)
+    admission = Admission(settings, engine)
+    connections = Connections(settings, metrics, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
-        svc.start()
+        connections.start()
         if settings.gc_freeze:
             freeze_startup_heap()
         log.info("Lookback ready: %d model(s), provider %s", len(engine.models), engine.provider)
         try:
             yield
         finally:
-            if not svc.draining:
-                await svc.drain(settings.drain_grace_s)
-            await svc.stop()
+            if not admission.draining:
+                await drain(app.state, settings.drain_grace_s)
+            await connections.stop()
             await engine.stop()
 
     app = FastAPI(title="Lookback", version=__version__, description=DESCRIPTION, lifespan=lifespan)
-    app.state.lookback = svc
+    # What routes need, each its own object (no god object): see lookback.api.
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = engine
+    app.state.admission = admission
+    app.state.connections = connections
     app.include_router(rest.router)
     app.include_router(ws.router)
 
     @app.exception_handler(LookbackError)
     async def _lookback_error(request: Request, exc: LookbackError) -> JSONResponse:
         metrics.error(exc.code)
-        return rest.error_response(exc)
+        return error_response(exc.code, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.error("bad_query")
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return rest.error_response(LookbackError(f"{where}: {first.get('msg', 'invalid')}", code="bad_query"))
+        return error_response("bad_query", f"{where}: {first.get('msg', 'invalid')}")
 
     @app.get("/protocol", include_in_schema=False, response_class=PlainTextResponse)
     async def _protocol() -> str:

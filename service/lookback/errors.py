@@ -56,3 +56,7 @@ class InferenceError(LookbackError):
     """The model call failed for a whole batch; every waiter of that batch gets this."""
 
     code = "inference_failed"
+
+
+class RequestError(LookbackError):
+    """A request-level refusal (REST body, upload); its HTTP status comes from protocol.py."""

@@ -68,6 +68,20 @@ _SPECS = [
         "pcm_f32le message holds NaN or Inf; dropped whole so state is never poisoned",
     ),
     ErrorSpec(
+        "audio_out_of_range",
+        400,
+        None,
+        "pcm_f32le (or float WAV) sample outside [-max_float_amplitude, max_float_amplitude] "
+        "(full scale is 1.0); dropped whole",
+    ),
+    ErrorSpec(
+        "non_finite_state",
+        500,
+        None,
+        "a model step produced NaN or Inf; the step has no result and the session's state was "
+        "reset to initial (the session goes on)",
+    ),
+    ErrorSpec(
         "too_many_pending_steps",
         429,
         None,
@@ -93,6 +107,12 @@ _SPECS = [
         "sample_rate differs from the model's; Lookback never resamples silently",
     ),
     ErrorSpec("bad_query", 400, Close.BAD_REQUEST, "a query parameter has an invalid value"),
+    ErrorSpec(
+        "duplicate_query",
+        400,
+        Close.BAD_REQUEST,
+        "a query parameter is given twice; which one counts is unclear",
+    ),
     ErrorSpec("unknown_model", 404, Close.UNKNOWN_MODEL, "model not loaded"),
     ErrorSpec("unknown_version", 404, Close.UNKNOWN_MODEL, "version of the model not loaded"),
     ErrorSpec("unauthorized", 401, None, "missing or wrong API key (WebSocket: HTTP 401 before the upgrade)"),
@@ -112,6 +132,28 @@ _SPECS = [
     ErrorSpec("bad_channels", 400, None, "audio must be mono"),
     ErrorSpec("upload_too_large", 413, None, "body above max_upload_bytes"),
     ErrorSpec("audio_too_long", 413, None, "audio above max_upload_seconds"),
+    ErrorSpec(
+        "upload_too_slow",
+        408,
+        None,
+        "body arrives slower than min_upload_rate_bps on average (after upload_rate_grace_s)",
+    ),
+    ErrorSpec(
+        "send_timeout",
+        408,
+        None,
+        "the client read nothing for response_send_timeout_s (ndjson) or ws_send_timeout_s "
+        "(WebSocket); the connection is dropped, so this code is only counted",
+    ),
+    # -- HTTP transport (before any route; the connection is closed after the answer) --
+    ErrorSpec("header_timeout", 408, None, "request line and headers not complete within header_timeout_s"),
+    ErrorSpec("request_line_too_long", 414, None, "request line above max_request_line_bytes"),
+    ErrorSpec(
+        "headers_too_large",
+        431,
+        None,
+        "headers above max_header_bytes in all, or more than max_headers lines",
+    ),
     ErrorSpec("idle_timeout", 408, Close.IDLE_TIMEOUT, "no data for idle_timeout_s"),
     ErrorSpec("max_duration", 400, Close.MAX_DURATION, "session reached max_session_s"),
     ErrorSpec("slow_consumer", 400, Close.SLOW_CONSUMER, "send queue overflow"),
@@ -125,17 +167,106 @@ def spec_for(code: str) -> ErrorSpec:
     return ERRORS.get(code, ERRORS["internal_error"])
 
 
-# --- encoders (hot path: orjson, floats at full float32 precision) ------------------------
+# --- server messages (hot path: orjson, floats at full float32 precision) ------------------
 
 
 def encode(msg: dict[str, Any]) -> str:
     return orjson.dumps(msg).decode()
 
 
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The JSON body of every HTTP refusal: REST errors and pre-upgrade WebSocket refusals."""
+    return {"error": {"code": code, "message": message}}
+
+
 def error_message(code: str, message: str, **extra: Any) -> str:
     body: dict[str, Any] = {"type": "error", "code": code, "message": message}
     body.update(extra)
     return encode(body)
+
+
+def ready_message(
+    *,
+    session_id: str,
+    model: str,
+    version: str,
+    sample_rate: int,
+    frame_samples: int,
+    hop_samples: int,
+    labels: list[str],
+    encoding: str | None,
+    threshold: float,
+) -> str:
+    return encode(
+        {
+            "type": "ready",
+            "session_id": session_id,
+            "model": model,
+            "version": version,
+            "sample_rate": sample_rate,
+            "frame_samples": frame_samples,
+            "hop_samples": hop_samples,
+            "labels": labels,
+            "encoding": encoding,
+            "threshold": threshold,
+        }
+    )
+
+
+def result_message(step: int, time: float, scores: dict[str, float]) -> str:
+    # orjson on a small dict is about twice as fast as an f-string with float reprs
+    return orjson.dumps({"type": "result", "step": step, "time": time, "scores": scores}).decode()
+
+
+def event_message(event: dict[str, Any]) -> str:
+    return orjson.dumps({"type": "event", **event}).decode()
+
+
+def summary_message(
+    *,
+    session_id: str,
+    frames: int,
+    steps: int,
+    failed_steps: int,
+    padded_samples: int,
+    duration: float,
+    events: list[dict[str, Any]],
+) -> str:
+    return encode(
+        {
+            "type": "summary",
+            "session_id": session_id,
+            "frames": frames,
+            "steps": steps,
+            "failed_steps": failed_steps,
+            "padded_samples": padded_samples,
+            "duration": duration,
+            "events": events,
+        }
+    )
+
+
+# --- REST ndjson lines (format=ndjson of POST /v1/score) -----------------------------------
+
+_NP = orjson.OPT_SERIALIZE_NUMPY
+
+
+def ndjson_header(
+    *, model: str, version: str, sample_rate: int, hop_samples: int, labels: list[str]
+) -> dict[str, Any]:
+    """The clip header; the JSON answer carries the same fields at its top level."""
+    return {
+        "model": model,
+        "version": version,
+        "sample_rate": sample_rate,
+        "hop_samples": hop_samples,
+        "labels": labels,
+    }
+
+
+def ndjson_line(kind: str, body: dict[str, Any]) -> bytes:
+    """One line of an ndjson answer: ``header``, ``scores``, ``summary`` or ``error``."""
+    return orjson.dumps({"type": kind, **body}, option=_NP) + b"\n"
 
 
 def markdown_tables() -> str:

@@ -17,13 +17,24 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from starlette.datastructures import State
 
-from lookback.api.state import ServiceState
-from lookback.app import create_app
+from lookback import transport
+from lookback.app import create_app, drain
+from lookback.metrics import Metrics
 from lookback.settings import Settings
 
 log = logging.getLogger("lookback")
-_SECRETS = re.compile(r"([?&]token=|authorization:\s*(?:bearer\s+)?)[^&\s\"]*", re.IGNORECASE)
+# ?token=<key> in a URL, and the whole value of an Authorization header in any scheme
+# (Bearer, Basic, Token, none), as "authorization: v" or as a ('authorization', 'v') pair
+_SECRETS = re.compile(
+    r"([?&]token=)[^&\s\"']*|((?:proxy-)?authorization['\"]?\s*[:,=]\s*b?['\"]?)[^\r\n'\"]*",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(lambda m: (m.group(1) or m.group(2)) + "***", text)
 
 
 class LogHygiene(logging.Filter):
@@ -42,20 +53,25 @@ class LogHygiene(logging.Filter):
         if "returned without completing handshake" in msg:
             return False
         low = msg.lower()
-        if "token=" not in low and "authorization:" not in low:
+        if "token=" not in low and "authorization" not in low:
             return True
         if isinstance(record.args, tuple) and record.name == "uvicorn.access":
             # its formatter unpacks the args (client, method, path, ...): redact each one
-            record.args = tuple(_SECRETS.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
         else:
-            record.msg, record.args = _SECRETS.sub(r"\1***", msg), ()
+            record.msg, record.args = redact(msg), ()
         return True
 
 
 def install_log_hygiene() -> None:
+    """On uvicorn's loggers and on every handler, so records of other loggers that reach a
+    handler (websockets' handshake lines at debug level) are redacted too."""
     hygiene = LogHygiene()
     for name in ("uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).addFilter(hygiene)
+    for name in ("", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(hygiene)
 
 
 class DrainingServer(uvicorn.Server):
@@ -80,20 +96,26 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        app = self.config.loaded_app
-        svc = _find_state(app)
+        """Sessions get most of the grace; uvicorn's own shutdown the rest, so the process
+        exits within ``drain_grace_s`` even with clients that stopped reading."""
+        loop = asyncio.get_running_loop()
+        grace = self.settings.drain_grace_s
+        deadline = loop.time() + grace
+        reserve = min(2.0, grace / 4)
+        state = _find_state(self.config.loaded_app)
         try:
-            if svc is not None:
-                await svc.drain(self.settings.drain_grace_s)
+            if state is not None:
+                await drain(state, grace - reserve)
         finally:
+            self.config.timeout_graceful_shutdown = max(0.1, deadline - loop.time() - 0.5)  # type: ignore[assignment]
             self.should_exit = True
 
 
-def _find_state(app: object) -> ServiceState | None:
-    """The ServiceState of the app, looking through middleware wrappers."""
+def _find_state(app: object) -> State | None:
+    """The Lookback app's state, looking through middleware wrappers."""
     for _ in range(8):
-        state = getattr(getattr(app, "state", None), "lookback", None)
-        if state is not None:
+        state = getattr(app, "state", None)
+        if isinstance(state, State) and hasattr(state, "admission"):
             return state
         app = getattr(app, "app", None)
         if app is None:
@@ -101,19 +123,31 @@ def _find_state(app: object) -> ServiceState | None:
     return None
 
 
-def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> uvicorn.Config:
-    """The uvicorn configuration Lookback runs under (the bench's echo ceiling uses it too)."""
+def uvicorn_config(
+    app: Any, settings: Settings, *, port: int | None = None, metrics: Metrics | None = None
+) -> uvicorn.Config:
+    """The uvicorn configuration Lookback runs under (the bench's echo ceiling uses it too).
+
+    With the sansio WebSocket implementation (the default) the HTTP and WebSocket
+    protocols are ``lookback.transport``'s guarded ones: head timeout and size bounds, a
+    connection limit that spares health checks, WebSocket send timeouts.
+    """
+    guarded = settings.ws_impl == "websockets-sansio"
+    http_cls, ws_cls = transport.protocols(settings, metrics)
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port if port is None else port,
         log_level=settings.log_level,
-        ws=settings.ws_impl,
+        http=http_cls if guarded else "auto",
+        ws=ws_cls if guarded else settings.ws_impl,
         ws_max_size=settings.max_message_bytes * 4,
         ws_max_queue=32,
         ws_per_message_deflate=settings.ws_per_message_deflate,
         ws_ping_interval=settings.ws_ping_interval_s,
-        limit_concurrency=settings.max_sessions + settings.max_queued_scores + 64,
+        # not limit_concurrency: it answers a plain 503 to /healthz too (see lookback.transport)
+        limit_concurrency=None if guarded else settings.connection_limit,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=max(1, int(settings.drain_grace_s)),
         access_log=settings.log_level == "debug",
         lifespan="on",
@@ -124,6 +158,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = uvicorn_config(create_app(settings), settings)
+    metrics = Metrics()
+    config = uvicorn_config(create_app(settings, metrics=metrics), settings, metrics=metrics)
     install_log_hygiene()  # after Config, which (re)configures uvicorn's loggers
     DrainingServer(config, settings).run()

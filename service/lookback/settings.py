@@ -100,7 +100,55 @@ class Settings(BaseSettings):
     max_concurrent_scores: int = Field(2, ge=1, description="offline clips scored at once")
     max_queued_scores: int = Field(8, ge=0, description="offline clips waiting; more get 503")
     offline_chunk_steps: int = Field(2048, ge=1, description="steps scored per offline chunk")
-    drain_grace_s: float = Field(20.0, ge=0, description="SIGTERM: time to finish open sessions")
+    drain_grace_s: float = Field(
+        20.0, ge=0, description="SIGTERM: the process exits within this, stuck clients or not"
+    )
+    max_float_amplitude: float = Field(
+        4.0,
+        ge=1.0,
+        description="pcm_f32le and float WAV samples must lie in [-this, this] (full scale is 1.0; "
+        "the default allows 12 dB of headroom); larger is refused: audio_out_of_range",
+    )
+
+    # --- transport (HTTP before the upgrade, WebSocket sends) ---------------------------
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="open TCP connections before new requests get 503 server_busy (health, "
+        "readiness and metrics are always answered); default max_sessions + the scoring "
+        "places + 64",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's line and headers must arrive within this: header_timeout"
+    )
+    keep_alive_timeout_s: int = Field(5, ge=1, description="close an idle keep-alive HTTP connection")
+    max_request_line_bytes: int = Field(
+        8192,
+        ge=1024,
+        le=8192,
+        description="request line (method, path, query), 414 request_line_too_long; and any one "
+        "header line, 431 headers_too_large (the WebSocket handshake parser allows 8 KiB lines)",
+    )
+    max_header_bytes: int = Field(
+        32 * 1024, ge=1024, description="the request head in all: 431 headers_too_large"
+    )
+    max_headers: int = Field(100, ge=8, description="header lines in one request: headers_too_large")
+    ws_send_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a WebSocket whose client reads nothing for this long while the server has "
+        "results to send is dropped; it also bounds the close handshake",
+    )
+    min_upload_rate_bps: int = Field(
+        16 * 1024,
+        ge=0,
+        description="REST bodies slower than this on average (after upload_rate_grace_s) get "
+        "408 upload_too_slow; 0 off",
+    )
+    upload_rate_grace_s: float = Field(5.0, gt=0, description="time before min_upload_rate_bps applies")
+    response_send_timeout_s: float = Field(
+        30.0, gt=0, description="a streamed (ndjson) answer whose client stops reading is cut: send_timeout"
+    )
 
     # --- security -------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -117,6 +165,14 @@ class Settings(BaseSettings):
     def _split_csv(cls, value: object) -> object:
         return _csv(value)
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_not_blank(cls, value: object) -> object:
+        """A key list that was set but holds no key (``","``) would turn auth off silently."""
+        if isinstance(value, str) and value.strip() and not _csv(value):
+            raise ValueError("api_keys is set but holds no key; unset it to run without auth")
+        return value
+
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:
         if self.max_frames_per_message > self.max_pending_steps:
@@ -125,6 +181,12 @@ class Settings(BaseSettings):
         if self.max_message_bytes < self.max_frames_per_message * 128 * 2:
             raise ValueError("max_message_bytes is below max_frames_per_message int16 frames")
         return self
+
+    @property
+    def connection_limit(self) -> int:
+        return self.max_connections or (
+            self.max_sessions + self.max_concurrent_scores + self.max_queued_scores + 64
+        )
 
     @property
     def auth_enabled(self) -> bool:

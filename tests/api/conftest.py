@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.api.protocol_util import require_model
+from tests.api.ws_util import require_model
 from tests.conftest import AUDIO, DEFAULT_MODEL, SILERO
 
 SPEECH = "silero_ref_speech.wav"

@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from lookback.protocol import Close
-from tests.api.protocol_util import END, run_session, score, stream_url
+from tests.api.ws_util import END, run_session, score, stream_url
 from tests.conftest import SILERO, Server, running_server
 from tests.conftest import test_settings as make_settings
 

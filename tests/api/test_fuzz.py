@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 from websockets.exceptions import ConnectionClosed
 
-from tests.api.rel_ws import Transcript, abort, metric, metrics_text, read_all, ws_connect
+from tests.api.ws_util import Transcript, abort, metric, metrics_text, read_all, ws_connect
 from tests.conftest import Spawned, read_clip, spawn_server
 
 REST_EXAMPLES = 150
@@ -50,7 +50,9 @@ MAX_FRAMES = 64
 HOP = 512
 SPEECH = read_clip("silero_ref_speech.wav")
 SPEECH_F32 = (SPEECH.astype(np.float32) / 32768).astype("<f4")
-FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+FUZZ_SETTINGS: dict[str, Any] = dict(
+    deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
 
 def _clip(seconds: float, fmt: str, rate: int = 16000, channels: int = 1) -> bytes:

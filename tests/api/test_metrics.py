@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lookback.protocol import Close
-from tests.api.protocol_util import (
+from tests.api.ws_util import (
     END,
     FRAME,
     HOPS,

@@ -11,7 +11,7 @@ import numpy as np
 import orjson
 import soundfile as sf
 
-from tests.api.rel_ws import (
+from tests.api.ws_util import (
     SILERO_Q,
     Intercept,
     Transcript,
@@ -47,7 +47,7 @@ async def test_session_cap_refuses_before_upgrade(silero_model: str) -> None:
     """max_sessions=3: with three open, a fourth WebSocket gets HTTP 503 + Retry-After
     before the upgrade, while a session already streaming is byte-for-byte unaffected."""
     with running_server(silero_settings(max_sessions=3)) as srv:
-        svc = srv.app.state.lookback  # type: ignore[attr-defined]
+        svc = srv.app.state  # type: ignore[attr-defined]
         reference = await stream_clip(srv.ws, PCM)
         refusals: list[tuple[int, dict[str, str], bytes]] = []
 
@@ -67,7 +67,7 @@ async def test_session_cap_refuses_before_upgrade(silero_model: str) -> None:
         for r in refusals:
             assert_busy(*r)
         assert metric(metrics_text(srv.url), "lookback_sessions_refused_total", reason="capacity") == 2
-        await wait_until(lambda: svc.reserved == 0, what="sessions closed")
+        await wait_until(lambda: svc.admission.reserved == 0, what="sessions closed")
         again = await stream_clip(srv.ws, PCM)  # below the cap again: admitted
         assert again.messages == reference.messages
 
@@ -82,7 +82,7 @@ async def test_rest_queue_full_is_503(silero_model: str) -> None:
     """max_concurrent_scores=1, max_queued_scores=0: while one upload trickles in (a slow
     chunked body), the next request gets 503 + Retry-After; afterwards both kinds work."""
     with running_server(silero_settings(max_concurrent_scores=1, max_queued_scores=0)) as srv:
-        svc = srv.app.state.lookback  # type: ignore[attr-defined]
+        svc = srv.app.state  # type: ignore[attr-defined]
         body = _wav(CLIP[:16000])
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         writer.write(
@@ -95,7 +95,7 @@ async def test_rest_queue_full_is_503(silero_model: str) -> None:
 
         writer.write(chunk(body[:1000]))
         await writer.drain()
-        await wait_until(lambda: svc.scores_running == 1, what="slow upload admitted")
+        await wait_until(lambda: svc.admission.scores_running == 1, what="slow upload admitted")
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
             r = await client.post("/v1/score", content=body, headers={"Content-Type": "audio/wav"})
             assert_busy(r.status_code, dict(r.headers), r.content)
@@ -108,7 +108,7 @@ async def test_rest_queue_full_is_503(silero_model: str) -> None:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             assert head.startswith(b"HTTP/1.1 200"), head
             writer.close()
-            await wait_until(lambda: svc.scores_running == 0, what="lease released")
+            await wait_until(lambda: svc.admission.scores_running == 0, what="lease released")
             r = await client.post("/v1/score", content=body, headers={"Content-Type": "audio/wav"})
             assert r.status_code == 200 and r.json()["steps"] == 32
         assert metric(metrics_text(srv.url), "lookback_errors_total", code="server_busy") == 1
@@ -119,7 +119,7 @@ async def test_backlog_sheds_new_sessions(silero_model: str) -> None:
     batcher, a new session is refused 503 (reason backlog); once the batcher catches up
     every admitted session gets all its results and new sessions are admitted again."""
     with running_server(silero_settings(shed_backlog_steps=4)) as srv:
-        svc = srv.app.state.lookback  # type: ignore[attr-defined]
+        svc = srv.app.state  # type: ignore[attr-defined]
         (handle,) = svc.engine.models.values()
         ts = [Transcript() for _ in range(5)]
         async with (

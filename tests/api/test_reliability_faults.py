@@ -19,7 +19,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from tests.api.rel_ws import (
+from tests.api.ws_util import (
     SILERO_Q,
     ErrorLog,
     Intercept,
@@ -72,7 +72,7 @@ def server_log() -> Iterator[ErrorLog]:
 
 
 def state(server: Server):  # type: ignore[no-untyped-def]
-    svc = server.app.state.lookback  # type: ignore[attr-defined]
+    svc = server.app.state  # type: ignore[attr-defined]
     return svc, svc.engine.models[KEY]
 
 

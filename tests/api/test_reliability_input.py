@@ -22,7 +22,7 @@ import orjson
 import pytest
 import soundfile as sf
 
-from tests.api.rel_ws import (
+from tests.api.ws_util import (
     SILERO_Q,
     ErrorLog,
     Transcript,
@@ -377,7 +377,7 @@ async def test_rest_bad_input(mod: Module, name: str) -> None:
     assert (r.status_code, r.json()["error"]["code"]) == (case.status, case.code), r.text
     if case.status == 401:
         assert r.headers["www-authenticate"] == "Bearer"
-    assert mod.srv.app.state.lookback.scores_running == 0  # type: ignore[attr-defined]
+    assert mod.srv.app.state.admission.scores_running == 0  # type: ignore[attr-defined]
 
 
 async def _raw_post(
@@ -425,22 +425,22 @@ async def test_rest_oversize_refused_before_the_body_is_read(mod: Module) -> Non
 async def test_rest_client_stops_mid_body(mod: Module) -> None:
     """A client that goes silent mid-body gets 408 after idle_timeout_s; one that hangs up
     mid-body is counted as bad_audio. Either way its queue place and temp file are freed."""
-    svc = mod.srv.app.state.lookback  # type: ignore[attr-defined]
+    svc = mod.srv.app.state  # type: ignore[attr-defined]
     got: list[bytes] = []
     before = errors_by_code(mod)
 
     async def bad() -> None:
         # silent: keeps the connection open, never sends the rest
         reader, writer = await _raw_post(mod.srv.port, 100_000, GOOD_WAV[:1000])
-        await wait_until(lambda: svc.scores_running == 1, what="upload admitted")
+        await wait_until(lambda: svc.admission.scores_running == 1, what="upload admitted")
         got.append(await _response(reader, 10 * IDLE_S))
         writer.close()
-        await wait_until(lambda: svc.scores_running == 0, what="lease freed after 408")
+        await wait_until(lambda: svc.admission.scores_running == 0, what="lease freed after 408")
         # gone: hangs up mid-body
         reader, writer = await _raw_post(mod.srv.port, 100_000, GOOD_WAV[:1000])
-        await wait_until(lambda: svc.scores_running == 1, what="upload admitted")
+        await wait_until(lambda: svc.admission.scores_running == 1, what="upload admitted")
         writer.transport.abort()
-        await wait_until(lambda: svc.scores_running == 0, what="lease freed after hang-up")
+        await wait_until(lambda: svc.admission.scores_running == 0, what="lease freed after hang-up")
 
     await healthy_next_to(mod, bad)
     assert _status_and_code(got[0]) == (408, "idle_timeout")
@@ -455,12 +455,12 @@ async def test_rest_client_stops_mid_body(mod: Module) -> None:
 
 def test_server_survived_every_bad_input(mod: Module) -> None:
     srv = mod.srv
-    svc = srv.app.state.lookback  # type: ignore[attr-defined]
+    svc = srv.app.state  # type: ignore[attr-defined]
     assert srv.get("/healthz").status_code == 200
     assert srv.get("/readyz").status_code == 200
     assert len(svc.engine.models) == 2
     assert all(h.table.used == 0 for h in svc.engine.models.values())
-    assert not svc.connections and svc.scores_running == 0
+    assert not svc.connections and svc.admission.scores_running == 0
     text = metrics_text(srv.url)
     assert metric(text, "lookback_state_slots", kind="used") == 0
     assert metric(text, "lookback_errors_total", code="internal_error") == 0

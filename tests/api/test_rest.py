@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from lookback.app import create_app
 from lookback.protocol import ERRORS
-from tests.api.protocol_util import (
+from tests.api.ws_util import (
     END,
     HOPS,
     RATE,
@@ -280,7 +280,7 @@ def test_ndjson_reads_a_body_that_arrives_in_many_parts(
     parts of it (Starlette's disconnect listener once did, losing audio)."""
     clip = speech_clip[: 5 * RATE]
     body = _wav(clip) if ctype == "audio/wav" else clip.astype("<i2").tobytes()
-    params = {"model": default_model, "format": "ndjson"}
+    params: dict[str, str | int] = {"model": default_model, "format": "ndjson"}
     if ctype == RAW:
         params["sample_rate"] = RATE
     with httpx.stream(

@@ -12,7 +12,7 @@ import pytest
 
 from lookback.api import auth
 from lookback.server import LogHygiene
-from tests.api.rel_ws import SILERO_Q, refused, ws_connect
+from tests.api.ws_util import SILERO_Q, refused, ws_connect
 from tests.conftest import spawn_server
 from tests.conftest import test_settings as make_settings
 
@@ -101,7 +101,7 @@ async def test_keys_origins_and_logs_on_a_real_server(tmp_path: Path, silero_mod
         bearer = {"Authorization": f"Bearer {KEYS[0]}"}
 
         async def accepted(url: str, **kw: object) -> None:
-            async with ws_connect(url, **kw) as ws:  # type: ignore[arg-type]
+            async with ws_connect(url, **kw) as ws:
                 assert orjson.loads(await ws.recv())["type"] == "ready"
                 await ws.send('{"type":"end"}')
                 assert orjson.loads(await ws.recv())["type"] == "summary"

@@ -16,7 +16,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from lookback.protocol import ERRORS, Close
-from tests.api.protocol_util import (
+from tests.api.ws_util import (
     END,
     FLUSH,
     FRAME,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lookback.engine.contract import ModelSpec
+from lookback.engine.guard import reset_non_finite
 from lookback.engine.runtime import GraphRuntime
 from lookback.engine.state import CONTEXT, SlabSpec, StateTable
 from lookback.errors import BadAudio
@@ -94,6 +95,7 @@ class ModelHandle:
                     st.input, slots, out=self._scratch(st.input, n, tuple(st.shape))
                 )
             outs = dict(zip(self.step.output_names, self.step.run(feeds), strict=True))
+            reset_non_finite(spec, outs, n)
             for st in spec.states:
                 table.scatter(st.input, slots, outs[st.output])
             if ctx:

@@ -1,4 +1,4 @@
-"""``finish_coroutine``: the hand-over behind the writer's direct-send fast path.
+"""``lookback.api.direct_send``: the hand-over behind the writer's direct-send fast path.
 
 A result sent straight from the batcher's callback steps the send coroutine by hand;
 if it suspends (transport paused), the writer task must finish it exactly as a Task
@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 
-from lookback.api.ws import finish_coroutine
+from lookback.api.direct_send import finish_coroutine, start
 
 
 async def sender(gate: asyncio.Future[str], log: list[str]) -> str:
@@ -65,3 +65,19 @@ async def test_cancelling_the_writer_cancels_the_suspended_send() -> None:
         await task
     assert log == ["saw CancelledError"]
     assert gate.cancelled()
+
+
+async def test_start_reports_a_send_that_completes_without_suspending() -> None:
+    async def quick() -> str:
+        return "done"
+
+    assert start(quick()) == (True, None)
+
+
+async def test_start_hands_back_the_future_of_a_send_that_must_wait() -> None:
+    gate: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    coro = sender(gate, [])
+    finished, yielded = start(coro)
+    assert not finished and yielded is gate
+    gate.set_result("ok")
+    assert await finish_coroutine(coro, yielded) == "OK"

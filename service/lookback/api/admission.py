@@ -1,0 +1,64 @@
+"""Admission: whether a new session or upload may start now, and the offline queue's places.
+
+Load is shed before latency grows: a new session is refused while draining, before the
+models are warm, at the session cap, or while the batcher is behind; an upload gets a
+place in a bounded queue or a 503. Open connections themselves are kept by
+``lookback.api.connection.Connections``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from lookback.engine.engine import Engine
+from lookback.settings import Settings
+
+
+class Admission:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.reserved = 0  # WebSocket handlers between admission and close
+        self.draining = False
+        self.scores_running = 0
+        self._score_sem = asyncio.Semaphore(settings.max_concurrent_scores)
+
+    def refusal(self) -> tuple[str, str] | None:
+        """Why a new session must be refused now (shed load before latency grows), or None."""
+        if self.draining:
+            return "draining", "server is draining; reconnect to another instance"
+        if not self.engine.ready:
+            return "not_ready", "models are still loading"
+        if self.reserved >= self.settings.max_sessions:
+            return "capacity", f"session cap reached ({self.settings.max_sessions})"
+        if self.engine.backlog >= self.settings.shed_backlog_steps:
+            return "backlog", "the batcher is behind; shedding new sessions"
+        return None
+
+    def admit_score(self) -> ScoreLease | None:
+        """A place in the offline queue, or None when it is full (the caller answers 503)."""
+        s = self.settings
+        if self.draining or self.scores_running >= s.max_concurrent_scores + s.max_queued_scores:
+            return None
+        self.scores_running += 1
+        return ScoreLease(self)
+
+
+class ScoreLease:
+    """One admitted offline request: a queue place now, an executor slot while scoring."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.released = False
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        async with self.admission._score_sem:
+            yield
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.admission.scores_running -= 1

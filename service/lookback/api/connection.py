@@ -1,0 +1,516 @@
+"""One WebSocket session (``Connection``) and the registry of open ones (``Connections``).
+
+Each connection has a reader (the route's handler) and a writer task that owns the
+sending side; results go through a bounded queue between them so a slow reader costs at
+most ``send_queue_messages`` strings before its session is closed with 4429. A result
+that finds the writer parked (so nothing is queued) is sent at once from the batcher's
+callback instead (``direct_send``), saving a task switch per result.
+
+The registry keeps the open connections, accounts their frames in bulk, runs the one
+reaper task that enforces idle and duration limits (once a second, instead of a timer
+per frame on the hot path), and drains every session on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from enum import Enum, auto
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+from fastapi import WebSocket
+
+from lookback.api import direct_send
+from lookback.api.pcm_range import float_problem
+from lookback.engine.engine import Engine
+from lookback.engine.events import Event
+from lookback.engine.session import StreamSession
+from lookback.errors import BackpressureError, LookbackError
+from lookback.metrics import Metrics
+from lookback.protocol import (
+    Close,
+    error_message,
+    event_message,
+    ready_message,
+    result_message,
+    summary_message,
+)
+from lookback.settings import Settings
+
+if TYPE_CHECKING:
+    from lookback.engine.model import ModelHandle
+
+log = logging.getLogger("lookback.ws")
+
+_CLOSE = object()  # queue sentinel: (code, reason) follows
+
+
+def _f32(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, "<f4")
+
+
+class Phase(Enum):
+    """Where a connection is in its life (one value, as Starlette's ``WebSocketState``)."""
+
+    OPEN = auto()  # streaming
+    ENDING = auto()  # `end` or drain: buffered audio is scored, a summary follows
+    CLOSING = auto()  # the close is queued behind every message already queued
+    ABORTING = auto()  # a forced close (timeout, slow consumer) ahead of queued results
+    BROKEN = auto()  # a send failed: the socket is gone
+
+
+class Connection:
+    """One WebSocket session: the engine's ResultSink and the socket's only writer."""
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        settings: Settings,
+        metrics: Metrics,
+        handle: ModelHandle,
+        results: str,
+        session_id: str,
+    ) -> None:
+        self.ws = ws
+        self.settings = settings
+        self.metrics = metrics
+        self.handle = handle
+        self.id = session_id
+        self.want_results = results == "all"
+        self.labels = handle.spec.labels
+        self.single = self.labels[0] if len(self.labels) == 1 else None
+        self.out: deque[Any] = deque()
+        self.limit = settings.send_queue_messages
+        self._idle: asyncio.Future[None] | None = None  # set while the writer waits
+        self.session: StreamSession | None = None
+        self.opened = time.monotonic()
+        self.last_seen = self.opened
+        self.phase = Phase.OPEN
+        self.disconnected = False  # the transport reported the socket gone
+        self.closing_since = 0.0  # loop time the close was decided (CLOSING / ABORTING)
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.frames_reported = 0
+        self.writer: asyncio.Task[None] | None = None
+        self.finisher: asyncio.Task[None] | None = None
+        self.reader: asyncio.Task[Any] | None = None  # the handler task, blocked in receive()
+        self.sending = False  # the writer is inside send(): a full transport may block it
+        self._send = ws.send
+        self._parked: tuple[Any, Any] | None = None  # a direct send that had to suspend
+
+    @property
+    def ended(self) -> bool:
+        """The client may send nothing more (it sent `end`, or the session is closing)."""
+        return self.phase is not Phase.OPEN
+
+    @property
+    def end_reason(self) -> str | None:
+        """Why the session is closing (the close frame's reason), None while it is not."""
+        return self.close_reason
+
+    def _accepts_output(self) -> bool:
+        return self.phase is Phase.OPEN or self.phase is Phase.ENDING
+
+    # -- ResultSink ----------------------------------------------------------------------
+    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
+        if scores[0] != scores[0] or (self.single is None and any(v != v for v in scores)):
+            # NaN scores: the engine's guard (engine/guard.py) reset this session's state
+            self.metrics.error("non_finite_state")
+            self._put(
+                error_message(
+                    "non_finite_state",
+                    "the model produced NaN or Inf for this step; the session's state was reset",
+                    step=index,
+                )
+            )
+            return
+        if self.want_results:
+            single = self.single
+            self._put(
+                result_message(
+                    index,
+                    time,
+                    {single: scores[0]}
+                    if single is not None
+                    else dict(zip(self.labels, scores, strict=True)),
+                )
+            )
+        if events:
+            for ev in events:
+                self._put(event_message(ev.as_dict()))
+
+    def on_error(self, index: int, error: LookbackError) -> None:
+        self.metrics.error(error.code)
+        self._put(error_message(error.code, error.message, step=index))
+
+    # -- writer side ---------------------------------------------------------------------
+    def send_ready(self) -> None:
+        spec = self.handle.spec
+        self._put(
+            ready_message(
+                session_id=self.id,
+                model=spec.name,
+                version=spec.version,
+                sample_rate=spec.sample_rate,
+                frame_samples=spec.frame_samples,
+                hop_samples=spec.hop_samples,
+                labels=spec.labels,
+                encoding=self.session.encoding if self.session else None,
+                threshold=spec.events.threshold,
+            )
+        )
+
+    def _put(self, text: str) -> None:
+        if not self._accepts_output():
+            return
+        if self._idle is not None:  # the writer parks only with nothing queued
+            self._send_now(text)
+            return
+        if len(self.out) >= self.limit:
+            self.metrics.error("slow_consumer")
+            self.close_now(Close.SLOW_CONSUMER, "slow_consumer", "send queue full: read results faster")
+            return
+        self.out.append(text)
+        if self._idle is not None:
+            self._wake()
+
+    def _send_now(self, text: str) -> None:
+        """Send without a task switch; if the send must wait, the writer takes it over."""
+        self.bytes_out += len(text)
+        coro = self._send({"type": "websocket.send", "text": text})
+        try:
+            finished, yielded = direct_send.start(coro)
+        except Exception:  # socket gone under us: the reader sees the disconnect
+            self.phase = Phase.BROKEN
+            self._wake()
+            return
+        if finished:
+            return
+        self._parked = (coro, yielded)
+        self.sending = True  # blocked in send(), as far as close_now is concerned
+        self._wake()
+
+    def send_error(self, code: str, message: str) -> None:
+        self.metrics.error(code)
+        self._put(error_message(code, message))
+
+    def close_after_queue(self, code: int, reason: str) -> None:
+        """Close once every queued message is sent (normal end, drain)."""
+        if self._accepts_output():
+            self.phase = Phase.CLOSING
+            self.closing_since = asyncio.get_running_loop().time()
+            self.close_code, self.close_reason = code, reason
+            self.out.append(_CLOSE)
+            self.out.append((code, reason))
+            self._wake()
+
+    def close_now(self, code: int, reason: str, message: str) -> None:
+        """Close ahead of queued results (slow consumer, timeouts): they would not be read."""
+        if self.close_reason is not None or self.phase is Phase.BROKEN:
+            return
+        self.out.clear()
+        self.phase = Phase.ABORTING
+        self.closing_since = asyncio.get_running_loop().time()
+        self.close_code, self.close_reason = code, reason
+        self.out.extend([error_message(reason, message), _CLOSE, (code, reason)])
+        self._wake()
+        if self.writer is not None and self.sending:
+            # The writer is blocked in send() on a full transport: give up on it.
+            self.writer.cancel()
+
+    def _wake(self) -> None:
+        """Wake the writer (a bare future: cheaper per result than an asyncio.Event)."""
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+
+    async def run_writer(self) -> None:
+        send = self.ws.send
+        out = self.out
+        try:
+            while True:
+                if self._parked is not None:
+                    coro, yielded = self._parked
+                    self._parked = None
+                    await direct_send.finish_coroutine(coro, yielded)
+                    self.sending = False
+                    continue
+                if self.phase is Phase.BROKEN:
+                    return
+                if not out:
+                    self._idle = asyncio.get_running_loop().create_future()
+                    await self._idle
+                    continue
+                item = out.popleft()
+                if item is _CLOSE:
+                    code, reason = out.popleft()
+                    await self.ws.close(code=code, reason=reason)
+                    return
+                self.bytes_out += len(item)
+                self.sending = True
+                await send({"type": "websocket.send", "text": item})
+                self.sending = False
+        except asyncio.CancelledError:
+            if self._parked is not None:  # cancelled before it took over a blocked send
+                self._parked[0].close()
+                self._parked = None
+            if self.phase is Phase.ABORTING:  # cancelled by close_now, not by the server
+                await self._abort(self.close_code or Close.INTERNAL_ERROR, self.close_reason or "")
+            raise
+        except Exception:  # socket gone under us: the reader sees the disconnect
+            return
+
+    async def _abort(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(code=code, reason=reason), 1.0)
+            return
+        # Not even the close frame goes out to a client that reads nothing, and the reader
+        # would wait forever on one that sends nothing either: stop it to free the session.
+        self.stop_reader()
+
+    def stop_reader(self) -> None:
+        """End the handler's wait in receive(): the session is released as if closed."""
+        if self.reader is not None and not self.reader.done():
+            self.reader.cancel()
+
+    # -- reader side ---------------------------------------------------------------------
+    async def run(self) -> str:
+        s = self.settings
+        session = self.session
+        assert session is not None
+        receive = self.ws.receive
+        max_bytes = s.max_message_bytes
+        max_frames_bytes = s.max_frames_per_message * session.frame_bytes
+        loop = asyncio.get_running_loop()
+        perf = time.perf_counter
+        check_float, max_amp = session.encoding == "pcm_f32le", s.max_float_amplitude
+        while True:
+            msg = await receive()
+            mtype = msg["type"]
+            if mtype == "websocket.disconnect":
+                self.disconnected = True
+                return self.close_reason or "client_gone"
+            self.last_seen = loop.time()
+            data = msg.get("bytes")
+            if data is not None:
+                n = len(data)
+                self.bytes_in += n
+                if self.ended:
+                    self.send_error("audio_after_end", "audio received after end; ignored")
+                elif n > max_bytes:
+                    self.send_error(
+                        "message_too_large", f"message of {n} bytes exceeds max_message_bytes={max_bytes}"
+                    )
+                elif n > max_frames_bytes:
+                    self.send_error(
+                        "too_many_frames",
+                        f"message holds {n // session.frame_bytes} frames; "
+                        f"max_frames_per_message={s.max_frames_per_message}",
+                    )
+                elif check_float and n % 4 == 0 and (problem := float_problem(_f32(data), max_amp)):
+                    self.send_error(*problem)
+                else:
+                    try:
+                        session.push(data, perf())
+                    except BackpressureError:
+                        try:  # stop reading until the session has room: TCP slows the client
+                            await session.wait_for_room(n)
+                            session.push(data, perf())
+                        except LookbackError as exc:
+                            self.send_error(exc.code, exc.message)
+                    except LookbackError as exc:
+                        self.send_error(exc.code, exc.message)
+            else:
+                self._control(msg.get("text") or "")
+
+    def _control(self, text: str) -> None:
+        try:
+            body = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            self.send_error("bad_json", "text messages must be JSON objects")
+            return
+        kind = body.get("type") if isinstance(body, dict) else None
+        if not isinstance(kind, str):
+            self.send_error("missing_type", 'a JSON message needs a string "type"')
+        elif kind == "flush":
+            if self.ended:
+                self.send_error("audio_after_end", "flush after end; ignored")
+            elif self.session is not None:
+                self.session.flush()
+        elif kind == "end":
+            if not self.ended:
+                self.start_finish(Close.NORMAL, "normal")
+        else:
+            self.send_error("unknown_type", f'unknown message type {kind[:40]!r}; expected "flush" or "end"')
+
+    def start_finish(self, code: int, reason: str) -> asyncio.Task[None]:
+        """Begin the end of the session (client `end`, or drain); idempotent."""
+        if self.finisher is None:
+            if self.phase is Phase.OPEN:
+                self.phase = Phase.ENDING
+            self.finisher = asyncio.create_task(self.finish(code, reason))
+        return self.finisher
+
+    async def finish(self, code: int, reason: str) -> None:
+        """Score what is buffered, send the summary, then close with ``code``."""
+        session = self.session
+        assert session is not None
+        if self.phase is Phase.OPEN:
+            self.phase = Phase.ENDING
+        session.flush()
+        await session.wait_idle()
+        for ev in session.finish():
+            self._put(event_message(ev.as_dict()))
+        spec = self.handle.spec
+        self._put(
+            summary_message(
+                session_id=self.id,
+                frames=session.frames,
+                steps=session.steps_done,
+                failed_steps=session.steps_failed,
+                padded_samples=session.padded_samples,
+                duration=session.frames * spec.frame_samples / spec.sample_rate,
+                events=[e.as_dict() for e in session.events],
+            )
+        )
+        self.close_after_queue(code, reason)
+
+    # -- the whole life ------------------------------------------------------------------
+    async def serve(self, registry: Connections) -> None:
+        """Run the session to its end on the calling (handler) task, then release it."""
+        key = self.handle.spec.key
+        m = self.metrics
+        m.sessions_started.labels(key).inc()
+        m.sessions_active.labels(key).inc()
+        registry.add(self)
+        self.writer = asyncio.create_task(self.run_writer())
+        self.send_ready()
+        reason = "error"
+        try:
+            self.reader = asyncio.current_task()
+            reason = await self.run()
+        except asyncio.CancelledError:  # from stop_reader once closing; anything else propagates
+            task = asyncio.current_task()
+            if self.close_reason is None or task is None or task.uncancel() > 0:
+                raise
+            reason = self.close_reason or "error"
+        except Exception:
+            log.exception("session %s failed", self.id)
+            m.error("internal_error")
+        finally:
+            registry.discard(self)
+            if self.finisher is not None and not self.finisher.done():
+                self.finisher.cancel()
+            if self.session is not None:
+                registry.account_frames(self)
+                self.session.close()
+            if self.writer is not None and not self.writer.done():
+                if self.disconnected:  # nothing queued can be delivered any more
+                    self.writer.cancel()
+                else:  # let it send what is queued; a writer cancelled meanwhile is no error
+                    _, pending = await asyncio.wait({self.writer}, timeout=2.0)
+                    if pending:
+                        self.writer.cancel()
+            m.sessions_active.labels(key).dec()
+            m.sessions_ended.labels(key, reason).inc()
+            m.bytes_in.labels("ws").inc(self.bytes_in)
+            m.bytes_out.labels("ws").inc(self.bytes_out)
+
+
+class Connections:
+    """The open connections of one server: frame accounting, the reaper, the drain."""
+
+    def __init__(self, settings: Settings, metrics: Metrics, engine: Engine) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.engine = engine
+        self._open: set[Connection] = set()
+        self._reaper: asyncio.Task[None] | None = None
+
+    def add(self, conn: Connection) -> None:
+        self._open.add(conn)
+
+    def discard(self, conn: Connection) -> None:
+        self._open.discard(conn)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(list(self._open))
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def account_frames(self, conn: Connection) -> None:
+        session = conn.session
+        if session is not None and session.frames > conn.frames_reported:
+            self.metrics.frames.labels(conn.handle.spec.key).inc(session.frames - conn.frames_reported)
+            conn.frames_reported = session.frames
+
+    def tick_metrics(self) -> None:
+        for conn in self:
+            self.account_frames(conn)
+        for key, h in self.engine.models.items():
+            self.metrics.slots.labels(key, "used").set(h.table.used)
+            self.metrics.slots.labels(key, "capacity").set(h.table.capacity)
+            self.metrics.backlog.labels(key).set(h.batcher.backlog)
+
+    # -- reaper ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap(), name="reaper")
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+
+    async def _reap(self) -> None:
+        s = self.settings
+        interval = min(1.0, s.idle_timeout_s / 4, s.max_session_s / 4)
+        while True:
+            await asyncio.sleep(interval)  # a periodic timer, not a wait for a condition
+            self.tick(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        s = self.settings
+        loop_now = asyncio.get_running_loop().time()
+        for conn in self:
+            if conn.close_reason is not None:
+                # A client that reads nothing never completes the close: stop waiting for
+                # it (the transport drops such a socket too; this frees the session here).
+                if loop_now - conn.closing_since > s.ws_send_timeout_s + 1.0:
+                    conn.stop_reader()
+                continue
+            if conn.phase is Phase.BROKEN:
+                continue
+            if now - conn.opened > s.max_session_s:
+                conn.close_now(
+                    Close.MAX_DURATION, "max_duration", f"session reached max_session_s={s.max_session_s:g}"
+                )
+                self.metrics.error("max_duration")
+            elif loop_now - conn.last_seen > s.idle_timeout_s and not conn.ended:
+                conn.close_now(
+                    Close.IDLE_TIMEOUT, "idle_timeout", f"no message for idle_timeout_s={s.idle_timeout_s:g}"
+                )
+                self.metrics.error("idle_timeout")
+        self.tick_metrics()
+
+    # -- graceful drain --------------------------------------------------------------------
+    async def drain(self, grace: float) -> None:
+        """Finish every open session with a summary and 1001, within ``grace``."""
+        conns = [c for c in self if c.close_reason is None and c.phase is not Phase.BROKEN]
+        log.info("draining %d open sessions (grace %.1fs)", len(conns), grace)
+        tasks = [c.start_finish(Close.GOING_AWAY, "draining") for c in conns]
+        writers = [c.writer for c in conns if c.writer is not None]
+        if tasks or writers:
+            _, pending = await asyncio.wait([*tasks, *writers], timeout=grace)
+            if pending:
+                log.warning("drain grace %.1fs over; %d sessions cut short", grace, len(pending))
+        log.info("drain complete")
