@@ -21,6 +21,7 @@ import uvicorn
 from lookback.api.state import ServiceState
 from lookback.app import create_app
 from lookback.settings import Settings
+from lookback.workers import resolve_workers, supervise
 
 log = logging.getLogger("lookback")
 _SECRETS = re.compile(r"([?&]token=|authorization:\s*(?:bearer\s+)?)[^&\s\"]*", re.IGNORECASE)
@@ -120,10 +121,19 @@ def uvicorn_config(app: Any, settings: Settings, *, port: int | None = None) -> 
     )
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
+    """Run the server until a signal; the process exit code. ``workers > 1``: a supervisor."""
+    workers = resolve_workers(settings.workers)
+    if workers > 1:
+        logging.basicConfig(
+            level=settings.log_level.upper(),
+            format="%(asctime)s %(levelname)s [supervisor] %(name)s: %(message)s",
+        )
+        return supervise(settings, workers)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = uvicorn_config(create_app(settings), settings)
     install_log_hygiene()  # after Config, which (re)configures uvicorn's loggers
     DrainingServer(config, settings).run()
+    return 0

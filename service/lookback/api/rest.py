@@ -141,6 +141,11 @@ async def readyz(request: Request) -> JSONResponse:
         "models": sorted(svc.engine.models),
         "sessions": len(svc.connections),
     }
+    if svc.peers is not None:  # --workers N: ready only when every worker is
+        ok = body["ready"] = ok and svc.peers.all_ready()
+        body["draining"] = svc.draining or svc.peers.any_draining()
+        body["sessions"] = svc.peers.sessions()
+        body["workers"] = svc.peers.describe()
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

@@ -21,6 +21,7 @@ from lookback.settings import Settings
 
 if TYPE_CHECKING:
     from lookback.api.ws import Connection
+    from lookback.workers import Board
 
 log = logging.getLogger("lookback.service")
 
@@ -36,6 +37,8 @@ class ServiceState:
         self.scores_running = 0
         self._score_sem = asyncio.Semaphore(settings.max_concurrent_scores)
         self._reaper: asyncio.Task[None] | None = None
+        self.worker = 0  # this process's index under --workers N (lookback/workers.py)
+        self.peers: Board | None = None  # --workers N: every worker's state, for /readyz
 
     def refusal(self) -> tuple[str, str] | None:
         """Why a new session must be refused now (shed load before latency grows), or None."""

@@ -429,6 +429,7 @@ async def _serve(conn: Connection, svc: ServiceState, handle: ModelHandle) -> No
                 "labels": spec.labels,
                 "encoding": conn.session.encoding if conn.session else None,
                 "threshold": spec.events.threshold,
+                "worker": svc.worker,
             }
         ).decode()
     )
