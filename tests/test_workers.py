@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -21,16 +23,22 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 
+from lookback.settings import Settings
 from lookback.workers import Board, resolve_workers, share, worker_settings
 from tests.api.rel_ws import SILERO_Q, Transcript, metric, read_all, stream_clip, wait_until, ws_connect
+from tests.conftest import AUDIO as FIXTURES
 from tests.conftest import Spawned, read_clip, running_server, spawn_server
 from tests.conftest import test_settings as make_settings
+from tests.deploy.test_deploy import dashboard_exprs, metric_names
 
 CLIP = read_clip("silero_ref_speech.wav")
 FRAME_BYTES = 256
 SILERO_KEY = "silero-vad/6.2.3"
+WAV = {"content-type": "audio/wav"}
 MAX_TRIES = 24  # sessions opened at most to see both workers (the kernel picks)
 ENV = {"LOOKBACK_WORKERS": "2", "LOOKBACK_MODELS": "silero-vad,lookback-vad", "LOOKBACK_LOG_LEVEL": "info"}
 
@@ -114,6 +122,20 @@ def test_limits_are_shared_out_not_multiplied() -> None:
     assert resolve_workers("auto") == len(os.sched_getaffinity(0)) or resolve_workers("auto") >= 1
 
 
+def test_workers_setting_and_auto(tmp_path: Path) -> None:
+    assert Settings(_env_file=None, workers="3").workers == 3  # type: ignore[call-arg]
+    assert Settings(_env_file=None, workers="auto").workers == "auto"  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, workers=0)  # type: ignore[call-arg]
+    # auto counts the CPUs this process may use (its affinity), not the host's
+    code = (
+        "import os; os.sched_setaffinity(0, {0}); "
+        "from lookback.workers import resolve_workers; print(resolve_workers('auto'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"
+
+
 def test_board_is_shared_through_the_file(tmp_path: Path) -> None:
     a = Board(tmp_path / "b", 2)
     b = Board(tmp_path / "b")
@@ -173,11 +195,40 @@ async def test_sessions_land_on_both_workers_and_metrics_sum_them(two_workers: S
     print(f"{len(live)} sessions over workers {workers}: metrics {delta()}")
 
 
+def label_keys(text: str, names: set[str]) -> dict[str, set[frozenset[str]]]:
+    """Per sample name in ``names``: the label-key sets its samples carry."""
+    out: dict[str, set[frozenset[str]]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name in names:
+                out.setdefault(s.name, set()).add(frozenset(s.labels))
+    return out
+
+
+async def bad_request(base_ws: str) -> None:
+    """A session refused for an unknown model: counted in the refusal and error metrics."""
+    t = Transcript()
+    async with ws_connect(f"{base_ws}/v1/stream?model=no-such-model") as ws:
+        await read_all(ws, t)
+    assert t.error_codes() == ["unknown_model"]
+
+
 async def test_scores_through_two_workers_equal_a_solo_server(two_workers: Spawned) -> None:
+    """Streaming and REST scores equal a solo server's, and so does the metric schema."""
     pcm = CLIP.tobytes()
+    wav = (FIXTURES / "silero_ref_speech.wav").read_bytes()
     queries = (SILERO_Q, "model=lookback-vad")
     with running_server(make_settings(models=["silero-vad", "lookback-vad"])) as solo:
         ref = {q: await stream_clip(solo.ws, pcm, query=q) for q in queries}
+        await bad_request(solo.ws)
+        async with httpx.AsyncClient(timeout=60) as client:
+            ref_score = (await client.post(solo.url + "/v1/score", content=wav, headers=WAV)).json()
+            solo_metrics = (await client.get(solo.url + "/metrics")).text
+    await bad_request(two_workers.ws)
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(4):  # the kernel places each request: several, so both workers score
+            r = await client.post(two_workers.url + "/v1/score", content=wav, headers=WAV)
+            assert r.json() == ref_score
     seen: dict[str, set[int]] = {q: set() for q in queries}
     for _ in range(6):
         runs = await asyncio.gather(
@@ -192,6 +243,12 @@ async def test_scores_through_two_workers_equal_a_solo_server(two_workers: Spawn
         if all(w == {0, 1} for w in seen.values()):
             break
     assert all(w == {0, 1} for w in seen.values()), seen
+    # the Grafana dashboard's series exist with the single-process label names (no pid)
+    wanted = set().union(*(metric_names(e) for e in dashboard_exprs()))
+    wanted = {n for n in wanted if ":" not in n}  # recording rules are Prometheus's
+    ours, theirs = label_keys(metrics(two_workers), wanted), label_keys(solo_metrics, wanted)
+    assert set(ours) == wanted, sorted(wanted - set(ours))
+    assert ours == theirs
 
 
 async def test_sigkill_of_one_worker_leaves_the_other_serving_and_it_restarts(
