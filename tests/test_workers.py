@@ -330,3 +330,40 @@ async def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path, silero_mo
             assert f"[worker {w}] lookback.service: draining {count} open sessions" in log, log
         assert "every worker drained" in log and "Traceback" not in log
         print(f"drain: sessions per worker {per_worker}; supervisor exit 0 after {took:.2f}s")
+
+
+def test_batch_histogram_in_multiprocess_mode_matches_a_native_one(tmp_path: Path) -> None:
+    """Array-fed histograms of two processes merge exactly like native ones (bucket, count, sum)."""
+    code = """
+import numpy as np, sys
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from lookback.metrics import LATENCY_BUCKETS, BatchHistogram
+seed = int(sys.argv[1])
+r = CollectorRegistry()
+ours = BatchHistogram("ours_seconds", "doc", ["model"], LATENCY_BUCKETS, r, fold_every=5, multiprocess=True)
+native = Histogram("native_seconds", "doc", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+rng = np.random.default_rng(seed)
+for i in range(40):
+    values = np.concatenate([rng.exponential(0.01, rng.integers(0, 9)), np.asarray(LATENCY_BUCKETS[: i % 3])])
+    ours.observe_many(values, "m")
+    for v in values:
+        native.labels("m").observe(float(v))
+ours.flush()
+if seed == 2:
+    out = CollectorRegistry()
+    MultiProcessCollector(out)
+    print(generate_latest(out).decode())
+"""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for seed in (1, 2):
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(seed)], env=env, capture_output=True, text=True, check=True
+        ).stdout
+    ours, native = {}, {}
+    for fam in text_string_to_metric_families(out):
+        for s in fam.samples:
+            key = (s.name.split("_seconds")[1], tuple(sorted(s.labels.items())))
+            (ours if s.name.startswith("ours") else native)[key] = round(s.value, 9)
+    assert ours and ours == native
+    assert ours[("_count", (("model", "m"),))] > 100

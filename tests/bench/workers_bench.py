@@ -13,7 +13,7 @@
    so the absolute capacity is client-bound here;
 4. ``--ramp``: capacity at p99 <= 20 ms with 1 and 2 workers (slow; not in ``--quick``).
 
-    python -m tests.bench.workers_bench [--quick] [--ramp] [--json out.json]
+    python -m tests.bench.workers_bench [--quick] [--ramp] [--sessions 100] [--pairs 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -190,39 +190,51 @@ def offline(seconds: float, rounds: int) -> dict[str, Any]:
 # -- 3. streaming CPU per session-second ---------------------------------------------------------
 
 
-def streaming(sessions: int, duration: float, warmup: float, model: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"sessions": sessions, "duration_s": duration, "model": model}
-    for workers in (1, 2):
-        with server(workers) as (url, proc):
-            cfg = LoadConfig(
-                urls=[url.replace("http", "ws")],
-                sessions=sessions,
-                duration=duration,
-                warmup=warmup,
-                model=model,
-                quiet=True,
-            )
-            c0, t0 = tree_cpu(proc), time.perf_counter()
-            report = run_load(cfg)
-            cpu, wall = tree_cpu(proc) - c0, time.perf_counter() - t0
-            streamed = report["connected"] * (warmup + duration)
-            row = {
-                "server_cpu_s": cpu,
-                "wall_s": wall,
-                "session_seconds": streamed,
-                "cpu_per_session_s": cpu / streamed if streamed else None,
-                "p99_ms": report["latency_ms"]["p99"],
-                "lost_results": report["lost_results"],
-                "client_cpu_total": report["client"]["cpu_total"],
-            }
-            out[f"workers_{workers}"] = row
-            log(
-                f"streaming workers={workers}: {sessions} sessions, server {cpu:.2f} CPU-s for "
-                f"{streamed:.0f} session-s = {row['cpu_per_session_s'] * 1e3:.2f} ms CPU per session-s; "
-                f"p99 {row['p99_ms']:.1f} ms"
-            )
-    a, b = out["workers_1"]["cpu_per_session_s"], out["workers_2"]["cpu_per_session_s"]
-    out["cpu_ratio_2_over_1"] = b / a if a else None
+def _stream_once(workers: int, sessions: int, duration: float, warmup: float, model: str) -> dict[str, Any]:
+    with server(workers) as (url, proc):
+        cfg = LoadConfig(
+            urls=[url.replace("http", "ws")],
+            sessions=sessions,
+            duration=duration,
+            warmup=warmup,
+            model=model,
+            quiet=True,
+        )
+        c0, t0 = tree_cpu(proc), time.perf_counter()
+        report = run_load(cfg)
+        cpu, wall = tree_cpu(proc) - c0, time.perf_counter() - t0
+    streamed = report["connected"] * (warmup + duration)
+    row = {
+        "workers": workers,
+        "server_cpu_s": cpu,
+        "wall_s": wall,
+        "session_seconds": streamed,
+        "cpu_per_session_s": cpu / streamed if streamed else None,
+        "p99_ms": report["latency_ms"]["p99"],
+        "lost_results": report["lost_results"],
+        "client_cpu_total": report["client"]["cpu_total"],
+    }
+    log(
+        f"streaming workers={workers}: {sessions} sessions, server {cpu:.2f} CPU-s for "
+        f"{streamed:.0f} session-s = {cpu / max(streamed, 1e-9) * 1e3:.2f} ms CPU per session-s; "
+        f"p99 {row['p99_ms']:.1f} ms"
+    )
+    return row
+
+
+def streaming(sessions: int, duration: float, warmup: float, model: str, pairs: int) -> dict[str, Any]:
+    """Alternating 1-worker and 2-worker runs (1,2 then 2,1 ...): the ratio is the median of pairs."""
+    out: dict[str, Any] = {"sessions": sessions, "duration_s": duration, "model": model, "runs": []}
+    ratios = []
+    for i in range(pairs):
+        order = (1, 2) if i % 2 == 0 else (2, 1)
+        rows = {w: _stream_once(w, sessions, duration, warmup, model) for w in order}
+        out["runs"] += [rows[1], rows[2]]
+        a, b = rows[1]["cpu_per_session_s"], rows[2]["cpu_per_session_s"]
+        if a and b:
+            ratios.append(b / a)
+    out["cpu_ratio_2_over_1_each"] = ratios
+    out["cpu_ratio_2_over_1"] = float(np.median(ratios)) if ratios else None
     return out
 
 
@@ -245,6 +257,7 @@ def main() -> int:
     p.add_argument("--ramp", action="store_true", help="also the capacity ramps (minutes)")
     p.add_argument("--sessions", type=int, default=100)
     p.add_argument("--model", default="lookback-vad")
+    p.add_argument("--pairs", type=int, default=3, help="streaming: 1-vs-2-worker pairs (median)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     report: dict[str, Any] = {"cpus": len(os.sched_getaffinity(0)), "note": "shared machine: indicative only"}
@@ -255,7 +268,11 @@ def main() -> int:
         f"median {report['offline']['ratio_median']:.2f}x"
     )
     report["streaming"] = streaming(
-        a.sessions if not a.quick else 40, 3.0 if a.quick else 10.0, 1.0 if a.quick else 2.0, a.model
+        a.sessions if not a.quick else 40,
+        3.0 if a.quick else 10.0,
+        1.0 if a.quick else 2.0,
+        a.model,
+        pairs=1 if a.quick else a.pairs,
     )
     log(f"streaming CPU per session-second, 2 workers / 1: {report['streaming']['cpu_ratio_2_over_1']:.3f}")
     if a.ramp:
