@@ -367,3 +367,17 @@ if seed == 2:
             (ours if s.name.startswith("ours") else native)[key] = round(s.value, 9)
     assert ours and ours == native
     assert ours[("_count", (("model", "m"),))] > 100
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "LOOKBACK_MODEL_STORE": str(tmp_path),  # empty store: every worker refuses to start
+        "LOOKBACK_PORT": "0",
+        "LOOKBACK_WORKERS": "2",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "lookback.cli", "serve"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "failed to start" in out.stderr and "no models to serve" in out.stderr

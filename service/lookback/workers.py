@@ -453,10 +453,10 @@ class Supervisor:
                     log.warning("second %s: stopping every worker now", signal.Signals(sig).name)
                     self._kill_all()
                     return 128 + sig
-                self._drain(sig)
+                self._drain(f"received {signal.Signals(sig).name}")
             self._reap()
             if self.failed and not self.draining:
-                self._drain(signal.SIGTERM)
+                self._drain("a worker failed to start")
             now = time.monotonic()
             if self.draining:
                 if not self._alive():
@@ -551,12 +551,12 @@ class Supervisor:
                 delay,
             )
 
-    def _drain(self, sig: int) -> None:
+    def _drain(self, why: str) -> None:
         self.draining = True
         self.drain_started = time.monotonic()
         # each worker drains within the grace, then uvicorn's own shutdown may wait as long
         self.drain_deadline = self.drain_started + 2 * self.settings.drain_grace_s + 10.0
-        log.info("received %s: draining %d workers", signal.Signals(sig).name, sum(1 for _ in self._procs()))
+        log.info("%s: draining %d workers", why, len(self._procs()))
         for proc in self._procs():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
