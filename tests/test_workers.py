@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection
 
 from lookback.settings import Settings
-from lookback.workers import Board, resolve_workers, share, worker_settings
+from lookback.workers import Board, ScoreGate, resolve_workers, share, worker_settings
 from tests.api.rel_ws import SILERO_Q, Transcript, metric, read_all, stream_clip, wait_until, ws_connect
 from tests.conftest import AUDIO as FIXTURES
 from tests.conftest import Spawned, read_clip, running_server, spawn_server
@@ -108,8 +108,8 @@ def test_limits_are_shared_out_not_multiplied() -> None:
     s = make_settings(max_sessions=1001, max_concurrent_scores=3, max_queued_scores=8, intra_op_threads=0)
     parts = [worker_settings(s, i, 2, 2, gpu=False) for i in range(2)]
     assert [p.max_sessions for p in parts] == [501, 500]
-    assert [p.max_concurrent_scores for p in parts] == [2, 1]
-    assert sum(p.max_queued_scores for p in parts) == 8
+    # offline limits are server-wide counters (ScoreGate), not divided
+    assert [(p.max_concurrent_scores, p.max_queued_scores) for p in parts] == [(3, 8), (3, 8)]
     assert all(p.intra_op_threads == 1 and p.workers == 1 for p in parts)
     # one CPU per worker: CPU model calls inline; on a GPU the engine's own choice stands
     assert parts[0].model_calls == "thread"  # test_settings pins thread explicitly
@@ -134,6 +134,37 @@ def test_workers_setting_and_auto(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+async def test_score_gate_counts_offline_clips_over_every_worker(tmp_path: Path) -> None:
+    Board(tmp_path / "b", 2)
+    settings = make_settings(max_concurrent_scores=1, max_queued_scores=1)
+    boards = [Board(tmp_path / "b"), Board(tmp_path / "b")]  # each worker maps the file
+    g0, g1 = (ScoreGate(b, i, settings) for i, b in enumerate(boards))
+    assert g0.admit() and g1.admit()
+    assert not g0.admit() and not g1.admit(), "2 places per server, not per worker"
+    order: list[str] = []
+
+    async def score(gate: ScoreGate, name: str, hold: asyncio.Event | None) -> None:
+        async with gate.running():
+            order.append(f"{name} runs")
+            if hold is not None:
+                await hold.wait()
+        order.append(f"{name} done")
+
+    hold = asyncio.Event()
+    first = asyncio.create_task(score(g0, "w0", hold))
+    await wait_until(lambda: order == ["w0 runs"], what="w0 running")
+    second = asyncio.create_task(score(g1, "w1", None))
+    await asyncio.sleep(0)
+    assert order == ["w0 runs"], "one clip scores at a time over the whole server"
+    hold.set()
+    await asyncio.gather(first, second)
+    assert order == ["w0 runs", "w0 done", "w1 runs", "w1 done"]
+    g0.release()
+    assert g1.admit()
+    boards[0].clear(1)  # worker 1 died: the supervisor frees its places
+    assert g0.admit()
 
 
 def test_board_is_shared_through_the_file(tmp_path: Path) -> None:

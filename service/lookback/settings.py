@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     workers: int | Literal["auto"] = Field(
         1,
         description="worker processes on one port (docs/workers.md); auto: one per CPU this "
-        "process may use (affinity, cgroup quota). Session and offline limits stay per server",
+        "process may use (affinity, cgroup quota). Session and offline limits stay per server "
+        "(docs/workers.md)",
     )
     worker_socket: Literal["reuseport", "shared"] = Field(
         "reuseport",

@@ -29,8 +29,10 @@ process, so any worker's ``/readyz`` is 200 only when every worker is ready.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
+import fcntl
 import logging
 import math
 import mmap
@@ -42,7 +44,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -64,10 +66,11 @@ log = logging.getLogger("lookback.workers")
 # worker states on the board
 DOWN, STARTING, READY, DRAINING = 0, 1, 2, 3
 STATE_NAMES = {DOWN: "down", STARTING: "starting", READY: "ready", DRAINING: "draining"}
-_STATE, _PID, _RESTARTS, _SESSIONS = range(4)
-_FIELDS = 4
+_STATE, _PID, _RESTARTS, _SESSIONS, _SCORES_ADMITTED, _SCORES_RUNNING = range(6)
+_FIELDS = 6
 BOARD_FILE = "lookback-workers.board"
 HOUSEKEEPING_S = 0.25  # worker: fold histograms, publish its session count, watch the supervisor
+SCORE_SLOT_POLL_S = 0.02  # a queued offline clip looks for a free server-wide slot this often
 
 
 # -- how many workers, and what each one gets -----------------------------------------------
@@ -122,21 +125,21 @@ def _cuda_driver_present() -> bool:
 
 
 def worker_settings(settings: Settings, index: int, n: int, cpus: int, *, gpu: bool) -> Settings:
-    """The settings of worker ``index``: its share of the server's limits and of its CPUs.
+    """The settings of worker ``index``: its share of the server's sessions and of its CPUs.
 
-    Session and offline limits are divided, so the server's limits mean what they say
-    whatever N is (a worker whose share is used up refuses, even when another has room:
-    the kernel, not Lookback, picks the worker of each connection). Each worker gets at
-    least one offline scoring slot. ONNX Runtime threads are capped at the worker's CPUs
-    (``0``, ORT's all-cores default, becomes that cap), and with one CPU per worker CPU
-    model calls run inline on the event loop: a hand-off thread would only compete for it.
+    ``max_sessions`` is divided, so the server's cap means what it says whatever N is (a
+    worker whose share is used up refuses even when another has room; the kernel spreads
+    connections evenly, so that happens only within a few percent of the cap). Offline
+    limits are not divided: the workers share server-wide counters (``ScoreGate``), since
+    two uploads landing on one worker must still run at once. ONNX Runtime threads are
+    capped at the worker's CPUs (``0``, ORT's all-cores default, becomes that cap), and with
+    one CPU per worker CPU model calls run inline on the event loop: a hand-off thread
+    would only compete with the loop for it.
     """
     cores = max(1, cpus // n)
     update: dict[str, Any] = {
         "workers": 1,
         "max_sessions": share(settings.max_sessions, n, index),
-        "max_concurrent_scores": max(1, share(settings.max_concurrent_scores, n, index)),
-        "max_queued_scores": share(settings.max_queued_scores, n, index),
         "intra_op_threads": min(settings.intra_op_threads or cores, cores),
         "inter_op_threads": min(settings.inter_op_threads or cores, cores),
     }
@@ -159,9 +162,37 @@ class Board:
         if n is not None:
             path.write_bytes(bytes(8 * _FIELDS * n))
         self.path = path
-        with path.open("r+b") as f:
-            self._mm = mmap.mmap(f.fileno(), 0)
+        self._file = path.open("r+b")
+        self._mm = mmap.mmap(self._file.fileno(), 0)
         self.rows = np.ndarray((len(self._mm) // (8 * _FIELDS), _FIELDS), np.int64, buffer=self._mm)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock over every process (released by the kernel if one dies)."""
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    def take(self, index: int, column: int, limit: int) -> bool:
+        """Count one more in ``column`` for worker ``index`` if the server-wide sum allows."""
+        with self._locked():
+            if int(self.rows[:, column].sum()) >= limit:
+                return False
+            self.rows[index, column] += 1
+            return True
+
+    def give(self, index: int, column: int) -> None:
+        with self._locked():
+            self.rows[index, column] = max(0, int(self.rows[index, column]) - 1)
+
+    def clear(self, index: int) -> None:
+        """A dead worker's row: its sessions and offline places count no more."""
+        with self._locked():
+            self.rows[index, _SESSIONS] = 0
+            self.rows[index, _SCORES_ADMITTED] = 0
+            self.rows[index, _SCORES_RUNNING] = 0
 
     @property
     def n(self) -> int:
@@ -212,6 +243,39 @@ class Board:
     def close(self) -> None:
         del self.rows
         self._mm.close()
+        self._file.close()
+
+
+class ScoreGate:
+    """Server-wide offline limits for one worker: ``max_concurrent_scores`` clips scoring
+    and ``max_queued_scores`` more waiting, counted on the board over every worker.
+
+    The kernel places each upload; dividing the limits would leave a worker that got two
+    uploads scoring one while another worker idles. A queued clip polls for a free slot
+    every ``SCORE_SLOT_POLL_S`` (clips take seconds; the poll costs nothing measurable).
+    """
+
+    def __init__(self, board: Board, index: int, settings: Settings) -> None:
+        self.board, self.index = board, index
+        self.concurrent = settings.max_concurrent_scores
+        self.admitted = settings.max_concurrent_scores + settings.max_queued_scores
+
+    def admit(self) -> bool:
+        return self.board.take(self.index, _SCORES_ADMITTED, self.admitted)
+
+    def release(self) -> None:
+        self.board.give(self.index, _SCORES_ADMITTED)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        while True:  # the slot frees in another process: no event to await across processes
+            if self.board.take(self.index, _SCORES_RUNNING, self.concurrent):
+                break
+            await asyncio.sleep(SCORE_SLOT_POLL_S)
+        try:
+            yield
+        finally:
+            self.board.give(self.index, _SCORES_RUNNING)
 
 
 class BoardCollector(Collector):
@@ -266,8 +330,6 @@ def _server_class() -> type[DrainingServer]:
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if not self.should_exit:
-                import asyncio
-
                 self._housekeeper = asyncio.create_task(self._housekeeping())
                 self.board.set(self.index, READY, os.getpid())
                 log.info("worker %d ready (pid %d)", self.index, os.getpid())
@@ -281,8 +343,6 @@ def _server_class() -> type[DrainingServer]:
             self.board.set_sessions(self.index, len(self.svc.connections))
 
         async def _housekeeping(self) -> None:
-            import asyncio
-
             told = False
             while True:
                 await asyncio.sleep(HOUSEKEEPING_S)  # a periodic timer, not a wait for a condition
@@ -323,6 +383,7 @@ def worker_main(
     svc: ServiceState = app.state.lookback
     svc.worker = index
     svc.peers = board
+    svc.score_gate = ScoreGate(board, index, settings)
     config = uvicorn_config(app, settings)
     install_log_hygiene()
     server = _server_class()(config, settings)
@@ -410,7 +471,7 @@ class Supervisor:
         old_wakeup = signal.set_wakeup_fd(wake_w)
         log.info(
             "Lookback supervisor (pid %d): %d workers on http://%s:%d (%s), %d CPU(s); limits per "
-            "server: max_sessions %d, max_concurrent_scores %d",
+            "server: max_sessions %d (divided), max_concurrent_scores %d (shared counter)",
             os.getpid(),
             self.n,
             s.host,
@@ -418,14 +479,8 @@ class Supervisor:
             "SO_REUSEPORT" if self.reuseport else "one shared socket",
             self.cpus,
             s.max_sessions,
-            max(s.max_concurrent_scores, self.n),
+            s.max_concurrent_scores,
         )
-        if s.max_concurrent_scores < self.n:
-            log.warning(
-                "max_concurrent_scores=%d < workers=%d: each worker scores one clip at a time",
-                s.max_concurrent_scores,
-                self.n,
-            )
         try:
             for slot in self.slots:
                 self._start(slot)
@@ -530,7 +585,7 @@ class Supervisor:
             slot.proc, slot.exitcode = None, proc.exitcode
             mark_process_dead(proc.pid, str(self.run_dir))  # its live gauges stop counting
             self.board.set(slot.index, DOWN)
-            self.board.set_sessions(slot.index, 0)
+            self.board.clear(slot.index)
             if self.draining:
                 log.info("worker %d exited (code %s)", slot.index, proc.exitcode)
                 continue

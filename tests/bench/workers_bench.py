@@ -5,8 +5,8 @@
    ``shared`` (one socket every worker accepts from);
 2. offline: two concurrent 10-minute clips through ``POST /v1/score``: audio seconds
    scored per wall second, and the 2-worker / 1-worker ratio (target >= 1.8x on 2 cores).
-   The kernel places each upload; when both land on one worker they share its single
-   scoring slot (the server-wide limit is divided), which the report shows per round;
+   The kernel places each upload; the offline limits are server-wide counters, so two
+   uploads on one worker still score at once (each round's per-request times are kept);
 3. streaming: N real-time sessions from ``lookback.loadtest``: the server's CPU seconds
    (supervisor and workers) per real-time session-second, 1 worker against 2 (target:
    within 10%), with the load generator's p99. On 2 cores the generator shares the CPUs,

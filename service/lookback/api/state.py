@@ -21,7 +21,7 @@ from lookback.settings import Settings
 
 if TYPE_CHECKING:
     from lookback.api.ws import Connection
-    from lookback.workers import Board
+    from lookback.workers import Board, ScoreGate
 
 log = logging.getLogger("lookback.service")
 
@@ -39,6 +39,7 @@ class ServiceState:
         self._reaper: asyncio.Task[None] | None = None
         self.worker = 0  # this process's index under --workers N (lookback/workers.py)
         self.peers: Board | None = None  # --workers N: every worker's state, for /readyz
+        self.score_gate: ScoreGate | None = None  # --workers N: server-wide offline limits
 
     def refusal(self) -> tuple[str, str] | None:
         """Why a new session must be refused now (shed load before latency grows), or None."""
@@ -62,6 +63,8 @@ class ServiceState:
         """A place in the offline queue, or None when it is full (the caller answers 503)."""
         s = self.settings
         if self.draining or self.scores_running >= s.max_concurrent_scores + s.max_queued_scores:
+            return None
+        if self.score_gate is not None and not self.score_gate.admit():
             return None
         self.scores_running += 1
         return ScoreLease(self)
@@ -139,9 +142,15 @@ class ScoreLease:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         async with self.svc._score_sem:
-            yield
+            if self.svc.score_gate is None:
+                yield
+                return
+            async with self.svc.score_gate.running():
+                yield
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.svc.scores_running -= 1
+            if self.svc.score_gate is not None:
+                self.svc.score_gate.release()
