@@ -119,7 +119,7 @@ def test_limits_are_shared_out_not_multiplied() -> None:
     assert worker_settings(auto, 0, 2, 8, gpu=False).model_calls == "auto"
     assert worker_settings(auto, 0, 2, 8, gpu=False).intra_op_threads == 1
     assert sum(share(7, 3, i) for i in range(3)) == 7
-    assert resolve_workers("auto") == len(os.sched_getaffinity(0)) or resolve_workers("auto") >= 1
+    assert 1 <= resolve_workers("auto") <= len(os.sched_getaffinity(0))
 
 
 def test_workers_setting_and_auto(tmp_path: Path) -> None:
