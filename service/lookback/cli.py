@@ -26,15 +26,14 @@ def _progress(done: float, total: float, label: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lookback.server import serve
+    from lookback.workers import serve
 
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "model_store", "default_model"):
+    for name in ("host", "port", "model_store", "default_model", "workers"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
-    serve(Settings(**overrides))
-    return 0
+    return serve(Settings(**overrides))
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -158,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--model-store", type=Path)
     s.add_argument("--default-model")
+    s.add_argument("--workers", help="worker processes on one port: a number, or auto (one per usable CPU)")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list the store's models with their contract, or import")

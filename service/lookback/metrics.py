@@ -7,11 +7,12 @@ which at tens of thousands of steps per second would cost a noticeable share of 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -53,6 +54,7 @@ class BatchHistogram(Collector):
         registry: CollectorRegistry,
         *,
         fold_every: int = 8192,
+        multiprocess: bool = False,
     ) -> None:
         self.name, self.doc, self.labelnames = name, doc, tuple(labelnames)
         self.bounds = np.asarray(buckets, dtype=np.float64)
@@ -61,7 +63,13 @@ class BatchHistogram(Collector):
         self._pending: dict[tuple[str, ...], list[np.ndarray]] = {}
         self._pending_n = 0
         self._lock = threading.Lock()  # a scrape may come from another thread
-        registry.register(self)
+        # Under --workers N a scrape reads every worker's files, not this object: folds go
+        # into a native Histogram's shared values instead (see Metrics, multiprocess).
+        self._native: Histogram | None = None
+        if multiprocess:
+            self._native = Histogram(name, doc, labelnames, buckets=buckets, registry=registry)
+        else:
+            registry.register(self)
 
     def observe_many(self, values: np.ndarray, *labels: str) -> None:
         """Record ``values`` (the caller must not modify the array afterwards)."""
@@ -79,9 +87,17 @@ class BatchHistogram(Collector):
     def observe(self, value: float, *labels: str) -> None:
         self.observe_many(np.asarray([value], dtype=np.float64), *labels)
 
+    def flush(self) -> None:
+        """Fold what is queued now (multiprocess mode: other workers' scrapes cannot)."""
+        with self._lock:
+            self._fold()
+
     def _fold(self) -> None:
         for labels, arrays in self._pending.items():
             values = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            if self._native is not None:
+                self._fold_native(labels, values)
+                continue
             series = self._series.get(labels)
             if series is None:
                 series = self._series[labels] = [np.zeros(self.bounds.size + 1, np.int64), 0.0]
@@ -91,7 +107,24 @@ class BatchHistogram(Collector):
         self._pending.clear()
         self._pending_n = 0
 
+    def _fold_native(self, labels: tuple[str, ...], values: np.ndarray) -> None:
+        """Add a bucketed array to the native histogram: one shared-value write per bucket.
+
+        Uses the Histogram child's per-bucket values (non-cumulative, as ``observe`` keeps
+        them), so the exposition and the multiprocess collector treat it as their own.
+        """
+        assert self._native is not None
+        child = self._native.labels(*labels) if labels else self._native
+        counts = np.bincount(
+            np.searchsorted(self.bounds, values, side="left"), minlength=self.bounds.size + 1
+        )
+        for i in np.flatnonzero(counts):
+            child._buckets[int(i)].inc(float(counts[i]))
+        child._sum.inc(float(values.sum()))
+
     def collect(self) -> Iterable[HistogramMetricFamily]:
+        if self._native is not None:
+            return
         with self._lock:
             self._fold()
             snapshot = [(labels, counts.copy(), total) for labels, (counts, total) in self._series.items()]
@@ -111,14 +144,44 @@ def _fmt(b: float) -> str:
     return repr(float(b))
 
 
+def multiprocess_dir() -> str | None:
+    """The shared metrics folder when prometheus-client runs in multiprocess mode.
+
+    prometheus-client picks its value storage when it is imported, from
+    ``PROMETHEUS_MULTIPROC_DIR``; ``lookback serve --workers N`` sets it before it starts
+    the workers, so every worker writes its values to files there.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return path if path and values.ValueClass is not values.MutexValue else None
+
+
 class Metrics:
-    """Every metric Lookback exports. Label values are bounded: model keys, reasons, codes."""
+    """Every metric Lookback exports. Label values are bounded: model keys, reasons, codes.
+
+    Multiprocess mode (``--workers N``): values live in files shared by every worker, and
+    ``registry`` is the one a scrape reads: it merges every worker's files, so any worker
+    answers for the whole server. Gauges say how to merge: sessions, backlog and slots sum
+    over live workers; ready is the minimum (1 only when every live worker is ready).
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.multiprocess = registry is None and multiprocess_dir() is not None
+        if self.multiprocess:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            # the metric objects register here only for their name checks; scrapes read files
+            r = CollectorRegistry(auto_describe=True)
+            self.registry = CollectorRegistry()
+            MultiProcessCollector(self.registry, multiprocess_dir())
+        else:
+            self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+            r = self.registry
         self.sessions_active = Gauge(
-            "lookback_sessions_active", "Open streaming sessions", ["model"], registry=r
+            "lookback_sessions_active",
+            "Open streaming sessions",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.sessions_started = Counter(
             "lookback_sessions_started_total", "Streaming sessions accepted", ["model"], registry=r
@@ -166,6 +229,7 @@ class Metrics:
             ["model"],
             LATENCY_BUCKETS,
             r,
+            multiprocess=self.multiprocess,
         )
         self.frame_latency = BatchHistogram(
             "lookback_frame_to_result_seconds",
@@ -173,11 +237,22 @@ class Metrics:
             ["model"],
             LATENCY_BUCKETS,
             r,
+            multiprocess=self.multiprocess,
         )
         self.backlog = Gauge(
-            "lookback_backlog_steps", "Ready steps waiting for the batcher", ["model"], registry=r
+            "lookback_backlog_steps",
+            "Ready steps waiting for the batcher",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.slots = Gauge("lookback_state_slots", "State-table rows", ["model", "kind"], registry=r)
+        self.slots = Gauge(
+            "lookback_state_slots",
+            "State-table rows",
+            ["model", "kind"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.errors = Counter(
             "lookback_errors_total", "Errors sent to clients, by code", ["code"], registry=r
         )
@@ -196,8 +271,16 @@ class Metrics:
             "Loaded models: version and active execution provider",
             ["model", "version", "provider"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.ready = Gauge("lookback_ready", "1 when models are loaded and warm", registry=r)
+        self.ready = Gauge(
+            "lookback_ready", "1 when models are loaded and warm", registry=r, multiprocess_mode="livemin"
+        )
+
+    def flush(self) -> None:
+        """Fold the array-fed histograms now (multiprocess: before another worker scrapes)."""
+        self.queue_wait.flush()
+        self.frame_latency.flush()
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()

@@ -196,6 +196,7 @@ def ready_message(
     labels: list[str],
     encoding: str | None,
     threshold: float,
+    worker: int = 0,
 ) -> str:
     return encode(
         {
@@ -209,6 +210,7 @@ def ready_message(
             "labels": labels,
             "encoding": encoding,
             "threshold": threshold,
+            "worker": worker,
         }
     )
 

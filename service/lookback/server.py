@@ -154,7 +154,9 @@ def uvicorn_config(
     )
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
+    """Run one server process until a signal; the process exit code (``--workers N``:
+    ``lookback.workers.serve`` supervises N of these)."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -162,3 +164,4 @@ def serve(settings: Settings) -> None:
     config = uvicorn_config(create_app(settings, metrics=metrics), settings, metrics=metrics)
     install_log_hygiene()  # after Config, which (re)configures uvicorn's loggers
     DrainingServer(config, settings).run()
+    return 0

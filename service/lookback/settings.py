@@ -39,6 +39,17 @@ class Settings(BaseSettings):
         False, description="PCM barely compresses and deflate costs ~27% per small message"
     )
     ws_ping_interval_s: float | None = Field(20.0, description="uvicorn keep-alive pings; None off")
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="worker processes on one port (docs/workers.md); auto: one per CPU this "
+        "process may use (affinity, cgroup quota). Session and offline limits stay per server "
+        "(docs/workers.md)",
+    )
+    worker_socket: Literal["reuseport", "shared"] = Field(
+        "reuseport",
+        description="--workers N: reuseport, a listening socket per worker, the kernel spreads "
+        "connections evenly; shared: one socket all workers accept from (bursts land on one)",
+    )
 
     # --- models ---------------------------------------------------------------------------
     model_store: Path = Field(_REPO_STORE, description="folder of <name>/<version>/model.json")
@@ -171,6 +182,13 @@ class Settings(BaseSettings):
         """A key list that was set but holds no key (``","``) would turn auth off silently."""
         if isinstance(value, str) and value.strip() and not _csv(value):
             raise ValueError("api_keys is set but holds no key; unset it to run without auth")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("workers must be at least 1, or auto")
         return value
 
     @model_validator(mode="after")

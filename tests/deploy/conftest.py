@@ -9,6 +9,7 @@ installed: a missing tool fails the test with the install hint, unless
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -161,3 +162,33 @@ def bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
         if src.startswith("."):
             out[dst] = (COMPOSE.parent / src).resolve()
     return out
+
+
+# -- the Grafana dashboard (also read by tests/test_workers.py) --------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    out = []
+    for p in dashboard()["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))  # collapsed rows nest their panels
+    return out
+
+
+def dashboard_exprs() -> list[str]:
+    exprs = [t["expr"] for p in dashboard_panels() for t in p.get("targets", [])]
+    for var in dashboard()["templating"]["list"]:
+        q = var.get("query")
+        if var["type"] == "query":
+            exprs.append(q["query"] if isinstance(q, dict) else q)
+    return exprs
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names (lookback_*, and recording rules lookback:*) referenced by PromQL."""
+    without_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    return set(re.findall(r"(?<![\w:])lookback[_:][A-Za-z0-9_:]*", without_strings))

@@ -4,7 +4,6 @@ live ``/metrics`` of the app (or, for a labelled family without samples yet, by 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,37 +19,14 @@ from tests.deploy.conftest import (
     alert_rules,
     bind_mounts,
     compose,
+    dashboard,
+    dashboard_exprs,
+    dashboard_panels,
     load_yaml,
+    metric_names,
     require_tool,
     run_tool,
 )
-
-
-def dashboard() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
-
-
-def dashboard_panels() -> list[dict[str, Any]]:
-    out = []
-    for p in dashboard()["panels"]:
-        out.append(p)
-        out.extend(p.get("panels", []))  # collapsed rows nest their panels
-    return out
-
-
-def dashboard_exprs() -> list[str]:
-    exprs = [t["expr"] for p in dashboard_panels() for t in p.get("targets", [])]
-    for var in dashboard()["templating"]["list"]:
-        q = var.get("query")
-        if var["type"] == "query":
-            exprs.append(q["query"] if isinstance(q, dict) else q)
-    return exprs
-
-
-def metric_names(expr: str) -> set[str]:
-    """Metric names (lookback_*, and recording rules lookback:*) referenced by PromQL."""
-    without_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    return set(re.findall(r"(?<![\w:])lookback[_:][A-Za-z0-9_:]*", without_strings))
 
 
 def as_promql(expr: str) -> str:

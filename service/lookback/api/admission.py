@@ -11,9 +11,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
 
 from lookback.engine.engine import Engine
 from lookback.settings import Settings
+
+
+class Peers(Protocol):
+    """The other workers of this server (``--workers N``; ``lookback.workers.Board``)."""
+
+    def all_ready(self) -> bool: ...
+    def any_draining(self) -> bool: ...
+    def sessions(self) -> int: ...
+    def describe(self) -> list[dict[str, Any]]: ...
+
+
+class OfflineGate(Protocol):
+    """Server-wide offline places shared by every worker (``lookback.workers.ScoreGate``)."""
+
+    def admit(self) -> bool: ...
+    def running(self) -> AbstractAsyncContextManager[None]: ...
+    def release(self) -> None: ...
 
 
 class Admission:
@@ -24,6 +43,9 @@ class Admission:
         self.draining = False
         self.scores_running = 0
         self._score_sem = asyncio.Semaphore(settings.max_concurrent_scores)
+        self.worker = 0  # this process's index under --workers N (lookback/workers.py)
+        self.peers: Peers | None = None  # --workers N: every worker's state, for /readyz
+        self.score_gate: OfflineGate | None = None  # --workers N: server-wide offline limits
 
     def refusal(self) -> tuple[str, str] | None:
         """Why a new session must be refused now (shed load before latency grows), or None."""
@@ -42,6 +64,8 @@ class Admission:
         s = self.settings
         if self.draining or self.scores_running >= s.max_concurrent_scores + s.max_queued_scores:
             return None
+        if self.score_gate is not None and not self.score_gate.admit():
+            return None
         self.scores_running += 1
         return ScoreLease(self)
 
@@ -56,9 +80,15 @@ class ScoreLease:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         async with self.admission._score_sem:
-            yield
+            if self.admission.score_gate is None:
+                yield
+                return
+            async with self.admission.score_gate.running():
+                yield
 
     def release(self) -> None:
         if not self.released:
             self.released = True
             self.admission.scores_running -= 1
+            if self.admission.score_gate is not None:
+                self.admission.score_gate.release()

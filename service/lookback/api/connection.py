@@ -76,8 +76,11 @@ class Connection:
         handle: ModelHandle,
         results: str,
         session_id: str,
+        *,
+        worker: int = 0,
     ) -> None:
         self.ws = ws
+        self.worker = worker  # this process's index under --workers N
         self.settings = settings
         self.metrics = metrics
         self.handle = handle
@@ -165,6 +168,7 @@ class Connection:
                 labels=spec.labels,
                 encoding=self.session.encoding if self.session else None,
                 threshold=spec.events.threshold,
+                worker=self.worker,
             )
         )
 

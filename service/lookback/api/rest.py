@@ -66,6 +66,12 @@ async def readyz(request: Request) -> JSONResponse:
         "models": sorted(svc.engine.models),
         "sessions": len(svc.connections),
     }
+    peers = svc.admission.peers
+    if peers is not None:  # --workers N: ready only when every worker is
+        ok = body["ready"] = ok and peers.all_ready()
+        body["draining"] = svc.admission.draining or peers.any_draining()
+        body["sessions"] = peers.sessions()
+        body["workers"] = peers.describe()
     return JSONResponse(body, status_code=200 if ok else 503)
 
 

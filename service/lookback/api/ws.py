@@ -92,7 +92,7 @@ async def stream(ws: WebSocket) -> None:
             close = spec_for(exc.code).close or Close.BAD_REQUEST
             await ws.close(code=close, reason=exc.code)
             return
-        conn = Connection(ws, s, metrics, handle, results, uuid.uuid4().hex[:16])
+        conn = Connection(ws, s, metrics, handle, results, uuid.uuid4().hex[:16], worker=admission.worker)
         try:
             conn.session = state.engine.open_session(handle, conn, encoding=encoding)
         except LookbackError as exc:
