@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 import pytest
 
-from lookback.engine.batcher import Step
 from lookback.engine.session import StreamSession
+from lookback.engine.step import Step
 from lookback.errors import InferenceError
 from tests.engine.engine_support import SR, running_engine, score_offline, speech
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookback.engine.batcher import Step
 from lookback.engine.engine import Engine
-from lookback.engine.model import ModelHandle
+from lookback.engine.served import ServedModel
 from lookback.engine.session import StreamSession
+from lookback.engine.step import Step
 from lookback.errors import BadAudio
 from tests.engine.engine_support import (
     FRAME,
@@ -49,7 +49,7 @@ N_SESSIONS = 64
 class BatchLog:
     """Wraps ``handle.compute`` to record every batch's slots (and nothing else)."""
 
-    def __init__(self, handle: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, handle: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.real = handle.compute
         self.batches: list[list[int]] = []
         monkeypatch.setattr(handle, "compute", self)
@@ -289,7 +289,7 @@ async def fresh_scores(name: str, clip: np.ndarray) -> np.ndarray:
 class Gate:
     """Holds the next model call in the executor until released."""
 
-    def __init__(self, handle: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, handle: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.real = handle.compute
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -319,7 +319,7 @@ async def test_stale_state_would_change_the_scores(any_model: str) -> None:
     assert float(np.max(np.abs(after - fresh))) > 1e-3
 
 
-async def reused_slot_scores(engine: Engine, handle: ModelHandle, slot: int) -> np.ndarray:
+async def reused_slot_scores(engine: Engine, handle: ServedModel, slot: int) -> np.ndarray:
     sink = Collect()
     session = engine.open_session(handle, sink)
     assert session.slot == slot, "the freed slot should be the one reused"

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from lookback.engine.batcher import Step
-from lookback.engine.model import ModelHandle
+from lookback.engine.served import ServedModel
+from lookback.engine.step import Step
 from lookback.errors import BackpressureError, BadAudio, CapacityError, SessionClosed
 from tests.engine.engine_support import (
     FRAME,
@@ -29,7 +29,7 @@ from tests.engine.engine_support import (
 class Gate:
     """Holds model calls in the executor until released; counts the calls."""
 
-    def __init__(self, handle: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, handle: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.real = handle.compute
         self.entered = threading.Event()
         self.release = threading.Event()

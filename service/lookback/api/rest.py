@@ -29,13 +29,14 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 from lookback.api import auth
+from lookback.engine import pcm
 from lookback.engine.offline import OfflineChunk
 from lookback.errors import LookbackError
 from lookback.protocol import spec_for
 
 if TYPE_CHECKING:
     from lookback.api.state import ScoreLease, ServiceState
-    from lookback.engine.model import ModelHandle
+    from lookback.engine.served import ServedModel
 
 router = APIRouter()
 _OPT = orjson.OPT_SERIALIZE_NUMPY
@@ -259,7 +260,7 @@ async def score(
 
 
 async def _respond(
-    svc: ServiceState, handle: ModelHandle, source: _Source, fmt: str, lease: ScoreLease
+    svc: ServiceState, handle: ServedModel, source: _Source, fmt: str, lease: ScoreLease
 ) -> Response:
     spec = handle.spec
     head = {
@@ -388,14 +389,15 @@ class _RawSource(_Source):
         self,
         body: _Body,
         encoding: str,
-        handle: ModelHandle,
+        handle: ServedModel,
         max_seconds: float,
         chunk_steps: int,
         *,
         first: bytes | None = None,
         limit: int | None = None,
     ) -> None:
-        self.dtype = np.dtype("<i2" if encoding == "pcm_s16le" else "<f4")
+        self.encoding = encoding
+        self.dtype = pcm.S16 if encoding == "pcm_s16le" else pcm.F32
         self.max_samples = int(max_seconds * handle.spec.sample_rate)
         self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
         self._first = first
@@ -460,15 +462,7 @@ class _RawSource(_Source):
             )
 
     def _decode(self, blob: bytes, at: int, nbytes: int) -> np.ndarray:
-        data = np.frombuffer(blob, self.dtype, count=nbytes // self.dtype.itemsize, offset=at)
-        audio = np.empty(data.size, np.float32)
-        if self.dtype.kind == "i":
-            np.multiply(data, np.float32(1 / 32768), out=audio, casting="unsafe")
-        else:
-            audio[:] = data
-            if not np.isfinite(audio).all():
-                raise RestError("pcm_f32le body holds NaN or Inf", code="non_finite_audio")
-        return audio
+        return pcm.decode(blob, self.encoding, offset=at, count=nbytes // self.dtype.itemsize)
 
 
 # -- WAV: 16-bit PCM streams; anything else is spooled for libsndfile ---------------------------
@@ -515,7 +509,7 @@ def _parse_wav_head(buf: bytes) -> object:
     return None
 
 
-async def _open_container(body: _Body, handle: ModelHandle, max_seconds: float, chunk_steps: int) -> _Source:
+async def _open_container(body: _Body, handle: ServedModel, max_seconds: float, chunk_steps: int) -> _Source:
     """Stream a 16-bit PCM WAV as it arrives; spool anything else for libsndfile."""
     head = b""
     parsed: object = _NEED_MORE
@@ -572,7 +566,7 @@ class _ContainerSource(_Source):
 
     @classmethod
     async def open(
-        cls, body: _Body, head: bytes, handle: ModelHandle, max_seconds: float, chunk_steps: int
+        cls, body: _Body, head: bytes, handle: ServedModel, max_seconds: float, chunk_steps: int
     ) -> _ContainerSource:
         """Spool ``head`` (the bytes already read) and the rest of ``body``, then open."""
         fd, path = tempfile.mkstemp(prefix="lookback-", suffix=".upload")

@@ -66,10 +66,10 @@ class ServiceState:
     def tick_metrics(self) -> None:
         for conn in list(self.connections):
             self.account_frames(conn)
-        for key, h in self.engine.models.items():
-            self.metrics.slots.labels(key, "used").set(h.table.used)
-            self.metrics.slots.labels(key, "capacity").set(h.table.capacity)
-            self.metrics.backlog.labels(key).set(h.batcher.backlog)
+        for key, occ in self.engine.occupancy().items():
+            self.metrics.slots.labels(key, "used").set(occ.used)
+            self.metrics.slots.labels(key, "capacity").set(occ.capacity)
+            self.metrics.backlog.labels(key).set(occ.backlog)
 
     # -- reaper ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -27,13 +27,14 @@ from starlette.responses import JSONResponse
 
 from lookback.api import auth
 from lookback.engine.events import Event
-from lookback.engine.session import BYTES_PER_SAMPLE, StreamSession
+from lookback.engine.pcm import BYTES_PER_SAMPLE
+from lookback.engine.session import StreamSession
 from lookback.errors import BackpressureError, LookbackError
 from lookback.protocol import Close, error_message, spec_for
 
 if TYPE_CHECKING:
     from lookback.api.state import ServiceState
-    from lookback.engine.model import ModelHandle
+    from lookback.engine.served import ServedModel
 
 log = logging.getLogger("lookback.ws")
 router = APIRouter()
@@ -78,7 +79,7 @@ class Connection:
     """One WebSocket session: the engine's ResultSink and the socket's only writer."""
 
     def __init__(
-        self, ws: WebSocket, svc: ServiceState, handle: ModelHandle, results: str, session_id: str
+        self, ws: WebSocket, svc: ServiceState, handle: ServedModel, results: str, session_id: str
     ) -> None:
         self.ws = ws
         self.svc = svc
@@ -336,7 +337,7 @@ class Connection:
         self.close_after_queue(code, reason)
 
 
-def _parse_query(ws: WebSocket, svc: ServiceState) -> tuple[ModelHandle, str, str]:
+def _parse_query(ws: WebSocket, svc: ServiceState) -> tuple[ServedModel, str, str]:
     q = ws.query_params
     handle = svc.engine.resolve(q.get("model") or None, q.get("version") or None)
     encoding = q.get("encoding", "pcm_s16le")
@@ -408,7 +409,7 @@ async def stream(ws: WebSocket) -> None:
         svc.reserved -= 1
 
 
-async def _serve(conn: Connection, svc: ServiceState, handle: ModelHandle) -> None:
+async def _serve(conn: Connection, svc: ServiceState, handle: ServedModel) -> None:
     spec = handle.spec
     key = spec.key
     m = svc.metrics

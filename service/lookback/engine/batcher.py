@@ -1,5 +1,9 @@
 """MicroBatcher: one per model; gathers the ready steps of all sessions into one call.
 
+The batcher knows a function, not a model (as Ray Serve's ``_BatchQueue`` and MLServer's
+adaptive batcher do): ``compute(steps) -> rows`` runs one batch, ``occupancy()`` says
+how many sessions are open. It never looks inside a step's payload.
+
 Continuous batching: when the runtime is idle a batch starts with whatever is ready;
 while it runs, ready steps pile up and form the next one. ``max_batch_size`` caps a
 batch. ``max_wait_ms`` (0 = greedy) may hold a small batch back to fill it, counted from
@@ -9,16 +13,14 @@ only when the batch is full: no sleep-polling and no per-step wake-up. A session
 most one step in flight because its next step needs the state this one produces, so a
 batch never holds two steps of one session.
 
-The model call (gather, run, scatter) runs in a dedicated executor thread, so the event
-loop keeps receiving frames while ONNX Runtime (which releases the GIL) computes on
-another core. When the process may use a single CPU that thread buys no parallelism and
-costs two thread hand-offs per batch, so ``model_calls=auto`` then calls the model
-inline on the event loop, yielding to it once per batch.
+The model call runs in a dedicated executor thread, so the event loop keeps receiving
+frames while ONNX Runtime (which releases the GIL) computes on another core. When the
+process may use a single CPU that thread buys no parallelism and costs two thread
+hand-offs per batch, so ``model_calls=auto`` then calls the model inline on the event
+loop, yielding to it once per batch.
 
-Every step carries a waiter with the ``asyncio.Future`` interface (``set_result`` /
-``set_exception``): a Future by default, or the session itself on the streaming hot
-path to save an allocation and a callback hop per step. A failed batch fails every
-waiter with ``InferenceError`` and the batcher carries on with the next batch.
+Every step carries a waiter (see ``step.py``). A failed batch fails every waiter with
+``InferenceError`` and the batcher carries on with the next batch.
 """
 
 from __future__ import annotations
@@ -27,48 +29,35 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from lookback.errors import BadAudio, InferenceError, LookbackError
-
-if TYPE_CHECKING:
-    from lookback.engine.model import ModelHandle
+from lookback.engine.step import Step
+from lookback.errors import InferenceError, LookbackError
+from lookback.metrics import Metrics
 
 log = logging.getLogger("lookback.batcher")
 
-_S16 = np.dtype("<i2")
-_F32 = np.dtype("<f4")
-
-
-class Waiter(Protocol):
-    def set_result(self, result: Any) -> None: ...
-    def set_exception(self, exception: BaseException) -> None: ...
-
-
-class Step:
-    """One model step of one session: ``hop_samples`` new samples, PCM bytes or float32."""
-
-    __slots__ = ("index", "payload", "slot", "t_arrival", "t_ready", "waiter")
-
-    def __init__(
-        self, slot: int, index: int, payload: bytes | np.ndarray, waiter: Waiter, t_arrival: float
-    ) -> None:
-        self.slot = slot
-        self.index = index
-        self.payload = payload  # bytes: pcm_s16le; ndarray: float32 in [-1, 1)
-        self.waiter = waiter
-        self.t_arrival = t_arrival
-        self.t_ready = 0.0
+#: One batch: the steps in, one score row per step out (``[len(steps), labels]``).
+Compute = Callable[[Sequence[Step]], np.ndarray]
 
 
 class MicroBatcher:
     def __init__(
-        self, handle: ModelHandle, *, max_batch_size: int, max_wait_ms: float, inline: bool = False
+        self,
+        compute: Compute,
+        occupancy: Callable[[], int],
+        *,
+        label: str,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_wait_ms: float,
+        inline: bool = False,
     ) -> None:
-        self.handle = handle
+        self.compute = compute  # looked up per batch: tests and tools may wrap it
+        self.occupancy = occupancy
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.inline = inline  # call the model on the event loop (single-CPU processes)
@@ -79,8 +68,7 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running = False
-        label = handle.spec.key
-        m = handle.metrics
+        m = metrics
         self._m_steps = m.steps.labels(label)
         self._m_batches = m.batches.labels(label)
         self._m_failures = m.batch_failures.labels(label)
@@ -90,8 +78,6 @@ class MicroBatcher:
         self._m_wait = m.queue_wait
         self._m_latency = m.frame_latency
         self._label = label
-        self._hop = handle.spec.hop_samples
-        self._hop_bytes = 2 * self._hop  # pcm_s16le payloads
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,17 +112,7 @@ class MicroBatcher:
 
     # -- submission --------------------------------------------------------------------
     def submit(self, step: Step) -> None:
-        """Queue a step for the next batch; a malformed one fails alone, here, not its batch."""
-        p = step.payload
-        if (len(p) != self._hop_bytes) if isinstance(p, bytes) else (p.shape != (self._hop,)):
-            step.waiter.set_exception(
-                BadAudio(f"a step must carry exactly {self._hop} samples; refused before batching")
-            )
-            return
-        self.enqueue(step)
-
-    def enqueue(self, step: Step) -> None:
-        """Queue a step built by a StreamSession (exact hop by construction: unchecked)."""
+        """Queue a step for the next batch (its payload is the submitter's to get right)."""
         step.t_ready = time.perf_counter()
         self._ready.append(step)
         if self._idle is not None:
@@ -180,9 +156,9 @@ class MicroBatcher:
             t0 = time.perf_counter()
             try:
                 if self.inline:
-                    out = self.handle.compute(batch)
+                    out = self.compute(batch)
                 else:
-                    out = await loop.run_in_executor(self._executor, self.handle.compute, batch)
+                    out = await loop.run_in_executor(self._executor, self.compute, batch)
                 if len(out) != n:
                     raise InferenceError(f"model returned {len(out)} rows for a batch of {n}")
             except Exception as exc:  # a failed batch must not stop the batcher
@@ -207,7 +183,7 @@ class MicroBatcher:
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Hold the batch until it is full, every open session is in it, or its oldest
         step has waited ``max_wait``; False if there was nothing to wait for."""
-        target = min(self.max_batch_size, self.handle.table.used)
+        target = min(self.max_batch_size, self.occupancy())
         remaining = self._ready[0].t_ready + self.max_wait - time.perf_counter()
         if len(self._ready) >= target or remaining <= 0:
             return False

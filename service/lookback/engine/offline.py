@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lookback.engine.compute import initial_states
 from lookback.engine.events import Event, EventDetector
-from lookback.engine.model import ModelHandle, np_dtype
+from lookback.engine.pcm import ModelInput
+from lookback.engine.served import ServedModel
 from lookback.engine.session import StreamSession
 from lookback.errors import LookbackError
 
@@ -34,25 +36,18 @@ class OfflineChunk:
 class SequenceScorer:
     """Carries context, states and a partial hop across chunks for the sequence graph."""
 
-    def __init__(self, handle: ModelHandle) -> None:
-        spec = handle.spec
-        assert spec.sequence is not None and handle.sequence is not None
-        self.handle = handle
+    def __init__(self, model: ServedModel) -> None:
+        spec = model.spec
+        assert spec.sequence is not None and model.sequence is not None
         self.spec = spec
-        self.rt = handle.sequence
+        self.rt = model.sequence
         self.max_steps = spec.sequence.max_steps
         self.audio_name = spec.sequence.audio_input or spec.audio_input.name
-        self.scale = np.float32(32768.0 if spec.audio_input.scale == "raw" else 1.0)
-        self.states: dict[str, np.ndarray] = {}
-        for st in spec.states:
-            shape = list(st.shape)
-            shape.insert(st.batch_axis, 1)
-            self.states[st.input] = np.full(shape, st.initial, dtype=np_dtype(st.dtype))
+        self.input = ModelInput(spec.audio_input.scale, spec.audio_input.layout)
+        self.states = initial_states(spec, 1)
         self.context = np.zeros(spec.context_samples, np.float32)
         self.leftover = np.zeros(0, np.float32)
-        self.constants = handle.step_feeds(1)
-        for name in [spec.audio_input.name, *self.states]:
-            self.constants.pop(name, None)
+        self.constants = dict(model.step_compute.constants)
         self.out_names = [o.sequence_name or o.name for o in spec.outputs]
 
     def feed(self, samples: np.ndarray) -> np.ndarray:
@@ -82,11 +77,8 @@ class SequenceScorer:
         window = np.concatenate([self.context, new])
         if spec.context_samples:
             self.context = window[-spec.context_samples :].copy()
-        if self.scale != 1.0:
-            window = window * self.scale
         feeds = dict(self.constants)
-        batch = window[None, :] if spec.audio_input.layout == "BT" else window[None, None, :]
-        feeds[self.audio_name] = batch
+        feeds[self.audio_name] = self.input.layout(self.input.scale(window)[None, :])
         feeds.update(self.states)
         outs = dict(zip(self.rt.output_names, self.rt.run(feeds), strict=True))
         for st in spec.states:
@@ -96,27 +88,27 @@ class SequenceScorer:
 
 
 async def score_clip(
-    handle: ModelHandle,
+    model: ServedModel,
     chunks: AsyncIterator[np.ndarray],
     *,
     executor: Executor,
     max_pending_steps: int = 1024,
 ) -> AsyncIterator[OfflineChunk]:
     """Score a clip chunk by chunk; yields each chunk's scores and new events."""
-    if handle.sequence is not None:
-        async for out in _with_sequence(handle, chunks, executor):
+    if model.sequence is not None:
+        async for out in _with_sequence(model, chunks, executor):
             yield out
     else:
-        async for out in _with_batcher(handle, chunks, max_pending_steps):
+        async for out in _with_batcher(model, chunks, max_pending_steps):
             yield out
 
 
 async def _with_sequence(
-    handle: ModelHandle, chunks: AsyncIterator[np.ndarray], executor: Executor
+    model: ServedModel, chunks: AsyncIterator[np.ndarray], executor: Executor
 ) -> AsyncIterator[OfflineChunk]:
-    spec = handle.spec
+    spec = model.spec
     loop = asyncio.get_running_loop()
-    scorer = SequenceScorer(handle)
+    scorer = SequenceScorer(model)
     detector = EventDetector(
         spec.events, spec.event_label, sample_rate=spec.sample_rate, hop=spec.hop_samples
     )
@@ -167,11 +159,11 @@ class _Collect:
 
 
 async def _with_batcher(
-    handle: ModelHandle, chunks: AsyncIterator[np.ndarray], max_pending_steps: int
+    model: ServedModel, chunks: AsyncIterator[np.ndarray], max_pending_steps: int
 ) -> AsyncIterator[OfflineChunk]:
-    spec = handle.spec
+    spec = model.spec
     sink = _Collect(len(spec.labels))
-    session = StreamSession(handle, sink, encoding="pcm_f32le", max_pending_steps=max_pending_steps)
+    session = StreamSession(model, sink, encoding="pcm_f32le", max_pending_steps=max_pending_steps)
     frame = spec.frame_samples
     carry = np.zeros(0, np.float32)
     piece = max_pending_steps * spec.hop_samples

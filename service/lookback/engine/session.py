@@ -16,19 +16,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from lookback.engine.batcher import Step
 from lookback.engine.events import Event, EventDetector
+from lookback.engine.pcm import BYTES_PER_SAMPLE, F32, Encoding, check_encoding, refuse_non_finite
+from lookback.engine.served import ServedModel
+from lookback.engine.step import Step
 from lookback.errors import BackpressureError, BadAudio, LookbackError, SessionClosed
-
-if TYPE_CHECKING:
-    from lookback.engine.model import ModelHandle
-
-Encoding = Literal["pcm_s16le", "pcm_f32le"]
-BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
 
 
 class ResultSink(Protocol):
@@ -43,16 +39,15 @@ class ResultSink(Protocol):
 class StreamSession:
     def __init__(
         self,
-        handle: ModelHandle,
+        model: ServedModel,
         sink: ResultSink,
         *,
         encoding: Encoding = "pcm_s16le",
         max_pending_steps: int = 64,
     ) -> None:
-        if encoding not in BYTES_PER_SAMPLE:
-            raise BadAudio(f"unknown encoding {encoding!r}", code="bad_encoding")
-        spec = handle.spec
-        self.handle = handle
+        check_encoding(encoding)
+        spec = model.spec
+        self.model = model
         self.sink = sink
         self.encoding = encoding
         self.max_pending = max_pending_steps
@@ -64,8 +59,9 @@ class StreamSession:
         self._buf = bytearray()
         self._queue: deque[Step] = deque()  # ready, not yet submitted
         self._in_flight: Step | None = None
-        self._batcher = handle.batcher
-        self._enqueue_ready = handle.batcher.enqueue
+        self._batcher = model.batcher
+        self._table = model.table
+        self._enqueue_ready = model.batcher.submit
         # Messages of exactly one int16 hop take push()'s fast path (-1: never, for f32).
         self._fast_bytes = -1 if encoding == "pcm_f32le" else self.hop_bytes
         self._frames_per_hop = spec.frames_per_hop
@@ -86,7 +82,7 @@ class StreamSession:
         self.steps_failed = 0
         self.padded_samples = 0
         self.closed = False
-        self.slot = handle.table.acquire()
+        self.slot = self._table.acquire()
 
     # -- input ---------------------------------------------------------------------------
     def push(self, data: bytes, t_arrival: float | None = None) -> int:
@@ -138,8 +134,8 @@ class StreamSession:
             raise BackpressureError(
                 f"{pending} steps already waiting; audio arrives faster than it is scored"
             )
-        if self._is_f32 and not np.isfinite(np.frombuffer(data, "<f4")).all():
-            raise BadAudio("pcm_f32le message holds NaN or Inf samples", code="non_finite_audio")
+        if self._is_f32:
+            refuse_non_finite(np.frombuffer(data, F32), "message")
         if t_arrival is None:
             t_arrival = time.perf_counter()
         self.frames += n // self.frame_bytes
@@ -163,7 +159,7 @@ class StreamSession:
         return 1
 
     def _enqueue(self, data: bytes, t_arrival: float) -> None:
-        payload: bytes | np.ndarray = np.frombuffer(data, "<f4").copy() if self._is_f32 else data
+        payload: bytes | np.ndarray = np.frombuffer(data, F32).copy() if self._is_f32 else data
         step = Step(self.slot, self.steps_made, payload, self, t_arrival)
         self.steps_made += 1
         if self._in_flight is None:
@@ -296,5 +292,5 @@ class StreamSession:
 
     def _release(self) -> None:
         if self.slot >= 0:
-            self.handle.table.release(self.slot)
+            self._table.release(self.slot)
             self.slot = -1
