@@ -68,7 +68,7 @@ class Collect:
     events: list[Event] = field(default_factory=list)
     errors: list[tuple[int, LookbackError]] = field(default_factory=list)
 
-    def on_result(self, index: int, time: float, scores: np.ndarray, events: list[Event] | None) -> None:
+    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
         self.indices.append(index)
         self.times.append(time)
         self.rows.append(np.array(scores, dtype=np.float32, copy=True))

@@ -115,7 +115,9 @@ async def test_pending_queue_is_bounded_and_wait_for_room_unblocks(
 async def test_backpressure_resumes_reading_at_half_the_bound(silero_model: str) -> None:
     """A full session's transport waits for the queue to drain to half the bound, so an
     overloaded server parks each reader once per many messages, not once per message."""
-    async with running_engine("silero-vad", max_pending_steps=8, max_frames_per_message=4) as engine:
+    async with running_engine(
+        "silero-vad", max_pending_steps=8, max_frames_per_message=4, max_steps_per_call=1
+    ) as engine:
         handle = engine.resolve("silero-vad")
         await handle.batcher.stop()  # completions are driven by hand below
         session = engine.open_session(handle, Collect())
@@ -130,7 +132,7 @@ async def test_backpressure_resumes_reading_at_half_the_bound(silero_model: str)
         seen = []  # (pending steps, reader resumed) after each completed step
         ready = handle.batcher._ready  # the stopped batcher's queue: steps wait here
         while not waiter.done():
-            ready.popleft().waiter.set_result([0.0])  # the step in flight completes
+            ready.popleft().waiter.set_result([[0.0]])  # the step in flight completes
             for _ in range(3):
                 await asyncio.sleep(0)
             seen.append((session.pending_steps, waiter.done()))
@@ -265,7 +267,7 @@ async def test_sessions_beyond_capacity_are_refused(silero_model: str) -> None:
 async def test_failed_batch_reaches_the_sink_as_an_error_and_the_session_goes_on(
     silero_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with running_engine("silero-vad") as engine:
+    async with running_engine("silero-vad", max_steps_per_call=1) as engine:
         handle = engine.resolve("silero-vad")
         real = handle.compute
         calls = []

@@ -1,8 +1,8 @@
 """MicroBatcher: one per model; gathers the ready steps of all sessions into one call.
 
 The batcher knows a function, not a model (as Ray Serve's ``_BatchQueue`` and MLServer's
-adaptive batcher do): ``compute(steps) -> rows`` runs one batch, ``occupancy()`` says
-how many sessions are open. It never looks inside a step's payload.
+adaptive batcher do): ``compute(steps) -> rows`` runs one batch, one row per hop in step
+order; ``occupancy()`` says how many sessions are open. It never looks inside a payload.
 
 Continuous batching: when the runtime is idle a batch starts with whatever is ready;
 while it runs, ready steps pile up and form the next one. ``max_batch_size`` caps a
@@ -11,7 +11,7 @@ when its oldest step became ready, and never once every open session has a step 
 (nobody else could add one). The wait is one future with a deadline timer, woken early
 only when the batch is full: no sleep-polling and no per-step wake-up. A session has at
 most one step in flight because its next step needs the state this one produces, so a
-batch never holds two steps of one session.
+batch never holds two steps of one session; a step may carry several of its hops.
 
 The model call runs in a dedicated executor thread, so the event loop keeps receiving
 frames while ONNX Runtime (which releases the GIL) computes on another core. When the
@@ -19,8 +19,8 @@ process may use a single CPU that thread buys no parallelism and costs two threa
 hand-offs per batch, so ``model_calls=auto`` then calls the model inline on the event
 loop, yielding to it once per batch.
 
-Every step carries a waiter (see ``step.py``). A failed batch fails every waiter with
-``InferenceError`` and the batcher carries on with the next batch.
+Every step carries a waiter (see ``step.py``) that gets the step's rows. A failed batch
+fails every waiter with ``InferenceError`` and the batcher carries on with the next batch.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from lookback.engine.step import Step
+from lookback.engine.step import FirstRow, Step
 from lookback.errors import InferenceError, LookbackError
 from lookback.metrics import Metrics
 
 log = logging.getLogger("lookback.batcher")
 
-#: One batch: the steps in, one score row per step out (``[len(steps), labels]``).
+#: One batch: the steps in, one score row per hop out (``[sum of counts, labels]``).
 Compute = Callable[[Sequence[Step]], np.ndarray]
 
 
@@ -122,9 +122,9 @@ class MicroBatcher:
             self._end_fill()
 
     def submit_future(self, slot: int, index: int, payload: bytes | np.ndarray) -> asyncio.Future:
-        """Submit a step and get a Future for its output row (tests, offline)."""
+        """Submit a one-hop step and get a Future for its score row (tests, tools)."""
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.submit(Step(slot, index, payload, fut, time.perf_counter()))
+        self.submit(Step(slot, index, payload, FirstRow(fut), time.perf_counter()))
         return fut
 
     def cancel(self, step: Step) -> bool:
@@ -152,6 +152,10 @@ class MicroBatcher:
                 continue
             n = min(len(self._ready), self.max_batch_size)
             batch = [self._ready.popleft() for _ in range(n)]
+            total = 0
+            for step in batch:
+                step.taken = True
+                total += step.count
             self._m_backlog.set(len(self._ready))
             t0 = time.perf_counter()
             try:
@@ -159,26 +163,31 @@ class MicroBatcher:
                     out = self.compute(batch)
                 else:
                     out = await loop.run_in_executor(self._executor, self.compute, batch)
-                if len(out) != n:
-                    raise InferenceError(f"model returned {len(out)} rows for a batch of {n}")
+                if len(out) != total:
+                    raise InferenceError(f"model returned {len(out)} rows for a batch of {total}")
             except Exception as exc:  # a failed batch must not stop the batcher
                 self._fail(batch, exc)
                 continue
             t1 = time.perf_counter()
             self._m_batches.inc()
-            self._m_steps.inc(n)
-            self._m_size.observe(n)
+            self._m_steps.inc(total)
+            self._m_size.observe(total)
             self._m_run.observe(t1 - t0)
-            self._m_wait.observe_many(t0 - np.array([s.t_ready for s in batch], np.float64), self._label)
+            readies = np.array([s.t_ready for s in batch], np.float64)
+            arrivals = np.array([s.t_arrival for s in batch], np.float64)
+            if total != n:  # one observation per step: a step's hops share its times
+                counts = [s.count for s in batch]
+                readies, arrivals = np.repeat(readies, counts), np.repeat(arrivals, counts)
+            self._m_wait.observe_many(t0 - readies, self._label)
             rows = out.tolist()  # python floats: cheaper per step than numpy row views
-            for step, row in zip(batch, rows, strict=True):
+            pos = 0
+            for step in batch:
                 try:
-                    step.waiter.set_result(row)
+                    step.waiter.set_result(rows[pos : pos + step.count])
                 except Exception:  # a broken consumer must not stop the batcher
                     log.exception("waiter raised on a result")
-            self._m_latency.observe_many(
-                time.perf_counter() - np.array([s.t_arrival for s in batch], np.float64), self._label
-            )
+                pos += step.count
+            self._m_latency.observe_many(time.perf_counter() - arrivals, self._label)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Hold the batch until it is full, every open session is in it, or its oldest

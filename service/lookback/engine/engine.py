@@ -24,7 +24,7 @@ from lookback.engine.pcm import Encoding
 from lookback.engine.served import Occupancy, ServedModel
 from lookback.engine.session import ResultSink, StreamSession
 from lookback.engine.slabs import StateTable
-from lookback.engine.store import StoreEntry, discover, open_graphs, version_key
+from lookback.engine.store import StoreEntry, discover, open_graphs, open_multistep, version_key
 from lookback.errors import ContractError, ModelNotFound
 from lookback.metrics import Metrics
 from lookback.settings import Settings
@@ -70,12 +70,13 @@ class Engine:
             self._versions.setdefault(handle.spec.name, []).append(handle.spec.version)
             self.metrics.model_info.labels(handle.spec.key, handle.spec.version, handle.provider).set(1)
             log.info(
-                "model %s ready on %s (hop %d, context %d, %s, model calls %s)",
+                "model %s ready on %s (hop %d, context %d, %s, up to %d hops per call, model calls %s)",
                 handle.spec.key,
                 handle.provider,
                 handle.spec.hop_samples,
                 handle.spec.context_samples,
                 "sequence graph" if handle.sequence else "step graph only",
+                handle.max_steps_per_call,
                 "inline" if handle.batcher.inline else "in a thread",
             )
         for versions in self._versions.values():
@@ -106,18 +107,16 @@ class Engine:
     def _load(self, sm: StoreEntry) -> ServedModel:
         """Graphs, then the table, the batched step over both, the batcher over that step."""
         s = self.settings
-        step, seq = open_graphs(
-            sm,
-            providers=s.providers,
-            intra_op_threads=s.intra_op_threads,
-            inter_op_threads=s.inter_op_threads,
-        )
+        threads = {"intra_op_threads": s.intra_op_threads, "inter_op_threads": s.inter_op_threads}
+        step, seq = open_graphs(sm, providers=s.providers, **threads)
+        multistep = open_multistep(sm, providers=s.providers, **threads)
         capacity = s.max_sessions + s.max_concurrent_scores + s.max_queued_scores
         table = StateTable.for_model(
             sm.spec, initial_capacity=min(s.initial_slots, capacity), max_capacity=capacity
         )
-        step_compute = StepCompute(sm.spec, step, table)
+        step_compute = StepCompute(sm.spec, step, table, multistep)
         run_warmup(step, step_compute.step_feeds, s.warmup_batch_sizes)
+        run_warmup(multistep, lambda b: step_compute.multistep_feeds(b, 2), s.warmup_batch_sizes)
         if seq is not None:
             run_warmup(seq, lambda b: step_compute.sequence_feeds(1, b), [1, 64])
         batcher = MicroBatcher(
@@ -129,7 +128,9 @@ class Engine:
             max_wait_ms=s.max_wait_ms,
             inline=inline_model_calls(s.model_calls, step.provider),
         )
-        return ServedModel(sm.spec, sm.path, step_compute, table, batcher, seq)
+        return ServedModel(
+            sm.spec, sm.path, step_compute, table, batcher, seq, multistep, s.max_steps_per_call
+        )
 
     # -- lookup ----------------------------------------------------------------------------
     def resolve(self, name: str | None = None, version: str | None = None) -> ServedModel:
@@ -184,6 +185,4 @@ class Engine:
         )
 
     def score(self, handle: ServedModel, chunks: AsyncIterator[np.ndarray]) -> AsyncIterator[OfflineChunk]:
-        return score_clip(
-            handle, chunks, executor=self._offline, max_pending_steps=self.settings.offline_chunk_steps
-        )
+        return score_clip(handle, chunks, executor=self._offline, max_steps=self.settings.offline_chunk_steps)

@@ -21,7 +21,7 @@ from lookback.engine.compute import StepCompute
 from lookback.engine.contract import Manifest
 from lookback.engine.graph import OrtGraph
 from lookback.engine.slabs import StateTable
-from lookback.engine.step import Step
+from lookback.engine.step import FirstRow, Step
 from lookback.errors import BadAudio
 
 
@@ -41,6 +41,8 @@ class ServedModel:
     table: StateTable
     batcher: MicroBatcher
     sequence: OrtGraph | None
+    multistep: OrtGraph
+    max_steps_per_call: int  # hops of one session one model call may take
 
     @property
     def step(self) -> OrtGraph:
@@ -65,11 +67,11 @@ class ServedModel:
 
     def submit(self, step: Step) -> None:
         """Queue a step built outside a session: a wrong length fails alone, not its batch."""
-        hop = self.spec.hop_samples
+        n = self.spec.hop_samples * step.count
         p = step.payload
-        if (len(p) != 2 * hop) if isinstance(p, bytes) else (p.shape != (hop,)):
+        if (len(p) != 2 * n) if isinstance(p, bytes) else (p.shape != (n,)):
             step.waiter.set_exception(
-                BadAudio(f"a step must carry exactly {hop} samples; refused before batching")
+                BadAudio(f"a step must carry exactly {n} samples; refused before batching")
             )
             return
         self.batcher.submit(step)
@@ -77,5 +79,5 @@ class ServedModel:
     def submit_future(self, slot: int, index: int, payload: bytes | np.ndarray) -> asyncio.Future:
         """Submit one step and get a Future for its score row (tests, tools)."""
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.submit(Step(slot, index, payload, fut, time.perf_counter()))
+        self.submit(Step(slot, index, payload, FirstRow(fut), time.perf_counter()))
         return fut

@@ -2,8 +2,10 @@
 
 Frames accumulate to the model's hop; each full hop is a ready step. A session keeps at
 most one step in flight (its next step needs the state this one produces) and a bounded
-queue of the rest, so a bursty client is smoothed over successive batches and a runaway
-one is refused instead of growing memory. Results reach the transport through a
+queue of the rest, so a runaway client is refused instead of growing memory. The step in
+flight carries up to ``max_steps_per_call`` ready hops: those ready when it is submitted,
+and those that become ready while it still waits for a batch. A hop is never held back
+for audio that has not arrived. Results reach the transport through a
 ``ResultSink`` in step order, on the event loop. ``flush`` zero-pads a partial hop so no
 accepted audio goes unscored; times keep counting the padded samples.
 
@@ -57,8 +59,10 @@ class StreamSession:
         self._hop_seconds = spec.hop_samples / spec.sample_rate
         self._is_f32 = encoding == "pcm_f32le"
         self._buf = bytearray()
-        self._queue: deque[Step] = deque()  # ready, not yet submitted
+        self._queue: deque[Step] = deque()  # ready hops, not yet submitted
+        self._queued = 0  # hops in _queue
         self._in_flight: Step | None = None
+        self._max_steps = model.max_steps_per_call
         self._batcher = model.batcher
         self._table = model.table
         self._enqueue_ready = model.batcher.submit
@@ -90,7 +94,8 @@ class StreamSession:
         n = len(data)
         if n == self._fast_bytes and not self._buf and not self.closed:
             # The hot path: one int16 message holding exactly one hop, no partial hop kept.
-            if self._in_flight is None:
+            step = self._in_flight
+            if step is None:
                 step = Step(
                     self.slot,
                     self.steps_made,
@@ -101,20 +106,24 @@ class StreamSession:
                 self._in_flight = step
                 self._enqueue_ready(step)
             else:
-                if len(self._queue) + 2 > self.max_pending:
+                pending = self._queued + step.count
+                if pending + 1 > self.max_pending:
                     raise BackpressureError(
-                        f"{len(self._queue) + 1} steps already waiting; audio arrives faster "
-                        "than it is scored"
+                        f"{pending} steps already waiting; audio arrives faster than it is scored"
                     )
-                self._queue.append(
-                    Step(
-                        self.slot,
-                        self.steps_made,
-                        data,
-                        self,
-                        time.perf_counter() if t_arrival is None else t_arrival,
+                if not step.taken and step.count < self._max_steps and not self._queued:
+                    step.extend(data)  # joins the step still waiting for a batch
+                else:
+                    self._queue.append(
+                        Step(
+                            self.slot,
+                            self.steps_made,
+                            data,
+                            self,
+                            time.perf_counter() if t_arrival is None else t_arrival,
+                        )
                     )
-                )
+                    self._queued += 1
             self.steps_made += 1
             self.frames += self._frames_per_hop
             return 1
@@ -129,7 +138,7 @@ class StreamSession:
             )
         buffered = len(self._buf) + n
         new_steps = buffered // self.hop_bytes
-        pending = len(self._queue) + (self._in_flight is not None)
+        pending = self.pending_steps
         if new_steps and pending + new_steps > self.max_pending:
             raise BackpressureError(
                 f"{pending} steps already waiting; audio arrives faster than it is scored"
@@ -139,11 +148,17 @@ class StreamSession:
         if t_arrival is None:
             t_arrival = time.perf_counter()
         self.frames += n // self.frame_bytes
-        self._buf += data
-        for _ in range(new_steps):
-            chunk = bytes(self._buf[: self.hop_bytes])
-            del self._buf[: self.hop_bytes]
-            self._enqueue(chunk, t_arrival)
+        whole = new_steps * self.hop_bytes
+        if self._buf:
+            self._buf += data
+            hops = bytes(self._buf[:whole])
+            del self._buf[:whole]
+        else:
+            hops = data[:whole] if whole != n else data
+            if whole != n:
+                self._buf += data[whole:]
+        if new_steps:
+            self._add_hops(hops, new_steps, t_arrival)
         return new_steps
 
     def flush(self) -> int:
@@ -155,22 +170,53 @@ class StreamSession:
         self._buf += bytes(missing)
         chunk = bytes(self._buf)
         self._buf.clear()
-        self._enqueue(chunk, time.perf_counter())
+        self._add_hops(chunk, 1, time.perf_counter())
         return 1
 
-    def _enqueue(self, data: bytes, t_arrival: float) -> None:
-        payload: bytes | np.ndarray = np.frombuffer(data, F32).copy() if self._is_f32 else data
-        step = Step(self.slot, self.steps_made, payload, self, t_arrival)
-        self.steps_made += 1
-        if self._in_flight is None:
-            self._in_flight = step
-            self._enqueue_ready(step)
-        else:
-            self._queue.append(step)
+    def _add_hops(self, data: bytes, count: int, t_arrival: float) -> None:
+        """``count`` whole hops of PCM into steps of at most ``max_steps_per_call`` hops: the
+        step in flight grows while no batch has taken it, the rest queue behind it."""
+        hb, cap = self.hop_bytes, self._max_steps
+        pos = 0
+        while count:
+            step = self._in_flight
+            if step is not None and not step.taken and not self._queued and step.count < cap:
+                take = min(count, cap - step.count)
+                step.extend(self._payload(data, pos, take), take)
+            else:
+                take = min(count, cap)
+                new = Step(self.slot, self.steps_made, self._payload(data, pos, take), self, t_arrival, take)
+                if step is None:
+                    self._in_flight = new
+                    self._enqueue_ready(new)
+                else:
+                    self._queue.append(new)
+                    self._queued += take
+            self.steps_made += take
+            pos += take * hb
+            count -= take
+
+    def _payload(self, data: bytes, pos: int, hops: int) -> bytes | np.ndarray:
+        end = pos + hops * self.hop_bytes
+        if self._is_f32:
+            return np.frombuffer(data, F32, count=(end - pos) // 4, offset=pos).copy()
+        return data if pos == 0 and end == len(data) else data[pos:end]
+
+    def _next_step(self) -> Step:
+        """The queued hops (up to ``max_steps_per_call``) as one step."""
+        queue = self._queue
+        first = queue.popleft()
+        self._queued -= first.count
+        while queue and first.count + queue[0].count <= self._max_steps:
+            nxt = queue.popleft()
+            self._queued -= nxt.count
+            first.extend(nxt.payload, nxt.count)
+        return first
 
     @property
     def pending_steps(self) -> int:
-        return len(self._queue) + (self._in_flight is not None)
+        step = self._in_flight
+        return self._queued + (0 if step is None else step.count)
 
     @property
     def buffered_samples(self) -> int:
@@ -182,12 +228,12 @@ class StreamSession:
         return self.steps_made * self.hop
 
     # -- completion (called by the batcher on the event loop) ----------------------------
-    def set_result(self, row: list[float]) -> None:
+    def set_result(self, rows: list[list[float]]) -> None:
         step = self._in_flight
         assert step is not None
         if self._room is None and self._idle is None and not self.closed:
             if self._queue:  # _advance's common cases, inlined (hot path)
-                self._in_flight = nxt = self._queue.popleft()
+                self._in_flight = nxt = self._next_step()
                 self._enqueue_ready(nxt)
             else:
                 self._in_flight = None
@@ -195,15 +241,18 @@ class StreamSession:
             self._advance()
             if self.closed:
                 return
-        self.steps_done += 1
-        end_sample = (step.index + 1) * self.hop
-        score = row[self._event_col]
-        events = None
-        if score >= self._thr or self.detector.triggered:  # otherwise nothing can change
-            events = self.detector.update(score, end_sample)
-            if events:
-                self.events.extend(events)
-        self.sink.on_result(step.index, end_sample / self._rate, row, events)
+        index = step.index
+        for row in rows:
+            self.steps_done += 1
+            end_sample = (index + 1) * self.hop
+            score = row[self._event_col]
+            events = None
+            if score >= self._thr or self.detector.triggered:  # otherwise nothing can change
+                events = self.detector.update(score, end_sample)
+                if events:
+                    self.events.extend(events)
+            self.sink.on_result(index, end_sample / self._rate, row, events)
+            index += 1
 
     def set_exception(self, exc: BaseException) -> None:
         step = self._in_flight
@@ -211,9 +260,10 @@ class StreamSession:
         self._advance()
         if self.closed:
             return
-        self.steps_failed += 1
+        self.steps_failed += step.count
         err = exc if isinstance(exc, LookbackError) else LookbackError(str(exc))
-        self.sink.on_error(step.index, err)
+        for index in range(step.index, step.index + step.count):  # one error per step, in order
+            self.sink.on_error(index, err)
 
     def _advance(self) -> None:
         if self.closed:
@@ -222,7 +272,7 @@ class StreamSession:
             self._wake_room()
             return
         if self._queue:
-            self._in_flight = self._queue.popleft()
+            self._in_flight = self._next_step()
             self._enqueue_ready(self._in_flight)
         else:
             self._in_flight = None
@@ -282,6 +332,7 @@ class StreamSession:
             return
         self.closed = True
         self._queue.clear()
+        self._queued = 0
         if self._in_flight is not None and self._batcher.cancel(self._in_flight):
             self._in_flight = None
         if self._in_flight is None:

@@ -21,6 +21,7 @@ from lookback.engine.contract import (
     load_manifest,
 )
 from lookback.engine.graph import OrtGraph
+from lookback.engine.multistep import build_multistep
 from lookback.errors import ContractError, ModelNotFound
 
 log = logging.getLogger("lookback.store")
@@ -93,3 +94,24 @@ def open_graphs(
             spec, [GraphPort.of(i) for i in seq.inputs], [GraphPort.of(o) for o in seq.outputs]
         )
     return step, seq
+
+
+def open_multistep(
+    stored: StoreEntry, *, providers: str, intra_op_threads: int, inter_op_threads: int
+) -> OrtGraph:
+    """The step graph wrapped in a Loop over k hops (see ``multistep.py``), opened in ORT."""
+    spec, folder = stored.spec, stored.path
+    path = verify_file(folder, spec.graph.file, spec.graph.sha256, "graph")
+    try:
+        model = build_multistep(path.read_bytes(), spec)
+    except ContractError:
+        raise
+    except Exception as exc:  # onnx raises its own types on a graph it cannot take apart
+        raise ContractError(f"{spec.key}: cannot build the multi-step graph: {exc}") from exc
+    return OrtGraph(
+        f"{path} (multi-step)",
+        model=model,
+        providers=providers,
+        intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads,
+    )
