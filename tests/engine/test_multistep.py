@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from lookback.engine.compute import StepCompute
 from lookback.engine.multistep import STEPS
 from lookback.engine.served import ServedModel
 from lookback.engine.slabs import CONTEXT
@@ -218,3 +219,42 @@ async def test_offline_silero_equals_streaming_exactly(silero_model: str) -> Non
         offline, events = await score_offline(engine, handle, offline_chunks(clip, [SR, 777, 40_000]))
     assert np.array_equal(offline, streamed.scores)
     assert [(e.event, e.sample) for e in events] == [(e.event, e.sample) for e in streamed.events]
+
+
+async def test_load_proves_the_multistep_graph_and_the_check_can_fail(
+    any_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with running_engine(any_model) as engine:
+        handle = engine.resolve(any_model)
+        assert handle.multistep is not None and handle.max_steps_per_call == 16
+        assert handle.step_compute.multistep_agrees(batch=7, steps=9, seed=3)
+        real = handle.multistep.run
+
+        def off_by_one_ulp(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            outs = real(feeds)
+            outs[-1] = np.nextafter(outs[-1], np.float32(2.0))  # the last score output
+            return outs
+
+        monkeypatch.setattr(handle.multistep, "run", off_by_one_ulp)
+        assert not handle.step_compute.multistep_agrees()
+
+
+async def test_a_multistep_graph_that_disagrees_is_not_used(
+    silero_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the check at load fails, the model serves one hop per call, and offline scoring
+    falls back to the step graph: still the streaming numbers, exactly."""
+    monkeypatch.setattr(StepCompute, "multistep_agrees", lambda self: False)
+    clip = speech()[: 5 * SR]
+    async with running_engine("silero-vad") as engine:
+        handle = engine.resolve("silero-vad")
+        assert handle.multistep is None and handle.max_steps_per_call == 1
+        chunked = await stream_clip(engine, handle, clip, frames_per_push=20)
+        offline, _ = await score_offline(engine, handle, offline_chunks(clip, [SR, 999]))
+    monkeypatch.undo()
+    async with running_engine("silero-vad") as engine:
+        handle = engine.resolve("silero-vad")
+        assert handle.multistep is not None
+        multi = await stream_clip(engine, handle, clip, frames_per_push=20)
+    assert np.array_equal(chunked.scores, multi.scores)
+    assert np.array_equal(offline, multi.scores)

@@ -310,3 +310,33 @@ async def test_empty_message_is_refused_for_every_encoding(encoding: str) -> Non
         assert info.value.code == "empty_message"
         assert session.steps_made == 0 and session.frames == 0
         session.close()
+
+
+async def test_a_waiting_step_takes_new_hops_up_to_max_steps_per_call(silero_model: str) -> None:
+    """Hops that become ready while the session's step waits for a batch join it (up to
+    max_steps_per_call); once a batch has taken it, they queue and form the next step."""
+    async with running_engine(
+        "silero-vad", max_steps_per_call=4, max_pending_steps=16, max_frames_per_message=16
+    ) as engine:
+        handle = engine.resolve("silero-vad")
+        await handle.batcher.stop()  # completions are driven by hand below
+        sink = Collect()
+        session = engine.open_session(handle, sink)
+        hop = session.hop_bytes
+        ready = handle.batcher._ready
+        assert session.push(bytes(hop)) == 1
+        assert session.push(bytes(2 * hop)) == 2
+        assert len(ready) == 1 and ready[0].count == 3 and session.pending_steps == 3
+        assert session.push(bytes(3 * hop)) == 3  # one joins (4 = the cap), two queue
+        assert len(ready) == 1 and ready[0].count == 4 and session.pending_steps == 6
+        step = ready.popleft()
+        step.taken = True  # what the batcher does when a batch takes it
+        assert session.push(bytes(hop)) == 1  # queued behind, never added to a taken step
+        assert step.count == 4 and session.pending_steps == 7
+        step.waiter.set_result([[float(i)] for i in range(4)])
+        assert sink.indices == [0, 1, 2, 3] and [r[0] for r in sink.rows] == [0.0, 1.0, 2.0, 3.0]
+        assert len(ready) == 1 and (ready[0].index, ready[0].count) == (4, 3)  # queued hops merged
+        assert session.pending_steps == 3
+        with pytest.raises(BackpressureError):
+            session.push(bytes(14 * hop))
+        session.close()

@@ -190,6 +190,37 @@ class StepCompute:
         ]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
+    def multistep_agrees(self, batch: int = 3, steps: int = 5, seed: int = 0) -> bool:
+        """Whether the multi-step graph gives exactly (``==``) what ``steps`` single steps
+        give, scores and states, on random audio and states: checked at load, because a
+        runtime that optimised the loop body differently would change numbers silently."""
+        assert self.multistep is not None
+        spec = self.spec
+        ctx, hop = spec.context_samples, spec.hop_samples
+        rng = np.random.default_rng(seed)
+        audio = (rng.standard_normal((batch, ctx + steps * hop)) * 0.1).astype(np.float32)
+        states = {
+            k: (v + rng.standard_normal(v.shape) * 0.1).astype(v.dtype) if v.dtype.kind == "f" else v
+            for k, v in initial_states(spec, batch).items()
+        }
+        feeds = dict(self.constants)
+        feeds[STEPS] = np.array(steps, np.int64)
+        feeds[AUDIO] = self.input.layout(audio)
+        feeds.update({state_in(k): v for k, v in states.items()})
+        multi = dict(zip(self.multistep.output_names, self.multistep.run(feeds), strict=True))
+        single: list[dict[str, np.ndarray]] = []
+        for i in range(steps):
+            feeds = dict(self.constants)
+            feeds[spec.audio_input.name] = self.input.layout(audio[:, i * hop : i * hop + ctx + hop])
+            feeds.update(states)
+            single.append(dict(zip(self.step.output_names, self.step.run(feeds), strict=True)))
+            states = {st.input: single[-1][st.output] for st in spec.states}
+        for o in spec.outputs:
+            want = np.stack([np.asarray(s[o.name]) for s in single])
+            if not np.array_equal(np.asarray(multi[scores_out(o.name)]).reshape(want.shape), want):
+                return False
+        return all(np.array_equal(multi[state_out(st.output)], states[st.input]) for st in spec.states)
+
     # -- warm-up -------------------------------------------------------------------------
     def step_feeds(self, batch: int) -> dict[str, np.ndarray]:
         """Zero audio and initial states for ``batch`` rows of the step graph."""

@@ -116,7 +116,18 @@ class Engine:
         )
         step_compute = StepCompute(sm.spec, step, table, multistep)
         run_warmup(step, step_compute.step_feeds, s.warmup_batch_sizes)
-        run_warmup(multistep, lambda b: step_compute.multistep_feeds(b, 2), s.warmup_batch_sizes)
+        max_steps = s.max_steps_per_call
+        if step_compute.multistep_agrees():
+            run_warmup(multistep, lambda b: step_compute.multistep_feeds(b, 2), s.warmup_batch_sizes)
+        else:  # never serve numbers that depend on how steps were grouped
+            log.warning(
+                "model %s: the multi-step graph does not give the step graph's exact numbers "
+                "on %s; running one hop per call",
+                sm.spec.key,
+                step.provider,
+            )
+            step_compute.multistep = None
+            max_steps = 1
         if seq is not None:
             run_warmup(seq, lambda b: step_compute.sequence_feeds(1, b), [1, 64])
         batcher = MicroBatcher(
@@ -129,7 +140,7 @@ class Engine:
             inline=inline_model_calls(s.model_calls, step.provider),
         )
         return ServedModel(
-            sm.spec, sm.path, step_compute, table, batcher, seq, multistep, s.max_steps_per_call
+            sm.spec, sm.path, step_compute, table, batcher, seq, step_compute.multistep, max_steps
         )
 
     # -- lookup ----------------------------------------------------------------------------

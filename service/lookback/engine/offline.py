@@ -45,19 +45,24 @@ class ClipScorer:
         self.context = np.zeros(spec.context_samples, np.float32)
         self.leftover = np.zeros(0, np.float32)
         self.constants = dict(model.step_compute.constants)
-        self.sequence = spec.sequence is not None and model.sequence is not None
         if spec.sequence is not None and model.sequence is not None:
             self.rt = model.sequence
             self.max_steps = spec.sequence.max_steps
             self.audio_name = spec.sequence.audio_input or spec.audio_input.name
             self.state_names = [(st.input, st.input, st.output) for st in spec.states]
             self.out_names = [o.sequence_name or o.name for o in spec.outputs]
-        else:
+        elif model.multistep is not None:
             self.rt = model.multistep
             self.max_steps = max_steps
             self.audio_name = AUDIO
             self.state_names = [(st.input, state_in(st.input), state_out(st.output)) for st in spec.states]
             self.out_names = [scores_out(o.name) for o in spec.outputs]
+        else:  # the step graph, one hop per call: its outputs are [1, ...] rows too
+            self.rt = model.step
+            self.max_steps = 1
+            self.audio_name = spec.audio_input.name
+            self.state_names = [(st.input, st.input, st.output) for st in spec.states]
+            self.out_names = [o.name for o in spec.outputs]
 
     def feed(self, samples: np.ndarray) -> np.ndarray:
         """Score every whole hop available; keep the remainder for the next chunk."""
@@ -86,7 +91,7 @@ class ClipScorer:
         window = np.concatenate([self.context, new])
         feeds = dict(self.constants)
         feeds[self.audio_name] = self.input.layout(self.input.scale(window)[None, :])
-        if not self.sequence:
+        if self.audio_name == AUDIO:
             feeds[STEPS] = np.array(steps, np.int64)
         for state, feed, _ in self.state_names:
             feeds[feed] = self.states[state]

@@ -41,7 +41,7 @@ class ServedModel:
     table: StateTable
     batcher: MicroBatcher
     sequence: OrtGraph | None
-    multistep: OrtGraph
+    multistep: OrtGraph | None  # None: it did not prove bit-identical at load
     max_steps_per_call: int  # hops of one session one model call may take
 
     @property
