@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from lookback.engine.events import Event
 from lookback.engine.served import ServedModel
+from lookback.engine.session import StreamSession
 from lookback.engine.step import Step
 from lookback.errors import BackpressureError, BadAudio, CapacityError, SessionClosed
 from tests.engine.engine_support import (
@@ -340,3 +342,27 @@ async def test_a_waiting_step_takes_new_hops_up_to_max_steps_per_call(silero_mod
         with pytest.raises(BackpressureError):
             session.push(bytes(14 * hop))
         session.close()
+
+
+async def test_a_sink_that_closes_the_session_gets_no_more_rows_of_that_step(silero_model: str) -> None:
+    class CloseOnFirst(Collect):
+        session: StreamSession | None = None
+
+        def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
+            super().on_result(index, time, scores, events)
+            assert self.session is not None
+            self.session.close()
+
+    async with running_engine("silero-vad") as engine:
+        handle = engine.resolve("silero-vad")
+        await handle.batcher.stop()  # completions are driven by hand below
+        sink = CloseOnFirst()
+        session = sink.session = engine.open_session(handle, sink)
+        assert session.push(bytes(3 * session.hop_bytes)) == 3
+        (step,) = handle.batcher._ready
+        assert step.count == 3
+        handle.batcher._ready.clear()
+        step.taken = True
+        step.waiter.set_result([[0.1], [0.2], [0.3]])
+        assert sink.indices == [0] and session.closed and session.slot == -1
+        assert handle.table.used == 0

@@ -92,7 +92,7 @@ class StepCompute:
         return scores
 
     def _run_group(self, slots: np.ndarray, samples: np.ndarray, hops: np.ndarray, k: int) -> np.ndarray:
-        """k hops for each of ``slots``: scores [m * k, labels], hop-major per slot."""
+        """k hops for each of ``slots``: scores [m * k, labels], row i * k + j = slot i, hop j."""
         spec = self.spec
         m = len(slots)
         ctx, hop = spec.context_samples, spec.hop_samples

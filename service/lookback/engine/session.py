@@ -252,6 +252,8 @@ class StreamSession:
                 if events:
                     self.events.extend(events)
             self.sink.on_result(index, end_sample / self._rate, row, events)
+            if self.closed:  # the sink closed the session: nothing more reaches it
+                return
             index += 1
 
     def set_exception(self, exc: BaseException) -> None:
@@ -264,6 +266,8 @@ class StreamSession:
         err = exc if isinstance(exc, LookbackError) else LookbackError(str(exc))
         for index in range(step.index, step.index + step.count):  # one error per step, in order
             self.sink.on_error(index, err)
+            if self.closed:
+                return
 
     def _advance(self) -> None:
         if self.closed:
