@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "service" / "lookback"
 
 
@@ -99,24 +97,6 @@ def test_loadtest_has_no_import_circle() -> None:
     assert cycles({k: v for k, v in sub.items() if k.startswith("lookback.loadtest")}) == []
 
 
-# The engine and API seam branches of issue 15 remove these two; delete this list and the
-# xfail below when they are merged.
-KNOWN = [
-    ["lookback.engine.batcher", "lookback.engine.model"],
-    ["lookback.api.state", "lookback.api.ws"],
-]
-
-
-def test_no_new_import_circle() -> None:
-    new = [c for c in cycles(import_graph()) if c not in KNOWN]
-    assert not new, "import circles: " + "; ".join(" <-> ".join(c) for c in new)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.batcher <-> engine.model and api.state <-> api.ws: the engine and API seam "
-    "branches of issue 15 remove them",
-)
 def test_no_import_circle_in_lookback() -> None:
     found = cycles(import_graph())
     assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)

@@ -201,9 +201,7 @@ class Metrics:
         self.frames = Counter(
             "lookback_frames_received_total", "128-sample frames accepted", ["model"], registry=r
         )
-        self.steps = Counter(
-            "lookback_steps_total", "Model steps run (one per session per batch)", ["model"], registry=r
-        )
+        self.steps = Counter("lookback_steps_total", "Model steps run (hops scored)", ["model"], registry=r)
         self.batches = Counter(
             "lookback_batches_total", "Model calls made by the micro-batcher", ["model"], registry=r
         )
@@ -214,7 +212,11 @@ class Metrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "lookback_batch_size", "Steps per model call", ["model"], buckets=BATCH_BUCKETS, registry=r
+            "lookback_batch_size",
+            "Steps per batch (a session may bring several hops)",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.model_run = Histogram(
             "lookback_model_run_seconds",

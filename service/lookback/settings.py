@@ -66,6 +66,13 @@ class Settings(BaseSettings):
 
     # --- batching -------------------------------------------------------------------------
     max_batch_size: int = Field(256, ge=1, description="steps per model call at most")
+    max_steps_per_call: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="ready hops of one session one model call may take (multi-step graph); "
+        "1: one hop per call",
+    )
     max_wait_ms: float = Field(
         0.0,
         ge=0.0,

@@ -60,7 +60,8 @@ def reference(silero_model: str) -> Transcript:
 
 @pytest.fixture(scope="module")
 def srv(silero_model: str) -> Iterator[Server]:
-    with running_server(silero_settings(send_queue_messages=8)) as server:
+    # one hop per model call: the fault tests count the batches a burst makes
+    with running_server(silero_settings(send_queue_messages=8, max_steps_per_call=1)) as server:
         yield server
 
 

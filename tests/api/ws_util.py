@@ -490,7 +490,7 @@ class Intercept:
         return await asyncio.to_thread(self.calls.get, timeout=within)
 
     def restore(self) -> None:
-        vars(self.handle).pop("compute", None)
+        self.handle.compute = self.orig
         self.hold = False
         self._go.release(10_000)
 

@@ -1,7 +1,7 @@
 """Engine-only benchmark (no network): frames/s through the engine vs the ORT ceiling.
 
 For N concurrent sessions that always have a step ready, measures steps per second
-through StreamSession -> MicroBatcher -> ModelHandle.compute, against
+through StreamSession -> MicroBatcher -> ServedModel.compute, against
 (a) the ORT ceiling: raw ``session.run`` at the same batch size with no engine around it,
 (b) the same engine with ``max_batch_size=1`` (one model call per step).
 Pinned to one core (``os.sched_setaffinity``), ORT with one thread.
@@ -94,12 +94,12 @@ def ort_ceiling(model: str, batch: int, seconds: float) -> float:
     """Steps/s of the raw step graph at ``batch`` with states fed back, no engine."""
     eng = Engine(_settings(model, batch, batch))
     handle = eng._load(next(sm for sm in discover(eng.settings.model_store) if sm.spec.name == model))
-    feeds = handle.step_feeds(batch)
+    feeds = handle.step_compute.step_feeds(batch)
     rng = np.random.default_rng(0)
     feeds[handle.spec.audio_input.name] = (
         rng.standard_normal(feeds[handle.spec.audio_input.name].shape) * 0.1
     ).astype(np.float32)
-    rt = handle.step
+    rt = handle.step_compute.step
     names = rt.output_names
     state_map = [(st.input, names.index(st.output)) for st in handle.spec.states]
     for _ in range(3):

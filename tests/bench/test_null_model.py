@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lookback.engine.batcher import Step
 from lookback.engine.engine import Engine
-from lookback.engine.state import CONTEXT
+from lookback.engine.slabs import CONTEXT
+from lookback.engine.step import Step
 from tests.bench.null_model import make_null_model
 from tests.conftest import test_settings as make_settings
 

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from lookback.engine.engine import Engine
 from lookback.engine.events import Event
-from lookback.engine.model import ModelHandle
+from lookback.engine.served import ServedModel
 from lookback.engine.session import StreamSession
 from lookback.errors import LookbackError
 from lookback.settings import Settings
@@ -68,7 +68,7 @@ class Collect:
     events: list[Event] = field(default_factory=list)
     errors: list[tuple[int, LookbackError]] = field(default_factory=list)
 
-    def on_result(self, index: int, time: float, scores: np.ndarray, events: list[Event] | None) -> None:
+    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
         self.indices.append(index)
         self.times.append(time)
         self.rows.append(np.array(scores, dtype=np.float32, copy=True))
@@ -170,7 +170,7 @@ async def push_all(
 
 
 async def stream_clip(
-    engine: Engine, handle: ModelHandle, clip: np.ndarray, *, frames_per_push: int = 1, flush: bool = True
+    engine: Engine, handle: ServedModel, clip: np.ndarray, *, frames_per_push: int = 1, flush: bool = True
 ) -> Collect:
     """One session, alone: the clip pushed ``frames_per_push`` frames at a time."""
     sink = Collect()
@@ -202,7 +202,7 @@ async def offline_chunks(clip: np.ndarray, sizes: Sequence[int]) -> AsyncIterato
 
 
 async def score_offline(
-    engine: Engine, handle: ModelHandle, chunks: AsyncIterator[np.ndarray]
+    engine: Engine, handle: ServedModel, chunks: AsyncIterator[np.ndarray]
 ) -> tuple[np.ndarray, list[Event]]:
     rows, events = [], []
     expected_first = 0

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from lookback.engine import engine as engine_module
-from lookback.engine.batcher import MicroBatcher, Step
+from lookback.engine.batcher import MicroBatcher
 from lookback.engine.engine import Engine
-from lookback.engine.model import ModelHandle
+from lookback.engine.served import ServedModel
+from lookback.engine.step import Step
 from lookback.errors import BadAudio, InferenceError
 from tests.engine.engine_support import SILERO_KEY, running_engine
 
@@ -41,7 +42,7 @@ def metric(engine: Engine, name: str, **labels: str) -> float:
 class Recorder:
     """Wraps ``handle.compute``: records batch sizes and slots; can hold the next batch."""
 
-    def __init__(self, handle: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, handle: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.real = handle.compute
         self.sizes: list[int] = []
         self.slots: list[list[int]] = []
@@ -65,7 +66,7 @@ class Recorder:
         return self.real(batch)
 
 
-def slots(handle: ModelHandle, n: int) -> list[int]:
+def slots(handle: ServedModel, n: int) -> list[int]:
     return [handle.table.acquire() for _ in range(n)]
 
 
@@ -352,10 +353,10 @@ async def test_a_malformed_step_fails_alone_not_its_batch(monkeypatch: pytest.Mo
         rec = Recorder(handle, monkeypatch)
         rec.hold_next()
         slots = [handle.table.acquire() for _ in range(4)]
-        blocker = handle.batcher.submit_future(slots[0], 0, payload(0))
+        blocker = handle.submit_future(slots[0], 0, payload(0))
         await rec.wait_entered()
-        good = [handle.batcher.submit_future(s, 0, payload(i)) for i, s in enumerate(slots[1:3])]
-        bad = handle.batcher.submit_future(slots[3], 0, payload(9)[:-2])
+        good = [handle.submit_future(s, 0, payload(i)) for i, s in enumerate(slots[1:3])]
+        bad = handle.submit_future(slots[3], 0, payload(9)[:-2])
         rec.gate.set()
         with pytest.raises(BadAudio, match="refused before batching"):
             await bad

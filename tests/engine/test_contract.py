@@ -16,7 +16,7 @@ import pytest
 
 from lookback.engine.contract import (
     GraphPort,
-    ModelSpec,
+    Manifest,
     check_sequence_graph,
     check_step_graph,
     load_manifest,
@@ -35,8 +35,8 @@ def ports(model_path: Path) -> tuple[list[GraphPort], list[GraphPort]]:
     return [GraphPort.of(i) for i in sess.get_inputs()], [GraphPort.of(o) for o in sess.get_outputs()]
 
 
-def spec_of(manifest: dict[str, Any]) -> ModelSpec:
-    return ModelSpec.model_validate(manifest)
+def spec_of(manifest: dict[str, Any]) -> Manifest:
+    return Manifest.model_validate(manifest)
 
 
 def check_step(tmp_path: Path, sig: g.ToyGraph, manifest: dict[str, Any] | None = None) -> None:

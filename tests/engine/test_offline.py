@@ -8,12 +8,17 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 import pytest
 
-from lookback.engine.batcher import Step
-from lookback.engine.session import StreamSession
+from lookback.engine.engine import Engine
+from lookback.engine.multistep import STEPS
 from lookback.errors import InferenceError
 from tests.engine.engine_support import SR, running_engine, score_offline, speech
 
 MINUTES = 10
+
+
+def metric(engine: Engine, name: str) -> float:
+    value = engine.metrics.registry.get_sample_value(name, {"model": "silero-vad/6.2.3"})
+    return 0.0 if value is None else value
 
 
 class Source:
@@ -100,30 +105,33 @@ async def test_ten_minutes_through_the_sequence_graph_in_bounded_memory(
     assert peak < clip_bytes / 3, f"peak {peak} bytes: the clip was materialized"
 
 
-async def test_a_long_clip_through_the_batcher_in_bounded_pieces(
+async def test_a_long_clip_through_the_multistep_graph_in_bounded_calls(
     silero_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Without a sequence graph (Silero) a clip is scored by the multi-step graph, many
+    hops per call and never more than ``offline_chunk_steps``, without the batcher."""
     chunk_steps = 32
     async with running_engine("silero-vad", offline_chunk_steps=chunk_steps) as engine:
         handle = engine.resolve("silero-vad")
         assert handle.sequence is None
-        pushed: list[int] = []
-        real_push = StreamSession.push
+        calls: list[int] = []
+        real_run = handle.multistep.run
 
-        def push(self: StreamSession, data: bytes, t_arrival: float | None = None) -> int:
-            pushed.append(len(data))
-            assert self.pending_steps <= chunk_steps
-            return real_push(self, data, t_arrival)
+        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            calls.append(int(feeds[STEPS]))
+            return real_run(feeds)
 
-        monkeypatch.setattr(StreamSession, "push", push)
+        monkeypatch.setattr(handle.multistep, "run", run)
         source = Source(60, [3 * SR + 77, 1000, 5])
         n_scores = 0
         async for out in engine.score(handle, source.chunks()):
             assert out.first_step == n_scores
             n_scores += len(out.scores)
-        assert handle.table.used == 0  # the offline session gave its slot back
+        assert handle.table.used == 0  # offline scoring takes no streaming slot
+        assert metric(engine, "lookback_batches_total") == 0  # nor the batcher
     assert n_scores == -(-source.total // 512)
-    assert max(pushed) <= chunk_steps * 512 * 4  # float32 bytes of one piece
+    assert sum(calls) == n_scores
+    assert max(calls) == chunk_steps
 
 
 async def test_empty_clip_yields_one_empty_chunk(any_model: str) -> None:
@@ -147,16 +155,16 @@ async def test_tiny_clip_is_padded_to_one_step(any_model: str) -> None:
     assert scores.shape == (1, 1)
 
 
-async def test_offline_batcher_failure_raises_and_frees_the_slot(
+async def test_offline_model_failure_raises_a_clear_error(
     silero_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
 
-        def broken(batch: Sequence[Step]) -> np.ndarray:
+        def broken(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             raise RuntimeError("device lost")
 
-        monkeypatch.setattr(handle, "compute", broken)
+        monkeypatch.setattr(handle.multistep, "run", broken)
         with pytest.raises(InferenceError, match="device lost"):
             await score_offline(engine, handle, Source(2, [SR]).chunks())
         assert handle.table.used == 0

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lookback.engine.batcher import Step
 from lookback.engine.engine import Engine
-from lookback.engine.model import ModelHandle
+from lookback.engine.served import ServedModel
 from lookback.engine.session import StreamSession
+from lookback.engine.step import Step
 from lookback.errors import BadAudio
 from tests.engine.engine_support import (
     FRAME,
@@ -49,13 +49,15 @@ N_SESSIONS = 64
 class BatchLog:
     """Wraps ``handle.compute`` to record every batch's slots (and nothing else)."""
 
-    def __init__(self, handle: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, handle: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.real = handle.compute
         self.batches: list[list[int]] = []
+        self.steps: list[int] = []  # hops per batch: a session's step may carry several
         monkeypatch.setattr(handle, "compute", self)
 
     def __call__(self, batch: Sequence[Step]) -> np.ndarray:
         self.batches.append([s.slot for s in batch])
+        self.steps.append(sum(s.count for s in batch))
         return self.real(batch)
 
     @property
@@ -94,9 +96,9 @@ async def test_batched_equals_solo(any_model: str, batching: str, monkeypatch: p
     clips = [c[: FRAME * rng.randint(len(c) // FRAME // 2, len(c) // FRAME)] for c in clips]
     plans = [random_bursts(len(c) // FRAME, rng.choice([1, 2, 4, 8, 16]), rng) for c in clips]
 
-    # solo: each session alone, one after the other, in an engine that runs batches of 1
+    # solo: each session alone, one after the other, one hop per model call
     solo: list[Collect] = []
-    async with running_engine(name, max_batch_size=1) as engine:
+    async with running_engine(name, max_batch_size=1, max_steps_per_call=1) as engine:
         handle = engine.resolve(name)
         log = BatchLog(handle, monkeypatch)
         for clip in clips:
@@ -135,7 +137,7 @@ async def test_batched_equals_solo(any_model: str, batching: str, monkeypatch: p
     sizes = log.sizes
     assert all(len(set(b)) == len(b) for b in log.batches), "a batch held two steps of a session"
     assert max(sizes) >= 16, f"sessions were not batched together: sizes {sorted(set(sizes))}"
-    assert sum(sizes) == sum(len(s.rows) for s in solo)
+    assert sum(log.steps) == sum(len(s.rows) for s in solo)
     diffs = []
     for i, (a, b) in enumerate(zip(solo, batched, strict=True)):
         assert len(a.rows) == len(b.rows) > 0, f"session {i}"
@@ -289,7 +291,7 @@ async def fresh_scores(name: str, clip: np.ndarray) -> np.ndarray:
 class Gate:
     """Holds the next model call in the executor until released."""
 
-    def __init__(self, handle: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, handle: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.real = handle.compute
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -319,7 +321,7 @@ async def test_stale_state_would_change_the_scores(any_model: str) -> None:
     assert float(np.max(np.abs(after - fresh))) > 1e-3
 
 
-async def reused_slot_scores(engine: Engine, handle: ModelHandle, slot: int) -> np.ndarray:
+async def reused_slot_scores(engine: Engine, handle: ServedModel, slot: int) -> np.ndarray:
     sink = Collect()
     session = engine.open_session(handle, sink)
     assert session.slot == slot, "the freed slot should be the one reused"
@@ -448,7 +450,7 @@ async def test_engine_feeds_the_graph_exactly_context_plus_hop(
     any_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = any_model
-    async with running_engine(name) as engine:
+    async with running_engine(name, max_steps_per_call=1) as engine:  # the step graph only
         handle = engine.resolve(name)
         seen: list[tuple[int, ...]] = []
         real_run = handle.step.run

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from lookback.engine.batcher import Step
-from lookback.engine.model import ModelHandle
+from lookback.engine.events import Event
+from lookback.engine.served import ServedModel
+from lookback.engine.session import StreamSession
+from lookback.engine.step import Step
 from lookback.errors import BackpressureError, BadAudio, CapacityError, SessionClosed
 from tests.engine.engine_support import (
     FRAME,
@@ -29,7 +31,7 @@ from tests.engine.engine_support import (
 class Gate:
     """Holds model calls in the executor until released; counts the calls."""
 
-    def __init__(self, handle: ModelHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, handle: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.real = handle.compute
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -115,7 +117,9 @@ async def test_pending_queue_is_bounded_and_wait_for_room_unblocks(
 async def test_backpressure_resumes_reading_at_half_the_bound(silero_model: str) -> None:
     """A full session's transport waits for the queue to drain to half the bound, so an
     overloaded server parks each reader once per many messages, not once per message."""
-    async with running_engine("silero-vad", max_pending_steps=8, max_frames_per_message=4) as engine:
+    async with running_engine(
+        "silero-vad", max_pending_steps=8, max_frames_per_message=4, max_steps_per_call=1
+    ) as engine:
         handle = engine.resolve("silero-vad")
         await handle.batcher.stop()  # completions are driven by hand below
         session = engine.open_session(handle, Collect())
@@ -130,7 +134,7 @@ async def test_backpressure_resumes_reading_at_half_the_bound(silero_model: str)
         seen = []  # (pending steps, reader resumed) after each completed step
         ready = handle.batcher._ready  # the stopped batcher's queue: steps wait here
         while not waiter.done():
-            ready.popleft().waiter.set_result([0.0])  # the step in flight completes
+            ready.popleft().waiter.set_result([[0.0]])  # the step in flight completes
             for _ in range(3):
                 await asyncio.sleep(0)
             seen.append((session.pending_steps, waiter.done()))
@@ -265,7 +269,7 @@ async def test_sessions_beyond_capacity_are_refused(silero_model: str) -> None:
 async def test_failed_batch_reaches_the_sink_as_an_error_and_the_session_goes_on(
     silero_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with running_engine("silero-vad") as engine:
+    async with running_engine("silero-vad", max_steps_per_call=1) as engine:
         handle = engine.resolve("silero-vad")
         real = handle.compute
         calls = []
@@ -308,3 +312,57 @@ async def test_empty_message_is_refused_for_every_encoding(encoding: str) -> Non
         assert info.value.code == "empty_message"
         assert session.steps_made == 0 and session.frames == 0
         session.close()
+
+
+async def test_a_waiting_step_takes_new_hops_up_to_max_steps_per_call(silero_model: str) -> None:
+    """Hops that become ready while the session's step waits for a batch join it (up to
+    max_steps_per_call); once a batch has taken it, they queue and form the next step."""
+    async with running_engine(
+        "silero-vad", max_steps_per_call=4, max_pending_steps=16, max_frames_per_message=16
+    ) as engine:
+        handle = engine.resolve("silero-vad")
+        await handle.batcher.stop()  # completions are driven by hand below
+        sink = Collect()
+        session = engine.open_session(handle, sink)
+        hop = session.hop_bytes
+        ready = handle.batcher._ready
+        assert session.push(bytes(hop)) == 1
+        assert session.push(bytes(2 * hop)) == 2
+        assert len(ready) == 1 and ready[0].count == 3 and session.pending_steps == 3
+        assert session.push(bytes(3 * hop)) == 3  # one joins (4 = the cap), two queue
+        assert len(ready) == 1 and ready[0].count == 4 and session.pending_steps == 6
+        step = ready.popleft()
+        step.taken = True  # what the batcher does when a batch takes it
+        assert session.push(bytes(hop)) == 1  # queued behind, never added to a taken step
+        assert step.count == 4 and session.pending_steps == 7
+        step.waiter.set_result([[float(i)] for i in range(4)])
+        assert sink.indices == [0, 1, 2, 3] and [r[0] for r in sink.rows] == [0.0, 1.0, 2.0, 3.0]
+        assert len(ready) == 1 and (ready[0].index, ready[0].count) == (4, 3)  # queued hops merged
+        assert session.pending_steps == 3
+        with pytest.raises(BackpressureError):
+            session.push(bytes(14 * hop))
+        session.close()
+
+
+async def test_a_sink_that_closes_the_session_gets_no_more_rows_of_that_step(silero_model: str) -> None:
+    class CloseOnFirst(Collect):
+        session: StreamSession | None = None
+
+        def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
+            super().on_result(index, time, scores, events)
+            assert self.session is not None
+            self.session.close()
+
+    async with running_engine("silero-vad") as engine:
+        handle = engine.resolve("silero-vad")
+        await handle.batcher.stop()  # completions are driven by hand below
+        sink = CloseOnFirst()
+        session = sink.session = engine.open_session(handle, sink)
+        assert session.push(bytes(3 * session.hop_bytes)) == 3
+        (step,) = handle.batcher._ready
+        assert step.count == 3
+        handle.batcher._ready.clear()
+        step.taken = True
+        step.waiter.set_result([[0.1], [0.2], [0.3]])
+        assert sink.indices == [0] and session.closed and session.slot == -1
+        assert handle.table.used == 0

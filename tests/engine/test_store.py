@@ -11,7 +11,7 @@ import pytest
 
 from lookback.engine.engine import Engine
 from lookback.engine.store import (
-    StoredModel,
+    StoreEntry,
     discover,
     latest,
     open_graphs,
@@ -25,7 +25,7 @@ from tests.engine.engine_support import Collect, settings
 CPU = dict(providers="cpu", intra_op_threads=1, inter_op_threads=1)
 
 
-def only(store: Path) -> StoredModel:
+def only(store: Path) -> StoreEntry:
     found = discover(store)
     assert len(found) == 1
     return found[0]

@@ -16,7 +16,7 @@ import pytest
 
 from lookback.engine.contract import (
     GraphPort,
-    ModelSpec,
+    Manifest,
     check_sequence_graph,
     check_step_graph,
     load_manifest,
@@ -38,17 +38,17 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.fixture(scope="module")
-def spec() -> ModelSpec:
+def spec() -> Manifest:
     return load_manifest(MODEL_DIR / "model.json")
 
 
 @pytest.fixture(scope="module")
-def step(spec: ModelSpec) -> ort.InferenceSession:
+def step(spec: Manifest) -> ort.InferenceSession:
     return _session(MODEL_DIR / spec.graph.file)
 
 
 @pytest.fixture(scope="module")
-def sequence(spec: ModelSpec) -> ort.InferenceSession:
+def sequence(spec: Manifest) -> ort.InferenceSession:
     assert spec.sequence is not None
     return _session(MODEL_DIR / spec.sequence.file)
 
@@ -57,7 +57,7 @@ def _clip(name: str) -> np.ndarray:
     return read_clip(name).astype(np.float32) / 32768.0
 
 
-def _states(spec: ModelSpec, batch: int = 1) -> dict[str, np.ndarray]:
+def _states(spec: Manifest, batch: int = 1) -> dict[str, np.ndarray]:
     out = {}
     for st in spec.states:
         shape = list(st.shape)
@@ -66,14 +66,14 @@ def _states(spec: ModelSpec, batch: int = 1) -> dict[str, np.ndarray]:
     return out
 
 
-def _padded(spec: ModelSpec, audio: np.ndarray) -> np.ndarray:
+def _padded(spec: Manifest, audio: np.ndarray) -> np.ndarray:
     """Zero context before the first hop, whole hops only."""
     n = audio.size // spec.hop_samples * spec.hop_samples
     return np.concatenate([np.zeros(spec.context_samples, np.float32), audio[:n]])
 
 
 def _run_steps(
-    spec: ModelSpec, step: ort.InferenceSession, audio: np.ndarray
+    spec: Manifest, step: ort.InferenceSession, audio: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     states = _states(spec)
     hop, win = spec.hop_samples, spec.window_samples
@@ -87,7 +87,7 @@ def _run_steps(
 
 
 def _run_sequence(
-    spec: ModelSpec, seq: ort.InferenceSession, audio: np.ndarray, chunks: list[int]
+    spec: Manifest, seq: ort.InferenceSession, audio: np.ndarray, chunks: list[int]
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     states = _states(spec)
     hop, ctx = spec.hop_samples, spec.context_samples
@@ -103,7 +103,7 @@ def _run_sequence(
     return np.concatenate(scores), states
 
 
-def test_manifest_is_valid(spec: ModelSpec) -> None:
+def test_manifest_is_valid(spec: Manifest) -> None:
     assert spec.key == "lookback-vad/1"
     assert (spec.sample_rate, spec.frame_samples, spec.hop_samples, spec.context_samples) == (
         16000,
@@ -121,7 +121,7 @@ def test_manifest_is_valid(spec: ModelSpec) -> None:
 
 
 def test_manifest_matches_graphs(
-    spec: ModelSpec, step: ort.InferenceSession, sequence: ort.InferenceSession
+    spec: Manifest, step: ort.InferenceSession, sequence: ort.InferenceSession
 ) -> None:
     check_step_graph(
         spec, [GraphPort.of(p) for p in step.get_inputs()], [GraphPort.of(p) for p in step.get_outputs()]
@@ -133,7 +133,7 @@ def test_manifest_matches_graphs(
     )
 
 
-def test_sha256_matches_files(spec: ModelSpec) -> None:
+def test_sha256_matches_files(spec: Manifest) -> None:
     assert spec.sequence is not None
     for g in (spec.graph, spec.sequence):
         assert hashlib.sha256((MODEL_DIR / g.file).read_bytes()).hexdigest() == g.sha256
@@ -147,7 +147,7 @@ def test_model_is_small() -> None:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sequence_in_random_chunks_equals_steps(
-    spec: ModelSpec, step: ort.InferenceSession, sequence: ort.InferenceSession, seed: int
+    spec: Manifest, step: ort.InferenceSession, sequence: ort.InferenceSession, seed: int
 ) -> None:
     audio = _padded(spec, _clip(SPEECH_CLIPS[seed % len(SPEECH_CLIPS)])[: 16000 * 5])
     total = (audio.size - spec.context_samples) // spec.hop_samples
@@ -168,7 +168,7 @@ def test_sequence_in_random_chunks_equals_steps(
         assert float(np.max(np.abs(got_states[name] - ref_states[name]))) <= TOL
 
 
-def test_batched_step_equals_single(spec: ModelSpec, step: ort.InferenceSession) -> None:
+def test_batched_step_equals_single(spec: Manifest, step: ort.InferenceSession) -> None:
     """Batch axis 1 of h is really the batch: rows of a batch equal runs alone."""
     rng = np.random.default_rng(3)
     b = 5
@@ -185,7 +185,7 @@ def test_batched_step_equals_single(spec: ModelSpec, step: ort.InferenceSession)
         assert np.max(np.abs(alone[2] - batched[2][:, i : i + 1])) <= TOL
 
 
-def test_long_sequence_and_silence(spec: ModelSpec, sequence: ort.InferenceSession) -> None:
+def test_long_sequence_and_silence(spec: Manifest, sequence: ort.InferenceSession) -> None:
     assert spec.sequence is not None
     n = spec.sequence.max_steps
     audio = np.zeros((2, spec.context_samples + n * spec.hop_samples), np.float32)
@@ -196,7 +196,7 @@ def test_long_sequence_and_silence(spec: ModelSpec, sequence: ort.InferenceSessi
     assert float(outs[0][:, 10:].max()) < 0.1
 
 
-def test_scores_are_sensible(spec: ModelSpec, sequence: ort.InferenceSession) -> None:
+def test_scores_are_sensible(spec: Manifest, sequence: ort.InferenceSession) -> None:
     labels = json.loads((AUDIO / "lookback_labels.json").read_text())["clips"]
     thr = spec.events.threshold
     for name in SPEECH_CLIPS:

@@ -44,7 +44,7 @@ from lookback.protocol import (
 from lookback.settings import Settings
 
 if TYPE_CHECKING:
-    from lookback.engine.model import ModelHandle
+    from lookback.engine.served import ServedModel
 
 log = logging.getLogger("lookback.ws")
 
@@ -73,7 +73,7 @@ class Connection:
         ws: WebSocket,
         settings: Settings,
         metrics: Metrics,
-        handle: ModelHandle,
+        handle: ServedModel,
         results: str,
         session_id: str,
         *,
@@ -460,10 +460,10 @@ class Connections:
     def tick_metrics(self) -> None:
         for conn in self:
             self.account_frames(conn)
-        for key, h in self.engine.models.items():
-            self.metrics.slots.labels(key, "used").set(h.table.used)
-            self.metrics.slots.labels(key, "capacity").set(h.table.capacity)
-            self.metrics.backlog.labels(key).set(h.batcher.backlog)
+        for key, occ in self.engine.occupancy().items():
+            self.metrics.slots.labels(key, "used").set(occ.used)
+            self.metrics.slots.labels(key, "capacity").set(occ.capacity)
+            self.metrics.backlog.labels(key).set(occ.backlog)
 
     # -- reaper ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -26,7 +26,7 @@ from lookback.engine.offline import OfflineChunk
 from lookback.errors import LookbackError, RequestError
 
 if TYPE_CHECKING:
-    from lookback.engine.model import ModelHandle
+    from lookback.engine.served import ServedModel
 
 router = APIRouter()
 _OPT = orjson.OPT_SERIALIZE_NUMPY
@@ -201,7 +201,7 @@ async def score(
     return await _respond(svc, handle, source, format, lease)
 
 
-async def _respond(svc: State, handle: ModelHandle, source: Source, fmt: str, lease: ScoreLease) -> Response:
+async def _respond(svc: State, handle: ServedModel, source: Source, fmt: str, lease: ScoreLease) -> Response:
     spec = handle.spec
     head = protocol.ndjson_header(
         model=spec.name,

@@ -27,7 +27,7 @@ from lookback.api.pcm_range import float_problem
 from lookback.errors import RequestError
 
 if TYPE_CHECKING:
-    from lookback.engine.model import ModelHandle
+    from lookback.engine.served import ServedModel
 
 CONTAINER_TYPES = {
     "audio/wav",
@@ -132,7 +132,7 @@ class RawSource(Source):
         self,
         body: Body,
         encoding: str,
-        handle: ModelHandle,
+        handle: ServedModel,
         max_seconds: float,
         chunk_steps: int,
         *,
@@ -271,7 +271,7 @@ def _parse_wav_head(buf: bytes | bytearray) -> object:
 
 
 async def open_container(
-    body: Body, handle: ModelHandle, max_seconds: float, chunk_steps: int, *, max_amplitude: float = 4.0
+    body: Body, handle: ServedModel, max_seconds: float, chunk_steps: int, *, max_amplitude: float = 4.0
 ) -> Source:
     """Stream a 16-bit PCM WAV as it arrives; spool anything else for libsndfile."""
     head = bytearray()
@@ -335,7 +335,7 @@ class _ContainerSource(Source):
         cls,
         body: Body,
         head: bytes,
-        handle: ModelHandle,
+        handle: ServedModel,
         max_seconds: float,
         chunk_steps: int,
         *,

@@ -18,19 +18,19 @@ from lookback.api.connection import Connection, Connections
 from lookback.api.query import check_unique_query
 from lookback.api.responses import error_response
 from lookback.engine.engine import Engine
-from lookback.engine.session import BYTES_PER_SAMPLE
+from lookback.engine.pcm import BYTES_PER_SAMPLE
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
 from lookback.protocol import Close, error_message, spec_for
 from lookback.settings import Settings
 
 if TYPE_CHECKING:
-    from lookback.engine.model import ModelHandle
+    from lookback.engine.served import ServedModel
 
 router = APIRouter()
 
 
-def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ModelHandle, str, str]:
+def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ServedModel, str, str]:
     q = ws.query_params
     check_unique_query(q.multi_items())
     handle = engine.resolve(q.get("model") or None, q.get("version") or None)

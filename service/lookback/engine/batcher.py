@@ -1,5 +1,9 @@
 """MicroBatcher: one per model; gathers the ready steps of all sessions into one call.
 
+The batcher knows a function, not a model (as Ray Serve's ``_BatchQueue`` and MLServer's
+adaptive batcher do): ``compute(steps) -> rows`` runs one batch, one row per hop in step
+order; ``occupancy()`` says how many sessions are open. It never looks inside a payload.
+
 Continuous batching: when the runtime is idle a batch starts with whatever is ready;
 while it runs, ready steps pile up and form the next one. ``max_batch_size`` caps a
 batch. ``max_wait_ms`` (0 = greedy) may hold a small batch back to fill it, counted from
@@ -7,18 +11,16 @@ when its oldest step became ready, and never once every open session has a step 
 (nobody else could add one). The wait is one future with a deadline timer, woken early
 only when the batch is full: no sleep-polling and no per-step wake-up. A session has at
 most one step in flight because its next step needs the state this one produces, so a
-batch never holds two steps of one session.
+batch never holds two steps of one session; a step may carry several of its hops.
 
-The model call (gather, run, scatter) runs in a dedicated executor thread, so the event
-loop keeps receiving frames while ONNX Runtime (which releases the GIL) computes on
-another core. When the process may use a single CPU that thread buys no parallelism and
-costs two thread hand-offs per batch, so ``model_calls=auto`` then calls the model
-inline on the event loop, yielding to it once per batch.
+The model call runs in a dedicated executor thread, so the event loop keeps receiving
+frames while ONNX Runtime (which releases the GIL) computes on another core. When the
+process may use a single CPU that thread buys no parallelism and costs two thread
+hand-offs per batch, so ``model_calls=auto`` then calls the model inline on the event
+loop, yielding to it once per batch.
 
-Every step carries a waiter with the ``asyncio.Future`` interface (``set_result`` /
-``set_exception``): a Future by default, or the session itself on the streaming hot
-path to save an allocation and a callback hop per step. A failed batch fails every
-waiter with ``InferenceError`` and the batcher carries on with the next batch.
+Every step carries a waiter (see ``step.py``) that gets the step's rows. A failed batch
+fails every waiter with ``InferenceError`` and the batcher carries on with the next batch.
 """
 
 from __future__ import annotations
@@ -27,48 +29,35 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from lookback.errors import BadAudio, InferenceError, LookbackError
-
-if TYPE_CHECKING:
-    from lookback.engine.model import ModelHandle
+from lookback.engine.step import FirstRow, Step
+from lookback.errors import InferenceError, LookbackError
+from lookback.metrics import Metrics
 
 log = logging.getLogger("lookback.batcher")
 
-_S16 = np.dtype("<i2")
-_F32 = np.dtype("<f4")
-
-
-class Waiter(Protocol):
-    def set_result(self, result: Any) -> None: ...
-    def set_exception(self, exception: BaseException) -> None: ...
-
-
-class Step:
-    """One model step of one session: ``hop_samples`` new samples, PCM bytes or float32."""
-
-    __slots__ = ("index", "payload", "slot", "t_arrival", "t_ready", "waiter")
-
-    def __init__(
-        self, slot: int, index: int, payload: bytes | np.ndarray, waiter: Waiter, t_arrival: float
-    ) -> None:
-        self.slot = slot
-        self.index = index
-        self.payload = payload  # bytes: pcm_s16le; ndarray: float32 in [-1, 1)
-        self.waiter = waiter
-        self.t_arrival = t_arrival
-        self.t_ready = 0.0
+#: One batch: the steps in, one score row per hop out (``[sum of counts, labels]``).
+Compute = Callable[[Sequence[Step]], np.ndarray]
 
 
 class MicroBatcher:
     def __init__(
-        self, handle: ModelHandle, *, max_batch_size: int, max_wait_ms: float, inline: bool = False
+        self,
+        compute: Compute,
+        occupancy: Callable[[], int],
+        *,
+        label: str,
+        metrics: Metrics,
+        max_batch_size: int,
+        max_wait_ms: float,
+        inline: bool = False,
     ) -> None:
-        self.handle = handle
+        self.compute = compute  # looked up per batch: tests and tools may wrap it
+        self.occupancy = occupancy
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.inline = inline  # call the model on the event loop (single-CPU processes)
@@ -79,8 +68,7 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running = False
-        label = handle.spec.key
-        m = handle.metrics
+        m = metrics
         self._m_steps = m.steps.labels(label)
         self._m_batches = m.batches.labels(label)
         self._m_failures = m.batch_failures.labels(label)
@@ -90,8 +78,6 @@ class MicroBatcher:
         self._m_wait = m.queue_wait
         self._m_latency = m.frame_latency
         self._label = label
-        self._hop = handle.spec.hop_samples
-        self._hop_bytes = 2 * self._hop  # pcm_s16le payloads
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,17 +112,7 @@ class MicroBatcher:
 
     # -- submission --------------------------------------------------------------------
     def submit(self, step: Step) -> None:
-        """Queue a step for the next batch; a malformed one fails alone, here, not its batch."""
-        p = step.payload
-        if (len(p) != self._hop_bytes) if isinstance(p, bytes) else (p.shape != (self._hop,)):
-            step.waiter.set_exception(
-                BadAudio(f"a step must carry exactly {self._hop} samples; refused before batching")
-            )
-            return
-        self.enqueue(step)
-
-    def enqueue(self, step: Step) -> None:
-        """Queue a step built by a StreamSession (exact hop by construction: unchecked)."""
+        """Queue a step for the next batch (its payload is the submitter's to get right)."""
         step.t_ready = time.perf_counter()
         self._ready.append(step)
         if self._idle is not None:
@@ -146,9 +122,9 @@ class MicroBatcher:
             self._end_fill()
 
     def submit_future(self, slot: int, index: int, payload: bytes | np.ndarray) -> asyncio.Future:
-        """Submit a step and get a Future for its output row (tests, offline)."""
+        """Submit a one-hop step and get a Future for its score row (tests, tools)."""
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.submit(Step(slot, index, payload, fut, time.perf_counter()))
+        self.submit(Step(slot, index, payload, FirstRow(fut), time.perf_counter()))
         return fut
 
     def cancel(self, step: Step) -> bool:
@@ -176,38 +152,47 @@ class MicroBatcher:
                 continue
             n = min(len(self._ready), self.max_batch_size)
             batch = [self._ready.popleft() for _ in range(n)]
+            total = 0
+            for step in batch:
+                step.taken = True
+                total += step.count
             self._m_backlog.set(len(self._ready))
             t0 = time.perf_counter()
             try:
                 if self.inline:
-                    out = self.handle.compute(batch)
+                    out = self.compute(batch)
                 else:
-                    out = await loop.run_in_executor(self._executor, self.handle.compute, batch)
-                if len(out) != n:
-                    raise InferenceError(f"model returned {len(out)} rows for a batch of {n}")
+                    out = await loop.run_in_executor(self._executor, self.compute, batch)
+                if len(out) != total:
+                    raise InferenceError(f"model returned {len(out)} rows for a batch of {total}")
             except Exception as exc:  # a failed batch must not stop the batcher
                 self._fail(batch, exc)
                 continue
             t1 = time.perf_counter()
             self._m_batches.inc()
-            self._m_steps.inc(n)
-            self._m_size.observe(n)
+            self._m_steps.inc(total)
+            self._m_size.observe(total)
             self._m_run.observe(t1 - t0)
-            self._m_wait.observe_many(t0 - np.array([s.t_ready for s in batch], np.float64), self._label)
+            readies = np.array([s.t_ready for s in batch], np.float64)
+            arrivals = np.array([s.t_arrival for s in batch], np.float64)
+            if total != n:  # one observation per step: a step's hops share its times
+                counts = [s.count for s in batch]
+                readies, arrivals = np.repeat(readies, counts), np.repeat(arrivals, counts)
+            self._m_wait.observe_many(t0 - readies, self._label)
             rows = out.tolist()  # python floats: cheaper per step than numpy row views
-            for step, row in zip(batch, rows, strict=True):
+            pos = 0
+            for step in batch:
                 try:
-                    step.waiter.set_result(row)
+                    step.waiter.set_result(rows[pos : pos + step.count])
                 except Exception:  # a broken consumer must not stop the batcher
                     log.exception("waiter raised on a result")
-            self._m_latency.observe_many(
-                time.perf_counter() - np.array([s.t_arrival for s in batch], np.float64), self._label
-            )
+                pos += step.count
+            self._m_latency.observe_many(time.perf_counter() - arrivals, self._label)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Hold the batch until it is full, every open session is in it, or its oldest
         step has waited ``max_wait``; False if there was nothing to wait for."""
-        target = min(self.max_batch_size, self.handle.table.used)
+        target = min(self.max_batch_size, self.occupancy())
         remaining = self._ready[0].t_ready + self.max_wait - time.perf_counter()
         if len(self._ready) >= target or remaining <= 0:
             return False

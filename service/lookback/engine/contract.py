@@ -13,20 +13,29 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lookback.errors import ContractError
 
 DType = Literal["float32", "float16", "int64", "int32", "int16"]
 
-#: ORT's type strings for the dtypes a manifest may name.
-ORT_TYPES: dict[str, str] = {
-    "float32": "tensor(float)",
-    "float16": "tensor(float16)",
-    "int64": "tensor(int64)",
-    "int32": "tensor(int32)",
-    "int16": "tensor(int16)",
+#: The dtypes a manifest may name: numpy's dtype and ORT's type string for each.
+DTYPES: dict[str, tuple[np.dtype, str]] = {
+    "float32": (np.dtype(np.float32), "tensor(float)"),
+    "float16": (np.dtype(np.float16), "tensor(float16)"),
+    "int64": (np.dtype(np.int64), "tensor(int64)"),
+    "int32": (np.dtype(np.int32), "tensor(int32)"),
+    "int16": (np.dtype(np.int16), "tensor(int16)"),
 }
+
+
+def np_dtype(name: str) -> np.dtype:
+    return DTYPES[name][0]
+
+
+def ort_type(name: str) -> str:
+    return DTYPES[name][1]
 
 
 class _Strict(BaseModel):
@@ -110,7 +119,9 @@ class SequenceGraph(GraphFile):
     max_steps: int = Field(2048, ge=1, description="steps per call; bounds offline memory")
 
 
-class ModelSpec(_Strict):
+class Manifest(_Strict):
+    """``model.json``: everything the engine needs to serve one model version."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     version: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
     description: str = ""
@@ -128,7 +139,7 @@ class ModelSpec(_Strict):
     sequence: SequenceGraph | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> ModelSpec:
+    def _consistent(self) -> Manifest:
         if self.hop_samples % self.frame_samples:
             raise ValueError(
                 f"hop_samples ({self.hop_samples}) must be a multiple of frame_samples ({self.frame_samples})"
@@ -165,7 +176,7 @@ class ModelSpec(_Strict):
         return f"{self.name}/{self.version}"
 
 
-def load_manifest(path: Path) -> ModelSpec:
+def load_manifest(path: Path) -> Manifest:
     """Parse and validate ``model.json``; every failure is a ContractError naming the field."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -174,7 +185,7 @@ def load_manifest(path: Path) -> ModelSpec:
     except json.JSONDecodeError as exc:
         raise ContractError(f"{path}: not valid JSON: {exc}") from exc
     try:
-        return ModelSpec.model_validate(raw)
+        return Manifest.model_validate(raw)
     except ValidationError as exc:
         raise ContractError(f"{path}: {_describe(exc)}") from exc
 
@@ -219,9 +230,9 @@ def _check_port(
 ) -> None:
     if port is None:
         raise ContractError(f"{where}: {field} names a tensor the graph does not have")
-    if port.type != ORT_TYPES[dtype]:
+    if port.type != ort_type(dtype):
         raise ContractError(
-            f"{where}: {field} dtype mismatch: manifest says {dtype} ({ORT_TYPES[dtype]}), "
+            f"{where}: {field} dtype mismatch: manifest says {dtype} ({ort_type(dtype)}), "
             f"graph has {port.type} for {port.name!r}"
         )
     if len(port.shape) != rank:
@@ -243,7 +254,7 @@ def _check_port(
             )
 
 
-def check_step_graph(spec: ModelSpec, inputs: list[GraphPort], outputs: list[GraphPort]) -> None:
+def check_step_graph(spec: Manifest, inputs: list[GraphPort], outputs: list[GraphPort]) -> None:
     """Refuse a step graph whose signature does not match the manifest."""
     where = f"{spec.key} {spec.graph.file}"
     ins = {p.name: p for p in inputs}
@@ -261,7 +272,7 @@ def check_step_graph(spec: ModelSpec, inputs: list[GraphPort], outputs: list[Gra
     _check_no_extra_inputs(where, spec, ins)
 
 
-def check_sequence_graph(spec: ModelSpec, inputs: list[GraphPort], outputs: list[GraphPort]) -> None:
+def check_sequence_graph(spec: Manifest, inputs: list[GraphPort], outputs: list[GraphPort]) -> None:
     """Refuse a sequence graph whose signature does not match the manifest."""
     assert spec.sequence is not None
     where = f"{spec.key} {spec.sequence.file}"
@@ -287,7 +298,7 @@ def check_sequence_graph(spec: ModelSpec, inputs: list[GraphPort], outputs: list
 
 def _check_audio(
     where: str,
-    spec: ModelSpec,
+    spec: Manifest,
     ins: dict[str, GraphPort],
     *,
     time: int | None,
@@ -310,7 +321,7 @@ def _check_audio(
     )
 
 
-def _check_states(where: str, spec: ModelSpec, ins: dict[str, GraphPort], outs: dict[str, GraphPort]) -> None:
+def _check_states(where: str, spec: Manifest, ins: dict[str, GraphPort], outs: dict[str, GraphPort]) -> None:
     for i, st in enumerate(spec.states):
         full = list(st.shape)
         full.insert(st.batch_axis, -1)
@@ -330,12 +341,12 @@ def _check_states(where: str, spec: ModelSpec, ins: dict[str, GraphPort], outs: 
             )
 
 
-def _check_constants(where: str, spec: ModelSpec, ins: dict[str, GraphPort]) -> None:
+def _check_constants(where: str, spec: Manifest, ins: dict[str, GraphPort]) -> None:
     for i, c in enumerate(spec.constants):
         port = ins.get(c.name)
         if port is None:
             raise ContractError(f"{where}: constants[{i}].name names a tensor the graph does not have")
-        if port.type != ORT_TYPES[c.dtype]:
+        if port.type != ort_type(c.dtype):
             raise ContractError(
                 f"{where}: constants[{i}].dtype mismatch: manifest says {c.dtype}, "
                 f"graph has {port.type} for {port.name!r}"
@@ -348,7 +359,7 @@ def _check_constants(where: str, spec: ModelSpec, ins: dict[str, GraphPort]) -> 
 
 
 def _check_no_extra_inputs(
-    where: str, spec: ModelSpec, ins: dict[str, GraphPort], audio: str | None = None
+    where: str, spec: Manifest, ins: dict[str, GraphPort], audio: str | None = None
 ) -> None:
     known = {
         audio or spec.audio_input.name,

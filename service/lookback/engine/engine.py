@@ -1,7 +1,8 @@
 """Engine: the transport-free data plane both the WebSocket and REST layers call.
 
-It loads and warms the models, owns one state table and one micro-batcher per model,
-opens streaming sessions and scores clips. Nothing here knows about HTTP.
+It loads and warms the models and composes, per model, its graphs, state table, batched
+step and micro-batcher (a ``ServedModel``); it opens streaming sessions, scores clips
+and reports occupancy. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import Any
 import numpy as np
 
 from lookback.engine.batcher import MicroBatcher
-from lookback.engine.model import ModelHandle
+from lookback.engine.compute import StepCompute
+from lookback.engine.graph import CPU, run_warmup
 from lookback.engine.offline import OfflineChunk, score_clip
-from lookback.engine.runtime import CPU, run_warmup
-from lookback.engine.session import Encoding, ResultSink, StreamSession
-from lookback.engine.state import StateTable
-from lookback.engine.store import StoredModel, _version_key, discover, open_graphs
+from lookback.engine.pcm import Encoding
+from lookback.engine.served import Occupancy, ServedModel
+from lookback.engine.session import ResultSink, StreamSession
+from lookback.engine.slabs import StateTable
+from lookback.engine.store import StoreEntry, discover, open_graphs, open_multistep, version_key
 from lookback.errors import ContractError, ModelNotFound
 from lookback.metrics import Metrics
 from lookback.settings import Settings
@@ -48,7 +51,7 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.models: dict[str, ModelHandle] = {}
+        self.models: dict[str, ServedModel] = {}
         self._versions: dict[str, list[str]] = {}  # name -> versions, newest first
         self._offline = ThreadPoolExecutor(settings.max_concurrent_scores, thread_name_prefix="offline")
         self.ready = False
@@ -62,28 +65,22 @@ class Engine:
             )
         for sm in stored:
             handle = await asyncio.to_thread(self._load, sm)
-            inline = inline_model_calls(self.settings.model_calls, handle.provider)
-            handle.batcher = MicroBatcher(
-                handle,
-                max_batch_size=self.settings.max_batch_size,
-                max_wait_ms=self.settings.max_wait_ms,
-                inline=inline,
-            )
             await handle.batcher.start()
             self.models[handle.spec.key] = handle
             self._versions.setdefault(handle.spec.name, []).append(handle.spec.version)
             self.metrics.model_info.labels(handle.spec.key, handle.spec.version, handle.provider).set(1)
             log.info(
-                "model %s ready on %s (hop %d, context %d, %s, model calls %s)",
+                "model %s ready on %s (hop %d, context %d, %s, up to %d hops per call, model calls %s)",
                 handle.spec.key,
                 handle.provider,
                 handle.spec.hop_samples,
                 handle.spec.context_samples,
                 "sequence graph" if handle.sequence else "step graph only",
-                "inline" if inline else "in a thread",
+                handle.max_steps_per_call,
+                "inline" if handle.batcher.inline else "in a thread",
             )
         for versions in self._versions.values():
-            versions.sort(key=_version_key, reverse=True)
+            versions.sort(key=version_key, reverse=True)
         self.ready = True
         self.metrics.ready.set(1)
 
@@ -94,7 +91,7 @@ class Engine:
             await handle.batcher.stop()
         self._offline.shutdown(wait=False, cancel_futures=True)
 
-    def _select(self, stored: list[StoredModel]) -> list[StoredModel]:
+    def _select(self, stored: list[StoreEntry]) -> list[StoreEntry]:
         wanted = self.settings.models
         if not wanted:
             return stored
@@ -107,28 +104,47 @@ class Engine:
             raise ModelNotFound(f"models {missing} not found in {self.settings.model_store}")
         return chosen
 
-    def _load(self, sm: StoredModel) -> ModelHandle:
+    def _load(self, sm: StoreEntry) -> ServedModel:
+        """Graphs, then the table, the batched step over both, the batcher over that step."""
         s = self.settings
-        step, seq = open_graphs(
-            sm,
-            providers=s.providers,
-            intra_op_threads=s.intra_op_threads,
-            inter_op_threads=s.inter_op_threads,
-        )
+        threads = {"intra_op_threads": s.intra_op_threads, "inter_op_threads": s.inter_op_threads}
+        step, seq = open_graphs(sm, providers=s.providers, **threads)
+        multistep = open_multistep(sm, providers=s.providers, **threads)
         capacity = s.max_sessions + s.max_concurrent_scores + s.max_queued_scores
-        table = StateTable(
-            ModelHandle.slab_specs(sm.spec),
-            initial_capacity=min(s.initial_slots, capacity),
-            max_capacity=capacity,
+        table = StateTable.for_model(
+            sm.spec, initial_capacity=min(s.initial_slots, capacity), max_capacity=capacity
         )
-        handle = ModelHandle(sm.spec, sm.path, step, seq, table, self.metrics)
-        run_warmup(step, handle.step_feeds, s.warmup_batch_sizes)
+        step_compute = StepCompute(sm.spec, step, table, multistep)
+        run_warmup(step, step_compute.step_feeds, s.warmup_batch_sizes)
+        max_steps = s.max_steps_per_call
+        if step_compute.multistep_agrees():
+            run_warmup(multistep, lambda b: step_compute.multistep_feeds(b, 2), s.warmup_batch_sizes)
+        else:  # never serve numbers that depend on how steps were grouped
+            log.warning(
+                "model %s: the multi-step graph does not give the step graph's exact numbers "
+                "on %s; running one hop per call",
+                sm.spec.key,
+                step.provider,
+            )
+            step_compute.multistep = None
+            max_steps = 1
         if seq is not None:
-            run_warmup(seq, lambda b: handle.sequence_feeds(1, b), [1, 64])
-        return handle
+            run_warmup(seq, lambda b: step_compute.sequence_feeds(1, b), [1, 64])
+        batcher = MicroBatcher(
+            step_compute,
+            lambda: table.used,
+            label=sm.spec.key,
+            metrics=self.metrics,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            inline=inline_model_calls(s.model_calls, step.provider),
+        )
+        return ServedModel(
+            sm.spec, sm.path, step_compute, table, batcher, seq, step_compute.multistep, max_steps
+        )
 
     # -- lookup ----------------------------------------------------------------------------
-    def resolve(self, name: str | None = None, version: str | None = None) -> ModelHandle:
+    def resolve(self, name: str | None = None, version: str | None = None) -> ServedModel:
         name = name or self.settings.default_model
         versions = self._versions.get(name)
         if not versions:
@@ -146,6 +162,10 @@ class Engine:
     def backlog(self) -> int:
         """Ready steps waiting for a batch, over all models (load-shedding signal)."""
         return sum(h.batcher.backlog for h in self.models.values())
+
+    def occupancy(self) -> dict[str, Occupancy]:
+        """Per model key: sessions holding a slot, slots allocated, steps waiting."""
+        return {key: h.occupancy() for key, h in self.models.items()}
 
     @property
     def provider(self) -> str:
@@ -169,13 +189,11 @@ class Engine:
 
     # -- work ------------------------------------------------------------------------------
     def open_session(
-        self, handle: ModelHandle, sink: ResultSink, *, encoding: Encoding = "pcm_s16le"
+        self, handle: ServedModel, sink: ResultSink, *, encoding: Encoding = "pcm_s16le"
     ) -> StreamSession:
         return StreamSession(
             handle, sink, encoding=encoding, max_pending_steps=self.settings.max_pending_steps
         )
 
-    def score(self, handle: ModelHandle, chunks: AsyncIterator[np.ndarray]) -> AsyncIterator[OfflineChunk]:
-        return score_clip(
-            handle, chunks, executor=self._offline, max_pending_steps=self.settings.offline_chunk_steps
-        )
+    def score(self, handle: ServedModel, chunks: AsyncIterator[np.ndarray]) -> AsyncIterator[OfflineChunk]:
+        return score_clip(handle, chunks, executor=self._offline, max_steps=self.settings.offline_chunk_steps)

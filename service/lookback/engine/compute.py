@@ -1,0 +1,266 @@
+"""StepCompute: the batched model step, the function a model's MicroBatcher calls.
+
+It is the only code that builds ONNX inputs on the streaming path. It runs in the
+batcher's executor thread: it builds the ``[B, context + k * hop]`` windows from the
+table's context rows and the steps' new samples, feeds the gathered states, runs the
+graph, scatters states and the new context back, and returns one score row per hop.
+It knows the table and the graphs, never the batcher or the session.
+
+A batch of one-hop steps (the hot path) is one call of the step graph. When steps carry
+several hops, sessions are grouped by powers of two: a step of 5 hops runs its first 4
+in the ``[B, 4]`` call of the multi-step graph (``multistep.py``) with every other step
+that has a 4 in its count, then its last one in the ``[B, 1]`` call; calls run from the
+largest group down, so each session's hops run in order and a batch costs at most
+``log2(max_steps_per_call) + 1`` model calls. The multi-step graph gives the same bits
+as k single steps, so no grouping changes any row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from lookback.engine.contract import Manifest, np_dtype
+from lookback.engine.graph import OrtGraph
+from lookback.engine.guard import reset_non_finite
+from lookback.engine.multistep import AUDIO, STEPS, scores_out, state_in, state_out
+from lookback.engine.pcm import ModelInput
+from lookback.engine.slabs import StateTable
+from lookback.engine.step import Step
+from lookback.errors import BadAudio
+
+
+class StepCompute:
+    def __init__(
+        self, spec: Manifest, step: OrtGraph, table: StateTable, multistep: OrtGraph | None = None
+    ) -> None:
+        self.spec = spec
+        self.step = step
+        self.multistep = multistep
+        self.table = table
+        self.input = ModelInput(spec.audio_input.scale, spec.audio_input.layout)
+        self.constants = {c.name: np.full(c.shape, c.value, dtype=np_dtype(c.dtype)) for c in spec.constants}
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def __call__(self, batch: Sequence[Step]) -> np.ndarray:
+        n = len(batch)
+        total = 0
+        for s in batch:
+            total += s.count
+        if total != n:
+            return self._multi(batch, total)
+        spec = self.spec
+        ctx, hop = spec.context_samples, spec.hop_samples
+        window = self._scratch("window", n, (ctx + hop,), np.dtype(np.float32))
+        slots = np.array([s.slot for s in batch], dtype=np.intp)
+        table = self.table
+        with table.lock:
+            if ctx:
+                table.gather_context(slots, window)
+            self._fill_audio(window[:, ctx:], batch)
+            feeds = dict(self.constants)
+            feeds[spec.audio_input.name] = self.input.layout(window)
+            for st in spec.states:
+                scratch = self._scratch(st.input, n, tuple(st.shape), np_dtype(st.dtype))
+                feeds[st.input] = table.gather(st.input, slots, out=scratch)
+            outs = dict(zip(self.step.output_names, self.step.run(feeds), strict=True))
+            new_states, scores = reset_non_finite(
+                spec, [outs[st.output] for st in spec.states], self._scores(outs, n), n
+            )
+            for st, value in zip(spec.states, new_states, strict=True):
+                table.scatter(st.input, slots, value)
+            if ctx:
+                table.store_context(slots, window[:, -ctx:])
+        return scores
+
+    def _multi(self, batch: Sequence[Step], total: int) -> np.ndarray:
+        """Steps of several hops: one call per power of two present in the counts."""
+        spec = self.spec
+        hop = spec.hop_samples
+        counts = np.array([s.count for s in batch], dtype=np.intp)
+        slots = np.array([s.slot for s in batch], dtype=np.intp)
+        first = np.cumsum(counts) - counts  # each step's first row in ``samples`` and the result
+        samples = self._scratch("samples", total, (hop,), np.dtype(np.float32))
+        self._fill_hops(samples, batch, total)
+        scores = np.empty((total, len(spec.labels)), np.float32)
+        done = np.zeros_like(counts)  # hops of each step already run
+        k = 1 << (int(counts.max()).bit_length() - 1)
+        while k:
+            rows = np.flatnonzero(counts & k)
+            if rows.size:
+                hops = (first[rows] + done[rows])[:, None] + np.arange(k)  # [m, k] sample rows
+                scores[hops.ravel()] = self._run_group(slots[rows], samples, hops, k)
+                done[rows] += k
+            k >>= 1
+        return scores
+
+    def _run_group(self, slots: np.ndarray, samples: np.ndarray, hops: np.ndarray, k: int) -> np.ndarray:
+        """k hops for each of ``slots``: scores [m * k, labels], row i * k + j = slot i, hop j."""
+        spec = self.spec
+        m = len(slots)
+        ctx, hop = spec.context_samples, spec.hop_samples
+        window = self._scratch(f"window{k}", m, (ctx + k * hop,), np.dtype(np.float32))
+        table = self.table
+        with table.lock:
+            if ctx:
+                table.gather_context(slots, window[:, : ctx + hop])
+            window[:, ctx:] = samples[hops].reshape(m, k * hop)
+            feeds = dict(self.constants)
+            audio = self.input.layout(window)
+            if k == 1:
+                feeds[spec.audio_input.name] = audio
+                for st in spec.states:
+                    feeds[st.input] = table.gather(st.input, slots)
+                outs = dict(zip(self.step.output_names, self.step.run(feeds), strict=True))
+                new_states = [outs[st.output] for st in spec.states]
+                scores = self._scores(outs, m)
+            else:
+                assert self.multistep is not None, "a multi-hop step needs the multi-step graph"
+                feeds[STEPS] = np.array(k, np.int64)
+                feeds[AUDIO] = audio
+                for st in spec.states:
+                    feeds[state_in(st.input)] = table.gather(st.input, slots)
+                outs = dict(zip(self.multistep.output_names, self.multistep.run(feeds), strict=True))
+                new_states = [outs[state_out(st.output)] for st in spec.states]
+                cols = [
+                    np.asarray(outs[scores_out(o.name)], np.float32).reshape(k, m, len(o.labels))
+                    for o in spec.outputs
+                ]
+                per_hop = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=2)
+                scores = per_hop.transpose(1, 0, 2).reshape(m * k, -1)
+            new_states, scores = reset_non_finite(spec, new_states, scores, m)
+            for st, value in zip(spec.states, new_states, strict=True):
+                table.scatter(st.input, slots, value)
+            if ctx:
+                table.store_context(slots, window[:, -ctx:])
+        return scores
+
+    def _fill_hops(self, dest: np.ndarray, batch: Sequence[Step], total: int) -> None:
+        """Every step's hops into ``dest`` [total, hop], in step order."""
+        hop = self.spec.hop_samples
+        payloads = [s.payload for s in batch]
+        blob = b"".join(payloads)  # type: ignore[arg-type]
+        if len(blob) == total * hop * 2 and all(type(p) is bytes for p in payloads):
+            self.input.put_s16(dest, blob)
+            return
+        row = 0
+        for s in batch:
+            n = s.count * hop
+            p = s.payload
+            if isinstance(p, bytes):
+                if len(p) != n * 2:
+                    raise BadAudio(f"a step of {s.count} hops must carry exactly {n} samples")
+                self.input.put_s16(dest[row : row + s.count], p)
+            else:
+                if p.shape != (n,):
+                    raise BadAudio(f"a step of {s.count} hops must carry exactly {n} samples")
+                self.input.put_f32(dest[row : row + s.count], p)
+            row += s.count
+
+    def _scratch(self, name: str, n: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A reusable [n, *shape] buffer: fresh megabyte arrays per batch cost page faults.
+
+        Only the batcher's single executor thread calls this object, so reuse is safe.
+        """
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < n:
+            buf = np.empty((max(n, 2 * (0 if buf is None else buf.shape[0])), *shape), dtype)
+            self._buffers[name] = buf
+        return buf[:n]
+
+    def _fill_audio(self, dest: np.ndarray, batch: Sequence[Step]) -> None:
+        """Write each step's new samples into ``dest`` [n, hop], refusing a wrong length."""
+        hop = self.spec.hop_samples
+        payloads = [s.payload for s in batch]
+        # join takes any buffer: a float32 payload (4 bytes a sample) makes the blob longer
+        # than n int16 hops, so the length alone tells an all-int16 batch (the common case).
+        blob = b"".join(payloads)  # type: ignore[arg-type]
+        if len(blob) == len(payloads) * hop * 2 and type(payloads[0]) is bytes:
+            self.input.put_s16(dest, blob)
+            return
+        for i, p in enumerate(payloads):
+            if isinstance(p, bytes):
+                if len(p) != hop * 2:
+                    raise BadAudio(f"a step must carry exactly {hop} samples ({hop * 2} bytes)")
+                self.input.put_s16(dest[i], p)
+            else:
+                if p.shape != (hop,):
+                    raise BadAudio(f"a step must carry exactly {hop} samples, got {p.shape}")
+                self.input.put_f32(dest[i], p)
+
+    def _scores(self, outs: dict[str, np.ndarray], n: int) -> np.ndarray:
+        cols = [
+            np.asarray(outs[o.name], dtype=np.float32).reshape(n, len(o.labels)) for o in self.spec.outputs
+        ]
+        return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
+
+    def multistep_agrees(self, batch: int = 3, steps: int = 5, seed: int = 0) -> bool:
+        """Whether the multi-step graph gives exactly (``==``) what ``steps`` single steps
+        give, scores and states, on random audio and states: checked at load, because a
+        runtime that optimised the loop body differently would change numbers silently."""
+        assert self.multistep is not None
+        spec = self.spec
+        ctx, hop = spec.context_samples, spec.hop_samples
+        rng = np.random.default_rng(seed)
+        audio = (rng.standard_normal((batch, ctx + steps * hop)) * 0.1).astype(np.float32)
+        states = {
+            k: (v + rng.standard_normal(v.shape) * 0.1).astype(v.dtype) if v.dtype.kind == "f" else v
+            for k, v in initial_states(spec, batch).items()
+        }
+        feeds = dict(self.constants)
+        feeds[STEPS] = np.array(steps, np.int64)
+        feeds[AUDIO] = self.input.layout(audio)
+        feeds.update({state_in(k): v for k, v in states.items()})
+        multi = dict(zip(self.multistep.output_names, self.multistep.run(feeds), strict=True))
+        single: list[dict[str, np.ndarray]] = []
+        for i in range(steps):
+            feeds = dict(self.constants)
+            feeds[spec.audio_input.name] = self.input.layout(audio[:, i * hop : i * hop + ctx + hop])
+            feeds.update(states)
+            single.append(dict(zip(self.step.output_names, self.step.run(feeds), strict=True)))
+            states = {st.input: single[-1][st.output] for st in spec.states}
+        for o in spec.outputs:
+            want = np.stack([np.asarray(s[o.name]) for s in single])
+            if not np.array_equal(np.asarray(multi[scores_out(o.name)]).reshape(want.shape), want):
+                return False
+        return all(np.array_equal(multi[state_out(st.output)], states[st.input]) for st in spec.states)
+
+    # -- warm-up -------------------------------------------------------------------------
+    def step_feeds(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero audio and initial states for ``batch`` rows of the step graph."""
+        spec = self.spec
+        feeds = dict(self.constants)
+        feeds[spec.audio_input.name] = self.input.layout(np.zeros((batch, spec.window_samples), np.float32))
+        feeds.update(initial_states(spec, batch))
+        return feeds
+
+    def multistep_feeds(self, batch: int, steps: int) -> dict[str, np.ndarray]:
+        """Zero audio and initial states for ``batch`` rows of ``steps`` hops, multi-step graph."""
+        spec = self.spec
+        feeds = dict(self.constants)
+        feeds[STEPS] = np.array(steps, np.int64)
+        audio = np.zeros((batch, spec.context_samples + steps * spec.hop_samples), np.float32)
+        feeds[AUDIO] = self.input.layout(audio)
+        feeds.update({state_in(k): v for k, v in initial_states(spec, batch).items()})
+        return feeds
+
+    def sequence_feeds(self, batch: int, steps: int) -> dict[str, np.ndarray]:
+        spec = self.spec
+        assert spec.sequence is not None
+        feeds = dict(self.constants)
+        name = spec.sequence.audio_input or spec.audio_input.name
+        audio = np.zeros((batch, spec.context_samples + steps * spec.hop_samples), np.float32)
+        feeds[name] = self.input.layout(audio)
+        feeds.update(initial_states(spec, batch))
+        return feeds
+
+
+def initial_states(spec: Manifest, batch: int) -> dict[str, np.ndarray]:
+    """Every state at its initial value, for ``batch`` rows in the graph's own layout."""
+    out = {}
+    for st in spec.states:
+        shape = list(st.shape)
+        shape.insert(st.batch_axis, batch)
+        out[st.input] = np.full(shape, st.initial, dtype=np_dtype(st.dtype))
+    return out

@@ -1,0 +1,74 @@
+"""PCM in one place: wire encodings, the non-finite check, scaling to the model's input
+and its ``BT``/``B1T`` layout.
+
+The session, the batched step, offline scoring and the REST decoder all go through
+here, so a sample means the same number on every path: int16 ``x`` becomes the float32
+``x * (1/32768)`` (exact: a power of two), float32 arrives already in ``[-1, 1)``, and a
+``raw`` model gets the int16 value as a float (float32 input times 32768, exact too).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from lookback.errors import BadAudio
+
+Encoding = Literal["pcm_s16le", "pcm_f32le"]
+BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
+S16 = np.dtype("<i2")
+F32 = np.dtype("<f4")
+_S16_UNIT = np.float32(1.0 / 32768.0)
+
+
+def check_encoding(encoding: str) -> None:
+    if encoding not in BYTES_PER_SAMPLE:
+        raise BadAudio(f"unknown encoding {encoding!r}", code="bad_encoding")
+
+
+def refuse_non_finite(samples: np.ndarray, what: str) -> None:
+    """Refuse float audio holding NaN or Inf: one such sample would poison a state."""
+    if not np.isfinite(samples).all():
+        raise BadAudio(f"pcm_f32le {what} holds NaN or Inf samples", code="non_finite_audio")
+
+
+def decode(data: bytes, encoding: str, *, offset: int = 0, count: int = -1) -> np.ndarray:
+    """Float32 samples in ``[-1, 1)`` from PCM bytes (checked finite for pcm_f32le)."""
+    if encoding == "pcm_s16le":
+        pcm = np.frombuffer(data, S16, count=count, offset=offset)
+        audio = np.empty(pcm.size, np.float32)
+        np.multiply(pcm, _S16_UNIT, out=audio, casting="unsafe")
+        return audio
+    audio = np.frombuffer(data, F32, count=count, offset=offset).astype(np.float32)
+    refuse_non_finite(audio, "body")
+    return audio
+
+
+class ModelInput:
+    """Writes hops into the model's audio input: scale (``int16/32768`` or ``raw``) and layout."""
+
+    def __init__(self, scale: str, layout: str) -> None:
+        raw = scale == "raw"
+        self._s16_scale = np.float32(1.0) if raw else _S16_UNIT
+        self._f32_scale = np.float32(32768.0) if raw else None
+        self._b1t = layout == "B1T"
+
+    def put_s16(self, dest: np.ndarray, pcm: bytes) -> None:
+        """``dest`` (float32, any shape of ``len(pcm) // 2`` samples) <- int16 PCM bytes."""
+        np.multiply(np.frombuffer(pcm, S16).reshape(dest.shape), self._s16_scale, out=dest, casting="unsafe")
+
+    def put_f32(self, dest: np.ndarray, samples: np.ndarray) -> None:
+        """``dest`` <- float32 samples in ``[-1, 1)``."""
+        if self._f32_scale is None:
+            dest[...] = samples.reshape(dest.shape)
+        else:
+            np.multiply(samples.reshape(dest.shape), self._f32_scale, out=dest)
+
+    def scale(self, samples: np.ndarray) -> np.ndarray:
+        """Float32 samples in ``[-1, 1)`` as the model wants them (a view when unscaled)."""
+        return samples if self._f32_scale is None else samples * self._f32_scale
+
+    def layout(self, windows: np.ndarray) -> np.ndarray:
+        """``[B, T]`` windows in the graph's layout (``[B, 1, T]`` for ``B1T``)."""
+        return windows[:, None, :] if self._b1t else windows
