@@ -72,6 +72,7 @@ def graph_cost(model: str, batch: int, ks: list[int], seconds: float) -> dict[in
         else:
             feeds = comp.multistep_feeds(batch, k)
             feeds[AUDIO] = (rng.standard_normal(feeds[AUDIO].shape) * 0.1).astype(np.float32)
+            assert handle.multistep is not None
             rt = handle.multistep
             pairs = [(state_in(s.input), state_out(s.output)) for s in spec.states]
         names = rt.output_names
