@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 import soundfile as sf
 
+from lookback.settings import Settings
 from tests.api.ws_util import (
     SILERO_Q,
     Intercept,
@@ -33,7 +34,7 @@ END = '{"type":"end"}'
 URL = "/v1/stream?" + SILERO_Q
 
 
-def silero_settings(**kw: object):  # type: ignore[no-untyped-def]
+def silero_settings(**kw: object) -> Settings:
     return make_settings(default_model="silero-vad", models=["silero-vad"], **kw)
 
 

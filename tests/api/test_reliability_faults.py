@@ -13,12 +13,15 @@ import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from lookback.engine.served import ServedModel
+from lookback.settings import Settings
 from tests.api.ws_util import (
     SILERO_Q,
     ErrorLog,
@@ -45,7 +48,7 @@ KEY = "silero-vad/6.2.3"
 END = '{"type":"end"}'
 
 
-def silero_settings(**kw: object):  # type: ignore[no-untyped-def]
+def silero_settings(**kw: object) -> Settings:
     return make_settings(default_model="silero-vad", models=["silero-vad"], **kw)
 
 
@@ -72,7 +75,7 @@ def server_log() -> Iterator[ErrorLog]:
         yield log
 
 
-def state(server: Server):  # type: ignore[no-untyped-def]
+def state(server: Server) -> tuple[Any, ServedModel]:
     svc = server.app.state  # type: ignore[attr-defined]
     return svc, svc.engine.models[KEY]
 

@@ -4,6 +4,7 @@ only, and the browser Origin allow-list (403 before the upgrade)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,11 +25,11 @@ ORIGINS = ["https://app.example", "https://other.example:8443"]
 class _Counting:
     """Stands in for hmac.compare_digest: records each call, answers like the original."""
 
-    def __init__(self, real):  # type: ignore[no-untyped-def]
+    def __init__(self, real: Callable[[bytes, bytes], bool]) -> None:
         self.real = real
         self.calls: list[tuple[type, type]] = []
 
-    def __call__(self, a, b):  # type: ignore[no-untyped-def]
+    def __call__(self, a: bytes, b: bytes) -> bool:
         self.calls.append((type(a), type(b)))
         return self.real(a, b)
 

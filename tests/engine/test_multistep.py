@@ -64,6 +64,7 @@ class Calls:
     def __init__(self, handle: ServedModel, monkeypatch: pytest.MonkeyPatch) -> None:
         self.step = 0
         self.multi: list[int] = []
+        assert handle.multistep is not None
         real_step, real_multi = handle.step.run, handle.multistep.run
 
         def step(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

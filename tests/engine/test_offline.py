@@ -114,6 +114,7 @@ async def test_a_long_clip_through_the_multistep_graph_in_bounded_calls(
     async with running_engine("silero-vad", offline_chunk_steps=chunk_steps) as engine:
         handle = engine.resolve("silero-vad")
         assert handle.sequence is None
+        assert handle.multistep is not None
         calls: list[int] = []
         real_run = handle.multistep.run
 

@@ -78,7 +78,8 @@ async def finish_session(session: StreamSession, sink: Collect) -> Collect:
 
 # --- batched == solo ----------------------------------------------------------------------------
 
-BATCHING = {  # model calls in the executor thread or on the loop, greedy or held to fill
+# model calls in the executor thread or on the loop, greedy or held to fill
+BATCHING: dict[str, dict[str, object]] = {
     "thread": {"model_calls": "thread"},
     "inline": {"model_calls": "inline"},
     "inline-wait": {"model_calls": "inline", "max_wait_ms": 2.0},

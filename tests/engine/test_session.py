@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lookback.engine.events import Event
+from lookback.engine.pcm import Encoding
 from lookback.engine.served import ServedModel
 from lookback.engine.session import StreamSession
 from lookback.engine.step import Step
@@ -217,7 +218,8 @@ async def test_int16_and_float32_encodings_give_identical_scores(any_model: str)
     async with running_engine(name) as engine:
         handle = engine.resolve(name)
         results = []
-        for encoding, data in (("pcm_s16le", to_s16(clip)), ("pcm_f32le", clip_f32(clip))):
+        encoded: list[tuple[Encoding, bytes]] = [("pcm_s16le", to_s16(clip)), ("pcm_f32le", clip_f32(clip))]
+        for encoding, data in encoded:
             sink = Collect()
             session = engine.open_session(handle, sink, encoding=encoding)
             assert session.frame_bytes == FRAME * (2 if encoding == "pcm_s16le" else 4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -22,7 +23,16 @@ from lookback.errors import ContractError, ModelNotFound
 from tests.engine import engine_graphs as g
 from tests.engine.engine_support import Collect, settings
 
-CPU = dict(providers="cpu", intra_op_threads=1, inter_op_threads=1)
+
+class OrtOptions(TypedDict):
+    """The keyword arguments of ``open_graphs``, typed so the splat checks against them."""
+
+    providers: str
+    intra_op_threads: int
+    inter_op_threads: int
+
+
+CPU: OrtOptions = {"providers": "cpu", "intra_op_threads": 1, "inter_op_threads": 1}
 
 
 def only(store: Path) -> StoreEntry:
