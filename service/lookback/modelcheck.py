@@ -3,7 +3,8 @@
 ``lookback models check DIR`` runs it on any model directory, hand-written or exported; the
 exporter runs it before it writes a manifest. Only ONNX Runtime and numpy: no torch.
 
-Checks, each with a per-output report of the largest absolute difference (tolerance 1e-5):
+Checks, each with a per-output report of the largest absolute difference (tolerance 1e-5 on
+the outputs, ``STATE_TOL`` on the final states):
 
 - ``manifest``/``files``/``signature``: the engine's own contract checks (the loader's).
 - ``batched == solo``: clips of mixed lengths run hop by hop at batch 1..64, rows joining
@@ -38,6 +39,10 @@ from lookback.engine.contract import (
 from lookback.errors import LookbackError
 
 TOL = 1e-5
+#: States are internal values (a log front end's features, RNN cells): two correct lowerings
+#: (Conv vs MatMul) differ there by rounding that a log amplifies in near-empty bands, while
+#: their effect on the outputs stays far below TOL. A broken state differs by orders more.
+STATE_TOL = 1e-3
 NP_TYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "int16": np.int16}
 
 
@@ -68,7 +73,7 @@ class Report:
         return [c.name for c in self.checks if not c.ok]
 
     def text(self) -> str:
-        head = f"{self.model}: {'PASS' if self.ok else 'FAIL'} (tolerance {self.tol:g})"
+        head = f"{self.model}: {'PASS' if self.ok else 'FAIL'} (tolerance: outputs {self.tol:g}, states {STATE_TOL:g})"
         return "\n".join([head] + ["  " + c.line() for c in self.checks])
 
     def as_dict(self) -> dict[str, Any]:
@@ -290,6 +295,10 @@ def check_model_dir(
     return report
 
 
+def _within(diffs: dict[str, float], tol: float, state_tol: float = STATE_TOL) -> bool:
+    return all(v <= (state_tol if k.startswith("state ") else tol) for k, v in diffs.items())
+
+
 def _diffs(labels: list[str], a: list[list[np.ndarray]], b: list[list[np.ndarray]]) -> dict[str, float]:
     return {
         name: max((_max(x[k], y[k]) for x, y in zip(a, b, strict=True)), default=0.0)
@@ -322,11 +331,11 @@ def _check_batched(
         for st in spec.states:
             d = _max(np.take(new[st.input], [i], axis=st.batch_axis), new1[st.input])
             diffs[f"state {st.input}"] = max(diffs.get(f"state {st.input}", 0.0), d)
-    ok = all(v <= tol for v in diffs.values())
+    ok = _within(diffs, tol)
     sizes = ", ".join(str(len(g)) for g in groups)
     detail = f"rows of batches of {sizes} (mixed lengths) and one step at batch 64 from random states equal the rows run alone"
     if not ok:
-        bad = [k for k, v in diffs.items() if v > tol]
+        bad = [k for k, v in diffs.items() if v > (STATE_TOL if k.startswith("state ") else tol)]
         detail = f"a row's result depends on its batch ({', '.join(bad)}): batch-dependent maths or a state's batch axis is not where the manifest says"
     return Check("batched == solo", ok, detail, diffs)
 
@@ -391,7 +400,7 @@ def _check_sequence(
         got, _ = run_sequence(seq, audio, _chunks(n, rng))
         for k, name in enumerate(labels):
             diffs[name] = max(diffs[name], max(_max(got[k][i], ref[i][k][:n]) for i in range(len(group))))
-    ok = all(v <= tol for v in diffs.values())
+    ok = _within(diffs, tol)
     detail = (
         f"step graph hop by hop == sequence graph in random chunks ({n_calls} clips, batched and alone)"
         if ok

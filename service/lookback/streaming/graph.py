@@ -53,8 +53,19 @@ class Graph:
         return outs[0] if n_out == 1 else outs
 
     def rename(self, src: str, dst: str) -> None:
-        """Give a graph output its public name (an Identity node)."""
-        self.nodes.append(helper.make_node("Identity", [src], [dst]))
+        """Give a graph output its public name: the producing node writes it directly
+        (no Identity node on the step graph's path); a pass-through gets an Identity."""
+        producer = next((n for n in self.nodes if src in n.output), None)
+        if producer is None or any(dst in n.output for n in self.nodes):
+            self.nodes.append(helper.make_node("Identity", [src], [dst]))
+            return
+        for node in self.nodes:
+            for i, name in enumerate(node.input):
+                if name == src:
+                    node.input[i] = dst
+            for i, name in enumerate(node.output):
+                if name == src:
+                    node.output[i] = dst
 
     # conveniences ------------------------------------------------------------------------
 
