@@ -116,7 +116,14 @@ def main() -> None:
 
             clips.append(sf.read(str(fixture), dtype="int16")[0].astype(np.float32) / 32768.0)
     report = export(
-        model, args.out, name="lookback-vad", version="1", description=desc, license="MIT", events=ev, clips=clips
+        model,
+        args.out,
+        name="lookback-vad",
+        version="1",
+        description=desc,
+        license="MIT",
+        events=ev,
+        clips=clips,
     )
     print(report.text())
     sizes = {p.name: p.stat().st_size for p in (args.out / "model.onnx", args.out / "sequence.onnx")}

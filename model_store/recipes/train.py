@@ -97,7 +97,9 @@ def normalisation(split: Split, seed: int, n_batches: int = 8) -> tuple[np.ndarr
     with torch.no_grad():
         for _ in range(n_batches):
             audio, _ = next(gen)
-            feats.append(model.frontend.raw(torch.from_numpy(audio)).reshape(-1, model.frontend.out_channels).numpy())
+            feats.append(
+                model.frontend.raw(torch.from_numpy(audio)).reshape(-1, model.frontend.out_channels).numpy()
+            )
     f = np.concatenate(feats)
     return f.mean(axis=0), f.std(axis=0)
 

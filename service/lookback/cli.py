@@ -83,7 +83,9 @@ def _models_check(args: argparse.Namespace) -> int:
     from lookback.modelcheck import check_model_dir
 
     if not Path(args.name).is_dir():
-        print(f"error: {args.name} is not a model directory (usage: lookback models check DIR)", file=sys.stderr)
+        print(
+            f"error: {args.name} is not a model directory (usage: lookback models check DIR)", file=sys.stderr
+        )
         return 2
     clips = []
     for wav in args.clip or []:

@@ -24,7 +24,17 @@ import onnx
 import torch
 
 from lookback.errors import ContractError
-from lookback.modelcheck import TOL, Check, Report, _max, _Runner, _session, check_model_dir, random_clips, run_steps
+from lookback.modelcheck import (
+    TOL,
+    Check,
+    Report,
+    _max,
+    _Runner,
+    _session,
+    check_model_dir,
+    random_clips,
+    run_steps,
+)
 from lookback.streaming.graph import Graph
 from lookback.streaming.layers import UnsupportedLayer
 from lookback.streaming.model import StreamingModel
@@ -45,8 +55,8 @@ def build_graphs(model: StreamingModel) -> tuple[onnx.ModelProto, onnx.ModelProt
     """The step graph and the sequence graph of a model (eval mode, weights frozen in)."""
     if model.hop_samples % FRAME_SAMPLES:
         raise UnsupportedLayer(
-            f"hop_samples {model.hop_samples} (front end hop {model.frontend.hop} x stride {model.body.stride}) "
-            f"is not a multiple of the {FRAME_SAMPLES}-sample wire frame"
+            f"hop_samples {model.hop_samples} (front end hop {model.frontend.hop} x stride "
+            f"{model.body.stride}) is not a multiple of the {FRAME_SAMPLES}-sample wire frame"
         )
     names = model.state_names()
     decls = model.state_decls()
@@ -64,7 +74,9 @@ def build_graphs(model: StreamingModel) -> tuple[onnx.ModelProto, onnx.ModelProt
         score = ["B", labels] if step else (["B", "N"] if labels == 1 else ["B", "N", labels])
         doc = "lookback step graph" if step else "lookback sequence graph"
         graphs.append(
-            g.model([("audio", audio), *states], [(OUTPUT, score), *((n + "_out", s) for n, s in states)], doc)
+            g.model(
+                [("audio", audio), *states], [(OUTPUT, score), *((n + "_out", s) for n, s in states)], doc
+            )
         )
     return graphs[0], graphs[1]
 
@@ -107,7 +119,11 @@ def manifest(
         ],
         "outputs": [{"name": OUTPUT, "labels": model.labels}],
         "events": events or {},
-        "sequence": {"file": files["sequence"].name, "sha256": sha(files["sequence"]), "max_steps": max_steps},
+        "sequence": {
+            "file": files["sequence"].name,
+            "sha256": sha(files["sequence"]),
+            "max_steps": max_steps,
+        },
     }
     if license is None:
         del spec["license"]
@@ -115,7 +131,12 @@ def manifest(
 
 
 def compare_torch(
-    model: StreamingModel, path: Path, clips: list[np.ndarray] | None = None, *, tol: float = TOL, seed: int = 1
+    model: StreamingModel,
+    path: Path,
+    clips: list[np.ndarray] | None = None,
+    *,
+    tol: float = TOL,
+    seed: int = 1,
 ) -> Check:
     """The exported step graph, hop by hop at batch 8 (mixed lengths), vs the PyTorch module."""
     from lookback.engine.contract import load_manifest

@@ -16,6 +16,7 @@ with each other and with ``forward_stateful`` to rounding.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,8 +47,15 @@ class StateDecl:
         return shape
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def _np(t: object) -> np.ndarray:
+    assert isinstance(t, torch.Tensor)
     return t.detach().cpu().numpy().astype(np.float32)
+
+
+def _rnn(m: nn.Module, name: str) -> torch.Tensor:
+    t = getattr(m, name)
+    assert isinstance(t, torch.Tensor)
+    return t
 
 
 class StreamingLayer(nn.Module):
@@ -98,7 +106,9 @@ class Elementwise(StreamingLayer):
     """A stateless per-value function (ReLU, Tanh, Sigmoid, Identity)."""
 
     onnx_op = "Identity"
-    fn = staticmethod(lambda x: x)
+
+    def fn(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def __init__(self, channels: int = 0) -> None:
         super().__init__()
@@ -115,17 +125,23 @@ class Elementwise(StreamingLayer):
 
 class ReLU(Elementwise):
     onnx_op, kind = "Relu", "relu"
-    fn = staticmethod(torch.relu)
+
+    def fn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
 
 
 class Tanh(Elementwise):
     onnx_op, kind = "Tanh", "tanh"
-    fn = staticmethod(torch.tanh)
+
+    def fn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
 
 
 class Sigmoid(Elementwise):
     onnx_op, kind = "Sigmoid", "sigmoid"
-    fn = staticmethod(torch.sigmoid)
+
+    def fn(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
 
 
 class Dropout(Elementwise):
@@ -247,15 +263,17 @@ class CausalConv1d(StreamingLayer):
         k, d, s, p = self.kernel_size, self.dilation, self.stride, self.past
         if frames == 1 and s == 1:  # one frame: the window is [state, x], one Gemm
             if not p:
-                return g.op("Gemm", [x, g.const(self._dense(), "w"), g.const(self._bias(), "b")], transB=1), []
+                return g.op(
+                    "Gemm", [x, g.const(self._dense(), "w"), g.const(self._bias(), "b")], transB=1
+                ), []
             full = g.concat([states[0], g.unsqueeze(x, 1)], axis=1)  # [B, P + 1, C]
-            taps = g.slice(full, 0, INT_MAX, axis=1, step=d) if d > 1 else full  # [B, K, C]
+            window = g.slice(full, 0, INT_MAX, axis=1, step=d) if d > 1 else full  # [B, K, C]
             if self._depthwise():
                 w = _np(self.conv.weight)[:, 0, :].T  # [K, C]
-                y = g.op("ReduceSum", [g.op("Mul", [taps, g.const(w, "w")]), g.ints([1])], keepdims=0)
+                y = g.op("ReduceSum", [g.op("Mul", [window, g.const(w, "w")]), g.ints([1])], keepdims=0)
                 y = g.op("Add", [y, g.const(self._bias(), "b")])
             else:
-                flat = g.op("Reshape", [taps, g.ints([0, -1])])
+                flat = g.op("Reshape", [window, g.ints([0, -1])])
                 y = g.op("Gemm", [flat, g.const(self._dense(), "w"), g.const(self._bias(), "b")], transB=1)
             return y, [g.slice(full, 1, INT_MAX, axis=1)]
         if frames is not None and frames % s:
@@ -272,8 +290,9 @@ class CausalConv1d(StreamingLayer):
                 y = g.op("Add", [y, g.op("Mul", [taps[i], g.const(w[i], "w")])])
             y = g.op("Add", [y, g.const(self._bias(), "b")])
         else:
-            window = g.concat(taps, axis=2)  # [B, T / s, K * C]
-            y = g.op("Add", [g.op("MatMul", [window, g.const(self._dense().T, "wT")]), g.const(self._bias(), "b")])
+            stacked = g.concat(taps, axis=2)  # [B, T / s, K * C]
+            w_t = g.const(self._dense().T, "wT")
+            y = g.op("Add", [g.op("MatMul", [stacked, w_t]), g.const(self._bias(), "b")])
         if frames is not None and frames // s == 1:
             y = g.squeeze(y, 1)  # one frame left: the layers above take the fast path
         return y, ([g.slice(full, -p, INT_MAX, axis=1)] if p else [])
@@ -285,7 +304,9 @@ class DepthwiseConv1d(CausalConv1d):
     def __init__(
         self, channels: int, kernel_size: int, dilation: int = 1, bias: bool = True, name: str | None = None
     ) -> None:
-        super().__init__(channels, channels, kernel_size, dilation=dilation, groups=channels, bias=bias, name=name)
+        super().__init__(
+            channels, channels, kernel_size, dilation=dilation, groups=channels, bias=bias, name=name
+        )
 
 
 class Delay(StreamingLayer):
@@ -321,8 +342,9 @@ class Delay(StreamingLayer):
         return g.slice(full, 0, -d, axis=1), [g.slice(full, -d, INT_MAX, axis=1)]
 
 
-def _gates(w: torch.Tensor, order: list[int], n: int) -> np.ndarray:
+def _gates(w: object, order: list[int], n: int) -> np.ndarray:
     """Reorder the n gate blocks of a torch RNN weight/bias (rows) into ONNX's order."""
+    assert isinstance(w, torch.Tensor)
     blocks = torch.chunk(w.detach(), n, dim=0)
     return _np(torch.cat([blocks[i] for i in order], dim=0))
 
@@ -354,8 +376,24 @@ class GRU(StreamingLayer):
         r, H = self.rnn, self.hidden
         if frames == 1:
             h0 = g.squeeze(states[0], 0)
-            gx = g.op("Gemm", [x, g.const(_np(r.weight_ih_l0), "w_ih"), g.const(_np(r.bias_ih_l0), "b_ih")], transB=1)
-            gh = g.op("Gemm", [h0, g.const(_np(r.weight_hh_l0), "w_hh"), g.const(_np(r.bias_hh_l0), "b_hh")], transB=1)
+            gx = g.op(
+                "Gemm",
+                [
+                    x,
+                    g.const(_np(_rnn(r, "weight_ih_l0")), "w_ih"),
+                    g.const(_np(_rnn(r, "bias_ih_l0")), "b_ih"),
+                ],
+                transB=1,
+            )
+            gh = g.op(
+                "Gemm",
+                [
+                    h0,
+                    g.const(_np(_rnn(r, "weight_hh_l0")), "w_hh"),
+                    g.const(_np(_rnn(r, "bias_hh_l0")), "b_hh"),
+                ],
+                transB=1,
+            )
             split = g.ints([2 * H, H])
             gx_rz, gx_n = g.op("Split", [gx, split], n_out=2, axis=1)
             gh_rz, gh_n = g.op("Split", [gh, split], n_out=2, axis=1)
@@ -367,7 +405,9 @@ class GRU(StreamingLayer):
         order = [1, 0, 2]  # torch r, z, n -> ONNX z, r, h
         w = g.const(_gates(r.weight_ih_l0, order, 3)[None], "W")
         rr = g.const(_gates(r.weight_hh_l0, order, 3)[None], "R")
-        b = g.const(np.concatenate([_gates(r.bias_ih_l0, order, 3), _gates(r.bias_hh_l0, order, 3)])[None], "B")
+        b = g.const(
+            np.concatenate([_gates(r.bias_ih_l0, order, 3), _gates(r.bias_hh_l0, order, 3)])[None], "B"
+        )
         seq = g.op("Transpose", [x], perm=[1, 0, 2])
         y, h = g.op("GRU", [seq, w, rr, b, "", states[0]], n_out=2, hidden_size=H, linear_before_reset=1)
         y = g.op("Transpose", [g.squeeze(y, 1)], perm=[1, 0, 2])
@@ -399,8 +439,24 @@ class LSTM(StreamingLayer):
         r, H = self.rnn, self.hidden
         if frames == 1:
             h0, c0 = g.squeeze(states[0], 0), g.squeeze(states[1], 0)
-            gx = g.op("Gemm", [x, g.const(_np(r.weight_ih_l0), "w_ih"), g.const(_np(r.bias_ih_l0), "b_ih")], transB=1)
-            gh = g.op("Gemm", [h0, g.const(_np(r.weight_hh_l0), "w_hh"), g.const(_np(r.bias_hh_l0), "b_hh")], transB=1)
+            gx = g.op(
+                "Gemm",
+                [
+                    x,
+                    g.const(_np(_rnn(r, "weight_ih_l0")), "w_ih"),
+                    g.const(_np(_rnn(r, "bias_ih_l0")), "b_ih"),
+                ],
+                transB=1,
+            )
+            gh = g.op(
+                "Gemm",
+                [
+                    h0,
+                    g.const(_np(_rnn(r, "weight_hh_l0")), "w_hh"),
+                    g.const(_np(_rnn(r, "bias_hh_l0")), "b_hh"),
+                ],
+                transB=1,
+            )
             i, f, gg, o = g.op("Split", [g.op("Add", [gx, gh]), g.ints([H] * 4)], n_out=4, axis=1)
             c1 = g.op(
                 "Add",
@@ -414,7 +470,9 @@ class LSTM(StreamingLayer):
         order = [0, 3, 1, 2]  # torch i, f, g, o -> ONNX i, o, f, c
         w = g.const(_gates(r.weight_ih_l0, order, 4)[None], "W")
         rr = g.const(_gates(r.weight_hh_l0, order, 4)[None], "R")
-        b = g.const(np.concatenate([_gates(r.bias_ih_l0, order, 4), _gates(r.bias_hh_l0, order, 4)])[None], "B")
+        b = g.const(
+            np.concatenate([_gates(r.bias_ih_l0, order, 4), _gates(r.bias_hh_l0, order, 4)])[None], "B"
+        )
         seq = g.op("Transpose", [x], perm=[1, 0, 2])
         y, h, c = g.op("LSTM", [seq, w, rr, b, "", states[0], states[1]], n_out=3, hidden_size=H)
         y = g.op("Transpose", [g.squeeze(y, 1)], perm=[1, 0, 2])
@@ -441,22 +499,27 @@ class Sequential(StreamingLayer):
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         self.layers = nn.ModuleList([_check_layer(m) for m in layers])
-        chans = [m for m in self.layers if m.in_channels]  # elementwise layers take any width
-        for a, b in zip(chans, chans[1:], strict=False):
+        chans = [m for m in self.members if m.in_channels]  # elementwise layers take any width
+        for a, b in itertools.pairwise(chans):
             if a.out_channels != b.in_channels:
                 raise ValueError(
-                    f"{type(a).__name__} gives {a.out_channels} channels, {type(b).__name__} expects {b.in_channels}"
+                    f"{type(a).__name__} gives {a.out_channels} channels, "
+                    f"{type(b).__name__} expects {b.in_channels}"
                 )
         self.in_channels = chans[0].in_channels if chans else 0
         self.out_channels = chans[-1].out_channels if chans else 0
-        self.stride = math.prod(m.stride for m in self.layers)
+        self.stride = math.prod(m.stride for m in self.members)
+
+    @property
+    def members(self) -> list[StreamingLayer]:
+        return [m for m in self.layers if isinstance(m, StreamingLayer)]
 
     def stateful_layers(self) -> list[StreamingLayer]:
-        return [s for m in self.layers for s in m.stateful_layers()]
+        return [s for m in self.members for s in m.stateful_layers()]
 
     def receptive_field(self) -> int:
         rf, scale = 1, 1
-        for m in self.layers:
+        for m in self.members:
             rf += (m.receptive_field() - 1) * scale
             scale *= m.stride
         return rf
@@ -466,7 +529,7 @@ class Sequential(StreamingLayer):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         new: list[torch.Tensor] = []
         i = 0
-        for m in self.layers:
+        for m in self.members:
             n = len(m.all_state_decls())
             x, out = m.forward_stateful(x, states[i : i + n])
             new += out
@@ -476,7 +539,7 @@ class Sequential(StreamingLayer):
     def emit(self, g: Graph, x: str, frames: int | None, states: list[str]) -> tuple[str, list[str]]:
         new: list[str] = []
         i = 0
-        for m in self.layers:
+        for m in self.members:
             n = len(m.all_state_decls())
             x, out = m.emit(g, x, frames, states[i : i + n])
             new += out
@@ -497,7 +560,8 @@ class Residual(StreamingLayer):
             raise UnsupportedLayer("Residual around a strided layer: the branches would have different rates")
         if self.inner.in_channels != self.inner.out_channels:
             raise UnsupportedLayer(
-                f"Residual needs equal widths, inner maps {self.inner.in_channels} -> {self.inner.out_channels}"
+                "Residual needs equal widths, inner maps "
+                f"{self.inner.in_channels} -> {self.inner.out_channels}"
             )
         self.in_channels = self.out_channels = self.inner.in_channels
 

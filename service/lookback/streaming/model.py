@@ -118,7 +118,9 @@ class Frontend(nn.Module):
             z = g.op("MatMul", [audio, g.const(basis.T, "basisT")])  # [B, D]
         else:
             if self.window % self.hop:  # frames cannot be cut from whole hops: Conv
-                z = g.op("Conv", [g.unsqueeze(audio, 1), g.const(basis[:, None, :], "basis")], strides=[self.hop])
+                z = g.op(
+                    "Conv", [g.unsqueeze(audio, 1), g.const(basis[:, None, :], "basis")], strides=[self.hop]
+                )
                 z = g.op("Transpose", [z], perm=[0, 2, 1])
             else:
                 m = self.window // self.hop
@@ -182,7 +184,9 @@ class StreamingModel(nn.Module):
         self.activation = activation
         self.sample_rate = sample_rate
         if self.body.in_channels and self.body.in_channels != frontend.out_channels:
-            raise ValueError(f"front end gives {frontend.out_channels} channels, body expects {self.body.in_channels}")
+            raise ValueError(
+                f"front end gives {frontend.out_channels} channels, body expects {self.body.in_channels}"
+            )
         if self.body.out_channels != len(self.labels):
             raise ValueError(f"body gives {self.body.out_channels} outputs for {len(self.labels)} labels")
 
