@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint bench silero system-deps train clean protocol
+.PHONY: install serve test lint bench silero system-deps train train-wake clean protocol
 
 install: $(STAMP)
 
@@ -59,6 +59,11 @@ protocol: install
 train: install system-deps
 	$(BIN)/python -m pip install -q -e '.[train]'
 	bash model_store/recipes/run.sh
+
+# Retrain the wake-phrase model lookback-wake (same needs; about 12 minutes on 2 idle cores).
+train-wake: install system-deps
+	$(BIN)/python -m pip install -q -e '.[train]'
+	bash model_store/recipes/wake/run.sh
 
 # Containers (need a Docker engine) and offline validation of the deployment files.
 IMAGE ?= lookback
