@@ -51,6 +51,7 @@ lint: install
 
 bench: install silero
 	$(BIN)/python -m tests.bench.run_all
+	$(BIN)/python -m tests.bench.export_bench
 
 protocol: install
 	$(BIN)/lookback protocol

@@ -171,3 +171,56 @@ def test_state_declarations() -> None:
     stack = Sequential(CausalConv1d(4, 4, 3, dilation=2), Residual(DepthwiseConv1d(4, 3, dilation=4)))
     assert stack.receptive_field() == 1 + 4 + 8
     assert [d.shape for d in stack.all_state_decls()] == [(4, 4), (8, 4)]
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    hop=st.sampled_from([64, 128, 256]),
+    window_mult=st.floats(1.0, 4.0),
+    power=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_frontend(hop: int, window_mult: float, power: bool, seed: int) -> None:
+    """The analysis window over any hop (whole hops: Reshape + MatMul; otherwise Conv):
+    one window at a time == the sequence graph in random chunks == PyTorch."""
+    from lookback.streaming import Frontend, mel_basis
+    from lookback.streaming.graph import Graph
+    from tests.streaming.support import session
+
+    window = max(hop, int(hop * window_mult) // 8 * 8)
+    rng = np.random.default_rng(seed)
+    fe = Frontend(mel_basis(6, window=window, min_window=min(64, window)), hop, power=power, log=power)
+    with torch.no_grad():
+        fe.set_normalisation(rng.normal(-5, 2, fe.out_channels), rng.uniform(0.5, 3, fe.out_channels))
+    steps = 9
+    audio = (rng.standard_normal((2, fe.context + steps * hop)) * 0.1).astype(np.float32)
+    with torch.no_grad():
+        ref = fe(torch.from_numpy(audio)).numpy()  # [2, steps, F]
+    assert ref.shape == (2, steps, fe.out_channels)
+    graphs = {}
+    for frames in (1, None):
+        g = Graph()
+        with torch.no_grad():
+            y = fe.emit(g, "audio", frames)
+        g.rename(y, "y")
+        dims: list = ["B", window] if frames == 1 else ["B", "T"]
+        out: list = ["B", fe.out_channels] if frames == 1 else ["B", "N", fe.out_channels]
+        graphs[frames] = session(g.model([("audio", dims)], [("y", out)]))
+    one = np.stack(
+        [graphs[1].run(None, {"audio": audio[:, t * hop : t * hop + window]})[0] for t in range(steps)],
+        axis=1,
+    )
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert max_diff(one, ref) <= TOL * scale
+    t, parts = 0, []
+    for c in random_chunks(steps, 1, rng):
+        parts.append(graphs[None].run(None, {"audio": audio[:, t * hop : fe.context + (t + c) * hop]})[0])
+        t += c
+    assert max_diff(np.concatenate(parts, axis=1), ref) <= TOL * scale
+
+
+def test_frontend_refuses_a_log_without_power() -> None:
+    from lookback.streaming import Frontend, UnsupportedLayer, mel_basis
+
+    with pytest.raises(UnsupportedLayer, match="log front end needs power=True"):
+        Frontend(mel_basis(4), 128, power=False, log=True)

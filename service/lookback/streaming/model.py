@@ -80,6 +80,10 @@ class Frontend(nn.Module):
         d, window = basis.shape
         if window < hop:
             raise UnsupportedLayer(f"front end window {window} is shorter than its hop {hop}")
+        if log and not power:
+            raise UnsupportedLayer(
+                "a log front end needs power=True: the log of a signed projection is undefined"
+            )
         if power and d % 2:
             raise ValueError("a power front end needs an even number of basis rows (re, im)")
         self.window, self.hop, self.power, self.log, self.eps = window, hop, power, log, eps
