@@ -127,8 +127,9 @@ def main() -> None:
     )
     print(report.text())
     sizes = {p.name: p.stat().st_size for p in (args.out / "model.onnx", args.out / "sequence.onnx")}
-    if not args.weights:
-        save_weights(model)
+    if not args.weights:  # the shipped model's tensors go with it; any other export keeps its own
+        shipped = args.out.resolve() == (here.parent / "lookback-vad" / "1").resolve()
+        save_weights(model, WEIGHTS if shipped else args.run / WEIGHTS.name)
     print(f"export: wrote {args.out} ({sizes}), threshold {ev['threshold']}")
 
 

@@ -271,7 +271,9 @@ def main() -> None:
         clips=[clip],
     )
     print(report.text())
-    np.savez(WEIGHTS, **{k: v.numpy() for k, v in model.state_dict().items() if k != "frontend.basis"})
+    shipped = args.out.resolve() == (here.parents[1] / "lookback-wake" / "1").resolve()
+    weights = WEIGHTS if shipped else args.run / WEIGHTS.name  # a trial export keeps its own
+    np.savez(weights, **{k: v.numpy() for k, v in model.state_dict().items() if k != "frontend.basis"})
 
 
 def load_weights(path: Path | None = None) -> StreamingModel:
