@@ -48,7 +48,9 @@ def test_check_refuses_a_path_that_is_not_a_model(tmp_path: Path, capsys: pytest
     assert "[FAIL] manifest" in capsys.readouterr().out
 
 
-def test_check_passes_silero_a_third_party_model(silero_model: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_passes_silero_a_third_party_model(
+    silero_model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A hand-made model with a constant input, a state with batch axis 1 and no sequence graph."""
     folder = next((ROOT / "model_store" / silero_model).glob("*/model.json")).parent
     assert main(["models", "check", str(folder)]) == 0
