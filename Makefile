@@ -61,7 +61,7 @@ train: install system-deps
 	$(BIN)/python -m pip install -q -e '.[train]'
 	bash model_store/recipes/run.sh
 
-# Retrain the wake-phrase model lookback-wake (same needs; about 12 minutes on 2 idle cores).
+# Retrain the wake-phrase model lookback-wake (same needs; under 20 minutes on 2 CPU cores).
 train-wake: install system-deps
 	$(BIN)/python -m pip install -q -e '.[train]'
 	bash model_store/recipes/wake/run.sh

@@ -46,7 +46,7 @@ _unit, random_text, synth = _dg._unit, _dg.random_text, _dg.synth  # type: ignor
 
 SR = 16000
 HOP = 256  # the wake model's hop: front end 128 x stride 2
-CLIP = 2 * SR  # training / test clip length
+CLIP = 188 * 256  # training / test clip length: 3 s in whole hops
 PHRASES = ["hey lookback", "hey look back", "hey, lookback", "hey lookback!"]
 CONFUSABLES = [
     "hey look",
@@ -294,18 +294,23 @@ TARGET_AFTER = 19  # hops after it (300 ms): the detector fires when the phrase 
 def make_clip(
     rng: np.random.Generator, pools: Pools, positive: bool, n: int = CLIP
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """audio float32 [n], target per 256-sample hop, metadata (phrase end sample or None)."""
+    """audio float32 [n], target per 256-sample hop, metadata (phrase end sample or None).
+
+    Positive clips end the phrase after 1.3 s or more (a slow "hey lookback" takes 1.4 s),
+    half of them with other speech before it; negatives hold 1-3 other utterances, noise or
+    a floor; 30% of clips get a level step, as at the boundary of two recordings.
+    """
     clean = np.zeros(n, np.float64)
     target = np.zeros(n // HOP, np.float32)
     meta: dict = {"end": None, "kind": "phrase" if positive else "silence", "noise": []}
     if positive:
         u = pools.pos[int(rng.integers(len(pools.pos)))] * 10 ** (rng.uniform(-8, 0) / 20)
-        end = int(rng.uniform(0.95, 1.97) * SR)
+        end = int(rng.uniform(1.3, n / SR - 0.03) * SR)
         start = end - u.size
         if start < 0:
             u, start = u[-start:], 0
         clean[start:end] += u
-        if rng.random() < 0.3 and start > 0.4 * SR:  # other speech before the phrase
+        if rng.random() < 0.5 and start > 0.4 * SR:  # other speech before the phrase
             v = pools.neg[int(rng.integers(len(pools.neg)))]
             stop = start - int(rng.uniform(0.1, 0.5) * SR)
             if stop > 0:
@@ -317,7 +322,7 @@ def make_clip(
     else:
         r = rng.random()
         if r < 0.75:  # one or two other utterances
-            for _ in range(1 + int(rng.random() < 0.35)):
+            for _ in range(1 + int(rng.integers(0, 3))):
                 i = int(rng.integers(len(pools.neg)))
                 v = pools.neg[i] * 10 ** (rng.uniform(-8, 0) / 20)
                 if v.size < n:  # anywhere, at most 30% of it cut off at either edge
@@ -335,11 +340,16 @@ def make_clip(
     if meta["kind"] == "noise" or rng.random() < 0.75:
         for _ in range(1 + int(rng.random() < 0.3)):
             k = int(rng.integers(len(pools.noise)))
-            a = int(rng.integers(0, pools.noise.shape[1] - n + 1))
+            a = int(rng.integers(0, pools.noise.shape[1]))  # a wrapped crop of the 3 s noise clip
             snr = rng.uniform(0, 30) if pools.test else rng.uniform(-3, 30)
-            mix = mix + pools.noise[k, a : a + n] * speech_rms * 10 ** (-snr / 20)
+            mix = mix + np.take(pools.noise[k], np.arange(a, a + n), mode="wrap") * speech_rms * 10 ** (
+                -snr / 20
+            )
             meta["noise"].append(pools.noise_kind[k])
     mix = mix + rng.standard_normal(n) * 10 ** (rng.uniform(-100, -70) / 20)
+    if rng.random() < 0.3:  # a level step, as where one recording follows another in a stream
+        k = int(rng.integers(1, n))
+        mix[:k] *= 10 ** (rng.uniform(-20, 0) / 20)
     peak = rng.uniform(-35, -1) if pools.test else rng.uniform(-40, -1)
     mix *= 10 ** (peak / 20) / (np.abs(mix).max() + 1e-12)
     audio = np.round(mix * 32768).clip(-32768, 32767) / 32768.0  # int16 resolution, as served
