@@ -291,8 +291,17 @@ TARGET_BEFORE = 2  # hops before the phrase's end that are already positive (32 
 TARGET_AFTER = 19  # hops after it (300 ms): the detector fires when the phrase ends
 
 
+def perturb(rng: np.random.Generator, u: np.ndarray) -> np.ndarray:
+    """Training-only voice variety: speed and pitch together (resampling by 0.88-1.12) and a
+    first-order spectral tilt, so the few synthetic voices stand for more real ones."""
+    f = rng.uniform(0.88, 1.12)
+    u = np.interp(np.arange(0, u.size - 1, f), np.arange(u.size), u)
+    a = rng.uniform(-0.6, 0.6)
+    return (u + a * np.concatenate([[0.0], np.diff(u)])).astype(np.float32)
+
+
 def make_clip(
-    rng: np.random.Generator, pools: Pools, positive: bool, n: int = CLIP
+    rng: np.random.Generator, pools: Pools, positive: bool, n: int = CLIP, augment: bool = False
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """audio float32 [n], target per 256-sample hop, metadata (phrase end sample or None).
 
@@ -304,7 +313,8 @@ def make_clip(
     target = np.zeros(n // HOP, np.float32)
     meta: dict = {"end": None, "kind": "phrase" if positive else "silence", "noise": []}
     if positive:
-        u = pools.pos[int(rng.integers(len(pools.pos)))] * 10 ** (rng.uniform(-8, 0) / 20)
+        u = pools.pos[int(rng.integers(len(pools.pos)))]
+        u = (perturb(rng, u) if augment else u) * 10 ** (rng.uniform(-8, 0) / 20)
         end = int(rng.uniform(1.3, n / SR - 0.03) * SR)
         start = end - u.size
         if start < 0:
@@ -324,7 +334,9 @@ def make_clip(
         if r < 0.75:  # one or two other utterances
             for _ in range(1 + int(rng.integers(0, 3))):
                 i = int(rng.integers(len(pools.neg)))
-                v = pools.neg[i] * 10 ** (rng.uniform(-8, 0) / 20)
+                v = (perturb(rng, pools.neg[i]) if augment else pools.neg[i]) * 10 ** (
+                    rng.uniform(-8, 0) / 20
+                )
                 if v.size < n:  # anywhere, at most 30% of it cut off at either edge
                     start = int(rng.uniform(-0.3 * v.size, n - 0.7 * v.size))
                 else:
