@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test check lint docs bench silero system-deps train clean protocol
+.PHONY: install serve test check lint docs bench silero system-deps train train-wake clean protocol
 
 install: $(STAMP)
 
@@ -65,6 +65,7 @@ docs: install
 
 bench: install silero
 	$(BIN)/python -m tests.bench.run_all
+	$(BIN)/python -m tests.bench.export_bench
 
 protocol: install
 	$(BIN)/lookback protocol
@@ -73,6 +74,11 @@ protocol: install
 train: install system-deps
 	$(BIN)/python -m pip install -q -e '.[train]'
 	bash model_store/recipes/run.sh
+
+# Retrain the wake-phrase model lookback-wake (same needs; under 20 minutes on 2 CPU cores).
+train-wake: install system-deps
+	$(BIN)/python -m pip install -q -e '.[train]'
+	bash model_store/recipes/wake/run.sh
 
 # Containers (need a Docker engine) and offline validation of the deployment files.
 IMAGE ?= lookback

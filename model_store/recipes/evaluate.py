@@ -317,8 +317,9 @@ and `dtmf` are noise kinds that training never saw:
 ## Latency of one model.onnx step
 
 ONNX Runtime CPU, `intra_op_num_threads=1`, median of many runs, on a shared 2-core
-machine (other jobs were running, so expect noise). The step graph is `model.StepGraph`,
-the network written as matrix products with the GRU cell spelled out. The same weights
+machine (other jobs were running, so expect noise). The step graph is the one
+`lookback.streaming` exports, the network written as matrix products with the GRU cell
+spelled out. The same weights
 exported as Conv layers ran 33 µs at batch 1 and 2.00 ms at batch 256 (7.8 µs per
 stream) here; as matrix products with a [F, K-1] conv state and ORT's GRU op, 22 µs and
 0.61 ms (2.4 µs per stream); time-major state and the written-out cell gave 1.7 µs per

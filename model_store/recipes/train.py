@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from model import HOP, LookbackVAD, count_parameters, describe_frontend
+from model import HOP, build_model, count_parameters, describe_frontend
 from shards import Split, batches
 from sklearn.metrics import roc_auc_score
+
+from lookback.streaming import StreamingModel
 
 
 def prefetch(gen: Iterator, depth: int = 4) -> Iterator:
@@ -38,7 +40,7 @@ def prefetch(gen: Iterator, depth: int = 4) -> Iterator:
 
 
 @torch.no_grad()
-def score_split(model: LookbackVAD, split: Split, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def score_split(model: StreamingModel, split: Split, group: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Stream every clip from zero state; return (scores, labels) over all frames."""
     model.eval()
     scores, labels = [], []
@@ -49,8 +51,7 @@ def score_split(model: LookbackVAD, split: Split, group: int = 32) -> tuple[np.n
         audio = np.zeros((len(clips), 384 + n * HOP), np.float32)
         for b, c in enumerate(clips):
             audio[b, 384 : 384 + c.audio.size] = np.asarray(c.audio, np.float32) / 32768.0
-        conv, h = model.initial_states(len(clips))
-        s, _, _ = model(torch.from_numpy(audio), conv, h)
+        s = model(torch.from_numpy(audio))[..., 0]
         for b, c in enumerate(clips):
             scores.append(s[b, : c.labels.size].numpy())
             labels.append(np.asarray(c.labels))
@@ -90,14 +91,14 @@ def plateau_threshold(
 
 
 def normalisation(split: Split, seed: int, n_batches: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    model = LookbackVAD()
+    model = build_model()
     gen = batches(split, 32, 256, seed)
     feats = []
     with torch.no_grad():
         for _ in range(n_batches):
             audio, _ = next(gen)
             feats.append(
-                model.features(torch.from_numpy(audio)).transpose(1, 2).reshape(-1, model.n_bands).numpy()
+                model.frontend.raw(torch.from_numpy(audio)).reshape(-1, model.frontend.out_channels).numpy()
             )
     f = np.concatenate(feats)
     return f.mean(axis=0), f.std(axis=0)
@@ -123,8 +124,8 @@ def main() -> None:
     train, val = Split(args.data, "train"), Split(args.data, "val")
     print(f"train: {len(train)} clips, {train.frames} hops; val: {len(val)} clips, {val.frames} hops")
 
-    model = LookbackVAD()
-    model.set_normalisation(*normalisation(train, args.seed + 1))
+    model = build_model()
+    model.frontend.set_normalisation(*normalisation(train, args.seed + 1))
     print(f"model: {count_parameters(model)} parameters; front end: {describe_frontend()}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
@@ -140,8 +141,7 @@ def main() -> None:
     running = 0.0
     for step in range(1, args.steps + 1):
         audio, labels = next(gen)
-        conv, h = model.initial_states(args.batch)
-        logit, _, _ = model.logits(torch.from_numpy(audio), conv, h)
+        logit = model.logits(torch.from_numpy(audio))[..., 0]
         loss = loss_fn(logit, torch.from_numpy(labels))
         opt.zero_grad()
         loss.backward()

@@ -39,6 +39,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from lookback.engine.store import discover, open_graphs
 
+    if args.action == "check":
+        return _models_check(args)
     settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
     if args.action == "import":
         from lookback.engine.importer import import_model
@@ -72,6 +74,25 @@ def cmd_models(args: argparse.Namespace) -> int:
         states = ", ".join(f"{s['input']}{s['shape']}@{s['batch_axis']}" for s in c["states"])
         print(f"  states: {states or '-'}; sequence graph: {r.get('sequence_graph', False)}")
     return 0
+
+
+def _models_check(args: argparse.Namespace) -> int:
+    """``lookback models check DIR``: the parity harness; exit 0 when every check passes."""
+    from lookback.client import read_wav
+    from lookback.modelcheck import check_model_dir
+
+    if not Path(args.name).is_dir():
+        print(
+            f"error: {args.name} is not a model directory (usage: lookback models check DIR)", file=sys.stderr
+        )
+        return 2
+    clips = []
+    for wav in args.clip or []:
+        samples, _rate = read_wav(wav)
+        clips.append(samples.astype("float32") / 32768.0)
+    report = check_model_dir(Path(args.name), clips)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
+    return 0 if report.ok else 1
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -160,9 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", help="worker processes on one port: a number, or auto (one per usable CPU)")
     s.set_defaults(func=cmd_serve)
 
-    m = sub.add_parser("models", help="list the store's models with their contract, or import")
-    m.add_argument("action", nargs="?", choices=["list", "import"], default="list")
-    m.add_argument("name", nargs="?", default="silero-vad")
+    m = sub.add_parser(
+        "models", help="list the store's models with their contract, import one, or check a model directory"
+    )
+    m.add_argument("action", nargs="?", choices=["list", "import", "check"], default="list")
+    m.add_argument("name", nargs="?", default="silero-vad", help="import: model name; check: model directory")
+    m.add_argument("--clip", action="append", type=Path, help="check: a real clip (WAV) to check on too")
     m.add_argument("--model-store", type=Path)
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
