@@ -31,6 +31,7 @@ import soundfile as sf
 from pydantic import ValidationError
 
 from lookback.app import create_app
+from lookback.engine.multistep import scores_out
 from lookback.metrics import Metrics
 from lookback.server import DrainingServer, uvicorn_config
 from lookback.settings import Settings
@@ -388,34 +389,45 @@ async def test_a_step_that_yields_nan_resets_the_session_state(silero_model: str
     non_finite_state, and the session goes on with finite scores."""
     with guarded_server(silero()) as server:
         handle = server.app.state.engine.models[KEY]  # type: ignore[attr-defined]
-        real_run = handle.step.run
+        # the first model call of this session, one hop or several (multi-step graph)
         poisoned = {"left": 1}
+        graphs = [g for g in (handle.step, handle.multistep) if g is not None]
+        scores = {o.name for o in handle.spec.outputs} | {scores_out(o.name) for o in handle.spec.outputs}
 
-        def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-            outs = list(real_run(feeds))
-            if poisoned["left"]:
-                poisoned["left"] -= 1
-                for i, name in enumerate(handle.step.output_names):
-                    if name != "output":
-                        outs[i] = np.full_like(outs[i], np.nan)
-            return outs
+        def poisoning(graph: Any) -> Any:
+            real_run = graph.run
+
+            def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+                outs = list(real_run(feeds))
+                if poisoned["left"]:
+                    poisoned["left"] -= 1
+                    for i, name in enumerate(graph.output_names):
+                        if name not in scores:
+                            outs[i] = np.full_like(outs[i], np.nan)
+                return outs
+
+            return run
 
         out = Transcript()
         async with ws_connect(f"{server.ws}/v1/stream?{SILERO_Q}") as ws:
             reader = asyncio.create_task(read_all(ws, out))
             await wait_until(lambda: bool(out.messages), what="ready")
-            handle.step.run = run
+            for graph in graphs:
+                graph.run = poisoning(graph)
             try:
                 for i in range(0, 8 * HOP, HOP):
                     await ws.send(PCM[i : i + HOP])
                 await ws.send('{"type":"end"}')
                 await asyncio.wait_for(reader, 30)
             finally:
-                vars(handle.step).pop("run", None)
+                for graph in graphs:
+                    vars(graph).pop("run", None)
         errors = out.of_type("error")
-        assert [(e["code"], e["step"]) for e in errors] == [("non_finite_state", 0)]
+        # the poisoned call's hops (step 0, and any that joined it) are reported, no others
+        bad = [e["step"] for e in errors]
+        assert {e["code"] for e in errors} == {"non_finite_state"} and bad == list(range(len(bad)))
         results = out.of_type("result")
-        assert [r["step"] for r in results] == list(range(1, 8))
+        assert [r["step"] for r in results] == list(range(len(bad), 8))
         assert all(np.isfinite(r["scores"]["speech"]) for r in results)
         for slab in handle.table.slabs.values():
             assert np.isfinite(slab).all()
