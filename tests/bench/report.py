@@ -26,6 +26,14 @@ def p99_of(res: dict[str, Any] | None) -> str:
     return f"{best['latency_ms']['p99']:.1f}"
 
 
+def cpu_per_session(res: dict[str, Any]) -> dict[str, float | None]:
+    """Server CPU seconds per real-time session-second at 1 and 10 frames/msg, and 10 / 1."""
+    step = res.get("cpu_per_session") or {}
+    one = (step.get("fpm1") or {}).get("cpu_per_session_s")
+    ten = (step.get("fpm10") or {}).get("cpu_per_session_s")
+    return {"fpm1": one, "fpm10": ten, "ratio": ten / one if one and ten is not None else None}
+
+
 def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
     """The derived figures: model-alone sessions, the bound, ratios vs targets.
 
@@ -57,6 +65,12 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
         max_sessions_of(res.get("silero_naive")),
         max_sessions_of(res.get("fpm10")),
     )
+    hand, sil_hand, echo10 = (
+        max_sessions_of(res.get("handwritten")),
+        max_sessions_of(res.get("handwritten_silero")),
+        max_sessions_of(res.get("echo10")),
+    )
+    cpu = cpu_per_session(res)
     model_alone = None
     eng = res.get("engine") or {}
     rows = eng.get("rows") or []
@@ -79,23 +93,30 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
             0.8,
         ),
         ("Lookback / naive (1 frame/msg)", ratio(look, naive), 2.5),
+        ("Lookback / hand-written (1 frame/msg)", ratio(look, hand), 2.5),
         ("Silero / Silero naive", ratio(sil, sil_naive), 2.0),
+        ("Silero / hand-written Silero", ratio(sil, sil_hand), 2.0),
         ("10 frames/msg / naive", ratio(f10, naive), 4.0),
         ("10 frames/msg / bound", ratio(f10, bound), 0.9),
+        ("10 frames/msg / echo at 10 frames/msg", ratio(f10, echo10), 0.9),
         ("offline x real time (long clip)", x_rt, 2000.0),
     ]
     rows_t = [
         {"name": n, "value": v, "target": t, "met": None if v is None else v >= t} for n, v, t in targets
     ]
-    rows_t.append(
-        {
-            "name": "long / short clip peak RSS",
-            "value": rss_ratio,
-            "target": 1.2,
-            "met": None if rss_ratio is None else rss_ratio <= 1.2,
-            "at_most": True,
-        }
-    )
+    for name, value, target in (
+        ("long / short clip peak RSS", rss_ratio, 1.2),
+        ("CPU per session-second, 10 / 1 frame/msg", cpu["ratio"], 0.5),
+    ):
+        rows_t.append(
+            {
+                "name": name,
+                "value": value,
+                "target": target,
+                "met": None if value is None else value <= target,
+                "at_most": True,
+            }
+        )
     return {
         "echo_sessions": echo,
         "lookback_sessions": look,
@@ -105,6 +126,12 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
         "null_over_echo": float(np.median([n / e for n, _, e in triples])) if triples else None,
         "lookback_over_null": float(np.median([lb / n for n, lb, _ in triples])) if triples else None,
         "pair_ratios": pair_ratios,
+        "times_naive": ratio(look, naive),
+        "times_handwritten": ratio(look, hand),
+        "silero_times_naive": ratio(sil, sil_naive),
+        "silero_times_handwritten": ratio(sil, sil_hand),
+        "echo10_sessions": echo10,
+        "cpu_per_session": cpu,
         "model_alone_sessions": model_alone,
         "bound_sessions": bound,
         "targets": rows_t,
@@ -143,9 +170,12 @@ def to_markdown(report: dict[str, Any]) -> str:
             1,
         ),
         ("naive", f"Lookback `{model}`, max_batch_size=1", 1),
+        ("handwritten", f"hand-written naive server `{model}` (FastAPI + one ORT session, batch 1)", 1),
+        ("echo10", "echo ceiling (same stack, instant reply)", 10),
         ("fpm10", f"Lookback `{model}`", 10),
         ("silero", "Lookback `silero-vad` (hop 512)", 1),
         ("silero_naive", "Lookback `silero-vad`, max_batch_size=1", 1),
+        ("handwritten_silero", "hand-written naive server `silero-vad`", 1),
         ("workers", f"2 server processes (one per CPU), `{model}`", 1),
     ]
     for key, label, fpm in names:
@@ -194,6 +224,38 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"but the model's math), Lookback / null twin {s['lookback_over_null']:.2f} "
             "(what the math costs on top).",
         ]
+    times = []
+    for who, k in ((f"Lookback `{model}`", "times_"), ("Silero", "silero_times_")):
+        got = [
+            f"{s[k + key]:.1f}x {label}"
+            for key, label in (("naive", "naive (max_batch_size=1)"), ("handwritten", "hand-written"))
+            if s.get(k + key) is not None
+        ]
+        if got:
+            times.append(f"{who}: " + ", ".join(got))
+    if times:
+        lines += ["", "Capacity at 1 frame/msg: " + "; ".join(times) + "."]
+    cpu_step = res.get("cpu_per_session") or {}
+    if "fpm1" in cpu_step or "fpm10" in cpu_step:
+        parts = []
+        for fpm in (1, 10):
+            r = cpu_step.get(f"fpm{fpm}") or {}
+            if "cpu_per_session_s" not in r:
+                continue
+            late = "" if r.get("passed") else f" (**not real time**: p99 {fmt(r.get('p99_ms'), '.1f')} ms)"
+            parts.append(
+                f"{fpm} frame(s)/msg {r['cpu_per_session_s'] * 1e3:.2f} ms "
+                f"({r['cpu_share'] * 100:.0f}% of a core){late}"
+            )
+        lines += [
+            "",
+            f"Server CPU seconds per real-time session-second at {cpu_step.get('sessions')} "
+            f"sessions (/proc utime + stime over {fmt((cpu_step.get('fpm1') or {}).get('wall_s'), '.1f')} s "
+            f"of the measured window): " + ", ".join(parts) + f"; 10 / 1 = "
+            f"{fmt(s['cpu_per_session']['ratio'], '.2f')} (target <= 0.5).",
+        ]
+    elif cpu_step:
+        lines += ["", f"CPU per session: {cpu_step.get('error') or cpu_step.get('skipped')}"]
     lines += [
         "",
         f"Model alone (ORT ceiling / 125 frames/s): "

@@ -20,11 +20,19 @@ one run so their ratios hold on a noisy machine:
     pairs, each pair measured back to back, and the report lists every pair;
 11. not a target: Lookback on the default model's null twin (``tests/bench/null_model.py``:
     same contract, no arithmetic), right after each Lookback ramp, to split the gap to the
-    echo into the server's per-step work and the model's math.
+    echo into the server's per-step work and the model's math;
+12. ``handwritten`` / ``handwritten_silero``: the hand-written naive server
+    (``tests/bench/handwritten_server.py``: FastAPI + one shared ORT session, batch 1), the
+    baseline users would write, next to Lookback's own ``max_batch_size=1``;
+13. ``echo10``: the echo ceiling at 10 frames per message, for Lookback@10 / echo@10;
+14. ``cpu_per_session``: at a fixed number of real-time sessions, the server's CPU seconds
+    (``/proc/<pid>/stat`` utime + stime over the measured window) per real-time
+    session-second, at 1 and at 10 frames per message.
 
 Writes ``tests/bench/results/<date>-<host>.{json,md}`` and prints the table.
 
     python -m tests.bench.run_all [--quick] [--only echo,lookback,...] [--model lookback-vad]
+    python -m tests.bench.run_all --only handwritten,handwritten_silero,echo10,cpu_per_session
 """
 
 from __future__ import annotations
@@ -52,11 +60,11 @@ import httpx
 import numpy as np
 
 from lookback.loadtest.config import LoadConfig
-from lookback.loadtest.fanout import raise_fd_limit
+from lookback.loadtest.fanout import raise_fd_limit, run_load
 from lookback.loadtest.idle import IdleSessions
 from lookback.loadtest.ramp import ramp
 from lookback.loadtest.report import format_ramp
-from tests.bench.report import max_sessions_of, p99_of, strip_blobs, summarize, to_markdown
+from tests.bench.report import fmt, max_sessions_of, p99_of, strip_blobs, summarize, to_markdown
 from tests.support import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,9 +77,13 @@ STEPS = (
     "lookback",
     "null",
     "naive",
+    "handwritten",
+    "echo10",
     "fpm10",
+    "cpu_per_session",
     "silero",
     "silero_naive",
+    "handwritten_silero",
     "offline",
     "memory",
     "workers",
@@ -92,6 +104,7 @@ class Plan:
     engine_seconds: float
     engine_sessions: tuple[int, ...]
     start: int
+    cpu_sessions: int
 
 
 FULL = Plan(
@@ -105,6 +118,7 @@ FULL = Plan(
     engine_seconds=3.0,
     engine_sessions=(1, 64, 512, 2048),
     start=64,
+    cpu_sessions=64,
 )
 QUICK = Plan(
     warmup=0.5,
@@ -117,6 +131,7 @@ QUICK = Plan(
     engine_seconds=0.3,
     engine_sessions=(1, 64),
     start=16,
+    cpu_sessions=16,
 )
 
 
@@ -141,6 +156,12 @@ def cpu_model() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return "unknown"
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -243,6 +264,16 @@ def echo_server(port: int, cpu: int | None, hop: int = 128) -> Server:
     )
 
 
+def handwritten_server(model: str, port: int, cpu: int | None) -> Server:
+    return Server(
+        f"handwritten-{model}",
+        [sys.executable, "-m", "tests.bench.handwritten_server", "--port", str(port), "--model", model],
+        {},
+        port,
+        cpu,
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # the steps
 
@@ -329,6 +360,95 @@ class Bench:
     def step_echo(self) -> dict[str, Any]:
         with echo_server(free_port(), self.server_cpu) as srv:
             return self.ramp(self.load_cfg(srv.url), self.plan.start * 2)
+
+    # 13. echo ceiling at 10 frames per message -------------------------------------------
+    def step_echo10(self) -> dict[str, Any]:
+        with echo_server(free_port(), self.server_cpu) as srv:
+            return self.ramp(self.load_cfg(srv.url, 10), self.ramp_start("echo", 1.0, self.plan.start * 2))
+
+    # 12. the hand-written naive server -------------------------------------------------
+    def _handwritten_ramp(self, model: str, start: int) -> dict[str, Any]:
+        with handwritten_server(model, free_port(), self.server_cpu) as srv:
+            res = self.ramp(self.load_cfg(srv.url, 1, model=model), start)
+            res["server_rss_bytes"] = proc_status(srv.pid)
+            return res
+
+    def step_handwritten(self) -> dict[str, Any]:
+        start = self.ramp_start("naive", 1.0, self.ramp_start("lookback", 0.25))
+        return self._handwritten_ramp(self.model, start)
+
+    def step_handwritten_silero(self) -> dict[str, Any]:
+        if self.model == "silero-vad" and "handwritten" in self.results:
+            return {**self.results["handwritten"], "same_as": "handwritten"}
+        if not has_model("silero-vad"):
+            return {"skipped": "silero-vad is not imported (make silero)"}
+        start = self.ramp_start("silero_naive", 1.0, self.ramp_start("silero", 0.25))
+        return self._handwritten_ramp("silero-vad", start)
+
+    # 14. CPU per real-time session-second ------------------------------------------------
+    def step_cpu_per_session(self) -> dict[str, Any]:
+        n = self.plan.cpu_sessions
+        out: dict[str, Any] = {"sessions": n}
+        for fpm in (1, 10):
+            with lookback_server(self.model, free_port(), self.server_cpu) as srv:
+                out[f"fpm{fpm}"] = r = self._cpu_run(srv, n, fpm)
+            log(
+                f"cpu_per_session: {n} sessions at {fpm} frames/msg: server CPU "
+                f"{r['cpu_share'] * 100:.1f}% of a core = {r['cpu_per_session_s'] * 1e3:.2f} ms "
+                f"per session-second; p99 {fmt(r['p99_ms'], '.1f')} ms, {'PASS' if r['passed'] else 'FAIL'}"
+            )
+        return out
+
+    def _cpu_run(self, srv: Server, n: int, fpm: int) -> dict[str, Any]:
+        """One fixed-N load; the server's CPU over the middle of the measured window.
+
+        The window opens once ``/readyz`` counts all ``n`` sessions plus the load
+        generator's start delay and warm-up, and covers 80% of the measured seconds, so
+        connects, warm-up and the end-of-stream summaries stay outside it.
+        """
+        p = self.plan
+        cfg = replace(self.load_cfg(srv.url, fpm, model=self.model), sessions=n)
+        window: dict[str, float] = {}
+        done = threading.Event()
+
+        def sample() -> None:
+            deadline = time.monotonic() + 120
+            while not done.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    body = httpx.get(f"http://127.0.0.1:{srv.port}/readyz", timeout=2).json()
+                    if int(body.get("sessions") or 0) >= n:
+                        break
+                done.wait(0.05)
+            else:
+                return
+            if done.wait(0.2 + p.warmup):  # the run ended before its window: no figure
+                return
+            c0, w0 = proc_cpu_seconds(srv.pid), time.monotonic()
+            if done.wait(0.8 * p.duration):
+                return
+            window.update(cpu_s=proc_cpu_seconds(srv.pid) - c0, wall_s=time.monotonic() - w0)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        try:
+            res = run_load(cfg)
+        finally:
+            done.set()
+            th.join()
+        if not window:
+            raise RuntimeError(f"no CPU window at {n} sessions, {fpm} frames/msg (did they connect?)")
+        share = window["cpu_s"] / window["wall_s"]
+        return {
+            **window,
+            "frames_per_message": fpm,
+            "cpu_share": share,
+            "cpu_per_session_s": share / n,  # CPU seconds per real-time session-second
+            "clock_tick_s": 1 / os.sysconf("SC_CLK_TCK"),
+            "passed": bool(res.get("passed")),
+            "p99_ms": (res.get("latency_ms") or {}).get("p99"),
+            "lost_results": res.get("lost_results"),
+            "connected": res.get("connected"),
+        }
 
     # 2./3./5. Lookback ---------------------------------------------------------------
     def _lookback_ramp(self, model: str, fpm: int, start: int, **env: Any) -> dict[str, Any]:
@@ -608,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--budget-s",
         type=float,
-        default=23 * 60.0,
+        default=28 * 60.0,
         help="skip the remaining steps once this much time has passed",
     )
     ap.add_argument("--out-dir", type=Path, default=RESULTS)

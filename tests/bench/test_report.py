@@ -104,3 +104,60 @@ def test_model_alone_scales_with_the_hop() -> None:
 def test_strip_blobs_leaves_json_safe_values() -> None:
     raw = {"latencies": b"\x00" * 8, "p99": float("nan"), "rows": [(1, float("inf")), {"x": 2.5}]}
     assert strip_blobs(raw) == {"p99": None, "rows": [[1, None], {"x": 2.5}]}
+
+
+def _with_baselines() -> dict[str, Any]:
+    res = _results()
+    res.update(
+        handwritten=_ramp(60),
+        echo10=_ramp(400),
+        silero=_ramp(200),
+        silero_naive=_ramp(50),
+        handwritten_silero=_ramp(80),
+        cpu_per_session={
+            "sessions": 64,
+            "fpm1": {"cpu_per_session_s": 0.008, "cpu_share": 0.512, "passed": True, "wall_s": 4.8},
+            "fpm10": {
+                "cpu_per_session_s": 0.003,
+                "cpu_share": 0.192,
+                "passed": False,
+                "p99_ms": 31.0,
+                "wall_s": 4.8,
+            },
+        },
+    )
+    return res
+
+
+def test_hand_written_echo10_and_cpu_ratios() -> None:
+    res = _with_baselines()
+    s = summarize(res, hop_samples=128)
+    assert _target(s, "Lookback / hand-written") == pytest.approx(150 / 60)
+    assert _target(s, "Silero / hand-written Silero") == pytest.approx(200 / 80)
+    assert _target(s, "10 frames/msg / echo at 10") == pytest.approx(250 / 400)
+    assert _target(s, "CPU per session-second, 10 / 1") == pytest.approx(0.375)
+    assert (s["times_naive"], s["times_handwritten"]) == pytest.approx((6.0, 2.5))
+    md = _markdown(res, s)
+    assert "| Lookback / hand-written (1 frame/msg) | 2.50 | >= 2.5 | yes |" in md
+    assert "| 10 frames/msg / echo at 10 frames/msg | 0.62 | >= 0.9 | **no** |" in md
+    assert "| CPU per session-second, 10 / 1 frame/msg | 0.38 | <= 0.5 | yes |" in md
+    assert "| echo ceiling (same stack, instant reply) | 10 | 400 |" in md
+    assert "| hand-written naive server `lookback-vad` (FastAPI + one ORT session, batch 1) | 1 | 60 |" in md
+    assert "Lookback `lookback-vad`: 6.0x naive (max_batch_size=1), 2.5x hand-written" in md
+    assert "Silero: 4.0x naive (max_batch_size=1), 2.5x hand-written" in md
+    assert "1 frame(s)/msg 8.00 ms (51% of a core)" in md
+    assert "10 frame(s)/msg 3.00 ms (19% of a core) (**not real time**: p99 31.0 ms)" in md
+
+
+def test_cpu_ratio_over_the_limit_is_not_met_and_missing_runs_give_none() -> None:
+    res = _with_baselines()
+    res["cpu_per_session"]["fpm10"]["cpu_per_session_s"] = 0.0048
+    s = summarize(res, hop_samples=128)
+    row = next(t for t in s["targets"] if t["name"].startswith("CPU per session-second"))
+    assert row["value"] == pytest.approx(0.6) and row["met"] is False
+    bare = summarize(_results(), hop_samples=128)
+    assert bare["cpu_per_session"] == {"fpm1": None, "fpm10": None, "ratio": None}
+    assert _target(bare, "Lookback / hand-written") is None
+    md = _markdown(_results(), bare)
+    assert "Lookback `lookback-vad`: 6.0x naive (max_batch_size=1)." in md
+    assert "hand-written" not in md.split("| ratio |")[0]
