@@ -56,3 +56,9 @@ class InferenceError(LookbackError):
     """The model call failed for a whole batch; every waiter of that batch gets this."""
 
     code = "inference_failed"
+
+
+class SnapshotError(LookbackError):
+    """A session snapshot that cannot be restored here: damaged, another format, another model."""
+
+    code = "snapshot_invalid"

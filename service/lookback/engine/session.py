@@ -267,6 +267,27 @@ class StreamSession:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
 
+    # -- snapshots (lookback.engine.snapshot) --------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No step queued or in flight: the slab rows are the state after ``steps_done``."""
+        return self._in_flight is None and not self._queue
+
+    def snapshot(self, options: dict[str, str] | None = None) -> bytes:
+        """This session's complete state as bytes (it must be idle)."""
+        from lookback.engine import snapshot
+
+        return snapshot.take(self, options).encode()
+
+    @classmethod
+    def restore(
+        cls, handle: ModelHandle, sink: ResultSink, data: bytes, *, max_pending_steps: int = 64
+    ) -> StreamSession:
+        """A session in a fresh slot that continues ``data`` bit-identically."""
+        from lookback.engine import snapshot
+
+        return snapshot.restore(handle, sink, data, max_pending_steps=max_pending_steps)
+
     # -- end of stream -------------------------------------------------------------------
     async def wait_idle(self) -> None:
         """Wait until every accepted step has a result (or an error)."""
