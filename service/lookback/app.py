@@ -56,6 +56,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         svc.start()
+        if svc.resumer is not None:
+            await svc.resumer.start(svc.connections)
         if settings.gc_freeze:
             freeze_startup_heap()
         log.info("Lookback ready: %d model(s), provider %s", len(engine.models), engine.provider)
@@ -65,6 +67,8 @@ def create_app(
             if not svc.draining:
                 await svc.drain(settings.drain_grace_s)
             await svc.stop()
+            if svc.resumer is not None:
+                await svc.resumer.stop()
             await engine.stop()
 
     app = FastAPI(title="Lookback", version=__version__, description=DESCRIPTION, lifespan=lifespan)

@@ -140,6 +140,8 @@ async def readyz(request: Request) -> JSONResponse:
         "provider": svc.engine.provider,
         "models": sorted(svc.engine.models),
         "sessions": len(svc.connections),
+        # resume degrades, never blocks serving: an unreachable store is reported, not fatal
+        "resume": svc.resumer.readiness() if svc.resumer is not None else None,
     }
     return JSONResponse(body, status_code=200 if ok else 503)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from lookback.api.resume import Resumer
 from lookback.engine.engine import Engine
 from lookback.metrics import Metrics
 from lookback.protocol import Close
@@ -36,6 +37,7 @@ class ServiceState:
         self.scores_running = 0
         self._score_sem = asyncio.Semaphore(settings.max_concurrent_scores)
         self._reaper: asyncio.Task[None] | None = None
+        self.resumer: Resumer | None = Resumer(settings, metrics) if settings.resume_enabled else None
 
     def refusal(self) -> tuple[str, str] | None:
         """Why a new session must be refused now (shed load before latency grows), or None."""
@@ -113,6 +115,15 @@ class ServiceState:
         self.metrics.ready.set(0)
         conns = [c for c in self.connections if c.end_reason is None]
         log.info("draining %d open sessions (grace %.1fs)", len(conns), grace)
+        if self.resumer is not None and self.resumer.can_migrate:
+            # shared store: hand each session to another replica instead of ending it
+            migrated = set(conns)
+            conns = await self.resumer.migrate(conns, grace)
+            migrated -= set(conns)
+            log.info("%d sessions snapshotted for resume elsewhere", len(migrated))
+            waiters = [c.writer for c in migrated if c.writer is not None]
+            if waiters:
+                await asyncio.wait(waiters, timeout=grace / 2)
         tasks = []
         for c in conns:
             if c.finisher is None:

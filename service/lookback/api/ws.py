@@ -32,6 +32,7 @@ from lookback.errors import BackpressureError, LookbackError
 from lookback.protocol import Close, error_message, spec_for
 
 if TYPE_CHECKING:
+    from lookback.api.resume import ResumeState
     from lookback.api.state import ServiceState
     from lookback.engine.model import ModelHandle
 
@@ -106,6 +107,7 @@ class Connection:
         self._parked: tuple[Any, Any] | None = None  # a direct send that had to suspend
         self._broken = False  # a direct send raised: the socket is gone
         self.end_code: int | None = None  # set by close_now (forced closes only)
+        self.resume: ResumeState | None = None  # resumable identity (lookback.api.resume)
 
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
@@ -386,6 +388,17 @@ async def stream(ws: WebSocket) -> None:
     svc.reserved += 1
     try:
         await ws.accept()
+        token = ws.query_params.get("resume")
+        if token is not None:
+            if svc.resumer is None:
+                svc.metrics.resumes.labels("unavailable").inc()
+                await ws.send_text(error_message("resume_unavailable", "resume is disabled on this server"))
+                await ws.close(code=Close.RESUME_UNAVAILABLE, reason="resume_unavailable")
+                return
+            resumed = await svc.resumer.open_resumed(ws, svc, token, auth.ws_key(ws))
+            if resumed is not None:
+                await _serve(resumed[0], svc, resumed[0].handle, resumed[1])
+            return
         try:
             handle, encoding, results = _parse_query(ws, svc)
         except LookbackError as exc:
@@ -403,12 +416,19 @@ async def stream(ws: WebSocket) -> None:
             await ws.send_text(error_message(exc.code, exc.message))
             await ws.close(code=Close.TRY_AGAIN_LATER, reason=exc.code)
             return
-        await _serve(conn, svc, handle)
+        extra: dict[str, object] = {}
+        if svc.resumer is not None:
+            conn.resume = await svc.resumer.new_state(auth.ws_key(ws))
+            conn.resume.token_sent = conn.resume.token is not None
+            extra["resume_token"] = conn.resume.token
+        await _serve(conn, svc, handle, extra)
     finally:
         svc.reserved -= 1
 
 
-async def _serve(conn: Connection, svc: ServiceState, handle: ModelHandle) -> None:
+async def _serve(
+    conn: Connection, svc: ServiceState, handle: ModelHandle, extra: dict[str, object] | None = None
+) -> None:
     spec = handle.spec
     key = spec.key
     m = svc.metrics
@@ -429,6 +449,7 @@ async def _serve(conn: Connection, svc: ServiceState, handle: ModelHandle) -> No
                 "labels": spec.labels,
                 "encoding": conn.session.encoding if conn.session else None,
                 "threshold": spec.events.threshold,
+                **(extra or {}),
             }
         ).decode()
     )
@@ -450,6 +471,8 @@ async def _serve(conn: Connection, svc: ServiceState, handle: ModelHandle) -> No
             conn.finisher.cancel()
         if conn.session is not None:
             svc.account_frames(conn)
+            if svc.resumer is not None:
+                await svc.resumer.on_close(conn, reason)
             conn.session.close()
         if conn.writer is not None and not conn.writer.done():
             if reason == "client_gone":

@@ -26,6 +26,7 @@ from lookback.errors import BackpressureError, BadAudio, LookbackError, SessionC
 
 if TYPE_CHECKING:
     from lookback.engine.model import ModelHandle
+    from lookback.engine.snapshot import Snapshot
 
 Encoding = Literal["pcm_s16le", "pcm_f32le"]
 BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
@@ -281,7 +282,7 @@ class StreamSession:
 
     @classmethod
     def restore(
-        cls, handle: ModelHandle, sink: ResultSink, data: bytes, *, max_pending_steps: int = 64
+        cls, handle: ModelHandle, sink: ResultSink, data: bytes | Snapshot, *, max_pending_steps: int = 64
     ) -> StreamSession:
         """A session in a fresh slot that continues ``data`` bit-identically."""
         from lookback.engine import snapshot

@@ -34,7 +34,7 @@ import orjson
 
 from lookback.engine.events import Event
 from lookback.engine.state import CONTEXT
-from lookback.errors import SnapshotError
+from lookback.errors import SessionClosed, SnapshotError
 
 if TYPE_CHECKING:
     from lookback.engine.model import ModelHandle
@@ -170,9 +170,9 @@ def _nat(v: Any) -> int:
 def take(session: StreamSession, options: dict[str, str] | None = None) -> Snapshot:
     """The session's state now; it must be idle (``wait_idle`` first, or check ``idle``)."""
     if session.closed or session.slot < 0:
-        raise SnapshotError("session is closed", code="session_closed")
-    if session.pending_steps:
-        raise SnapshotError("session has steps in flight; snapshot it when idle", code="session_busy")
+        raise SessionClosed("session is closed")
+    if session.pending_steps:  # an internal misuse, never sent to a client
+        raise SnapshotError("session has steps in flight; snapshot it when idle")
     handle = session.handle
     spec = handle.spec
     table = handle.table
