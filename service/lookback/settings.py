@@ -115,6 +115,12 @@ class Settings(BaseSettings):
     resume_lease_s: float = Field(
         1.5, gt=0, description="a session's owner lease; a crashed owner's session is free after it"
     )
+    resume_tail_messages: int = Field(
+        128,
+        ge=0,
+        description="recent results kept in each snapshot and re-sent on resume: covers the "
+        "results a dropped connection lost in flight",
+    )
     resume_tombstone_s: float = Field(
         3600.0, gt=0, description="how long a token is still told apart as expired or used"
     )

@@ -26,7 +26,8 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -78,6 +79,7 @@ class ResumeState:
     token_sent: bool = False
     written_frames: int = -1  # frames in the last durable snapshot
     migrated: bool = False  # drained: snapshot written, do not write again at close
+    resend: list[str] = field(default_factory=list)  # tail messages to re-send after ready
 
 
 def _b64(b: bytes) -> str:
@@ -201,6 +203,15 @@ class Resumer:
                 handle, conn, snap, max_pending_steps=svc.settings.max_pending_steps
             )
             conn.resume = state
+            conn.recent = deque(maxlen=svc.settings.resume_tail_messages)
+            tail = [(int(i), str(t)) for i, t in orjson.loads(snap.options.get("tail", "[]"))]
+            conn.recent.extend(tail)
+            have = ws.query_params.get("next_step", "")
+            next_step = int(have) if have.isdigit() and len(have) < 19 else snap.steps
+            state.resend = [t for i, t in tail if i >= next_step]
+            events_sent = len(snap.events) - sum(
+                1 for i, t in tail if i >= next_step and t.startswith('{"type":"event"')
+            )
             try:
                 if not await self.store.consume(old_sid, state.sid, state.owner, data):
                     raise LookbackError("another connection took the session", code="resume_conflict")
@@ -222,13 +233,14 @@ class Resumer:
             return None
         self.metrics.resumes.labels("ok").inc()
         sent = ws.query_params.get("sent")
-        if sent is not None and sent.isdigit() and int(sent) > snap.samples:
+        if sent is not None and sent.isdigit() and len(sent) < 19 and int(sent) > snap.samples:
             self.metrics.replayed_samples.inc(int(sent) - snap.samples)
         extra = {
             "resumed": True,
             "replay_from_sample": snap.samples,
             "next_step": snap.steps,
-            "events_sent": len(snap.events),
+            "resent_from_step": min(next_step, snap.steps),
+            "events_sent": events_sent,
             "resume_token": state.token,
         }
         return conn, extra
@@ -242,7 +254,8 @@ class Resumer:
     # -- checkpoints -------------------------------------------------------------------------
     @staticmethod
     def _options(conn: Connection) -> dict[str, str]:
-        return {"results": "all" if conn.want_results else "events"}
+        tail = orjson.dumps(list(conn.recent or ())).decode()
+        return {"results": "all" if conn.want_results else "events", "tail": tail}
 
     async def _loop(self) -> None:
         interval = self.settings.snapshot_interval_s

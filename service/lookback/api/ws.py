@@ -108,27 +108,33 @@ class Connection:
         self._broken = False  # a direct send raised: the socket is gone
         self.end_code: int | None = None  # set by close_now (forced closes only)
         self.resume: ResumeState | None = None  # resumable identity (lookback.api.resume)
+        self.recent: deque[tuple[int, str]] | None = None  # last results, re-sent on resume
 
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
+        recent = self.recent
         if self.want_results:
             # orjson on a small dict is about twice as fast as an f-string with float reprs
             single = self.single
-            self._put(
-                orjson.dumps(
-                    {
-                        "type": "result",
-                        "step": index,
-                        "time": time,
-                        "scores": {single: scores[0]}
-                        if single is not None
-                        else dict(zip(self.labels, scores, strict=True)),
-                    }
-                ).decode()
-            )
+            text = orjson.dumps(
+                {
+                    "type": "result",
+                    "step": index,
+                    "time": time,
+                    "scores": {single: scores[0]}
+                    if single is not None
+                    else dict(zip(self.labels, scores, strict=True)),
+                }
+            ).decode()
+            if recent is not None:
+                recent.append((index, text))
+            self._put(text)
         if events:
             for ev in events:
-                self._put(orjson.dumps({"type": "event", **ev.as_dict()}).decode())
+                text = orjson.dumps({"type": "event", **ev.as_dict()}).decode()
+                if recent is not None:
+                    recent.append((index, text))
+                self._put(text)
 
     def on_error(self, index: int, error: LookbackError) -> None:
         self.svc.metrics.error(error.code)
@@ -420,6 +426,7 @@ async def stream(ws: WebSocket) -> None:
         if svc.resumer is not None:
             conn.resume = await svc.resumer.new_state(auth.ws_key(ws))
             conn.resume.token_sent = conn.resume.token is not None
+            conn.recent = deque(maxlen=s.resume_tail_messages)
             extra["resume_token"] = conn.resume.token
         await _serve(conn, svc, handle, extra)
     finally:
@@ -453,6 +460,10 @@ async def _serve(
             }
         ).decode()
     )
+    if conn.resume is not None:  # a resume re-sends the results the client may have missed
+        for text in conn.resume.resend:
+            conn._put(text)
+        conn.resume.resend.clear()
     reason = "error"
     try:
         conn.reader = asyncio.current_task()
