@@ -39,10 +39,10 @@ def _wait_tcp(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) ->
 
 
 @contextlib.contextmanager
-def redis_server(tmp: Path) -> Iterator[str]:
+def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     """A throw-away redis-server; yields its redis:// URL."""
     exe = _need("redis-server")
-    port = free_port()
+    port = port or free_port()
     d = tmp / f"redis-{port}"
     d.mkdir()
     log = d / "redis.log"

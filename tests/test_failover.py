@@ -24,7 +24,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from lookback.state_store import Put
 from lookback.state_store.redis import RedisStore
 from tests.api.rel_ws import ws_connect
-from tests.conftest import Spawned, read_clip, spawn_server
+from tests.api.resume_util import Inbox
+from tests.conftest import Spawned, free_port, read_clip, spawn_server
 from tests.fixtures_services import nginx_proxy, redis_server
 
 CLIP = read_clip("silero_ref_speech.wav")
@@ -66,20 +67,25 @@ async def resume(url: str) -> tuple[Any, dict[str, Any]]:
         await asyncio.sleep(0.1)  # client backoff between attempts
 
 
-def holder(replicas: list[Spawned]) -> Spawned:
-    busy = [r for r in replicas if r.proc.poll() is None and httpx.get(r.url + "/readyz").json()["sessions"]]
+async def holder(replicas: list[Spawned]) -> Spawned:
+    busy = []
+    async with httpx.AsyncClient() as http:
+        for r in replicas:
+            if r.proc.poll() is None and (await http.get(r.url + "/readyz")).json()["sessions"]:
+                busy.append(r)
     assert len(busy) == 1, "exactly one replica must hold the session"
     return busy[0]
 
 
 async def run_with_fault(base: str, replicas: list[Spawned], cut: int, sig: signal.Signals) -> list[Any]:
-    got: list[dict[str, Any]] = []
+    inbox = Inbox()
+    got = inbox.msgs
     ws = await ws_connect(f"{base}?model=silero-vad")
-    reader = asyncio.create_task(collect(ws, got))
+    reader = asyncio.create_task(inbox.run(ws))
     await send_pcm(ws, PCM[: cut * MSG], end=False)
-    while not any(m["type"] == "checkpoint" and m["samples"] == cut * MSG // 2 for m in got):
-        await asyncio.sleep(0.01)  # polls what the reader collected
-    victim = holder(replicas)
+    durable = cut * MSG // 2
+    await inbox.wait_for(lambda ms: any(m["type"] == "checkpoint" and m["samples"] == durable for m in ms))
+    victim = await holder(replicas)
     # more audio right before the fault: not yet in a snapshot, so the client must replay it
     await send_pcm(ws, PCM[cut * MSG : (cut + 40) * MSG], end=False)
     victim.proc.send_signal(sig)
@@ -118,8 +124,10 @@ async def test_sigkill_and_drain_failover_through_nginx(tmp_path: Path, silero_m
         redis_url = stack.enter_context(redis_server(tmp_path))
         env["LOOKBACK_STATE_STORE"] = redis_url
         replicas = [stack.enter_context(spawn_server(tmp_path, **env)) for _ in range(3)]
-        for r in replicas:
-            assert httpx.get(r.url + "/readyz").json()["resume"] == {"store": "redis", "available": True}
+        async with httpx.AsyncClient() as http:
+            for r in replicas:
+                ready = (await http.get(r.url + "/readyz")).json()
+                assert ready["resume"] == {"store": "redis", "available": True}
         base = stack.enter_context(nginx_proxy(tmp_path, [int(r.url.rsplit(":", 1)[1]) for r in replicas]))
         base = base.replace("http://", "ws://") + "/v1/stream"
 
@@ -157,27 +165,41 @@ async def test_redis_store_semantics(tmp_path: Path) -> None:
         assert await store.claim("s1", "c") == ("used", None)
         assert await store.sync([Put("s1", "a", b"stale")]) == [False]  # used: never revived
         assert await store.sync([Put("s3", "a", b"x", release=True)]) == [True]
-        time.sleep(0.4)  # the resume window itself is what is under test
+        await asyncio.sleep(0.4)  # the resume window itself is what is under test
         assert await store.claim("s3", "b") == ("expired", None)
         await store.stop()
 
 
-async def test_redis_down_at_start_and_lost_mid_stream(tmp_path: Path, silero_model: str) -> None:
-    """No Redis: the server serves without resume and says so; when Redis comes, it resumes."""
-    from tests.conftest import free_port
-
+async def test_redis_down_at_start_then_back_then_lost_mid_stream(tmp_path: Path, silero_model: str) -> None:
+    """No Redis at start: the server serves without resume and says so (readyz, metric).
+    Redis comes: the open session gets its token in a checkpoint. Redis dies mid-stream:
+    the session keeps streaming to a correct summary."""
     port = free_port()
-    env = {"LOOKBACK_MODELS": "silero-vad", "LOOKBACK_DEFAULT_MODEL": "silero-vad"}
-    env["LOOKBACK_STATE_STORE"] = f"redis://127.0.0.1:{port}/0"
-    env["LOOKBACK_SNAPSHOT_INTERVAL_S"] = "0.1"
+    env = {
+        "LOOKBACK_MODELS": "silero-vad",
+        "LOOKBACK_DEFAULT_MODEL": "silero-vad",
+        "LOOKBACK_STATE_STORE": f"redis://127.0.0.1:{port}/0",
+        "LOOKBACK_SNAPSHOT_INTERVAL_S": "0.1",
+    }
     with spawn_server(tmp_path, **env) as srv:
-        r = httpx.get(srv.url + "/readyz")
-        assert r.status_code == 200 and r.json()["resume"] == {"store": "redis", "available": False}
-        assert 'lookback_state_store_up{kind="redis"} 0.0' in httpx.get(srv.url + "/metrics").text
-        got: list[dict[str, Any]] = []
-        async with ws_connect(f"{srv.ws}/v1/stream?model=silero-vad") as ws:
-            reader = asyncio.create_task(collect(ws, got))
-            await send_pcm(ws, PCM[: 50 * MSG])
-            await reader
-        assert got[0]["resume_token"] is None and got[-1]["type"] == "summary"
-        assert got[-1]["steps"] == 50 * MSG // 1024
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            r = await http.get("/readyz")
+            assert r.status_code == 200 and r.json()["resume"] == {"store": "redis", "available": False}
+            assert 'lookback_state_store_up{kind="redis"} 0.0' in (await http.get("/metrics")).text
+            inbox = Inbox()
+            async with ws_connect(f"{srv.ws}/v1/stream?model=silero-vad") as ws:
+                reader = asyncio.create_task(inbox.run(ws))
+                await send_pcm(ws, PCM[: 20 * MSG], end=False)
+                await inbox.wait_for(lambda ms: len(ms) >= 21)
+                assert inbox.msgs[0]["resume_token"] is None
+                with redis_server(tmp_path, port=port):
+                    await send_pcm(ws, PCM[20 * MSG : 40 * MSG], end=False)
+                    await inbox.wait_for(lambda ms: any(m.get("resume_token") for m in ms[1:]), within=30)
+                    assert (await http.get("/readyz")).json()["resume"]["available"] is True
+                # Redis gone: streaming goes on
+                await send_pcm(ws, PCM[40 * MSG : 80 * MSG])
+                await reader
+            assert inbox.msgs[-1]["type"] == "summary" and inbox.msgs[-1]["steps"] == 80 * MSG // 1024
+            steps = [m["step"] for m in inbox.msgs if m["type"] == "result"]
+            assert steps == list(range(80 * MSG // 1024))
+            assert (await http.get("/readyz")).json()["resume"]["available"] is False

@@ -22,6 +22,7 @@ from lookback.api.resume import ResumeState, key_fingerprint
 from lookback.engine.snapshot import decode
 from lookback.state_store import Put
 from tests.api.rel_ws import ws_connect
+from tests.api.resume_util import Inbox
 from tests.conftest import Server, read_clip, running_server
 from tests.conftest import test_settings as make_settings
 
@@ -99,12 +100,12 @@ async def test_dropped_connection_resumes_bit_identically(srv: Server) -> None:
     ref_summary = {k: v for k, v in ref[-1].items() if k != "session_id"}
     assert ref_events and ref[0]["resume_token"]
     for cut in (37, 260, 511):  # messages sent before the drop
-        got: list[dict[str, Any]] = []
+        inbox = Inbox()
+        got = inbox.msgs
         ws = await ws_connect(url(srv))
-        reader = asyncio.create_task(collect(ws, got))
+        reader = asyncio.create_task(inbox.run(ws))
         await send_pcm(ws, PCM[: cut * MSG], end=False)
-        while not any(m["type"] == "checkpoint" for m in got):  # at least one checkpoint seen
-            await asyncio.sleep(0.01)  # polls what the reader task collected
+        await inbox.wait_for(lambda ms: any(m["type"] == "checkpoint" for m in ms))
         token = got[0]["resume_token"]
         ws.transport.abort()  # a dropped network: no close frame
         await reader
