@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from lookback.engine import snapshot as snapmod
+from lookback.engine.events import Event
 from lookback.engine.session import StreamSession
 from lookback.errors import LookbackError, ModelNotFound, SnapshotError
 from lookback.protocol import Close, error_message, spec_for
@@ -79,7 +80,7 @@ class ResumeState:
     token_sent: bool = False
     written_frames: int = -1  # frames in the last durable snapshot
     migrated: bool = False  # drained: snapshot written, do not write again at close
-    resend: list[str] = field(default_factory=list)  # tail messages to re-send after ready
+    resend: list[Any] = field(default_factory=list)  # tail results to re-send after ready
 
 
 def _b64(b: bytes) -> str:
@@ -204,14 +205,12 @@ class Resumer:
             )
             conn.resume = state
             conn.recent = deque(maxlen=svc.settings.resume_tail_messages)
-            tail = [(int(i), str(t)) for i, t in orjson.loads(snap.options.get("tail", "[]"))]
-            conn.recent.extend(tail)
+            tail = self._tail(snap)
             have = ws.query_params.get("next_step", "")
             next_step = int(have) if have.isdigit() and len(have) < 19 else snap.steps
-            state.resend = [t for i, t in tail if i >= next_step]
-            events_sent = len(snap.events) - sum(
-                1 for i, t in tail if i >= next_step and t.startswith('{"type":"event"')
-            )
+            state.resend = [r for r in tail if r[0] >= next_step]
+            conn.recent.extend(r for r in tail if r[0] < next_step)  # on_result adds the rest
+            events_sent = len(snap.events) - sum(len(r[3] or ()) for r in state.resend)
             try:
                 if not await self.store.consume(old_sid, state.sid, state.owner, data):
                     raise LookbackError("another connection took the session", code="resume_conflict")
@@ -254,8 +253,21 @@ class Resumer:
     # -- checkpoints -------------------------------------------------------------------------
     @staticmethod
     def _options(conn: Connection) -> dict[str, str]:
-        tail = orjson.dumps(list(conn.recent or ())).decode()
-        return {"results": "all" if conn.want_results else "events", "tail": tail}
+        tail = [
+            [i, t, scores, [[e.event, e.label, e.time, e.sample] for e in evs] if evs else None]
+            for i, t, scores, evs in conn.recent or ()
+        ]
+        return {"results": "all" if conn.want_results else "events", "tail": orjson.dumps(tail).decode()}
+
+    @staticmethod
+    def _tail(snap: snapmod.Snapshot) -> list[Any]:
+        try:
+            return [
+                (int(i), float(t), [float(x) for x in scores], [Event(*e) for e in evs] if evs else None)
+                for i, t, scores, evs in orjson.loads(snap.options.get("tail", "[]"))
+            ]
+        except (ValueError, TypeError) as exc:
+            raise SnapshotError(f"snapshot result tail is malformed: {exc}") from exc
 
     async def _loop(self) -> None:
         interval = self.settings.snapshot_interval_s

@@ -108,33 +108,31 @@ class Connection:
         self._broken = False  # a direct send raised: the socket is gone
         self.end_code: int | None = None  # set by close_now (forced closes only)
         self.resume: ResumeState | None = None  # resumable identity (lookback.api.resume)
-        self.recent: deque[tuple[int, str]] | None = None  # last results, re-sent on resume
+        # the last results, as on_result got them: a resume re-sends what a client missed
+        self.recent: deque[tuple[int, float, list[float], list[Event] | None]] | None = None
 
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
-        recent = self.recent
+        if self.recent is not None:  # kept for a resume to re-send (lookback.api.resume)
+            self.recent.append((index, time, scores, events))
         if self.want_results:
             # orjson on a small dict is about twice as fast as an f-string with float reprs
             single = self.single
-            text = orjson.dumps(
-                {
-                    "type": "result",
-                    "step": index,
-                    "time": time,
-                    "scores": {single: scores[0]}
-                    if single is not None
-                    else dict(zip(self.labels, scores, strict=True)),
-                }
-            ).decode()
-            if recent is not None:
-                recent.append((index, text))
-            self._put(text)
+            self._put(
+                orjson.dumps(
+                    {
+                        "type": "result",
+                        "step": index,
+                        "time": time,
+                        "scores": {single: scores[0]}
+                        if single is not None
+                        else dict(zip(self.labels, scores, strict=True)),
+                    }
+                ).decode()
+            )
         if events:
             for ev in events:
-                text = orjson.dumps({"type": "event", **ev.as_dict()}).decode()
-                if recent is not None:
-                    recent.append((index, text))
-                self._put(text)
+                self._put(orjson.dumps({"type": "event", **ev.as_dict()}).decode())
 
     def on_error(self, index: int, error: LookbackError) -> None:
         self.svc.metrics.error(error.code)
@@ -461,8 +459,8 @@ async def _serve(
         ).decode()
     )
     if conn.resume is not None:  # a resume re-sends the results the client may have missed
-        for text in conn.resume.resend:
-            conn._put(text)
+        for index, t, scores, events in conn.resume.resend:
+            conn.on_result(index, t, scores, events)
         conn.resume.resend.clear()
     reason = "error"
     try:
