@@ -336,7 +336,7 @@ class Resumer:
         if st is None or s is None or st.migrated:
             return
         try:
-            if reason == "normal" or s.closed:
+            if reason in ("normal", "draining") or s.closed:  # the summary went out: nothing to resume
                 await self.store.discard(st.sid)
                 return
             with contextlib.suppress(TimeoutError):
