@@ -57,8 +57,11 @@ async def snapshot_figures(n_sessions: int) -> dict[str, Any]:
             for s in sessions:
                 s.snapshot({"results": "all"})
             per = (time.perf_counter() - t0) / n_sessions
-            # the API adds the last resume_tail_messages results, as [step, time, scores, events]
-            tail = len(orjson.dumps([[123, 1.504, [0.1234567890123] * len(handle.spec.labels), None]] * 128))
+            # the API adds the results of the last two checkpoint intervals (0.25 s each), as
+            # on_result's (step, time, scores, events) tuples
+            n_tail = int(0.5 * handle.spec.sample_rate / handle.spec.hop_samples)
+            row = (123, 1.504, [0.1234567890123] * len(handle.spec.labels), None)
+            tail = len(orjson.dumps([row] * n_tail))
             out[key] = {
                 "snapshot_bytes": len(blobs[0]),
                 "with_result_tail_bytes": len(blobs[0]) + tail,
@@ -116,6 +119,8 @@ async def failover_trial(url_a: str, url_b: str, kill: Any) -> float:
         if first["type"] == "ready":
             break
         await ws2.close()
+        if first["code"] != "resume_conflict":
+            raise RuntimeError(f"resume refused: {first}")
         await asyncio.sleep(0.05)  # client backoff while the dead owner's lease runs out
     n = first["replay_from_sample"]
     await ws2.send(pcm[n * 2 : n * 2 + 4096])

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import itertools
 import logging
 import re
 import secrets
@@ -81,6 +82,7 @@ class ResumeState:
     written_frames: int = -1  # frames in the last durable snapshot
     migrated: bool = False  # drained: snapshot written, do not write again at close
     resend: list[Any] = field(default_factory=list)  # tail results to re-send after ready
+    marks: deque[int] = field(default_factory=lambda: deque(maxlen=2))  # steps of the last writes
 
 
 def _b64(b: bytes) -> str:
@@ -253,17 +255,28 @@ class Resumer:
     # -- checkpoints -------------------------------------------------------------------------
     @staticmethod
     def _options(conn: Connection) -> dict[str, str]:
-        tail = [
-            [i, t, scores, [[e.event, e.label, e.time, e.sample] for e in evs] if evs else None]
-            for i, t, scores, evs in conn.recent or ()
-        ]
-        return {"results": "all" if conn.want_results else "events", "tail": orjson.dumps(tail).decode()}
+        """Transport options, and the results a client may not have received yet.
+
+        A client that read checkpoint k-1 has every result sent before it, so the tail
+        starts at the snapshot two writes back (capped by resume_tail_messages): a few
+        dozen results, encoded by orjson straight from on_result's tuples and Events.
+        """
+        recent = conn.recent or deque()
+        st = conn.resume
+        since = st.marks[0] if st is not None and len(st.marks) == st.marks.maxlen else 0
+        idx = 0
+        if recent:
+            idx = max(0, len(recent) - (recent[-1][0] - since + 1))
+            while idx < len(recent) and recent[idx][0] < since:
+                idx += 1
+        tail = orjson.dumps(list(itertools.islice(recent, idx, None))).decode()
+        return {"results": "all" if conn.want_results else "events", "tail": tail}
 
     @staticmethod
     def _tail(snap: snapmod.Snapshot) -> list[Any]:
         try:
             return [
-                (int(i), float(t), [float(x) for x in scores], [Event(*e) for e in evs] if evs else None)
+                (int(i), float(t), [float(x) for x in scores], [Event(**e) for e in evs] if evs else None)
                 for i, t, scores, evs in orjson.loads(snap.options.get("tail", "[]"))
             ]
         except (ValueError, TypeError) as exc:
@@ -286,6 +299,7 @@ class Resumer:
         conns: list[Connection] = []
         puts: list[Put] = []
         frames: list[int] = []
+        steps: list[int] = []
         for c in list(self.connections):
             st, s = c.resume, c.session
             if st is None or s is None or st.migrated or c.end_reason is not None or s.closed:
@@ -295,6 +309,7 @@ class Resumer:
                 data = s.snapshot(self._options(c))
             conns.append(c)
             frames.append(s.frames if data is not None else -1)
+            steps.append(s.steps_done)
             puts.append(Put(st.sid, st.owner, data))
         if not puts:
             return 0
@@ -308,7 +323,7 @@ class Resumer:
         self.metrics.snapshot_write.observe(time.perf_counter() - t0)
         self.metrics.snapshots.labels("checkpoint").inc(len(written))
         self.metrics.snapshot_bytes.inc(sum(len(p.data or b"") for p in written))
-        for c, p, f, good in zip(conns, puts, frames, ok, strict=True):
+        for c, p, f, n, good in zip(conns, puts, frames, steps, ok, strict=True):
             st = c.resume
             assert st is not None
             if not good:
@@ -319,6 +334,7 @@ class Resumer:
             if p.data is None:
                 continue
             st.written_frames = f
+            st.marks.append(n)
             msg: dict[str, Any] = {"type": "checkpoint", "samples": f * c.handle.spec.frame_samples}
             if not st.token_sent:
                 if st.token is None:
