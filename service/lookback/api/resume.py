@@ -226,10 +226,13 @@ class Resumer:
         except StoreUnavailable:
             await self._refuse(ws, "resume_unavailable", "state store unreachable: cannot resume now")
             return None
-        except LookbackError as exc:
+        except Exception as exc:  # anything unforeseen must not leave the lease held
             if claimed and old_sid is not None and state is not None:
                 with contextlib.suppress(StoreUnavailable):
                     await self.store.release(old_sid, state.owner)
+            if not isinstance(exc, LookbackError):
+                log.exception("resume failed")
+                exc = LookbackError(f"resume failed: {type(exc).__name__}", code="internal_error")
             await self._refuse(ws, exc.code, exc.message)
             return None
         self.metrics.resumes.labels("ok").inc()
