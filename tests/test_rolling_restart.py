@@ -47,7 +47,8 @@ async def test_rolling_restart_with_50_realtime_sessions(tmp_path: Path, silero_
     with contextlib.ExitStack() as stack:
         env["LOOKBACK_STATE_STORE"] = stack.enter_context(redis_server(tmp_path))
         stack.callback(lambda: [p.kill() for p in procs if p.poll() is None])
-        procs.extend(await asyncio.to_thread(start_lookback, tmp_path, p, env) for p in ports)
+        for port in ports:
+            procs.append(await asyncio.to_thread(start_lookback, tmp_path, port, env))
         base = stack.enter_context(nginx_proxy(tmp_path, ports))
         ref = [m async for m in LookbackClient(base).stream(messages, model="silero-vad")]
         assert ref[-1]["type"] == "summary"
