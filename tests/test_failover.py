@@ -80,7 +80,7 @@ async def holder(replicas: list[Spawned]) -> Spawned:
 async def run_with_fault(base: str, replicas: list[Spawned], cut: int, sig: signal.Signals) -> list[Any]:
     inbox = Inbox()
     got = inbox.msgs
-    ws = await ws_connect(f"{base}?model=silero-vad")
+    ws = await ws_connect(f"{base}?model=silero-vad&resumable=1")
     reader = asyncio.create_task(inbox.run(ws))
     await send_pcm(ws, PCM[: cut * MSG], end=False)
     durable = cut * MSG // 2
@@ -132,7 +132,7 @@ async def test_sigkill_and_drain_failover_through_nginx(tmp_path: Path, silero_m
         base = base.replace("http://", "ws://") + "/v1/stream"
 
         ref: list[dict[str, Any]] = []
-        async with ws_connect(f"{base}?model=silero-vad") as ws:
+        async with ws_connect(f"{base}?model=silero-vad&resumable=1") as ws:
             reader = asyncio.create_task(collect(ws, ref))
             await send_pcm(ws, PCM)
             await reader
@@ -187,7 +187,7 @@ async def test_redis_down_at_start_then_back_then_lost_mid_stream(tmp_path: Path
             assert r.status_code == 200 and r.json()["resume"] == {"store": "redis", "available": False}
             assert 'lookback_state_store_up{kind="redis"} 0.0' in (await http.get("/metrics")).text
             inbox = Inbox()
-            async with ws_connect(f"{srv.ws}/v1/stream?model=silero-vad") as ws:
+            async with ws_connect(f"{srv.ws}/v1/stream?model=silero-vad&resumable=1") as ws:
                 reader = asyncio.create_task(inbox.run(ws))
                 await send_pcm(ws, PCM[: 20 * MSG], end=False)
                 await inbox.wait_for(lambda ms: len(ms) >= 21)

@@ -121,6 +121,8 @@ class LookbackClient:
         st = _ResumeStream(messages, 4 if encoding == "pcm_f32le" else 2, replay_buffer_s, frame_seconds)
         self.resumes = 0
         query = {"model": model, "version": version, "encoding": encoding, "results": results}
+        if resume:
+            query["resumable"] = "1"
         first = True
         backoff = 0.1
         while True:

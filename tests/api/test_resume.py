@@ -40,7 +40,7 @@ def srv(silero_model: str) -> Iterator[Server]:
 
 def url(srv: Server, key: str = "k1", **q: Any) -> str:
     extra = "".join(f"&{k}={v}" for k, v in q.items())
-    return f"{srv.ws}/v1/stream?model=silero-vad&token={key}{extra}"
+    return f"{srv.ws}/v1/stream?model=silero-vad&resumable=1&token={key}{extra}"
 
 
 async def send_pcm(ws: Any, pcm: bytes, end: bool = True) -> None:
@@ -181,3 +181,14 @@ async def test_snapshot_of_a_changed_model_is_incompatible(srv: Server, default_
     assert (await svc.resumer.store.sync([Put(state.sid, "owner", snap.encode(), release=True)])) == [True]
     assert await refusal(url(srv, resume=state.token)) == ("resume_incompatible", 4466)
     assert first["resume_token"]
+
+
+async def test_resume_is_opt_in(srv: Server) -> None:
+    """Without ?resumable=1 a session is as before: no token, no checkpoints, no snapshots."""
+    async with ws_connect(url(srv).replace("&resumable=1", "")) as ws:
+        msgs: list[dict[str, Any]] = []
+        reader = asyncio.create_task(collect(ws, msgs))
+        await send_pcm(ws, PCM[: 200 * MSG])
+        await reader
+    assert "resume_token" not in msgs[0]
+    assert {m["type"] for m in msgs} == {"ready", "result", "event", "summary"}

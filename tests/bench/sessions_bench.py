@@ -91,7 +91,7 @@ async def redis_round(url: str, n: int, size: int) -> dict[str, float]:
 async def failover_trial(url_a: str, url_b: str, kill: Any) -> float:
     pcm = CLIP.astype("<i2").tobytes()
     got: list[dict[str, Any]] = []
-    ws = await ws_connect(f"{url_a}/v1/stream?model=silero-vad")
+    ws = await ws_connect(f"{url_a}/v1/stream?model=silero-vad&resumable=1")
     ready = orjson.loads(await ws.recv())
     token = ready["resume_token"]
 

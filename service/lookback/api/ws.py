@@ -421,7 +421,8 @@ async def stream(ws: WebSocket) -> None:
             await ws.close(code=Close.TRY_AGAIN_LATER, reason=exc.code)
             return
         extra: dict[str, object] = {}
-        if svc.resumer is not None:
+        if svc.resumer is not None and ws.query_params.get("resumable") in ("1", "true"):
+            # opt-in: only clients that can resume pay for checkpoints and see the new messages
             conn.resume = await svc.resumer.new_state(auth.ws_key(ws))
             conn.resume.token_sent = conn.resume.token is not None
             conn.recent = deque(maxlen=s.resume_tail_messages)
