@@ -95,6 +95,7 @@ class LoadConfig:
     allow_remote: bool = False
     cpus: list[int] | None = None  # pin the client processes to these CPUs
     results: str = "all"
+    resumable: bool = False  # ?resumable=1: the server checkpoints every session (docs/sessions.md)
     seed: int = 0
     quiet: bool = False
 
@@ -281,6 +282,8 @@ class _Base:
                 self.ready_fut.set_result(None)
         elif kind == "summary":
             self.summary = msg
+        elif kind == "checkpoint":
+            pass  # a resumable session's durable point; the load test never resumes
         elif kind == "error":
             code = str(msg.get("code", "error"))
             if not self.ready:  # refused after the upgrade (bad model, capacity): a failure
@@ -618,6 +621,8 @@ class _LibSession(_Base):
 
 def _query(cfg: LoadConfig) -> str:
     q = {"model": cfg.model, "version": cfg.version, "encoding": "pcm_s16le", "results": cfg.results}
+    if cfg.resumable:
+        q["resumable"] = "1"
     return urlencode({k: v for k, v in q.items() if v is not None})
 
 

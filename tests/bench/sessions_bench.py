@@ -154,11 +154,52 @@ async def failover_figures(trials: int, tmp: Path) -> dict[str, Any]:
     }
 
 
+def capacity_figures(tmp: Path, redis_url: str, sessions: int, seconds: float) -> dict[str, Any]:
+    """The same real-time load with and without checkpoints to Redis every 250 ms."""
+    from lookback.loadtest import LoadConfig, run_load
+    from tests.conftest import AUDIO
+
+    env = {
+        "LOOKBACK_MODELS": "silero-vad",
+        "LOOKBACK_DEFAULT_MODEL": "silero-vad",
+        "LOOKBACK_STATE_STORE": redis_url,
+        "LOOKBACK_SNAPSHOT_INTERVAL_S": "0.25",
+        "LOOKBACK_MAX_SESSIONS": str(sessions + 16),
+    }
+    out: dict[str, Any] = {}
+    with spawn_server(tmp, **env) as srv:
+        for label, resumable in (("without", False), ("with_snapshots", True), ("without_again", False)):
+            cfg = LoadConfig(
+                urls=[srv.ws],
+                sessions=sessions,
+                duration=seconds,
+                warmup=2.0,
+                wav=str(AUDIO / "silero_ref_speech.wav"),
+                model="silero-vad",
+                frames_per_message=4,
+                resumable=resumable,
+                quiet=True,
+            )
+            r = run_load(cfg)
+            lat = r["latency_ms"]
+            out[label] = {
+                "p50_ms": lat["p50"],
+                "p99_ms": lat["p99"],
+                "results_per_s": round(r["results_per_s"]),
+                "lost_results": r["lost_results"],
+                "errors": r["errors"],
+                "client_bottleneck": r["client"]["bottleneck"],
+            }
+    return out
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--sessions", type=int, default=1000)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--load-sessions", type=int, default=200, help="real-time sessions for the latency A/B")
+    ap.add_argument("--load-seconds", type=float, default=8.0)
     args = ap.parse_args()
     report: dict[str, Any] = {"snapshot": await snapshot_figures(args.sessions)}
     print(json.dumps(report, indent=1), flush=True)
@@ -167,7 +208,11 @@ async def main() -> None:
         with redis_server(tmp) as url:
             size = int(np.mean([v["snapshot_bytes"] for v in report["snapshot"].values()]))
             report["redis_checkpoint_round"] = await redis_round(url, args.sessions, size)
-        print(json.dumps(report["redis_checkpoint_round"]), flush=True)
+            print(json.dumps(report["redis_checkpoint_round"]), flush=True)
+            report["load_ab"] = await asyncio.to_thread(
+                capacity_figures, tmp, url, args.load_sessions, args.load_seconds
+            )
+            print(json.dumps(report["load_ab"]), flush=True)
         report["failover"] = await failover_figures(args.trials, tmp)
     print(json.dumps(report, indent=1))
     if args.json:
