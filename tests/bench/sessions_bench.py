@@ -168,7 +168,8 @@ def capacity_figures(tmp: Path, redis_url: str, sessions: int, seconds: float) -
     }
     out: dict[str, Any] = {}
     with spawn_server(tmp, **env) as srv:
-        for label, resumable in (("without", False), ("with_snapshots", True), ("without_again", False)):
+        order = (("with_snapshots", True), ("without", False), ("with_snapshots_again", True))
+        for label, resumable in order:
             cfg = LoadConfig(
                 urls=[srv.ws],
                 sessions=sessions,
