@@ -10,6 +10,7 @@ so every float is the same bits). Every refusal gets its own code and close code
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -180,6 +181,17 @@ async def test_snapshot_of_a_changed_model_is_incompatible(srv: Server, default_
     await svc.resumer.issue(state)
     assert (await svc.resumer.store.sync([Put(state.sid, "owner", snap.encode(), release=True)])) == [True]
     assert await refusal(url(srv, resume=state.token)) == ("resume_incompatible", 4466)
+    # a snapshot of another format version, and a damaged one: each its own code
+    good = snap.encode()
+    for blob, code in (
+        (good[:4] + struct.pack("<H", 0) + good[6:], "snapshot_version"),
+        (good[: len(good) // 2], "snapshot_invalid"),
+    ):
+        st = ResumeState(code[-7:].rjust(22, "D"), "owner", key_fingerprint("k1"))
+        await svc.resumer.issue(st)
+        assert (await svc.resumer.store.sync([Put(st.sid, "owner", blob, release=True)])) == [True]
+        assert await refusal(url(srv, resume=st.token)) == (code, 4466)
+    assert svc.engine.resolve("silero-vad").table.used == 0  # nothing leaked
     assert first["resume_token"]
 
 
