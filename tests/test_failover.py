@@ -202,4 +202,9 @@ async def test_redis_down_at_start_then_back_then_lost_mid_stream(tmp_path: Path
             assert inbox.msgs[-1]["type"] == "summary" and inbox.msgs[-1]["steps"] == 80 * MSG // 1024
             steps = [m["step"] for m in inbox.msgs if m["type"] == "result"]
             assert steps == list(range(80 * MSG // 1024))
-            assert (await http.get("/readyz")).json()["resume"]["available"] is False
+            deadline = time.monotonic() + 10
+            while (await http.get("/readyz")).json()["resume"]["available"]:
+                # readiness poll: the server notices the lost store within about a second
+                assert time.monotonic() < deadline, "readyz never reported the lost store"
+                await asyncio.sleep(0.05)
+            assert 'lookback_state_store_up{kind="redis"} 0.0' in (await http.get("/metrics")).text

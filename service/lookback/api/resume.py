@@ -106,6 +106,7 @@ class Resumer:
         self._secret: bytes | None = None
         self._task: asyncio.Task[None] | None = None
         self.connections: set[Connection] = set()
+        self._next_ping = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, connections: set[Connection]) -> None:
@@ -173,7 +174,9 @@ class Resumer:
         return sid
 
     # -- resume on connect -------------------------------------------------------------------
-    async def open_resumed(self, ws: WebSocket, svc: ServiceState, token: str, api_key: str | None) -> Any:
+    async def open_resumed(
+        self, ws: WebSocket, svc: ServiceState, token: str, api_key: str | None
+    ) -> tuple[Connection, dict[str, Any]] | None:
         """Restore the session of ``token`` into a new Connection, or refuse with its code.
 
         Returns ``(connection, ready_extra)`` or None after sending the refusal.
@@ -193,6 +196,9 @@ class Resumer:
                 raise LookbackError(f"cannot resume: {outcome}", code=_OUTCOME_CODE[outcome])
             claimed = True
             snap = snapmod.decode(data)
+            tail = self._tail(snap)  # everything that can refuse comes before the restore
+            have = ws.query_params.get("next_step", "")
+            next_step = int(have) if have.isdigit() and len(have) < 19 else snap.steps
             try:
                 handle = svc.engine.resolve(snap.model, snap.version)
             except ModelNotFound as exc:
@@ -207,9 +213,6 @@ class Resumer:
             )
             conn.resume = state
             conn.recent = deque(maxlen=svc.settings.resume_tail_messages)
-            tail = self._tail(snap)
-            have = ws.query_params.get("next_step", "")
-            next_step = int(have) if have.isdigit() and len(have) < 19 else snap.steps
             state.resend = [r for r in tail if r[0] >= next_step]
             conn.recent.extend(r for r in tail if r[0] < next_step)  # on_result adds the rest
             events_sent = len(snap.events) - sum(len(r[3] or ()) for r in state.resend)
@@ -243,7 +246,8 @@ class Resumer:
             "resumed": True,
             "replay_from_sample": snap.samples,
             "next_step": snap.steps,
-            "resent_from_step": min(next_step, snap.steps),
+            # > the client's next_step: results in between are gone (the tail did not reach)
+            "resent_from_step": state.resend[0][0] if state.resend else snap.steps,
             "events_sent": events_sent,
             "resume_token": state.token,
         }
@@ -315,6 +319,12 @@ class Resumer:
             steps.append(s.steps_done)
             puts.append(Put(st.sid, st.owner, data))
         if not puts:
+            now = time.monotonic()
+            if now >= self._next_ping:  # idle: still notice a lost store (readyz, metric)
+                self._next_ping = now + 1.0
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.ping()
+                self._publish()
             return 0
         t0 = time.perf_counter()
         try:

@@ -60,6 +60,9 @@ class StateStore(Protocol):
     async def discard(self, sid: str) -> None:
         """The session ended normally: nothing to resume."""
 
+    async def ping(self) -> None:
+        """Raise StoreUnavailable if the store is unreachable (keeps ``available`` honest)."""
+
 
 def open_store(url: str, *, window_s: float, lease_s: float, tomb_s: float) -> StateStore:
     """``memory`` or ``redis://...`` / ``rediss://...`` / ``unix://...``."""

@@ -119,3 +119,6 @@ class MemoryStore:
         self._snaps.pop(sid, None)
         self._leases.pop(sid, None)
         self._tombs.pop(sid, None)
+
+    async def ping(self) -> None:
+        return None

@@ -183,3 +183,6 @@ class RedisStore:
 
     async def discard(self, sid: str) -> None:
         await self._call(self._r.delete(*_keys(sid)))
+
+    async def ping(self) -> None:
+        await self._call(self._r.ping())
