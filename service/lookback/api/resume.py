@@ -80,7 +80,7 @@ class ResumeState:
     token: str | None = None
     token_sent: bool = False
     written_frames: int = -1  # frames in the last durable snapshot
-    migrated: bool = False  # drained: snapshot written, do not write again at close
+    migrated: bool = False  # final snapshot written or being written: rounds skip it
     resend: list[Any] = field(default_factory=list)  # tail results to re-send after ready
     marks: deque[int] = field(default_factory=lambda: deque(maxlen=2))  # steps of the last writes
 
@@ -307,7 +307,9 @@ class Resumer:
         puts: list[Put] = []
         frames: list[int] = []
         steps: list[int] = []
-        for c in list(self.connections):
+        for k, c in enumerate(list(self.connections)):
+            if k and k % 64 == 0:
+                await asyncio.sleep(0)  # thousands of snapshots must not stall the loop in one go
             st, s = c.resume, c.session
             if st is None or s is None or st.migrated or c.end_reason is not None or s.closed:
                 continue
@@ -364,6 +366,7 @@ class Resumer:
         st, s = conn.resume, conn.session
         if st is None or s is None or st.migrated:
             return
+        st.migrated = True  # checkpoint rounds leave it alone from now on (no lease renewal)
         try:
             if reason in ("normal", "draining") or s.closed:  # the summary went out: nothing to resume
                 await self.store.discard(st.sid)
