@@ -19,6 +19,7 @@ from lookback.api import rest, ws
 from lookback.api.admission import Admission
 from lookback.api.connection import Connections
 from lookback.api.responses import error_response
+from lookback.api.resume import Resumer
 from lookback.engine.engine import Engine
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
@@ -62,11 +63,15 @@ def create_app(
     engine = engine or Engine(settings, metrics)
     admission = Admission(settings, engine)
     connections = Connections(settings, metrics, engine)
+    resumer = Resumer(settings, metrics) if settings.resume_enabled else None
+    connections.resumer = resumer
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         connections.start()
+        if resumer is not None:
+            await resumer.start(connections)
         if settings.gc_freeze:
             freeze_startup_heap()
         log.info("Lookback ready: %d model(s), provider %s", len(engine.models), engine.provider)
@@ -76,6 +81,8 @@ def create_app(
             if not admission.draining:
                 await drain(app.state, settings.drain_grace_s)
             await connections.stop()
+            if resumer is not None:
+                await resumer.stop()
             await engine.stop()
 
     app = FastAPI(title="Lookback", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -85,6 +92,7 @@ def create_app(
     app.state.engine = engine
     app.state.admission = admission
     app.state.connections = connections
+    app.state.resumer = resumer  # None when resume is off (docs/sessions.md)
     app.include_router(rest.router)
     app.include_router(ws.router)
 

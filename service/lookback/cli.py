@@ -101,7 +101,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 print(f"error {msg['code']}: {msg['message']}", file=sys.stderr)
             elif kind == "summary":
                 _progress(total, total, "streaming")
-                print(f"summary: {msg['frames']} frames, {msg['steps']} steps, {len(msg['events'])} events")
+                print(
+                    f"summary: {msg['frames']} frames, {msg['steps']} steps, {len(msg['events'])} events"
+                    + (f", {client.resumes} resumes" if client.resumes else "")
+                )
         return 0
 
     return asyncio.run(run())

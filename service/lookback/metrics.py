@@ -278,6 +278,44 @@ class Metrics:
         self.ready = Gauge(
             "lookback_ready", "1 when models are loaded and warm", registry=r, multiprocess_mode="livemin"
         )
+        self.snapshots = Counter(
+            "lookback_snapshots_written_total",
+            "Session snapshots written to the state store, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.snapshot_bytes = Counter(
+            "lookback_snapshot_bytes_total", "Bytes of session snapshots written", registry=r
+        )
+        self.snapshot_write = Histogram(
+            "lookback_snapshot_write_seconds",
+            "Wall time of one checkpoint round's store write (all sessions, one round trip)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.resumes = Counter(
+            "lookback_resumes_total",
+            "Resume attempts by outcome (ok, expired, unknown, forbidden, conflict, incompatible, ...)",
+            ["outcome"],
+            registry=r,
+        )
+        self.replayed_samples = Counter(
+            "lookback_replayed_samples_total",
+            "Audio samples clients re-sent after a resume (as they report with ?sent=)",
+            registry=r,
+        )
+        self.sessions_migrated = Counter(
+            "lookback_sessions_migrated_total",
+            "Sessions snapshotted on drain and closed with 4100 to resume on another replica",
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "lookback_state_store_up",
+            "1 while the session state store is reachable",
+            ["kind"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
 
     def flush(self) -> None:
         """Fold the array-fed histograms now (multiprocess: before another worker scrapes)."""

@@ -168,6 +168,29 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a streamed (ndjson) answer whose client stops reading is cut: send_timeout"
     )
 
+    # --- sessions that survive (docs/sessions.md) ----------------------------------------
+    resume_enabled: bool = Field(True, description="issue resume tokens and checkpoint sessions")
+    state_store: str = Field(
+        "memory",
+        description="where snapshots live: memory (this process) or redis://host:port/db (shared)",
+    )
+    resume_window_s: float = Field(120.0, gt=0, description="how long a dropped session can be resumed")
+    snapshot_interval_s: float = Field(
+        0.25, gt=0, description="checkpoint period: audio a crash can lose, which the client replays"
+    )
+    resume_lease_s: float = Field(
+        1.5, gt=0, description="a session's owner lease; a crashed owner's session is free after it"
+    )
+    resume_tail_messages: int = Field(
+        128,
+        ge=0,
+        description="recent results kept in each snapshot and re-sent on resume: covers the "
+        "results a dropped connection lost in flight",
+    )
+    resume_tombstone_s: float = Field(
+        3600.0, gt=0, description="how long a token is still told apart as expired or used"
+    )
+
     # --- security -------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables auth"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from lookback.engine.pcm import BYTES_PER_SAMPLE, F32, Encoding, check_encoding,
 from lookback.engine.served import ServedModel
 from lookback.engine.step import Step
 from lookback.errors import BackpressureError, BadAudio, LookbackError, SessionClosed
+
+if TYPE_CHECKING:
+    from lookback.engine.snapshot import Snapshot
 
 
 class ResultSink(Protocol):
@@ -316,6 +319,31 @@ class StreamSession:
         while not self.closed and self.pending_steps > self._resume_at:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
+
+    # -- snapshots (lookback.engine.snapshot) --------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No step in flight and no hop queued: the slab rows are the state after ``steps_done``.
+
+        Multi-step: the step in flight may carry several hops and ``_queued`` counts the
+        hops behind it; a partial hop in ``_buf`` is audio, not pending work.
+        """
+        return self._in_flight is None and not self._queued
+
+    def snapshot(self, options: dict[str, str] | None = None) -> bytes:
+        """This session's complete state as bytes (it must be idle)."""
+        from lookback.engine import snapshot
+
+        return snapshot.take(self, options).encode()
+
+    @classmethod
+    def restore(
+        cls, model: ServedModel, sink: ResultSink, data: bytes | Snapshot, *, max_pending_steps: int = 64
+    ) -> StreamSession:
+        """A session in a fresh slot that continues ``data`` bit-identically."""
+        from lookback.engine import snapshot
+
+        return snapshot.restore(model, sink, data, max_pending_steps=max_pending_steps)
 
     # -- end of stream -------------------------------------------------------------------
     async def wait_idle(self) -> None:
