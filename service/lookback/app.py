@@ -20,6 +20,7 @@ from lookback.engine.engine import Engine
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
 from lookback.settings import Settings
+from lookback.sources import open_sources
 
 log = logging.getLogger("lookback")
 WEB = Path(__file__).parent / "web"
@@ -58,12 +59,17 @@ def create_app(
         svc.start()
         if svc.resumer is not None:
             await svc.resumer.start(svc.connections)
+        sources = open_sources(engine, settings, metrics, admit=lambda: (r := svc.refusal()) and r[0])
+        for src in sources:  # broker sources share the engine (docs/sources.md)
+            await src.start()
         if settings.gc_freeze:
             freeze_startup_heap()
         log.info("Lookback ready: %d model(s), provider %s", len(engine.models), engine.provider)
         try:
             yield
         finally:
+            for src in sources:
+                await src.stop()
             if not svc.draining:
                 await svc.drain(settings.drain_grace_s)
             await svc.stop()
