@@ -240,7 +240,10 @@ class Metrics:
             registry=r,
         )
         self.source_devices = Gauge(
-            "lookback_source_devices_active", "Devices with an open worker on this consumer", ["source"], registry=r
+            "lookback_source_devices_active",
+            "Devices with an open worker on this consumer",
+            ["source"],
+            registry=r,
         )
         self.source_sessions = Counter(
             "lookback_source_sessions_total",
@@ -249,7 +252,10 @@ class Metrics:
             registry=r,
         )
         self.source_gaps = Counter(
-            "lookback_source_gaps_total", "Sequence gaps by the policy applied", ["source", "policy"], registry=r
+            "lookback_source_gaps_total",
+            "Sequence gaps by the policy applied",
+            ["source", "policy"],
+            registry=r,
         )
         self.source_gap_messages = Counter(
             "lookback_source_gap_messages_total", "Messages missing in sequence gaps", ["source"], registry=r

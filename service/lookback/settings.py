@@ -132,7 +132,9 @@ class Settings(BaseSettings):
         "redis://host:port/db?stream=lookback:audio&partitions=16&group=lookback, "
         "mqtt://host:port?prefix=lookback",
     )
-    source_model: str = Field("", description="model of a device whose messages name none; empty: default_model")
+    source_model: str = Field(
+        "", description="model of a device whose messages name none; empty: default_model"
+    )
     source_idle_timeout_s: float = Field(
         60.0, gt=0, description="close a device session silent this long and publish its summary"
     )

@@ -6,9 +6,17 @@ import asyncio
 import time
 from pathlib import Path
 
+from typing import Any
+
+import numpy as np
+import orjson
 import redis.asyncio as aioredis
 
-from lookback.sources.redis_streams import publish
+from lookback.engine.engine import Engine
+from lookback.metrics import Metrics
+from lookback.sources.core import SourceOptions
+from lookback.sources.redis_streams import RedisStreamsSource, publish
+from tests import conftest
 from tests.sources.conftest import Broker, Consumer
 from tests.sources.support import by_device, device_audio, messages, parse_records, solo_reference
 
@@ -108,5 +116,164 @@ async def test_many_devices_two_consumers_one_killed_exactly_once(
         for p in range(PARTITIONS):
             pend = await r.xpending(f"t:audio:{p}", "g")
             assert pend["pending"] == 0
+    finally:
+        await r.aclose()
+
+
+# -- bad input: each rejection counted, published, nothing else touched ---------------------
+
+
+async def _run_source(url: str, metrics: Metrics, body: Any) -> None:
+    engine = Engine(conftest.test_settings(models=["lookback-vad"]), metrics)
+    await engine.start()
+    src = RedisStreamsSource(
+        url, engine, SourceOptions(max_frames=64), metrics, lease_s=1.0, checkpoint_ttl_s=60
+    )
+    await src.start()
+    try:
+        await body(src)
+    finally:
+        await src.stop()
+        await engine.stop()
+
+
+async def _wait_for(cond: Any, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not await cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)  # poll the broker's output
+
+
+async def test_duplicated_reordered_malformed_gapped(redis_broker: Broker) -> None:
+    audios = device_audio(4, 48)
+    m = {d: messages(a, 8) for d, a in audios.items()}  # 6 messages of 8 frames each
+    ok, dup, reord, bad = list(m)
+    zeros = bytes(len(m[reord][2]))
+    reference = await solo_reference(
+        {
+            ok: audios[ok],
+            dup: audios[dup],
+            reord: m[reord][0] + zeros + b"".join(m[reord][2:]),  # seq 1 lost, then late
+            bad: m[bad][0] + m[bad][5],
+        }
+    )
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=q:audio&partitions=1&group=g&consumer=solo"
+    r = aioredis.from_url(redis_broker.url)
+    key = "q:audio:0"
+
+    async def send(device: str | None, seq: Any, audio: bytes | None, **extra: Any) -> None:
+        fields: dict[Any, Any] = {
+            k: v for k, v in (("device", device), ("seq", seq), ("audio", audio)) if v is not None
+        }
+        fields.update(extra)
+        await r.xadd(key, fields)
+
+    async def body(src: RedisStreamsSource) -> None:
+        nan = np.full(128, np.nan, "<f4").tobytes()
+        for i in range(6):  # interleaved, so bad input lands between good messages of others
+            await send(ok, i, m[ok][i], **({"end": 1} if i == 5 else {}))
+            await send(dup, i, m[dup][i], **({"end": 1} if i == 5 else {}))
+            if i == 2:
+                await send(dup, 2, m[dup][2])  # a repeat
+            if i == 0:
+                await send(reord, 0, m[reord][0])
+                await send(reord, 2, m[reord][2])  # seq 1 missing: a gap, zero-filled
+                await send(reord, 1, m[reord][1])  # ... which then arrives late
+            if i >= 3:
+                await send(reord, i, m[reord][i], **({"end": 1} if i == 5 else {}))
+        await send(bad, 0, m[bad][0])
+        await send(bad, 1, m[bad][1][:100])  # not whole frames
+        await send(bad, 2, m[bad][2], encoding="mulaw")
+        await send(bad, 3, None)  # no audio
+        await send(bad, 4, nan, encoding="pcm_f32le")
+        await send(bad, 5, m[bad][5], end=1)
+        await send(None, 7, m[ok][0])  # no device
+        await send("x-1", "abc", m[ok][0])  # seq not a number
+        await send("nomodel", 0, m[ok][0], model="no-such-model", end=1)
+
+        async def finished() -> bool:
+            res = await _results(r)
+            return all(
+                any(x["type"] == "summary" for x in res.get(d, [])) for d in (ok, dup, reord, bad)
+            ) and (await r.xlen("lookback:errors") >= 9)
+
+        await _wait_for(finished, "all devices' summaries and 9 errors")
+        assert all(not t.done() for t in src._tasks), "a consumer task ended"
+
+    await _run_source(url, metrics, body)
+    try:
+        res = await _results(r)
+        for dev, ref in reference.items():
+            steps = [x for x in res[dev] if x["type"] == "result"]
+            assert [x["step"] for x in steps] == list(range(len(ref))), dev
+            assert [x["scores"] for x in steps] == ref, dev
+        gaps = [x for x in res[reord] if x["type"] == "gap"]
+        assert len(gaps) == 1
+        assert (gaps[0]["missing"], gaps[0]["policy"]) == (1, "zero_fill")
+        assert gaps[0]["fill_samples"] == len(zeros) // 2
+        errors = [orjson.loads(f[b"error"]) for _, f in await _read_all(r, "lookback:errors")]
+        got = sorted((str(e["device"]), str(e["seq"]), e["reason"]) for e in errors)
+        assert got == sorted(
+            [
+                (dup, "2", "duplicate_message"),
+                (reord, "1", "late_message"),
+                (bad, "1", "bad_frame_size"),
+                (bad, "2", "bad_encoding"),
+                (bad, "3", "missing_field"),
+                (bad, "4", "non_finite_audio"),
+                ("None", "7", "missing_field"),
+                ("x-1", "None", "missing_field"),
+                ("nomodel", "0", "unknown_model"),
+            ]
+        )
+        assert all(e["detail"] for e in errors)
+        value = metrics.registry.get_sample_value
+        for reason, n in [
+            ("duplicate_message", 1),
+            ("late_message", 1),
+            ("bad_frame_size", 1),
+            ("bad_encoding", 1),
+            ("missing_field", 3),
+            ("non_finite_audio", 1),
+            ("unknown_model", 1),
+        ]:
+            labels = {"source": "redis:q:audio", "outcome": "rejected", "reason": reason}
+            assert value("lookback_source_messages_total", labels) == n, reason
+        assert value("lookback_source_gaps_total", {"source": "redis:q:audio", "policy": "zero_fill"}) == 1
+        assert (await r.xpending(key, "g"))["pending"] == 0  # rejected entries acknowledged too
+    finally:
+        await r.aclose()
+
+
+async def test_gap_reset_policy_starts_a_new_session(redis_broker: Broker) -> None:
+    audio = device_audio(1, 32)
+    ((dev, a),) = audio.items()
+    m = messages(a, 8)
+    reference = await solo_reference({"first": m[0], "second": m[2] + m[3]})
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=z:audio&partitions=1&group=g&consumer=solo&gap_policy=reset"
+    r = aioredis.from_url(redis_broker.url)
+
+    async def body(src: RedisStreamsSource) -> None:
+        for seq in (0, 2, 3):
+            await publish(r, dev, seq, m[seq], stream="z:audio", partitions=1, end=seq == 3)
+
+        async def finished() -> bool:
+            return sum(x["type"] == "summary" for x in (await _results(r)).get(dev, [])) == 2
+
+        await _wait_for(finished, "two summaries")
+
+    await _run_source(url, metrics, body)
+    try:
+        recs = (await _results(r))[dev]
+        by_epoch = {
+            e: [x["scores"] for x in recs if x["type"] == "result" and x["epoch"] == e] for e in (0, 1)
+        }
+        assert by_epoch == {0: reference["first"], 1: reference["second"]}
+        gap = next(x for x in recs if x["type"] == "gap")
+        assert (gap["missing"], gap["policy"], gap["after_seq"], gap["seq"]) == (1, "reset", 0, 2)
+        summaries = [x for x in recs if x["type"] == "summary"]
+        assert [(s["epoch"], s["reason"]) for s in summaries] == [(0, "gap"), (1, "end")]
     finally:
         await r.aclose()

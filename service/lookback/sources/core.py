@@ -184,6 +184,19 @@ class SourceOptions:
             setattr(opts, k, v)
         return opts
 
+    def apply_query(self, q: dict[str, str]) -> None:
+        """Per-source overrides from the source URL (``?model=...&gap_policy=reset``)."""
+        if "model" in q:
+            self.model = q["model"]
+        if "version" in q:
+            self.version = q["version"]
+        if "gap_policy" in q:
+            if q["gap_policy"] not in ("zero_fill", "reset"):
+                raise ValueError(f"gap_policy must be zero_fill or reset, not {q['gap_policy'][:20]!r}")
+            self.gap_policy = cast(GapPolicy, q["gap_policy"])
+        if "idle_timeout_s" in q:
+            self.idle_timeout_s = float(q["idle_timeout_s"])
+
 
 class _Sink:
     """Collects one device's outputs between two commits (called on the event loop)."""
@@ -260,9 +273,9 @@ class DeviceHub:
                 await asyncio.wait_for(self._room.wait(), 0.05)
         self.inflight += 1
         self._idle.clear()
-        if isinstance(item, Rejection) and item.seq is None:
-            item.device = None  # without a sequence number it cannot be placed in a stream
-        if item.device is None:
+        if item.device is None or (isinstance(item, Rejection) and item.seq is None):
+            # without a device and a sequence number it cannot be placed in any stream
+            assert isinstance(item, Rejection)
             self.metrics.source_messages.labels(self.source, "rejected", item.reason).inc()
             err = _error_record(item)
             spawn(self._apply(Commit(None, item.partition, None, [], [err], None, [item.token])))
@@ -517,6 +530,8 @@ class DeviceHub:
             await self._commit(dev, item)
         else:  # nothing about the device changes: publish the error and acknowledge
             errs, dev.errors = dev.errors, []
+            for e in errs:
+                e["device"] = dev.id
             await self._apply(Commit(dev.id, dev.partition, item.seq, [], errs, None, [item.token]))
 
     async def _commit(self, dev: Device, item: Message | Rejection | None) -> None:

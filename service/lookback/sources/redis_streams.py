@@ -125,8 +125,7 @@ class RedisStreamsSource:
         self.output = q.get("output", "lookback:results")
         self.errors = q.get("errors", "lookback:errors")
         self.batch = int(q.get("count", "256"))
-        if "model" in q:
-            opts.model = q["model"]
+        opts.apply_query(q)
         self.lease_ms = int(lease_s * 1000)
         self.ttl_ms = str(int(checkpoint_ttl_s * 1000))
         self.name = f"redis:{self.stream}"
