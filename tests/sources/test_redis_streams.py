@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -137,8 +136,8 @@ async def _run_source(url: str, metrics: Metrics, body: Any) -> None:
         await engine.stop()
 
 
-async def _wait_for(cond: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+async def _wait_for(cond: Any, what: str, limit_s: float = 30) -> None:
+    deadline = time.monotonic() + limit_s
     while not await cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)  # poll the broker's output
