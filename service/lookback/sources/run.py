@@ -38,7 +38,17 @@ async def consume(settings: Settings, urls: list[str]) -> None:
             with contextlib.suppress(Exception):
                 await src.stop()
         await engine.stop()
-    print("lookback consume: stopped", flush=True)
+    scored = restored = 0.0
+    for fam in metrics.registry.collect():
+        for sample in fam.samples:
+            if sample.name == "lookback_source_messages_total" and sample.labels.get("outcome") == "scored":
+                scored += sample.value
+            elif sample.name == "lookback_source_restores_total":
+                restored += sample.value
+    print(
+        f"lookback consume: stopped ({scored:.0f} messages scored, {restored:.0f} devices restored)",
+        flush=True,
+    )
 
 
 def main(settings: Settings, urls: list[str]) -> None:
