@@ -276,3 +276,56 @@ async def test_gap_reset_policy_starts_a_new_session(redis_broker: Broker) -> No
         assert [(s["epoch"], s["reason"]) for s in summaries] == [(0, "gap"), (1, "end")]
     finally:
         await r.aclose()
+
+
+async def test_stolen_lease_fences_commits_and_replays_exactly_once(redis_broker: Broker) -> None:
+    """A consumer that lost its partition (a zombie) publishes nothing; the replay is exact."""
+    audios = device_audio(3, 48)
+    reference = await solo_reference(audios)
+    m = {d: messages(a, 8) for d, a in audios.items()}
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=f:audio&partitions=1&group=g&consumer=solo"
+    r = aioredis.from_url(redis_broker.url)
+
+    async def send(i: int) -> None:
+        for d, msgs in m.items():
+            await publish(r, d, i, msgs[i], stream="f:audio", partitions=1, end=i == len(msgs) - 1)
+
+    async def body(src: RedisStreamsSource) -> None:
+        for i in range(3):
+            await send(i)
+
+        async def first_half() -> bool:
+            res = await _results(r)
+            return all(any(x["seq"] == 2 for x in res.get(d, [])) for d in m)
+
+        await _wait_for(first_half, "results of the first three messages")
+        await r.set("f:audio:0:owner", "zombie", px=1500)  # another consumer took the partition
+        for i in range(3, 6):
+            await send(i)
+
+        async def finished() -> bool:
+            res = await _results(r)
+            return all(any(x["type"] == "summary" for x in res.get(d, [])) for d in m)
+
+        await _wait_for(finished, "every device's summary after the lease came back")
+
+    await _run_source(url, metrics, body)
+    try:
+        res = await _results(r)
+        for dev, ref in reference.items():
+            steps = [x for x in res[dev] if x["type"] == "result"]
+            assert [x["step"] for x in steps] == list(range(len(ref))), dev
+            assert [x["scores"] for x in steps] == ref, dev
+        restores = metrics.registry.get_sample_value(
+            "lookback_source_restores_total", {"source": "redis:f:audio"}
+        )
+        assert restores is not None and restores >= len(m)  # every device continued from its checkpoint
+        refused = metrics.registry.get_sample_value(
+            "lookback_source_messages_total",
+            {"source": "redis:f:audio", "outcome": "redelivery", "reason": "commit_failed"},
+        )
+        assert refused is not None and refused >= 1  # the zombie's commits were fenced off
+        assert await r.xlen("lookback:errors") == 0
+    finally:
+        await r.aclose()

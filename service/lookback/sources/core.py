@@ -34,7 +34,7 @@ import orjson
 
 from lookback.engine.events import Event
 from lookback.engine.session import BYTES_PER_SAMPLE, Encoding, StreamSession
-from lookback.errors import LookbackError, SnapshotError
+from lookback.errors import CapacityError, LookbackError, SnapshotError
 from lookback.metrics import Metrics
 from lookback.settings import Settings
 
@@ -97,6 +97,14 @@ class Adapter(Protocol):
 
     async def commit(self, commit: Commit) -> bool:
         """Publish, store the checkpoint, acknowledge; False if this consumer lost the device."""
+
+    def lost(self, partition: str) -> None:
+        """A device of ``partition`` failed to commit: redeliver its unacknowledged messages.
+
+        Its later messages were dropped unacknowledged (never processed out of order), so
+        the adapter must have the broker deliver them again, in order (Redis: re-claim the
+        partition's pending entries; MQTT: reconnect the persistent session).
+        """
 
 
 def validate_audio(audio: bytes, encoding: str, max_frames: int) -> tuple[str, str] | None:
@@ -231,6 +239,7 @@ class Device:
     errors: list[dict[str, Any]] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     leaving: bool = False
+    failed: bool = False  # a commit failed: drop (unacknowledged) until the adapter replays
 
 
 Resolver = Callable[[str | None, str | None], Any]  # (model, version) -> ModelHandle
@@ -256,6 +265,7 @@ class DeviceHub:
         self.source = source
         self.admit = admit
         self.devices: dict[str, Device] = {}
+        self.blocked: set[str] = set()  # partitions whose messages the adapter will replay
         self.inflight = 0
         self._room = asyncio.Event()
         self._room.set()
@@ -264,8 +274,14 @@ class DeviceHub:
         self.closed = False
 
     # -- intake ----------------------------------------------------------------------------
-    async def submit(self, item: Message | Rejection) -> None:
-        """Queue ``item`` for its device; waits (never drops) while the core is full."""
+    async def submit(self, item: Message | Rejection, *, replay: bool = False) -> None:
+        """Queue ``item`` for its device; waits (never drops) while the core is full.
+
+        Items of a ``blocked`` partition (one being recovered after a failed commit) are
+        skipped unacknowledged unless they come from the adapter's ``replay``.
+        """
+        if item.partition in self.blocked and not replay:
+            return
         while not self._has_room(item):
             self._room.clear()
             with contextlib.suppress(TimeoutError):
@@ -281,6 +297,9 @@ class DeviceHub:
             spawn(self._apply(Commit(None, item.partition, None, [], [err], None, [item.token])))
             return
         dev = self.devices.get(item.device)
+        if dev is not None and dev.failed:
+            self._done()  # unacknowledged: the adapter redelivers it after the failure
+            return
         if dev is None:
             dev = self.devices[item.device] = Device(item.device, item.partition)
             dev.task = asyncio.create_task(self._run(dev), name=f"device-{item.device[:32]}")
@@ -317,6 +336,8 @@ class DeviceHub:
                 except TimeoutError:
                     if dev.leaving:
                         break
+                    if dev.failed:
+                        continue  # kept (and dropping) until the adapter releases its partition
                     if dev.session is not None:
                         await self._close_idle(dev)
                     if dev.queue.empty():
@@ -327,10 +348,11 @@ class DeviceHub:
                         break
                     continue
                 try:
-                    await self._handle(dev, item)
+                    if not dev.failed:
+                        await self._handle(dev, item)
                 except Exception:  # never let one device take the consumer down
                     log.exception("device %s: message seq %s failed", dev.id, getattr(item, "seq", None))
-                    self._reset(dev)  # unacknowledged: redelivered, replayed from the checkpoint
+                    self._fail(dev)
                 finally:
                     self._done()
                 if dev.leaving and dev.queue.empty():
@@ -348,6 +370,17 @@ class DeviceHub:
         dev.last_seq, dev.epoch = -1, 0
         dev.records.clear()
         dev.errors.clear()
+
+    def _fail(self, dev: Device) -> None:
+        """Processing or committing failed: nothing of this device is acknowledged any more.
+
+        Its state is dropped and its queued messages skipped unacknowledged; the adapter
+        redelivers them from the last commit, and the checkpoint says where that was.
+        """
+        self._reset(dev)
+        dev.failed = True
+        self.metrics.source_messages.labels(self.source, "redelivery", "commit_failed").inc()
+        self.adapter.lost(dev.partition)
 
     def _forget(self, dev: Device) -> None:
         self._reset(dev)
@@ -373,8 +406,10 @@ class DeviceHub:
 
                 snap = snapmod.decode(ck.snapshot)
                 handle = self.engine.resolve(snap.model, snap.version)
-                dev.session = StreamSession.restore(
-                    handle, _Sink(dev), snap, max_pending_steps=self.opts.max_pending_steps
+                dev.session = await self._with_room(
+                    lambda: StreamSession.restore(
+                        handle, _Sink(dev), snap, max_pending_steps=self.opts.max_pending_steps
+                    )
                 )
                 self.metrics.source_restores.labels(self.source).inc()
             except LookbackError as exc:
@@ -413,11 +448,11 @@ class DeviceHub:
                 await self._reject(dev, msg, exc.code, str(exc), consume=True)
                 return
             await self._admission()
-            dev.session = StreamSession(
-                handle,
-                _Sink(dev),
-                encoding=cast(Encoding, msg.encoding),
-                max_pending_steps=self.opts.max_pending_steps,
+            enc = cast(Encoding, msg.encoding)
+            dev.session = await self._with_room(
+                lambda: StreamSession(
+                    handle, _Sink(dev), encoding=enc, max_pending_steps=self.opts.max_pending_steps
+                )
             )
             self.metrics.source_sessions.labels(self.source, "opened").inc()
         session = dev.session
@@ -454,6 +489,15 @@ class DeviceHub:
         while self.admit is not None and (why := self.admit()) is not None:
             self.metrics.source_admission_waits.labels(self.source, why).inc()
             await asyncio.sleep(0.1)  # a back-off poll: admission frees up without an event
+
+    async def _with_room(self, open_session: Callable[[], StreamSession]) -> StreamSession:
+        """Open a session, waiting while the state table is full (WebSocket sessions too)."""
+        while True:
+            try:
+                return open_session()
+            except CapacityError:
+                self.metrics.source_admission_waits.labels(self.source, "capacity").inc()
+                await asyncio.sleep(0.1)  # a back-off poll: slots free up without an event
 
     async def _gap(self, dev: Device, msg: Message) -> None:
         missing = msg.seq - dev.last_seq - 1
@@ -548,9 +592,8 @@ class DeviceHub:
         sent = item.sent if isinstance(item, Message) else None
         commit = Commit(dev.id, dev.partition, seq, records, errors, ck, [item.token] if item else [], sent)
         if not await self._apply(commit):
-            log.warning("device %s: checkpoint refused (device moved to another consumer)", dev.id)
-            dev.leaving = True
-            self._reset(dev)
+            log.warning("device %s: commit refused or failed; its messages will be redelivered", dev.id)
+            self._fail(dev)
 
     async def _apply(self, commit: Commit) -> bool:
         t0 = time.perf_counter()

@@ -141,7 +141,10 @@ class MqttSource:
                 if not self._connected.is_set():
                     raise
                 log.warning("MQTT connection lost (%s); reconnecting", exc)
-                await self.hub.wait_idle()
+                self.client = None
+                self.hub.blocked.add("")
+                await self.hub.release("")  # unacknowledged messages come again, in order
+                self.hub.blocked.discard("")
                 await asyncio.sleep(1.0)  # reconnect back-off
 
     def _parse(self, msg: aiomqtt.Message) -> Message | Rejection:
@@ -187,6 +190,12 @@ class MqttSource:
         if outcome == "conflict":
             log.warning("device %s: its checkpoint is leased by another consumer", device)
         return data if outcome == "ok" else None
+
+    def lost(self, partition: str) -> None:
+        """A commit failed: reconnect, so the broker resends every unacknowledged message."""
+        self.hub.blocked.add(partition)
+        if self.client is not None:
+            self.client._client.disconnect()
 
     async def commit(self, commit: Commit) -> bool:
         client = self.client

@@ -137,6 +137,8 @@ class RedisStreamsSource:
         self.owned: set[int] = set()  # leases held
         self.reading: set[int] = set()  # owned and caught up with their pending entries
         self._busy: set[int] = set()  # being onboarded or handed back
+        self._settling: set[int] = set()  # given up: its devices are still being dropped
+        self._gen: dict[int, int] = {}  # per partition: bumped at every acquisition and loss
         self._tasks: list[asyncio.Task[Any]] = []
         self._wake = asyncio.Event()
         self._stopping = False
@@ -203,20 +205,19 @@ class RedisStreamsSource:
                 for p in list(self.owned):
                     if not await self._renew(keys=[self._owner_key(p)], args=[self.consumer, self.lease_ms]):
                         log.warning("lost partition %d (lease lapsed)", p)
-                        self.owned.discard(p)
-                        self.reading.discard(p)
-                        spawn(self.hub.release(str(p)))
+                        self._drop(p, release_lease=False)
                 fair = math.ceil(self.partitions / live)
                 if len(self.owned) < fair:
                     for p in range(self.partitions):
                         if len(self.owned) >= fair:
                             break
-                        if p in self.owned:
+                        if p in self.owned or p in self._settling:
                             continue
                         if await self.r.set(self._owner_key(p), self.consumer, nx=True, px=self.lease_ms):
                             self.owned.add(p)
                             self._busy.add(p)
-                            spawn(self._onboard(p))
+                            gen = self._gen[p] = self._gen.get(p, 0) + 1
+                            spawn(self._onboard(p, gen))
                 elif len(self.owned) > fair:
                     extra = sorted(p for p in self.owned if p not in self._busy)[: len(self.owned) - fair]
                     for p in extra:
@@ -226,8 +227,12 @@ class RedisStreamsSource:
                 log.warning("partition keeper: %s", exc)
             await asyncio.sleep(period)  # the lease renewal period
 
-    async def _onboard(self, p: int) -> None:
-        """Claim the partition's pending entries (a previous owner's), feed them, then read."""
+    async def _onboard(self, p: int, gen: int) -> None:
+        """Claim the partition's pending entries (a previous owner's), feed them, then read.
+
+        ``gen`` fences this pass: if the partition is lost meanwhile (a failed commit, a
+        lapsed lease) a newer pass replays from the checkpoint and this one stops feeding.
+        """
         key = stream_key(self.stream, p)
         try:
             start = "0-0"
@@ -237,24 +242,62 @@ class RedisStreamsSource:
                 )
                 start, entries = res[0], res[1]
                 for eid, fields in entries:
+                    if self._gen.get(p) != gen:
+                        return
                     if fields is not None:
-                        await self.hub.submit(self._parse(p, eid, fields))
+                        await self.hub.submit(self._parse(p, eid, fields), replay=True)
                 if start in (b"0-0", "0-0") or not entries:
                     break
-            self.reading.add(p)
-            self._wake.set()
+            if self._gen.get(p) == gen and p in self.owned:
+                self.hub.blocked.discard(str(p))
+                self.reading.add(p)
+                self._wake.set()
         except (RedisError, OSError) as exc:
             log.warning("claiming partition %d: %s", p, exc)
-            self.owned.discard(p)
+            self._drop(p, release_lease=True)
         finally:
             self._busy.discard(p)
 
+    def lost(self, partition: str) -> None:
+        """A commit failed (lease stolen, broker error): give the partition up entirely.
+
+        Its devices are dropped and its unacknowledged entries stay pending; whoever takes
+        the partition next (this consumer, once the release is done, or another) claims
+        them from the start and replays them against the checkpoints, in order.
+        """
+        p = int(partition)
+        self.hub.blocked.add(partition)
+        if p in self.owned:
+            self._drop(p, release_lease=True)
+
+    def _drop(self, p: int, *, release_lease: bool) -> None:
+        self.owned.discard(p)
+        self.reading.discard(p)
+        self.hub.blocked.add(str(p))
+        self._gen[p] = self._gen.get(p, 0) + 1
+        self._settling.add(p)
+        spawn(self._settle(p, release_lease))
+
+    async def _settle(self, p: int, release_lease: bool) -> None:
+        try:
+            await self.hub.release(str(p))
+            if release_lease:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._release(keys=[self._owner_key(p)], args=[self.consumer])
+        finally:
+            self._settling.discard(p)
+
     async def _hand_back(self, p: int) -> None:
+        """Rebalance: finish (and commit) what was read from ``p``, then free its lease."""
         self.reading.discard(p)
         try:
             await self.hub.release(str(p))
+            self.hub.blocked.add(str(p))
+            self._gen[p] = self._gen.get(p, 0) + 1
             await self._release(keys=[self._owner_key(p)], args=[self.consumer])
             self.owned.discard(p)
+        except (RedisError, OSError) as exc:
+            log.warning("handing back partition %d: %s", p, exc)
         finally:
             self._busy.discard(p)
 
