@@ -79,8 +79,19 @@ def _wait(cond: Any, what: str, limit: float = 60.0) -> None:
 def redis_server(tmp: Path) -> Iterator[str]:
     port = _free_port()
     proc = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1",
-         "--dir", str(tmp), "--save", "", "--appendonly", "no"],
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         preexec_fn=_pin(1 % (os.cpu_count() or 1)),
     )
@@ -99,11 +110,17 @@ def redis_server(tmp: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def lookback(args: list[str], env: dict[str, str], log: Path, ready: Any) -> Iterator[subprocess.Popen[bytes]]:
+def lookback(
+    args: list[str], env: dict[str, str], log: Path, ready: Any
+) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lookback.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
-            cwd=REPO, preexec_fn=_pin(0),
+            [sys.executable, "-m", "lookback.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            preexec_fn=_pin(0),
         )
     try:
         _wait(lambda: proc.poll() is None and ready(), f"lookback {args[0]}")
@@ -120,7 +137,9 @@ def clip() -> np.ndarray:
     return np.asarray(data, "<i2")
 
 
-async def redis_run(url: str, n: int, seconds: float, fpm: int, run: str, audio: np.ndarray) -> dict[str, Any]:
+async def redis_run(
+    url: str, n: int, seconds: float, fpm: int, run: str, audio: np.ndarray
+) -> dict[str, Any]:
     """N devices at real time for ``seconds``; publish->result latency of every message."""
     r = aioredis.from_url(url)
     period = fpm * 128 / 16000
@@ -143,7 +162,9 @@ async def redis_run(url: str, n: int, seconds: float, fpm: int, run: str, audio:
         ts = time.time()
         for i, d in enumerate(devices):
             off = ((i * 7919 + k) * step) % (len(audio) - step)
-            pipe.xadd(keys[d], {"device": d, "seq": k, "audio": audio[off : off + step].tobytes(), "ts": repr(ts)})
+            pipe.xadd(
+                keys[d], {"device": d, "seq": k, "audio": audio[off : off + step].tobytes(), "ts": repr(ts)}
+            )
             sent[(d, k)] = ts
         await pipe.execute()
     expected = n * ticks
@@ -170,6 +191,75 @@ async def redis_run(url: str, n: int, seconds: float, fpm: int, run: str, audio:
     }
 
 
+async def drain_run(url: str, n: int, msgs: int, fpm: int, audio: np.ndarray) -> dict[str, Any]:
+    """CPU cost of the consumer: drain a pre-filled backlog in this process (one core).
+
+    CPU seconds, unlike wall-clock latency, say little about the other tenants of a
+    shared machine, so this is the steadier figure: devices per core ~= 1 / (CPU seconds
+    per device-second of audio).
+    """
+    from lookback.engine.engine import Engine
+    from lookback.metrics import Metrics
+    from lookback.settings import Settings
+    from lookback.sources.core import SourceOptions
+    from lookback.sources.redis_streams import RedisStreamsSource
+
+    r = aioredis.from_url(url)
+    stream = f"drain{fpm}:audio"
+    step = fpm * 128
+    pipe = r.pipeline(transaction=False)
+    for k in range(msgs):
+        for i in range(n):
+            d = f"d{fpm}-{i:05d}"
+            off = ((i * 7919 + k) * step) % (len(audio) - step)
+            pipe.xadd(
+                stream_key(stream, partition_of(d, 4)),
+                {"device": d, "seq": k, "audio": audio[off : off + step].tobytes()},
+            )
+    await pipe.execute()
+    await r.aclose()
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        model_store=STORE,
+        models=["lookback-vad"],
+        model_calls="inline",
+        warmup_batch_sizes=[1, 64],
+        max_sessions=max(n, 16),
+        gc_freeze=False,
+    )
+    metrics = Metrics()
+    engine = Engine(settings, metrics)
+    await engine.start()
+    src = RedisStreamsSource(
+        f"{url}?stream={stream}&partitions=4&group=g&consumer=c&output=drain:results",
+        engine,
+        SourceOptions.from_settings(settings),
+        metrics,
+        lease_s=5,
+        checkpoint_ttl_s=60,
+    )
+    want = n * msgs
+    labels = {"source": f"redis:{stream}", "outcome": "scored", "reason": ""}
+    t0, c0 = time.perf_counter(), time.process_time()
+    await src.start()
+    while (metrics.registry.get_sample_value("lookback_source_messages_total", labels) or 0) < want:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)  # poll the counter
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    await src.stop()
+    await engine.stop()
+    audio_s = want * step / 16000
+    return {
+        "devices": n,
+        "frames_per_message": fpm,
+        "messages": want,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "cpu_us_per_message": cpu / want * 1e6,
+        "cpu_us_per_step": cpu / (want * fpm) * 1e6,
+        "devices_per_core_cpu": audio_s / cpu,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", default="50,100,200,400")
@@ -177,6 +267,7 @@ def main() -> int:
     ap.add_argument("--frames-per-message", type=int, default=8)
     ap.add_argument("--p99-ms", type=float, default=100.0)
     ap.add_argument("--skip-ws", action="store_true")
+    ap.add_argument("--skip-realtime", action="store_true", help="only the CPU drain figures")
     ap.add_argument("--json")
     args = ap.parse_args()
     counts = [int(x) for x in args.devices.split(",")]
@@ -186,17 +277,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         with redis_server(tmp) as url:
+            for dfpm in sorted({fpm, 32}):
+                rows.append(
+                    {"transport": "redis-streams-drain", **asyncio.run(drain_run(url, 100, 20, dfpm, audio))}
+                )
+                print(json.dumps(rows[-1]), flush=True)
+            if args.skip_realtime:
+                counts = []
             src = f"{url}?stream={STREAM}&partitions={PARTITIONS}&group=bench&consumer=c&output=bench:results"
             log = tmp / "consume.log"
             env = _env(LOOKBACK_SOURCE_IDLE_TIMEOUT_S="2")
             with lookback(["consume", src], env, log, lambda: b"ready" in log.read_bytes()):
                 for n in counts:
                     res = asyncio.run(redis_run(url, n, args.seconds, fpm, f"r{n}", audio))
-                    res["keeps_up"] = res["scored"] == res["messages"] and (res["p99_ms"] or 1e9) <= args.p99_ms
+                    res["keeps_up"] = (
+                        res["scored"] == res["messages"] and (res["p99_ms"] or 1e9) <= args.p99_ms
+                    )
                     rows.append({"transport": "redis-streams", **res})
                     print(json.dumps(rows[-1]), flush=True)
                     time.sleep(2.5)  # let the idle devices of this run close before the next
-        if not args.skip_ws:
+        if not args.skip_ws and counts:
             port = _free_port()
             base = f"http://127.0.0.1:{port}"
 
