@@ -105,3 +105,63 @@ async def test_many_devices_consumer_restarted_mid_run_exactly_once(
     assert len(stops) == 2
     (first, _), (second, restored) = ((int(a), int(b)) for a, b in stops)
     assert int(restored) > 0 and first > 0 and first + second == n_devices * n_msgs
+
+
+async def test_bad_payloads_are_reported_and_good_devices_unaffected(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    from lookback.engine.engine import Engine
+    from lookback.metrics import Metrics
+    from lookback.settings import Settings
+    from lookback.sources.core import SourceOptions
+    from lookback.sources.mqtt import MqttSource
+    from tests import conftest
+
+    ((good, audio),) = device_audio(1, 48).items()
+    m = messages(audio, 8)
+    reference = await solo_reference({good: audio})
+    settings: Settings = conftest.test_settings(models=["lookback-vad"])
+    metrics = Metrics()
+    engine = Engine(settings, metrics)
+    await engine.start()
+    url = f"mqtt://127.0.0.1:{mqtt_broker.port}?prefix=q&client_id=solo"
+    src = MqttSource(url, engine, SourceOptions.from_settings(settings), metrics, settings=settings)
+    await src.start()
+    try:
+        async with (
+            Collector(mqtt_broker.port, "q") as col,
+            aiomqtt.Client("127.0.0.1", mqtt_broker.port, identifier="producer") as pub,
+        ):
+            bad = [
+                ("bad-1", b"no header line at all"),
+                ("bad-2", b"[1, 2]\n" + m[0]),  # header not an object
+                ("bad-3", orjson.dumps({"encoding": "pcm_s16le"}) + b"\n" + m[0]),  # no seq
+                ("bad-4", encode_payload(0, m[0][:300])),  # not whole frames
+                ("bad-5", encode_payload(0, m[0], model="no-such-model")),
+            ]
+            for i in range(len(m)):
+                await pub.publish(f"q/{good}/audio", encode_payload(i, m[i], end=i == len(m) - 1), qos=1)
+                if i < len(bad):
+                    await pub.publish(f"q/{bad[i][0]}/audio", bad[i][1], qos=1)
+            await pub.publish(f"q/{good}/audio", encode_payload(1, m[1]), qos=1)  # a repeat
+            deadline = time.monotonic() + 30
+            while not (col.finished() == 1 and len(col.errors) == 6):
+                assert time.monotonic() < deadline, f"{col.finished()} finished, errors {col.errors}"
+                await asyncio.sleep(0.05)  # poll what the collector received
+            steps = [x for x in col.records[good] if x["type"] == "result"]
+            assert [x["scores"] for x in steps] == reference[good]
+            got = sorted((e["device"], e["reason"]) for e in col.errors)
+            assert got == sorted(
+                [
+                    ("bad-1", "bad_header"),
+                    ("bad-2", "bad_header"),
+                    ("bad-3", "missing_field"),
+                    ("bad-4", "bad_frame_size"),
+                    ("bad-5", "unknown_model"),
+                    (good, "duplicate_message"),
+                ]
+            )
+            assert src._task is not None and not src._task.done()
+    finally:
+        await src.stop()
+        await engine.stop()
