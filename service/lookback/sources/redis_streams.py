@@ -129,7 +129,11 @@ class RedisStreamsSource:
         self.lease_ms = int(lease_s * 1000)
         self.ttl_ms = str(int(checkpoint_ttl_s * 1000))
         self.name = f"redis:{self.stream}"
-        self.r = aioredis.from_url(self.redis_url, decode_responses=False, socket_timeout=10)
+        # bounded: a burst of new devices loads checkpoints concurrently, waiting for a connection
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=32, timeout=30, socket_timeout=10
+        )
+        self.r = aioredis.Redis(connection_pool=pool)
         self._commit = self.r.register_script(_COMMIT)
         self._renew = self.r.register_script(_RENEW)
         self._release = self.r.register_script(_RELEASE)
