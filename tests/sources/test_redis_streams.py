@@ -329,3 +329,61 @@ async def test_stolen_lease_fences_commits_and_replays_exactly_once(redis_broker
         assert await r.xlen("lookback:errors") == 0
     finally:
         await r.aclose()
+
+
+async def test_consumer_joining_mid_run_takes_partitions_over_exactly_once(
+    redis_broker: Broker, consumers: list[Consumer], tmp_path: Path
+) -> None:
+    """Rebalance: the first consumer hands half its partitions to a newcomer mid-stream."""
+    n_devices, frames, fpm = 40, 160, 16
+    audios = device_audio(n_devices, frames)
+    reference = await solo_reference(audios)
+    url = f"{redis_broker.url}?stream=j:audio&partitions={PARTITIONS}&group=g"
+    env = {"LOOKBACK_SOURCE_LEASE_S": "1.0"}
+    a = Consumer(url + "&consumer=a", tmp_path / "a.log", **env).start()
+    consumers.append(a)
+    r = aioredis.from_url(redis_broker.url)
+    per_dev = {d: messages(x, fpm) for d, x in audios.items()}
+    n_msgs = len(next(iter(per_dev.values())))
+
+    async def send(i: int) -> None:
+        async with r.pipeline(transaction=False) as pipe:
+            for d, msgs in per_dev.items():
+                await publish(
+                    pipe, d, i, msgs[i], stream="j:audio", partitions=PARTITIONS, end=i == n_msgs - 1
+                )
+            await pipe.execute()
+
+    async def owners() -> set[bytes | None]:
+        return {await r.get(f"j:audio:{p}:owner") for p in range(PARTITIONS)}
+
+    try:
+        await _wait_for(lambda: _eq(owners(), {b"a"}), "a owning every partition")
+        for i in range(n_msgs // 2):
+            await send(i)
+        b = Consumer(url + "&consumer=b", tmp_path / "b.log", **env).start()
+        consumers.append(b)
+        await _wait_for(lambda: _eq(owners(), {b"a", b"b"}), "partitions shared with b")
+        for i in range(n_msgs // 2, n_msgs):
+            await send(i)
+
+        async def finished() -> bool:
+            res = await _results(r)
+            return all(any(x["type"] == "summary" for x in res.get(d, [])) for d in audios)
+
+        await _wait_for(finished, "every device's summary", 60)
+        res = await _results(r)
+        for dev, ref in reference.items():
+            steps = [x for x in res[dev] if x["type"] == "result"]
+            assert [x["step"] for x in steps] == list(range(len(ref))), dev
+            assert [x["scores"] for x in steps] == ref, dev
+        moved = [d for d, w in (await _writers(r)).items() if w == {"a", "b"}]
+        assert moved, "no device continued on the newcomer"
+        assert await r.xlen("lookback:errors") == 0
+        assert a.stop() == 0 and b.stop() == 0
+    finally:
+        await r.aclose()
+
+
+async def _eq(value: Any, want: Any) -> bool:
+    return bool(await value == want)
