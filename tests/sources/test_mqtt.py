@@ -165,3 +165,42 @@ async def test_bad_payloads_are_reported_and_good_devices_unaffected(
     finally:
         await src.stop()
         await engine.stop()
+
+
+async def test_consumer_killed_mid_run_loses_nothing_and_repeats_are_identical(
+    mqtt_broker: Broker, redis_broker: Broker, consumers: list[Consumer], tmp_path: Path
+) -> None:
+    """SIGKILL: at least once on the output; a repeated result is the same record, bit for bit."""
+    n_devices, frames, fpm = 50, 160, 16
+    audios = device_audio(n_devices, frames)
+    reference = await solo_reference(audios)
+    url = f"mqtt://127.0.0.1:{mqtt_broker.port}?prefix=k&client_id=lookback-k"
+    c = Consumer(url, tmp_path / "k.log", LOOKBACK_STATE_STORE=redis_broker.url).start()
+    consumers.append(c)
+    per_dev = {d: messages(a, fpm) for d, a in audios.items()}
+    n_msgs = len(next(iter(per_dev.values())))
+    async with (
+        Collector(mqtt_broker.port, "k") as col,
+        aiomqtt.Client("127.0.0.1", mqtt_broker.port, identifier="producer") as pub,
+    ):
+        for i in range(n_msgs):
+            for d, msgs in per_dev.items():
+                await pub.publish(f"k/{d}/audio", encode_payload(i, msgs[i], end=i == n_msgs - 1), qos=1)
+            if i == n_msgs // 2:
+                deadline = time.monotonic() + 60
+                while not col.records:
+                    assert time.monotonic() < deadline, "no results before the kill"
+                    await asyncio.sleep(0.02)  # poll what the collector received
+                c.kill()
+                c.start()
+        deadline = time.monotonic() + 120
+        while col.finished() < n_devices:
+            assert time.monotonic() < deadline, f"only {col.finished()}/{n_devices} devices finished"
+            await asyncio.sleep(0.2)  # poll what the collector received
+        for dev, ref in reference.items():
+            seen: dict[int, list[float]] = {}
+            for x in col.records[dev]:
+                if x["type"] == "result":
+                    assert seen.setdefault(x["step"], x["scores"]) == x["scores"], (dev, x["step"])
+            assert [seen[k] for k in sorted(seen)] == ref and sorted(seen) == list(range(len(ref))), dev
+            assert {x["epoch"] for x in col.records[dev]} == {0}
