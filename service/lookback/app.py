@@ -24,6 +24,7 @@ from lookback.engine.engine import Engine
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
 from lookback.settings import Settings
+from lookback.sources import open_sources
 
 log = logging.getLogger("lookback")
 WEB = Path(__file__).parent / "web"
@@ -46,6 +47,12 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def _refused(admission: Admission) -> str | None:
+    """Why a broker source must not open a new device session now (same rules as a WebSocket)."""
+    refusal = admission.refusal()
+    return refusal[0] if refusal is not None else None
 
 
 async def drain(state: State, grace: float) -> None:
@@ -72,12 +79,17 @@ def create_app(
         connections.start()
         if resumer is not None:
             await resumer.start(connections)
+        sources = open_sources(engine, settings, metrics, admit=lambda: _refused(admission))
+        for src in sources:  # broker sources share the engine (docs/sources.md)
+            await src.start()
         if settings.gc_freeze:
             freeze_startup_heap()
         log.info("Lookback ready: %d model(s), provider %s", len(engine.models), engine.provider)
         try:
             yield
         finally:
+            for src in sources:  # commit what was read and hand devices back before the drain
+                await src.stop()
             if not admission.draining:
                 await drain(app.state, settings.drain_grace_s)
             await connections.stop()

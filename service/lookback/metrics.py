@@ -316,6 +316,60 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # -- broker sources (docs/sources.md) --
+        self.source_messages = Counter(
+            "lookback_source_messages_total",
+            "Broker messages by outcome (scored, rejected) and rejection reason",
+            ["source", "outcome", "reason"],
+            registry=r,
+        )
+        self.source_devices = Gauge(
+            "lookback_source_devices_active",
+            "Devices with an open worker on this consumer",
+            ["source"],
+            registry=r,
+        )
+        self.source_sessions = Counter(
+            "lookback_source_sessions_total",
+            "Device sessions opened, and ended by reason (end, idle, gap)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.source_gaps = Counter(
+            "lookback_source_gaps_total",
+            "Sequence gaps by the policy applied",
+            ["source", "policy"],
+            registry=r,
+        )
+        self.source_gap_messages = Counter(
+            "lookback_source_gap_messages_total", "Messages missing in sequence gaps", ["source"], registry=r
+        )
+        self.source_restores = Counter(
+            "lookback_source_restores_total",
+            "Device sessions restored from a checkpoint (restart, rebalance, claim)",
+            ["source"],
+            registry=r,
+        )
+        self.source_admission_waits = Counter(
+            "lookback_source_admission_waits_total",
+            "Times a new device session waited for admission (capacity, backlog)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.source_commit_seconds = Histogram(
+            "lookback_source_commit_seconds",
+            "Publish + checkpoint + acknowledge of one consumed message",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.source_latency = Histogram(
+            "lookback_source_publish_latency_seconds",
+            "From the producer's timestamp in a message to its results published (clocks must agree)",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def flush(self) -> None:
         """Fold the array-fed histograms now (multiprocess: before another worker scrapes)."""

@@ -169,6 +169,32 @@ _SPECS = [
     ErrorSpec(
         "resume_unavailable", 503, Close.RESUME_UNAVAILABLE, "resume disabled, or the state store unreachable"
     ),
+    # -- broker sources (docs/sources.md): the message goes to the errors stream/topic, acknowledged;
+    #    bad_encoding, bad_frame_size, empty_message, too_many_frames, non_finite_audio and
+    #    unknown_model/unknown_version above apply to broker messages too --
+    ErrorSpec("missing_field", 400, None, "broker message lacks a valid device, seq or audio; rejected"),
+    ErrorSpec("bad_header", 400, None, "MQTT payload does not start with the JSON header line; rejected"),
+    ErrorSpec(
+        "wrong_partition", 400, None, "Redis entry on a partition its device does not hash to; rejected"
+    ),
+    ErrorSpec(
+        "duplicate_message", 409, None, "sequence number already consumed (a redelivery or a repeat); skipped"
+    ),
+    ErrorSpec(
+        "late_message",
+        409,
+        None,
+        "arrived after a later message of its device, whose gap was already handled; skipped",
+    ),
+    ErrorSpec(
+        "checkpoint_invalid", 500, None, "device checkpoint unreadable; the device starts a new session"
+    ),
+    ErrorSpec(
+        "checkpoint_incompatible",
+        409,
+        None,
+        "device checkpoint of another model graph; the device starts a new session",
+    ),
     # -- REST bodies --
     ErrorSpec("empty_body", 400, None, "request body is empty"),
     ErrorSpec("bad_audio", 415, None, "body is not decodable audio (or wrong content type / truncated file)"),
