@@ -214,6 +214,10 @@ class Connection:
         self.sending = True  # blocked in send(), as far as close_now is concerned
         self._wake()
 
+    def send_message(self, text: str) -> None:
+        """Queue a server message built in protocol.py (checkpoints: lookback.api.resume)."""
+        self._put(text)
+
     def send_error(self, code: str, message: str) -> None:
         self.metrics.error(code)
         self._put(error_message(code, message))

@@ -28,15 +28,15 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
 from lookback.engine import snapshot as snapmod
 from lookback.engine.events import Event
-from lookback.engine.session import StreamSession
+from lookback.engine.session import ResultSink, StreamSession
 from lookback.errors import LookbackError, ModelNotFound, SnapshotError
 from lookback.protocol import Close, checkpoint_message, error_message, spec_for
 from lookback.state_store import Put, StateStore, StoreUnavailable, open_store
@@ -44,8 +44,8 @@ from lookback.state_store import Put, StateStore, StoreUnavailable, open_store
 if TYPE_CHECKING:
     from fastapi import WebSocket
 
-    from lookback.api.connection import Connection
     from lookback.engine.engine import Engine
+    from lookback.engine.served import ServedModel
     from lookback.metrics import Metrics
     from lookback.settings import Settings
 
@@ -86,6 +86,36 @@ class ResumeState:
     marks: deque[int] = field(default_factory=lambda: deque(maxlen=2))  # steps of the last writes
 
 
+class Resumable(ResultSink, Protocol):
+    """What the resumer needs of a connection (``lookback.api.connection.Connection``): the
+    restored session's sink, its resume fields, its output and close.
+
+    A protocol, not an import: the connection module knows the resumer, not the reverse.
+    """
+
+    resume: ResumeState | None
+    recent: deque[tuple[int, float, list[float], list[Event] | None]] | None
+    ready_extra: dict[str, Any]
+    session: StreamSession | None
+    handle: ServedModel
+    want_results: bool
+
+    @property
+    def ended(self) -> bool: ...
+
+    @property
+    def end_reason(self) -> str | None: ...
+
+    def send_message(self, text: str) -> None: ...
+
+    def close_now(self, code: int, reason: str, message: str) -> None: ...
+
+    def close_after_queue(self, code: int, reason: str) -> None: ...
+
+
+C = TypeVar("C", bound=Resumable)
+
+
 def _b64(b: bytes) -> str:
     return base64.urlsafe_b64encode(b).decode().rstrip("=")
 
@@ -106,11 +136,11 @@ class Resumer:
         )
         self._secret: bytes | None = None
         self._task: asyncio.Task[None] | None = None
-        self.connections: Iterable[Connection] = ()
+        self.connections: Iterable[Resumable] = ()
         self._next_ping = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self, connections: Iterable[Connection]) -> None:
+    async def start(self, connections: Iterable[Resumable]) -> None:
         self.connections = connections
         await self.store.start()
         self._publish()
@@ -176,14 +206,19 @@ class Resumer:
 
     # -- resume on connect -------------------------------------------------------------------
     async def open_resumed(
-        self, ws: WebSocket, engine: Engine, token: str, api_key: str | None, *, worker: int = 0
-    ) -> Connection | None:
-        """Restore the session of ``token`` into a new Connection, or refuse with its code.
+        self,
+        ws: WebSocket,
+        engine: Engine,
+        token: str,
+        api_key: str | None,
+        connect: Callable[[ServedModel, str, str], C],
+    ) -> C | None:
+        """Restore the session of ``token`` into a new connection, or refuse with its code.
 
-        Returns the connection (its ``ready_extra`` says where the client resumes) or None
-        after sending the refusal.
+        ``connect(model, results, session_id)`` makes the connection (the restored
+        session's sink). Returns it, its ``ready_extra`` saying where the client resumes,
+        or None after sending the refusal.
         """
-        from lookback.api.connection import Connection
 
         state: ResumeState | None = None
         old_sid: str | None = None
@@ -209,7 +244,7 @@ class Resumer:
                     code="resume_incompatible",
                 ) from exc
             results = snap.options.get("results", "all")
-            conn = Connection(ws, self.settings, self.metrics, model, results, state.sid, worker=worker)
+            conn = connect(model, results, state.sid)
             conn.session = StreamSession.restore(
                 model, conn, snap, max_pending_steps=self.settings.max_pending_steps
             )
@@ -263,7 +298,7 @@ class Resumer:
 
     # -- checkpoints -------------------------------------------------------------------------
     @staticmethod
-    def _options(conn: Connection) -> dict[str, str]:
+    def _options(conn: Resumable) -> dict[str, str]:
         """Transport options, and the results a client may not have received yet.
 
         A client that read checkpoint k-1 has every result sent before it, so the tail
@@ -305,7 +340,7 @@ class Resumer:
         self._publish()
         if not self.store.available:
             return 0
-        conns: list[Connection] = []
+        conns: list[Resumable] = []
         puts: list[Put] = []
         frames: list[int] = []
         steps: list[int] = []
@@ -359,11 +394,11 @@ class Resumer:
                 if st.token is not None:
                     token = st.token
                     st.token_sent = True
-            c._put(checkpoint_message(f * c.handle.spec.frame_samples, token))
+            c.send_message(checkpoint_message(f * c.handle.spec.frame_samples, token))
         return len(written)
 
     # -- end of a connection -----------------------------------------------------------------
-    async def on_close(self, conn: Connection, reason: str) -> None:
+    async def on_close(self, conn: Resumable, reason: str) -> None:
         """Normal end: forget the session. Anything else: a final snapshot, lease released."""
         st, s = conn.resume, conn.session
         if st is None or s is None or st.migrated:
@@ -385,15 +420,15 @@ class Resumer:
         except StoreUnavailable:
             self._publish()
 
-    async def migrate(self, conns: list[Connection], grace: float) -> list[Connection]:
+    async def migrate(self, conns: list[C], grace: float) -> list[C]:
         """Drain: snapshot every session, hand it to the store, close with 4100.
 
         Returns the connections that could not be migrated (still busy at the deadline,
         or not resumable); the caller finishes those the old way.
         """
         deadline = time.monotonic() + grace / 2
-        ready: list[Connection] = []
-        left: list[Connection] = []
+        ready: list[C] = []
+        left: list[C] = []
         for c in conns:
             s = c.session
             if c.resume is None or s is None or c.ended:
@@ -426,6 +461,6 @@ class Resumer:
             self.metrics.sessions_migrated.inc()
             self.metrics.snapshots.labels("drain").inc()
             self.metrics.snapshot_bytes.inc(len(p.data or b""))
-            c._put(checkpoint_message(n))
+            c.send_message(checkpoint_message(n))
             c.close_after_queue(Close.RESUME_ELSEWHERE, "resume_elsewhere")
         return left

@@ -95,7 +95,13 @@ async def stream(ws: WebSocket) -> None:
                 await ws.close(code=Close.RESUME_UNAVAILABLE, reason="resume_unavailable")
                 return
             resumed = await resumer.open_resumed(
-                ws, state.engine, token, auth.ws_key(ws), worker=admission.worker
+                ws,
+                state.engine,
+                token,
+                auth.ws_key(ws),
+                lambda model, results, sid: Connection(
+                    ws, s, metrics, model, results, sid, worker=admission.worker
+                ),
             )
             if resumed is not None:
                 await resumed.serve(registry)

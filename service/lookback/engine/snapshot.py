@@ -32,13 +32,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from lookback.engine.events import Event
 from lookback.engine.slabs import CONTEXT
-from lookback.errors import SessionClosed, SnapshotError
+from lookback.errors import SnapshotError
 
 if TYPE_CHECKING:
     from lookback.engine.served import ServedModel
-    from lookback.engine.session import ResultSink, StreamSession
 
 MAGIC = b"LBSS"
 FORMAT_VERSION = 1
@@ -164,38 +162,7 @@ def _nat(v: Any) -> int:
     return v
 
 
-# -- taking and restoring (engine side) -----------------------------------------------------
-
-
-def take(session: StreamSession, options: dict[str, str] | None = None) -> Snapshot:
-    """The session's state now; it must be idle (``wait_idle`` first, or check ``idle``)."""
-    if session.closed or session.slot < 0:
-        raise SessionClosed("session is closed")
-    if not session.idle:  # an internal misuse, never sent to a client
-        raise SnapshotError("session has steps in flight; snapshot it when idle")
-    model = session.model
-    spec = model.spec
-    table = model.table
-    rows = {st.input: table.row(st.input, session.slot) for st in spec.states}
-    if spec.context_samples:
-        rows[CONTEXT] = table.row(CONTEXT, session.slot)[: spec.context_samples]
-    d = session.detector
-    return Snapshot(
-        model=spec.name,
-        version=spec.version,
-        graph_sha256=spec.graph.sha256,
-        encoding=session.encoding,
-        steps=session.steps_done,
-        frames=session.frames,
-        frame_samples=spec.frame_samples,
-        padded_samples=session.padded_samples,
-        failed_steps=session.steps_failed,
-        detector=(d.triggered, d._pending, d._temp_end, d._start),
-        events=[(e.event, e.label, e.sample) for e in session.events],
-        partial=bytes(session._buf),
-        rows=rows,
-        options=dict(options or {}),
-    )
+# -- the engine side (taking and restoring: StreamSession.snapshot_value / restore) ----------
 
 
 def check_compatible(snap: Snapshot, model: ServedModel) -> None:
@@ -223,41 +190,3 @@ def check_compatible(snap: Snapshot, model: ServedModel) -> None:
     bps = 2 if snap.encoding == "pcm_s16le" else 4
     if len(snap.partial) % (spec.frame_samples * bps) or len(snap.partial) >= spec.hop_samples * bps:
         raise SnapshotError("snapshot partial hop is not a whole number of frames below one hop")
-
-
-def restore(
-    model: ServedModel, sink: ResultSink, snap: Snapshot | bytes, *, max_pending_steps: int = 64
-) -> StreamSession:
-    """A new session in a fresh slot that continues exactly where ``snap`` stopped."""
-    from lookback.engine.session import StreamSession
-
-    if not isinstance(snap, Snapshot):
-        snap = decode(snap)
-    check_compatible(snap, model)
-    session = StreamSession(
-        model,
-        sink,
-        encoding=snap.encoding,  # type: ignore[arg-type]
-        max_pending_steps=max_pending_steps,
-    )
-    spec = model.spec
-    try:
-        for name, arr in snap.rows.items():
-            if name == CONTEXT:
-                row = np.zeros(spec.window_samples, np.float32)
-                row[: spec.context_samples] = arr
-                arr = row
-            model.table.set_row(name, session.slot, arr)
-    except Exception:
-        session.close()
-        raise
-    session.steps_made = session.steps_done = snap.steps
-    session.steps_failed = snap.failed_steps
-    session.frames = snap.frames
-    session.padded_samples = snap.padded_samples
-    session._buf = bytearray(snap.partial)
-    d = session.detector
-    d.triggered, d._pending, d._temp_end, d._start = snap.detector
-    rate = spec.sample_rate
-    session.events = [Event(k, lab, s / rate, s) for k, lab, s in snap.events]
-    return session

@@ -10,7 +10,7 @@ import secrets
 import time
 from collections import OrderedDict
 
-from lookback.state_store import Outcome, Put
+from lookback.state_store.base import Outcome, Put
 
 MAX_TOMBSTONES = 100_000
 

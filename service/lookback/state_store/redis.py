@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from lookback.state_store import Outcome, Put, StoreUnavailable
+from lookback.state_store.base import Outcome, Put, StoreUnavailable
 
 log = logging.getLogger("lookback.state_store")
 PREFIX = "lookback:session:"
