@@ -335,7 +335,11 @@ class Connection:
                         f"message holds {n // session.frame_bytes} frames; "
                         f"max_frames_per_message={s.max_frames_per_message}",
                     )
-                elif check_float and n % 4 == 0 and (problem := float_problem(_f32(data), max_amp)):
+                elif (
+                    check_float
+                    and n % session.frame_bytes == 0  # a broken frame is bad_frame_size first
+                    and (problem := float_problem(_f32(data), max_amp))
+                ):
                     self.send_error(*problem)
                 else:
                     try:
