@@ -155,6 +155,21 @@ def multiprocess_dir() -> str | None:
     return path if path and values.ValueClass is not values.MutexValue else None
 
 
+# lookback_resumes_total{outcome}: lookback.api.resume maps every refusal code to one of these
+RESUME_OUTCOMES = (
+    "ok",
+    "invalid",
+    "forbidden",
+    "unknown",
+    "expired",
+    "used",
+    "conflict",
+    "incompatible",
+    "unavailable",
+    "error",
+)
+
+
 class Metrics:
     """Every metric Lookback exports. Label values are bounded: model keys, reasons, codes.
 
@@ -328,6 +343,7 @@ class Metrics:
             "Devices with an open worker on this consumer",
             ["source"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.source_sessions = Counter(
             "lookback_source_sessions_total",
@@ -370,6 +386,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+        # Series that exist from the start (at 0), so the dashboard's rate() and the alerts
+        # see them before the first resume or snapshot.
+        for outcome in RESUME_OUTCOMES:
+            self.resumes.labels(outcome)
+        for reason in ("checkpoint", "disconnect", "drain"):
+            self.snapshots.labels(reason)
 
     def flush(self) -> None:
         """Fold the array-fed histograms now (multiprocess: before another worker scrapes)."""
