@@ -152,6 +152,8 @@ async def test_refusals_have_their_own_codes_and_leak_nothing(srv: Server) -> No
     # ended normally: nothing to resume
     assert await refusal(url(srv, resume=token)) == ("resume_unknown", 4462)
     assert await refusal(url(srv, resume="garbage")) == ("resume_token_invalid", 4460)
+    # two tokens: which one counts would be a guess, so neither does
+    assert await refusal(url(srv, resume=token) + f"&resume={token}") == ("duplicate_query", 4400)
     forged = sid + "." + "A" * 32
     assert await refusal(url(srv, resume=forged)) == ("resume_token_invalid", 4460)
     # another key gets the same answer whether the session exists or not

@@ -34,7 +34,6 @@ router = APIRouter()
 
 def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ServedModel, str, str]:
     q = ws.query_params
-    check_unique_query(q.multi_items())
     handle = engine.resolve(q.get("model") or None, q.get("version") or None)
     encoding = q.get("encoding", "pcm_s16le")
     if encoding not in BYTES_PER_SAMPLE:
@@ -87,7 +86,18 @@ async def stream(ws: WebSocket) -> None:
     resumer: Resumer | None = state.resumer
     try:
         await ws.accept()
-        token = ws.query_params.get("resume")
+        try:
+            check_unique_query(ws.query_params.multi_items())  # one value each, resume too
+            token = ws.query_params.get("resume")
+            if token is None:
+                handle, encoding, results = _parse_query(ws, state.engine)
+        except LookbackError as exc:
+            metrics.sessions_refused.labels("bad_request").inc()
+            metrics.error(exc.code)
+            await ws.send_text(error_message(exc.code, exc.message))
+            close = spec_for(exc.code).close or Close.BAD_REQUEST
+            await ws.close(code=close, reason=exc.code)
+            return
         if token is not None:
             if resumer is None:
                 metrics.resumes.labels("unavailable").inc()
@@ -105,15 +115,6 @@ async def stream(ws: WebSocket) -> None:
             )
             if resumed is not None:
                 await resumed.serve(registry)
-            return
-        try:
-            handle, encoding, results = _parse_query(ws, state.engine)
-        except LookbackError as exc:
-            metrics.sessions_refused.labels("bad_request").inc()
-            metrics.error(exc.code)
-            await ws.send_text(error_message(exc.code, exc.message))
-            close = spec_for(exc.code).close or Close.BAD_REQUEST
-            await ws.close(code=close, reason=exc.code)
             return
         conn = Connection(ws, s, metrics, handle, results, uuid.uuid4().hex[:16], worker=admission.worker)
         try:
