@@ -385,8 +385,11 @@ async def test_huge_finite_float_audio_is_refused_and_never_poisons_state(srv: S
 async def test_a_step_that_yields_nan_resets_the_session_state(silero_model: str) -> None:
     """The guard in the compute path: a model call that returns NaN state for one session
     leaves no NaN in the slab (that row is reset to initial), the step is reported as
-    non_finite_state, and the session goes on with finite scores."""
-    with guarded_server(silero()) as server:
+    non_finite_state, and the session goes on with finite scores.
+
+    One hop per call: the poison is put into the step graph, and with multi-step calls a
+    loaded machine may join the first hops into one call of the multi-step graph instead."""
+    with guarded_server(silero(max_steps_per_call=1)) as server:
         handle = server.app.state.engine.models[KEY]  # type: ignore[attr-defined]
         real_run = handle.step.run
         poisoned = {"left": 1}
