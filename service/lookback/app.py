@@ -19,10 +19,12 @@ from lookback.api import rest, ws
 from lookback.api.admission import Admission
 from lookback.api.connection import Connections
 from lookback.api.responses import error_response
+from lookback.api.resume import Resumer
 from lookback.engine.engine import Engine
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
 from lookback.settings import Settings
+from lookback.sources import open_sources
 
 log = logging.getLogger("lookback")
 WEB = Path(__file__).parent / "web"
@@ -47,6 +49,12 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def _refused(admission: Admission) -> str | None:
+    """Why a broker source must not open a new device session now (same rules as a WebSocket)."""
+    refusal = admission.refusal()
+    return refusal[0] if refusal is not None else None
+
+
 async def drain(state: State, grace: float) -> None:
     """Refuse new work, then finish every open session with a summary and 1001 in ``grace``."""
     state.admission.draining = True
@@ -62,20 +70,31 @@ def create_app(
     engine = engine or Engine(settings, metrics)
     admission = Admission(settings, engine)
     connections = Connections(settings, metrics, engine)
+    resumer = Resumer(settings, metrics) if settings.resume_enabled else None
+    connections.resumer = resumer
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
         connections.start()
+        if resumer is not None:
+            await resumer.start(connections)
+        sources = open_sources(engine, settings, metrics, admit=lambda: _refused(admission))
+        for src in sources:  # broker sources share the engine (docs/sources.md)
+            await src.start()
         if settings.gc_freeze:
             freeze_startup_heap()
         log.info("Lookback ready: %d model(s), provider %s", len(engine.models), engine.provider)
         try:
             yield
         finally:
+            for src in sources:  # commit what was read and hand devices back before the drain
+                await src.stop()
             if not admission.draining:
                 await drain(app.state, settings.drain_grace_s)
             await connections.stop()
+            if resumer is not None:
+                await resumer.stop()
             await engine.stop()
 
     app = FastAPI(title="Lookback", version=__version__, description=DESCRIPTION, lifespan=lifespan)
@@ -85,6 +104,7 @@ def create_app(
     app.state.engine = engine
     app.state.admission = admission
     app.state.connections = connections
+    app.state.resumer = resumer  # None when resume is off (docs/sessions.md)
     app.include_router(rest.router)
     app.include_router(ws.router)
 

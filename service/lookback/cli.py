@@ -1,4 +1,4 @@
-"""``lookback serve | models | stream | score | protocol | docs`` (and ``loadtest``)."""
+"""``lookback serve | consume | models | stream | score | protocol | docs`` (and ``loadtest``)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[name] = value
     return serve(Settings(**overrides))
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from lookback.sources.run import main as consume
+
+    settings = Settings()
+    urls = list(args.url) or settings.sources
+    if not urls:
+        raise SystemExit("lookback consume: give a source URL or set LOOKBACK_SOURCES")
+    consume(settings, urls)
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -122,7 +133,10 @@ def cmd_stream(args: argparse.Namespace) -> int:
                 print(f"error {msg['code']}: {msg['message']}", file=sys.stderr)
             elif kind == "summary":
                 _progress(total, total, "streaming")
-                print(f"summary: {msg['frames']} frames, {msg['steps']} steps, {len(msg['events'])} events")
+                print(
+                    f"summary: {msg['frames']} frames, {msg['steps']} steps, {len(msg['events'])} events"
+                    + (f", {client.resumes} resumes" if client.resumes else "")
+                )
         return 0
 
     return asyncio.run(run())
@@ -180,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-model")
     s.add_argument("--workers", help="worker processes on one port: a number, or auto (one per usable CPU)")
     s.set_defaults(func=cmd_serve)
+
+    co = sub.add_parser("consume", help="score audio from broker sources (docs/sources.md), no HTTP")
+    co.add_argument("url", nargs="*", help="redis://...?stream=... or mqtt://...?prefix=...")
+    co.set_defaults(func=cmd_consume)
 
     m = sub.add_parser(
         "models", help="list the store's models with their contract, import one, or check a model directory"

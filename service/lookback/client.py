@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class LookbackClient:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout = timeout
+        self.resumes = 0  # resumes during the last stream()
 
     @property
     def _headers(self) -> dict[str, str]:
@@ -102,54 +104,230 @@ class LookbackClient:
         results: str = "all",
         realtime: bool = False,
         frame_seconds: float = FRAME / 16000,
+        resume: bool = True,
+        max_resumes: int = 20,
+        replay_buffer_s: float = 120.0,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream audio messages; yield every server message up to and including summary."""
-        url = self.ws_url(model=model, version=version, encoding=encoding, results=results)
-        try:
-            conn = await websockets.connect(
-                url,
-                additional_headers=self._headers,
-                compression=None,
-                max_size=2**24,
-                open_timeout=self.timeout,
-            )
-        except InvalidStatus as exc:  # refused before the upgrade (401, 403, 503)
-            raise _refused(exc) from exc
-        async with conn as ws:
-            ready = orjson.loads(await ws.recv())
-            if ready.get("type") == "error":
-                raise LookbackClientError(ready["code"], ready["message"])
-            yield ready
-            sender = asyncio.create_task(self._send(ws, messages, realtime, frame_seconds))
-            try:
-                async for raw in ws:
-                    msg = orjson.loads(raw)
-                    yield msg
-                    if msg.get("type") == "summary":
-                        break
-            finally:
-                if not sender.done():
-                    sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
-                    await sender
+        """Stream audio messages; yield every server message up to and including summary.
 
-    @staticmethod
-    async def _send(
-        ws: Any, messages: Iterable[bytes] | AsyncIterable[bytes], realtime: bool, frame_seconds: float
+        With ``resume`` (the default) a dropped connection, a drained server (close 4100)
+        or a crashed one is resumed transparently: the client reconnects with its resume
+        token (bounded exponential backoff), replays the audio the server has not made
+        durable (kept in a buffer of at most ``replay_buffer_s`` seconds, trimmed at each
+        ``checkpoint``) and drops the duplicate results and events the new server re-sends.
+        ``checkpoint`` messages are consumed here, not yielded; ``self.resumes`` counts
+        the resumes of the last stream.
+        """
+        st = _ResumeStream(messages, 4 if encoding == "pcm_f32le" else 2, replay_buffer_s, frame_seconds)
+        self.resumes = 0
+        query = {"model": model, "version": version, "encoding": encoding, "results": results}
+        if resume:
+            query["resumable"] = "1"
+        first = True
+        backoff = 0.1
+        while True:
+            if first:
+                url = self.ws_url(**query)
+            else:
+                url = self.ws_url(
+                    resume=st.token,
+                    next_step=st.next_step if results == "all" else None,
+                    sent=st.sent_samples,
+                )
+            try:
+                conn = await websockets.connect(
+                    url,
+                    additional_headers=self._headers,
+                    compression=None,
+                    max_size=2**24,
+                    open_timeout=self.timeout,
+                )
+            except InvalidStatus as exc:  # refused before the upgrade (401, 403, 503)
+                err = _refused(exc)
+                if first or err.code not in ("draining", "server_busy", "http_error"):
+                    raise err from exc
+                backoff = await self._retry(st, backoff, max_resumes, err)
+                continue
+            except OSError as exc:
+                if first:
+                    raise
+                backoff = await self._retry(st, backoff, max_resumes, exc)
+                continue
+            outcome = None
+            async with conn as ws:
+                ready = orjson.loads(await ws.recv())
+                if ready.get("type") == "error":
+                    if not first and ready["code"] == "resume_conflict":  # old owner's lease
+                        backoff = await self._retry(st, backoff, max_resumes, None)
+                        continue
+                    raise LookbackClientError(ready["code"], ready["message"])
+                st.on_ready(ready)
+                if first:
+                    yield ready
+                    first = False
+                else:
+                    self.resumes += 1
+                    backoff = 0.1
+                sender = asyncio.create_task(st.send(ws, realtime))
+                try:
+                    async for raw in ws:
+                        msg = orjson.loads(raw)
+                        if st.keep(msg):
+                            yield msg
+                        if msg.get("type") == "summary":
+                            outcome = "done"
+                            break
+                except websockets.ConnectionClosed:
+                    pass
+                finally:
+                    if not sender.done():
+                        sender.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+                        await sender
+            if outcome == "done":
+                return
+            code = ws.close_code
+            if not resume or st.token is None or (code is not None and (code == 1000 or 4400 <= code < 4500)):
+                raise LookbackClientError(
+                    "connection_closed", f"stream closed with {code} ({ws.close_reason or 'no reason'})"
+                )
+            backoff = await self._retry(st, backoff, max_resumes, None)
+
+    async def _retry(self, st: _ResumeStream, backoff: float, max_resumes: int, exc: object) -> float:
+        st.attempts += 1
+        if st.attempts > max_resumes * 20 or self.resumes >= max_resumes:
+            raise LookbackClientError(
+                "resume_failed", f"gave up resuming after {st.attempts} attempts: {exc}"
+            )
+        if not st.replayable:
+            raise LookbackClientError(
+                "resume_failed", "replay buffer overflowed: the audio to replay is gone"
+            )
+        await asyncio.sleep(backoff)  # reconnect backoff (bounded), not a wait on state
+        return min(backoff * 2, 2.0)
+
+
+class _ResumeStream:
+    """The audio of one logical stream across connections: source, replay buffer, dedup."""
+
+    def __init__(
+        self,
+        messages: Iterable[bytes] | AsyncIterable[bytes],
+        bytes_per_sample: int,
+        replay_buffer_s: float,
+        frame_seconds: float,
     ) -> None:
-        start = time.monotonic()
-        sent = 0.0
-        if isinstance(messages, AsyncIterable):
-            async for m in messages:
-                await ws.send(m)
-        else:
-            for m in messages:
-                await ws.send(m)
-                if realtime:
-                    sent += len(m) / 2 / FRAME * frame_seconds
-                    delay = start + sent - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)  # pacing to real time, not waiting on state
+        self.source = messages
+        self.iter: Any = None
+        self.bps = bytes_per_sample
+        self.frame_seconds = frame_seconds
+        self.limit = int(replay_buffer_s / frame_seconds * FRAME) * bytes_per_sample
+        self.buf: deque[tuple[int, bytes]] = deque()  # (first sample, message) not yet durable
+        self.buf_bytes = 0
+        self.pulled = 0  # samples taken from the source
+        self.sent_samples = 0  # samples sent on the current connection
+        self.cursor = 0  # next sample to send
+        self.exhausted = False
+        self.replayable = True
+        self.token: str | None = None
+        self.next_step = 0
+        self.events_seen = 0
+        self.skip_events = 0
+        self.attempts = 0
+        self.t0: float | None = None
+        self._pulling: asyncio.Future[bytes | None] | None = None
+
+    def on_ready(self, ready: dict[str, Any]) -> None:
+        if ready.get("resume_token"):
+            self.token = ready["resume_token"]
+        if ready.get("resumed"):
+            self.cursor = int(ready["replay_from_sample"])
+            self.skip_events = max(0, self.events_seen - int(ready.get("events_sent", self.events_seen)))
+            if self.buf and self.cursor < self.buf[0][0]:
+                self.replayable = False
+                raise LookbackClientError("resume_failed", "the server resumed before the replay buffer")
+        self.sent_samples = self.cursor
+
+    def keep(self, msg: dict[str, Any]) -> bool:
+        """Track the stream; False for what must not reach the caller (duplicates, checkpoints)."""
+        kind = msg.get("type")
+        if kind == "result":
+            if msg["step"] < self.next_step:
+                return False
+            self.next_step = msg["step"] + 1
+        elif kind == "event":
+            if self.skip_events:
+                self.skip_events -= 1
+                return False
+            self.events_seen += 1
+        elif kind == "checkpoint":
+            if msg.get("resume_token"):
+                self.token = msg["resume_token"]
+            self._trim(int(msg["samples"]))
+            return False
+        return True
+
+    def _trim(self, durable: int) -> None:
+        while self.buf and self.buf[0][0] + len(self.buf[0][1]) // self.bps <= durable:
+            self.buf_bytes -= len(self.buf.popleft()[1])
+
+    async def _next(self) -> bytes | None:
+        if self.exhausted:
+            return None
+        if self.iter is None:
+            src = self.source
+            self.iter = src.__aiter__() if isinstance(src, AsyncIterable) else iter(src)
+        try:
+            if isinstance(self.source, AsyncIterable):
+                m = await self.iter.__anext__()
+            else:
+                m = next(self.iter)
+        except (StopIteration, StopAsyncIteration):
+            self.exhausted = True
+            return None
+        self.buf.append((self.pulled, m))
+        self.buf_bytes += len(m)
+        self.pulled += len(m) // self.bps
+        while self.buf_bytes > self.limit and len(self.buf) > 1:
+            self.buf_bytes -= len(self.buf.popleft()[1])
+            self.replayable = False  # audio the server may still need is gone
+        return m
+
+    async def _pull(self) -> None:
+        """Take the next source message into the buffer, surviving a cancelled sender.
+
+        The pull runs as its own task, awaited through ``shield``: cancelling a sender
+        (its connection dropped) must never cancel the caller's async generator, which
+        would end the source early; the next connection's sender awaits the same pull.
+        """
+        if self._pulling is None:
+            self._pulling = asyncio.ensure_future(self._next())
+        try:
+            await asyncio.shield(self._pulling)
+        finally:
+            if self._pulling.done():
+                self._pulling = None
+
+    async def send(self, ws: Any, realtime: bool) -> None:
+        """Send what the server lacks (from ``cursor``), then the rest of the source, then end."""
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+        while True:
+            todo = []
+            for start, m in reversed(self.buf):
+                if start + len(m) // self.bps <= self.cursor:
+                    break
+                todo.append((start, m))
+            for start, m in reversed(todo):
+                await ws.send(m[max(0, self.cursor - start) * self.bps :])
+                self.cursor = self.sent_samples = start + len(m) // self.bps
+            if self.exhausted:
+                break
+            await self._pull()
+            if realtime:
+                delay = self.t0 + self.pulled / FRAME * self.frame_seconds - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing to real time, not waiting on state
         await ws.send(orjson.dumps({"type": "end"}).decode())
 
 

@@ -60,3 +60,9 @@ class InferenceError(LookbackError):
 
 class RequestError(LookbackError):
     """A request-level refusal (REST body, upload); its HTTP status comes from protocol.py."""
+
+
+class SnapshotError(LookbackError):
+    """A session snapshot that cannot be restored here: damaged, another format, another model."""
+
+    code = "snapshot_invalid"

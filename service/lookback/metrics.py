@@ -155,6 +155,21 @@ def multiprocess_dir() -> str | None:
     return path if path and values.ValueClass is not values.MutexValue else None
 
 
+# lookback_resumes_total{outcome}: lookback.api.resume maps every refusal code to one of these
+RESUME_OUTCOMES = (
+    "ok",
+    "invalid",
+    "forbidden",
+    "unknown",
+    "expired",
+    "used",
+    "conflict",
+    "incompatible",
+    "unavailable",
+    "error",
+)
+
+
 class Metrics:
     """Every metric Lookback exports. Label values are bounded: model keys, reasons, codes.
 
@@ -278,6 +293,106 @@ class Metrics:
         self.ready = Gauge(
             "lookback_ready", "1 when models are loaded and warm", registry=r, multiprocess_mode="livemin"
         )
+        self.snapshots = Counter(
+            "lookback_snapshots_written_total",
+            "Session snapshots written to the state store, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.snapshot_bytes = Counter(
+            "lookback_snapshot_bytes_total", "Bytes of session snapshots written", registry=r
+        )
+        self.snapshot_write = Histogram(
+            "lookback_snapshot_write_seconds",
+            "Wall time of one checkpoint round's store write (all sessions, one round trip)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.resumes = Counter(
+            "lookback_resumes_total",
+            "Resume attempts by outcome (ok, expired, unknown, forbidden, conflict, incompatible, ...)",
+            ["outcome"],
+            registry=r,
+        )
+        self.replayed_samples = Counter(
+            "lookback_replayed_samples_total",
+            "Audio samples clients re-sent after a resume (as they report with ?sent=)",
+            registry=r,
+        )
+        self.sessions_migrated = Counter(
+            "lookback_sessions_migrated_total",
+            "Sessions snapshotted on drain and closed with 4100 to resume on another replica",
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "lookback_state_store_up",
+            "1 while the session state store is reachable",
+            ["kind"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        # -- broker sources (docs/sources.md) --
+        self.source_messages = Counter(
+            "lookback_source_messages_total",
+            "Broker messages by outcome (scored, rejected) and rejection reason",
+            ["source", "outcome", "reason"],
+            registry=r,
+        )
+        self.source_devices = Gauge(
+            "lookback_source_devices_active",
+            "Devices with an open worker on this consumer",
+            ["source"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.source_sessions = Counter(
+            "lookback_source_sessions_total",
+            "Device sessions opened, and ended by reason (end, idle, gap)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.source_gaps = Counter(
+            "lookback_source_gaps_total",
+            "Sequence gaps by the policy applied",
+            ["source", "policy"],
+            registry=r,
+        )
+        self.source_gap_messages = Counter(
+            "lookback_source_gap_messages_total", "Messages missing in sequence gaps", ["source"], registry=r
+        )
+        self.source_restores = Counter(
+            "lookback_source_restores_total",
+            "Device sessions restored from a checkpoint (restart, rebalance, claim)",
+            ["source"],
+            registry=r,
+        )
+        self.source_admission_waits = Counter(
+            "lookback_source_admission_waits_total",
+            "Times a new device session waited for admission (capacity, backlog)",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.source_commit_seconds = Histogram(
+            "lookback_source_commit_seconds",
+            "Publish + checkpoint + acknowledge of one consumed message",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.source_latency = Histogram(
+            "lookback_source_publish_latency_seconds",
+            "From the producer's timestamp in a message to its results published (clocks must agree)",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        # Series that exist from the start (at 0), so the dashboard's rate() and the alerts
+        # see them before the first resume or snapshot.
+        for outcome in RESUME_OUTCOMES:
+            self.resumes.labels(outcome)
+        for reason in ("checkpoint", "disconnect", "drain"):
+            self.snapshots.labels(reason)
 
     def flush(self) -> None:
         """Fold the array-fed histograms now (multiprocess: before another worker scrapes)."""

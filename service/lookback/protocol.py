@@ -27,6 +27,15 @@ class Close(IntEnum):
     IDLE_TIMEOUT = 4408  # nothing received for idle_timeout_s
     MAX_DURATION = 4409  # session open longer than max_session_s
     SLOW_CONSUMER = 4429  # the client does not read results fast enough
+    RESUME_ELSEWHERE = 4100  # drained: session snapshotted, reconnect with ?resume=TOKEN
+    RESUME_INVALID = 4460  # resume token malformed or not issued by this service
+    RESUME_FORBIDDEN = 4461  # resume token issued to another API key
+    RESUME_UNKNOWN = 4462  # no such session (or it ended normally)
+    RESUME_EXPIRED = 4463  # the session's resume window has passed
+    RESUME_USED = 4464  # the token was already used by a resume (single use)
+    RESUME_CONFLICT = 4465  # another connection owns the session now
+    RESUME_INCOMPATIBLE = 4466  # the model changed since the snapshot
+    RESUME_UNAVAILABLE = 4467  # resume is off or the state store is unreachable
 
 
 CLOSE_CODES: dict[Close, str] = {
@@ -40,6 +49,15 @@ CLOSE_CODES: dict[Close, str] = {
     Close.IDLE_TIMEOUT: "no message for idle_timeout_s",
     Close.MAX_DURATION: "session reached max_session_s",
     Close.SLOW_CONSUMER: "client did not read results; send queue bound exceeded",
+    Close.RESUME_ELSEWHERE: "server draining: the session was snapshotted; reconnect with `?resume=TOKEN`",
+    Close.RESUME_INVALID: "resume refused: token malformed or forged",
+    Close.RESUME_FORBIDDEN: "resume refused: token belongs to another API key",
+    Close.RESUME_UNKNOWN: "resume refused: no such session",
+    Close.RESUME_EXPIRED: "resume refused: resume window passed",
+    Close.RESUME_USED: "resume refused: token already used",
+    Close.RESUME_CONFLICT: "resume refused: another connection owns the session (retry after the lease)",
+    Close.RESUME_INCOMPATIBLE: "resume refused: model or snapshot format changed",
+    Close.RESUME_UNAVAILABLE: "resume refused: resume disabled or state store unreachable",
 }
 
 
@@ -126,6 +144,57 @@ _SPECS = [
         "session cap, scoring queue or batcher backlog full; retry after Retry-After",
     ),
     ErrorSpec("draining", 503, Close.GOING_AWAY, "server is shutting down; connect elsewhere"),
+    # -- resume (docs/sessions.md); refusals never say whether a session exists to another key --
+    ErrorSpec("resume_token_invalid", 400, Close.RESUME_INVALID, "resume token malformed or not issued here"),
+    ErrorSpec("resume_forbidden", 403, Close.RESUME_FORBIDDEN, "resume token was issued to another API key"),
+    ErrorSpec("resume_unknown", 404, Close.RESUME_UNKNOWN, "no resumable session for this token"),
+    ErrorSpec("resume_expired", 410, Close.RESUME_EXPIRED, "the session's resume window has passed"),
+    ErrorSpec("resume_token_used", 409, Close.RESUME_USED, "token already used; a resume issues a new one"),
+    ErrorSpec(
+        "resume_conflict",
+        409,
+        Close.RESUME_CONFLICT,
+        "another connection owns the session (the original is still open); retry after resume_lease_s",
+    ),
+    ErrorSpec(
+        "resume_incompatible", 409, Close.RESUME_INCOMPATIBLE, "the model's graph changed since the snapshot"
+    ),
+    ErrorSpec("snapshot_invalid", 409, Close.RESUME_INCOMPATIBLE, "stored snapshot damaged or truncated"),
+    ErrorSpec(
+        "snapshot_version",
+        409,
+        Close.RESUME_INCOMPATIBLE,
+        "snapshot written by another format version",
+    ),
+    ErrorSpec(
+        "resume_unavailable", 503, Close.RESUME_UNAVAILABLE, "resume disabled, or the state store unreachable"
+    ),
+    # -- broker sources (docs/sources.md): the message goes to the errors stream/topic, acknowledged;
+    #    bad_encoding, bad_frame_size, empty_message, too_many_frames, non_finite_audio and
+    #    unknown_model/unknown_version above apply to broker messages too --
+    ErrorSpec("missing_field", 400, None, "broker message lacks a valid device, seq or audio; rejected"),
+    ErrorSpec("bad_header", 400, None, "MQTT payload does not start with the JSON header line; rejected"),
+    ErrorSpec(
+        "wrong_partition", 400, None, "Redis entry on a partition its device does not hash to; rejected"
+    ),
+    ErrorSpec(
+        "duplicate_message", 409, None, "sequence number already consumed (a redelivery or a repeat); skipped"
+    ),
+    ErrorSpec(
+        "late_message",
+        409,
+        None,
+        "arrived after a later message of its device, whose gap was already handled; skipped",
+    ),
+    ErrorSpec(
+        "checkpoint_invalid", 500, None, "device checkpoint unreadable; the device starts a new session"
+    ),
+    ErrorSpec(
+        "checkpoint_incompatible",
+        409,
+        None,
+        "device checkpoint of another model graph; the device starts a new session",
+    ),
     # -- REST bodies --
     ErrorSpec("empty_body", 400, None, "request body is empty"),
     ErrorSpec("bad_audio", 415, None, "body is not decodable audio (or wrong content type / truncated file)"),
@@ -197,7 +266,9 @@ def ready_message(
     encoding: str | None,
     threshold: float,
     worker: int = 0,
+    **resume: Any,
 ) -> str:
+    """``resume``: resume_token on a resumable session; resumed, replay_from_sample, ... on a resume."""
     return encode(
         {
             "type": "ready",
@@ -211,8 +282,17 @@ def ready_message(
             "encoding": encoding,
             "threshold": threshold,
             "worker": worker,
+            **resume,
         }
     )
+
+
+def checkpoint_message(samples: int, resume_token: str | None = None) -> str:
+    """Audio before sample ``samples`` is durable; the first one carries a deferred token."""
+    msg: dict[str, Any] = {"type": "checkpoint", "samples": samples}
+    if resume_token is not None:
+        msg["resume_token"] = resume_token
+    return encode(msg)
 
 
 def result_message(step: int, time: float, scores: dict[str, float]) -> str:

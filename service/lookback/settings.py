@@ -168,6 +168,61 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a streamed (ndjson) answer whose client stops reading is cut: send_timeout"
     )
 
+    # --- sessions that survive (docs/sessions.md) ----------------------------------------
+    resume_enabled: bool = Field(True, description="issue resume tokens and checkpoint sessions")
+    state_store: str = Field(
+        "memory",
+        description="where snapshots live: memory (this process) or redis://host:port/db (shared)",
+    )
+    resume_window_s: float = Field(120.0, gt=0, description="how long a dropped session can be resumed")
+    snapshot_interval_s: float = Field(
+        0.25, gt=0, description="checkpoint period: audio a crash can lose, which the client replays"
+    )
+    resume_lease_s: float = Field(
+        1.5, gt=0, description="a session's owner lease; a crashed owner's session is free after it"
+    )
+    resume_tail_messages: int = Field(
+        128,
+        ge=0,
+        description="recent results kept in each snapshot and re-sent on resume: covers the "
+        "results a dropped connection lost in flight",
+    )
+    resume_tombstone_s: float = Field(
+        3600.0, gt=0, description="how long a token is still told apart as expired or used"
+    )
+
+    # --- broker sources (docs/sources.md) --------------------------------------------------
+    sources: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="broker sources consumed by `lookback serve` (comma-separated URLs): "
+        "redis://host:port/db?stream=lookback:audio&partitions=16&group=lookback, "
+        "mqtt://host:port?prefix=lookback",
+    )
+    source_model: str = Field(
+        "", description="model of a device whose messages name none; empty: default_model"
+    )
+    source_idle_timeout_s: float = Field(
+        60.0, gt=0, description="close a device session silent this long and publish its summary"
+    )
+    source_gap_policy: Literal["zero_fill", "reset"] = Field(
+        "zero_fill",
+        description="missing sequence numbers: zero_fill keeps time with silence, reset ends the "
+        "session and starts a new one",
+    )
+    source_max_gap_fill_s: float = Field(
+        10.0, ge=0, description="a gap longer than this is handled as reset even under zero_fill"
+    )
+    source_max_inflight: int = Field(
+        4096, ge=1, description="messages read and not yet committed; past it the consumer reads no more"
+    )
+    source_device_queue: int = Field(32, ge=1, description="messages queued for one device")
+    source_lease_s: float = Field(
+        3.0, gt=0, description="Redis Streams partition lease: a dead consumer's partitions move after it"
+    )
+    source_checkpoint_ttl_s: float = Field(
+        7 * 86400.0, gt=0, description="how long a silent device's checkpoint (last sequence, state) is kept"
+    )
+
     # --- security -------------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated; empty disables auth"
@@ -178,7 +233,7 @@ class Settings(BaseSettings):
     )
     demo_enabled: bool = Field(True, description="serve the browser demo at /demo/")
 
-    @field_validator("models", "allowed_origins", "api_keys", "warmup_batch_sizes", mode="before")
+    @field_validator("models", "sources", "allowed_origins", "api_keys", "warmup_batch_sizes", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         return _csv(value)

@@ -50,6 +50,7 @@ MAX_FRAMES = 64
 HOP = 512
 SPEECH = read_clip("silero_ref_speech.wav")
 SPEECH_F32 = (SPEECH.astype(np.float32) / 32768).astype("<f4")
+MAX_FLOAT_AMPLITUDE = 4.0  # Settings.max_float_amplitude's default, as the fuzz server runs
 FUZZ_SETTINGS: dict[str, Any] = dict(
     deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
 )
@@ -245,6 +246,8 @@ class Oracle:
                 if n % self.frame_bytes
                 else "non_finite_audio"
                 if self.f32 and not np.isfinite(np.frombuffer(data, "<f4")).all()
+                else "audio_out_of_range"
+                if self.f32 and np.abs(np.frombuffer(data, "<f4")).max() > MAX_FLOAT_AMPLITUDE
                 else None
             )
             if code:

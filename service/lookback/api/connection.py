@@ -44,6 +44,7 @@ from lookback.protocol import (
 from lookback.settings import Settings
 
 if TYPE_CHECKING:
+    from lookback.api.resume import Resumer, ResumeState
     from lookback.engine.served import ServedModel
 
 log = logging.getLogger("lookback.ws")
@@ -108,6 +109,10 @@ class Connection:
         self.sending = False  # the writer is inside send(): a full transport may block it
         self._send = ws.send
         self._parked: tuple[Any, Any] | None = None  # a direct send that had to suspend
+        self.resume: ResumeState | None = None  # resumable identity (lookback.api.resume)
+        # the last results, as on_result got them: a resume re-sends what a client missed
+        self.recent: deque[tuple[int, float, list[float], list[Event] | None]] | None = None
+        self.ready_extra: dict[str, Any] = {}  # resume fields of the ready message
 
     @property
     def ended(self) -> bool:
@@ -124,6 +129,8 @@ class Connection:
 
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
+        if self.recent is not None:  # kept for a resume to re-send (lookback.api.resume)
+            self.recent.append((index, time, scores, events))
         if scores[0] != scores[0] or (self.single is None and any(v != v for v in scores)):
             # NaN scores: the engine's guard (engine/guard.py) reset this session's state
             self.metrics.error("non_finite_state")
@@ -169,8 +176,13 @@ class Connection:
                 encoding=self.session.encoding if self.session else None,
                 threshold=spec.events.threshold,
                 worker=self.worker,
+                **self.ready_extra,
             )
         )
+        if self.resume is not None:  # a resume re-sends the results the client may have missed
+            for index, t, scores, events in self.resume.resend:
+                self.on_result(index, t, scores, events)
+            self.resume.resend.clear()
 
     def _put(self, text: str) -> None:
         if not self._accepts_output():
@@ -201,6 +213,10 @@ class Connection:
         self._parked = (coro, yielded)
         self.sending = True  # blocked in send(), as far as close_now is concerned
         self._wake()
+
+    def send_message(self, text: str) -> None:
+        """Queue a server message built in protocol.py (checkpoints: lookback.api.resume)."""
+        self._put(text)
 
     def send_error(self, code: str, message: str) -> None:
         self.metrics.error(code)
@@ -319,7 +335,11 @@ class Connection:
                         f"message holds {n // session.frame_bytes} frames; "
                         f"max_frames_per_message={s.max_frames_per_message}",
                     )
-                elif check_float and n % 4 == 0 and (problem := float_problem(_f32(data), max_amp)):
+                elif (
+                    check_float
+                    and n % session.frame_bytes == 0  # a broken frame is bad_frame_size first
+                    and (problem := float_problem(_f32(data), max_amp))
+                ):
                     self.send_error(*problem)
                 else:
                     try:
@@ -415,6 +435,8 @@ class Connection:
                 self.finisher.cancel()
             if self.session is not None:
                 registry.account_frames(self)
+                if registry.resumer is not None:
+                    await registry.resumer.on_close(self, reason)
                 self.session.close()
             if self.writer is not None and not self.writer.done():
                 if self.disconnected:  # nothing queued can be delivered any more
@@ -438,6 +460,7 @@ class Connections:
         self.engine = engine
         self._open: set[Connection] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self.resumer: Resumer | None = None  # resume on: checkpoints, final snapshots, migration
 
     def add(self, conn: Connection) -> None:
         self._open.add(conn)
@@ -508,11 +531,21 @@ class Connections:
 
     # -- graceful drain --------------------------------------------------------------------
     async def drain(self, grace: float) -> None:
-        """Finish every open session with a summary and 1001, within ``grace``."""
+        """Finish every open session with a summary and 1001, within ``grace``.
+
+        With a shared state store, resumable sessions are instead snapshotted and closed
+        with 4100 so that their clients resume them on another replica.
+        """
         conns = [c for c in self if c.close_reason is None and c.phase is not Phase.BROKEN]
         log.info("draining %d open sessions (grace %.1fs)", len(conns), grace)
+        migrated: list[Connection] = []
+        if self.resumer is not None and self.resumer.can_migrate:
+            left = await self.resumer.migrate(conns, grace)
+            migrated = [c for c in conns if c not in set(left)]
+            conns = left
+            log.info("%d sessions snapshotted for resume elsewhere", len(migrated))
         tasks = [c.start_finish(Close.GOING_AWAY, "draining") for c in conns]
-        writers = [c.writer for c in conns if c.writer is not None]
+        writers = [c.writer for c in (*conns, *migrated) if c.writer is not None]
         if tasks or writers:
             _, pending = await asyncio.wait([*tasks, *writers], timeout=grace)
             if pending:

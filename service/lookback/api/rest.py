@@ -65,6 +65,8 @@ async def readyz(request: Request) -> JSONResponse:
         "provider": svc.engine.provider,
         "models": sorted(svc.engine.models),
         "sessions": len(svc.connections),
+        # resume degrades, never blocks serving: an unreachable store is reported, not fatal
+        "resume": svc.resumer.readiness() if svc.resumer is not None else None,
     }
     peers = svc.admission.peers
     if peers is not None:  # --workers N: ready only when every worker is

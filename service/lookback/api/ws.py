@@ -8,6 +8,7 @@ close, since browsers cannot read a refused handshake's body.
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, WebSocket
@@ -25,6 +26,7 @@ from lookback.protocol import Close, error_message, spec_for
 from lookback.settings import Settings
 
 if TYPE_CHECKING:
+    from lookback.api.resume import Resumer
     from lookback.engine.served import ServedModel
 
 router = APIRouter()
@@ -32,7 +34,6 @@ router = APIRouter()
 
 def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ServedModel, str, str]:
     q = ws.query_params
-    check_unique_query(q.multi_items())
     handle = engine.resolve(q.get("model") or None, q.get("version") or None)
     encoding = q.get("encoding", "pcm_s16le")
     if encoding not in BYTES_PER_SAMPLE:
@@ -81,16 +82,39 @@ async def stream(ws: WebSocket) -> None:
         )
         return
     admission.reserved += 1
+    registry: Connections = state.connections
+    resumer: Resumer | None = state.resumer
     try:
         await ws.accept()
         try:
-            handle, encoding, results = _parse_query(ws, state.engine)
+            check_unique_query(ws.query_params.multi_items())  # one value each, resume too
+            token = ws.query_params.get("resume")
+            if token is None:
+                handle, encoding, results = _parse_query(ws, state.engine)
         except LookbackError as exc:
             metrics.sessions_refused.labels("bad_request").inc()
             metrics.error(exc.code)
             await ws.send_text(error_message(exc.code, exc.message))
             close = spec_for(exc.code).close or Close.BAD_REQUEST
             await ws.close(code=close, reason=exc.code)
+            return
+        if token is not None:
+            if resumer is None:
+                metrics.resumes.labels("unavailable").inc()
+                await ws.send_text(error_message("resume_unavailable", "resume is disabled on this server"))
+                await ws.close(code=Close.RESUME_UNAVAILABLE, reason="resume_unavailable")
+                return
+            resumed = await resumer.open_resumed(
+                ws,
+                state.engine,
+                token,
+                auth.ws_key(ws),
+                lambda model, results, sid: Connection(
+                    ws, s, metrics, model, results, sid, worker=admission.worker
+                ),
+            )
+            if resumed is not None:
+                await resumed.serve(registry)
             return
         conn = Connection(ws, s, metrics, handle, results, uuid.uuid4().hex[:16], worker=admission.worker)
         try:
@@ -100,7 +124,12 @@ async def stream(ws: WebSocket) -> None:
             await ws.send_text(error_message(exc.code, exc.message))
             await ws.close(code=Close.TRY_AGAIN_LATER, reason=exc.code)
             return
-        registry: Connections = state.connections
+        if resumer is not None and ws.query_params.get("resumable") in ("1", "true"):
+            # opt-in: only clients that can resume pay for checkpoints and see the new messages
+            conn.resume = await resumer.new_state(auth.ws_key(ws))
+            conn.resume.token_sent = conn.resume.token is not None
+            conn.recent = deque(maxlen=s.resume_tail_messages)
+            conn.ready_extra["resume_token"] = conn.resume.token
         await conn.serve(registry)
     finally:
         admission.reserved -= 1

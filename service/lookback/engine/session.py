@@ -25,8 +25,10 @@ import numpy as np
 from lookback.engine.events import Event, EventDetector
 from lookback.engine.pcm import BYTES_PER_SAMPLE, F32, Encoding, check_encoding, refuse_non_finite
 from lookback.engine.served import ServedModel
+from lookback.engine.slabs import CONTEXT
+from lookback.engine.snapshot import Snapshot, check_compatible, decode
 from lookback.engine.step import Step
-from lookback.errors import BackpressureError, BadAudio, LookbackError, SessionClosed
+from lookback.errors import BackpressureError, BadAudio, LookbackError, SessionClosed, SnapshotError
 
 
 class ResultSink(Protocol):
@@ -316,6 +318,88 @@ class StreamSession:
         while not self.closed and self.pending_steps > self._resume_at:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
+
+    # -- snapshots (lookback.engine.snapshot) --------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No step in flight and no hop queued: the slab rows are the state after ``steps_done``.
+
+        Multi-step: the step in flight may carry several hops and ``_queued`` counts the
+        hops behind it; a partial hop in ``_buf`` is audio, not pending work.
+        """
+        return self._in_flight is None and not self._queued
+
+    def snapshot_value(self, options: dict[str, str] | None = None) -> Snapshot:
+        """This session's complete state (it must be idle: ``wait_idle`` first, or check ``idle``).
+
+        Everything carried from one step to the next: the state and context rows, the
+        partial hop, the detector, the counters (``lookback.engine.snapshot``).
+        """
+        if self.closed or self.slot < 0:
+            raise SessionClosed("session is closed")
+        if not self.idle:  # an internal misuse, never sent to a client
+            raise SnapshotError("session has steps in flight; snapshot it when idle")
+        spec = self.model.spec
+        table = self._table
+        rows = {st.input: table.row(st.input, self.slot) for st in spec.states}
+        if spec.context_samples:
+            rows[CONTEXT] = table.row(CONTEXT, self.slot)[: spec.context_samples]
+        d = self.detector
+        return Snapshot(
+            model=spec.name,
+            version=spec.version,
+            graph_sha256=spec.graph.sha256,
+            encoding=self.encoding,
+            steps=self.steps_done,
+            frames=self.frames,
+            frame_samples=spec.frame_samples,
+            padded_samples=self.padded_samples,
+            failed_steps=self.steps_failed,
+            detector=(d.triggered, d._pending, d._temp_end, d._start),
+            events=[(e.event, e.label, e.sample) for e in self.events],
+            partial=bytes(self._buf),
+            rows=rows,
+            options=dict(options or {}),
+        )
+
+    def snapshot(self, options: dict[str, str] | None = None) -> bytes:
+        """This session's complete state as bytes (it must be idle)."""
+        return self.snapshot_value(options).encode()
+
+    @classmethod
+    def restore(
+        cls, model: ServedModel, sink: ResultSink, data: bytes | Snapshot, *, max_pending_steps: int = 64
+    ) -> StreamSession:
+        """A session in a fresh slot that continues ``data`` bit-identically."""
+        snap = data if isinstance(data, Snapshot) else decode(data)
+        check_compatible(snap, model)
+        session = cls(
+            model,
+            sink,
+            encoding=snap.encoding,  # type: ignore[arg-type]  # checked by check_compatible
+            max_pending_steps=max_pending_steps,
+        )
+        spec = model.spec
+        try:
+            for name, arr in snap.rows.items():
+                if name == CONTEXT:
+                    row = np.zeros(spec.window_samples, np.float32)
+                    row[: spec.context_samples] = arr
+                    arr = row
+                model.table.set_row(name, session.slot, arr)
+        except Exception:
+            session.close()
+            raise
+        session.steps_made = session.steps_done = snap.steps
+        session.steps_failed = snap.failed_steps
+        session.frames = snap.frames
+        session.padded_samples = snap.padded_samples
+        session._buf = bytearray(snap.partial)
+        d = session.detector
+        d.triggered, d._pending, d._temp_end, d._start = snap.detector
+        rate = spec.sample_rate
+        session.events = [Event(k, lab, s / rate, s) for k, lab, s in snap.events]
+        return session
 
     # -- end of stream -------------------------------------------------------------------
     async def wait_idle(self) -> None:

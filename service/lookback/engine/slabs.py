@@ -86,6 +86,17 @@ class StateTable:
         self._free.append(slot)
         self._used -= 1
 
+    def row(self, name: str, slot: int) -> np.ndarray:
+        """A copy of one session's row of one slab (batch-first layout), for a snapshot."""
+        return self.slabs[name][slot].copy()
+
+    def set_row(self, name: str, slot: int, value: np.ndarray) -> None:
+        """Overwrite one session's row (restore); shape and dtype must match the slab's."""
+        spec = self.specs[name]
+        if value.shape != spec.shape or value.dtype != spec.dtype:
+            raise ValueError(f"row {name}: {value.dtype}{value.shape} is not {spec.dtype}{spec.shape}")
+        self.slabs[name][slot] = value
+
     def _grow(self) -> None:
         if self.capacity >= self.max_capacity:
             raise CapacityError(f"state table full ({self.capacity} sessions)")

@@ -46,6 +46,7 @@ class LoadConfig:
     allow_remote: bool = False
     cpus: list[int] | None = None  # pin the client processes to these CPUs
     results: str = "all"
+    resumable: bool = False  # ?resumable=1: the server checkpoints every session (docs/sessions.md)
     seed: int = 0
     quiet: bool = False
 
@@ -102,6 +103,8 @@ def check_urls(cfg: LoadConfig) -> None:
 
 def query_string(cfg: LoadConfig) -> str:
     q = {"model": cfg.model, "version": cfg.version, "encoding": "pcm_s16le", "results": cfg.results}
+    if cfg.resumable:
+        q["resumable"] = "1"
     return urlencode({k: v for k, v in q.items() if v is not None})
 
 

@@ -112,6 +112,8 @@ class SessionBase:
                 self.ready_fut.set_result(None)
         elif kind == "summary":
             self.summary = msg
+        elif kind == "checkpoint":
+            pass  # a resumable session's durable point; the load test never resumes
         elif kind == "error":
             code = str(msg.get("code", "error"))
             if not self.ready:  # refused after the upgrade (bad model, capacity): a failure

@@ -53,7 +53,11 @@
     4408: "Closed after no audio for too long (4408).",
     4409: "The session reached the server's maximum duration (4409).",
     4429: "Closed because results were not read fast enough (4429).",
+    4100: "The server moved this session (4100); resuming…",
   };
+  // Closes after which the session is resumed with its token (docs/sessions.md).
+  const RESUMABLE = new Set([1006, 1011, 1012, 4100]);
+  const REPLAY_LIMIT_S = 60; // audio kept for a replay, at most
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -67,7 +71,7 @@
   const demo = {
     state: "idle", message: "", models: null, ready: null, summary: null, source: null,
     results: 0, framesSent: 0, lastScores: null, events: [], latencies: [], errors: [],
-    closes: [], log: [],
+    closes: [], log: [], resumes: 0, gapFree: true, framesTaken: 0,
     p50: null, p95: null,
   };
   window.lookbackDemo = demo;
@@ -243,6 +247,15 @@
       this.framesSent = 0;
       this.samplesSent = 0;
       this.level = 0;
+      // resume: the token, audio not yet durable (checkpoint), dedup of re-sent results
+      this.resumeToken = null;
+      this.replay = []; // {start, pcm}: frames after the last checkpoint
+      this.pos = 0; // samples taken from the worklet
+      this.nextStep = 0;
+      this.eventsSeen = 0;
+      this.skipEvents = 0;
+      this.resuming = false;
+      this.attempts = 0;
     }
 
     async setupAudio() {
@@ -266,6 +279,12 @@
         model: m.name, version: m.version, encoding: "pcm_s16le",
         sample_rate: String(this.rate), results: "all",
       });
+      q.set("resumable", "1");
+      if (this.resuming) {
+        q.set("resume", this.resumeToken);
+        q.set("next_step", String(this.nextStep));
+        q.set("sent", String(this.pos));
+      }
       if (token()) q.set("token", token());
       const proto = location.protocol === "https:" ? "wss:" : "ws:";
       const ws = new WebSocket(`${proto}//${location.host}/v1/stream?${q}`);
@@ -289,7 +308,14 @@
       if (msg.type !== "frame") return;
       this.level = Math.max(msg.peak, this.level * 0.9);
       const ws = this.ws;
-      if (!this.readyMsg || this.ending || !ws || ws.readyState !== WebSocket.OPEN) return;
+      if (!this.readyMsg || this.ending) return;
+      this.replay.push({ start: this.pos, pcm: msg.pcm });
+      this.pos += msg.pcm.byteLength / 2;
+      demo.framesTaken = this.pos / this.frame;
+      while (this.replay.length && this.replay[0].start < this.pos - REPLAY_LIMIT_S * this.rate) {
+        this.replay.shift();
+      }
+      if (this.resuming || !ws || ws.readyState !== WebSocket.OPEN) return; // kept for the replay
       const now = performance.now();
       ws.send(msg.pcm);
       this.framesSent += 1;
@@ -316,11 +342,22 @@
         case "event": return this.handleEvent(msg);
         case "error": return this.handleError(msg);
         case "summary": return this.handleSummary(msg);
+        case "checkpoint": return this.handleCheckpoint(msg);
         default: log(`unknown message type ${msg.type}`, "warn");
       }
     }
 
+    handleCheckpoint(msg) {
+      if (msg.resume_token) this.resumeToken = msg.resume_token;
+      // audio before msg.samples is durable on the server: no replay will need it
+      while (this.replay.length && this.replay[0].start + this.replay[0].pcm.byteLength / 2 <= msg.samples) {
+        this.replay.shift();
+      }
+    }
+
     handleReady(msg) {
+      if (msg.resume_token) this.resumeToken = msg.resume_token;
+      if (msg.resumed) return this.handleResumed(msg);
       this.readyMsg = msg;
       demo.ready = msg;
       labels = msg.labels && msg.labels.length ? msg.labels : labels;
@@ -340,7 +377,27 @@
       this.onReady = this.onRefused = null;
     }
 
+    handleResumed(msg) {
+      // Replay what the server lacks (from replay_from_sample), then stream on.
+      this.resuming = false;
+      this.attempts = 0;
+      demo.resumes += 1;
+      this.skipEvents = Math.max(0, this.eventsSeen - (msg.events_sent || 0));
+      const from = msg.replay_from_sample;
+      for (const f of this.replay) {
+        const end = f.start + f.pcm.byteLength / 2;
+        if (end <= from) continue;
+        this.ws.send(f.pcm.slice(Math.max(0, from - f.start) * 2));
+      }
+      ui.session.textContent = msg.session_id;
+      log(`resumed: session ${msg.session_id}, replayed from sample ${from}`);
+      setState("streaming", "Resumed after the connection was lost.");
+    }
+
     handleResult(msg) {
+      if (msg.step < this.nextStep) return; // re-sent after a resume: already shown
+      if (msg.step !== this.nextStep) demo.gapFree = false;
+      this.nextStep = msg.step + 1;
       const now = performance.now();
       const sent = this.sendTimes.get(msg.step);
       if (sent !== undefined) {
@@ -362,6 +419,11 @@
     }
 
     handleEvent(msg) {
+      if (this.skipEvents > 0) {
+        this.skipEvents -= 1; // re-sent after a resume
+        return;
+      }
+      this.eventsSeen += 1;
       const ev = { event: msg.event, label: msg.label, time: msg.time };
       demo.events.push(ev);
       if (msg.event === "start") {
@@ -394,8 +456,21 @@
     }
 
     onClose(e) {
-      this.closed = true;
       demo.closes.push({ code: e.code, reason: e.reason, clean: e.wasClean });
+      if (!this.ending && this.readyMsg && this.resumeToken && this.attempts < 60 &&
+          (RESUMABLE.has(e.code) || this.resuming || e.code === 4465)) {
+        // Keep the audio running and buffered; reconnect with the token (backoff).
+        this.resuming = true;
+        this.attempts += 1;
+        const delay = Math.min(2000, 100 * 2 ** Math.min(this.attempts, 5));
+        if (this.attempts === 1) {
+          log(`connection lost (${e.code}); resuming`, "warn");
+          setState("streaming", CLOSE_TEXT[4100]);
+        }
+        setTimeout(() => { if (!this.ending) this.connect().catch(() => {}); }, delay);
+        return;
+      }
+      this.closed = true;
       this.teardownAudio();
       if (sess === this) sess = null;
       let message;

@@ -1,0 +1,466 @@
+"""Resume: tokens, periodic checkpoints, resume on connect, migration on drain.
+
+A resume token is ``<session id>.<issuer mac><key mac>``: the session id is 128 random
+bits; the first MAC (HMAC-SHA256 under a secret every replica shares through the store)
+proves the token was issued by this service, the second binds it to the API key that
+opened the session. Both are checked before the store is asked anything, so a caller
+with another key learns nothing about whether the session exists. A successful resume
+consumes the token (the store marks its session ``used``) and issues a new one.
+
+Checkpoints never touch the per-frame path: one task, every ``snapshot_interval_s``,
+snapshots the sessions that advanced and are idle (a few microseconds each, on the
+event loop), writes them all in one pipelined store round trip together with the lease
+renewals of the others, and then tells each client ``{"type":"checkpoint","samples":N}``:
+audio before sample N is durable and need not be kept for a replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import orjson
+
+from lookback.engine import snapshot as snapmod
+from lookback.engine.events import Event
+from lookback.engine.session import ResultSink, StreamSession
+from lookback.errors import LookbackError, ModelNotFound, SnapshotError
+from lookback.protocol import Close, checkpoint_message, error_message, spec_for
+from lookback.state_store import Put, StateStore, StoreUnavailable, open_store
+
+if TYPE_CHECKING:
+    from fastapi import WebSocket
+
+    from lookback.engine.engine import Engine
+    from lookback.engine.served import ServedModel
+    from lookback.metrics import Metrics
+    from lookback.settings import Settings
+
+log = logging.getLogger("lookback.resume")
+_TOKEN = re.compile(r"^([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{32})$")
+_OUTCOME_CODE = {
+    "unknown": "resume_unknown",
+    "expired": "resume_expired",
+    "used": "resume_token_used",
+    "conflict": "resume_conflict",
+}
+_METRIC_OUTCOME = {
+    "resume_token_invalid": "invalid",
+    "resume_forbidden": "forbidden",
+    "resume_unknown": "unknown",
+    "resume_expired": "expired",
+    "resume_token_used": "used",
+    "resume_conflict": "conflict",
+    "resume_incompatible": "incompatible",
+    "snapshot_invalid": "incompatible",
+    "snapshot_version": "incompatible",
+    "resume_unavailable": "unavailable",
+}
+
+
+@dataclass
+class ResumeState:
+    """A connection's resumable identity."""
+
+    sid: str
+    owner: str  # this connection: the lease holder
+    key_fp: str
+    token: str | None = None
+    token_sent: bool = False
+    written_frames: int = -1  # frames in the last durable snapshot
+    migrated: bool = False  # final snapshot written or being written: rounds skip it
+    resend: list[Any] = field(default_factory=list)  # tail results to re-send after ready
+    marks: deque[int] = field(default_factory=lambda: deque(maxlen=2))  # steps of the last writes
+
+
+class Resumable(ResultSink, Protocol):
+    """What the resumer needs of a connection (``lookback.api.connection.Connection``): the
+    restored session's sink, its resume fields, its output and close.
+
+    A protocol, not an import: the connection module knows the resumer, not the reverse.
+    """
+
+    resume: ResumeState | None
+    recent: deque[tuple[int, float, list[float], list[Event] | None]] | None
+    ready_extra: dict[str, Any]
+    session: StreamSession | None
+    handle: ServedModel
+    want_results: bool
+
+    @property
+    def ended(self) -> bool: ...
+
+    @property
+    def end_reason(self) -> str | None: ...
+
+    def send_message(self, text: str) -> None: ...
+
+    def close_now(self, code: int, reason: str, message: str) -> None: ...
+
+    def close_after_queue(self, code: int, reason: str) -> None: ...
+
+
+C = TypeVar("C", bound=Resumable)
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def key_fingerprint(api_key: str | None) -> str:
+    return hashlib.sha256((api_key or "").encode()).hexdigest()
+
+
+class Resumer:
+    def __init__(self, settings: Settings, metrics: Metrics, store: StateStore | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store = store or open_store(
+            settings.state_store,
+            window_s=settings.resume_window_s,
+            lease_s=settings.resume_lease_s,
+            tomb_s=settings.resume_tombstone_s,
+        )
+        self._secret: bytes | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.connections: Iterable[Resumable] = ()
+        self._next_ping = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, connections: Iterable[Resumable]) -> None:
+        self.connections = connections
+        await self.store.start()
+        self._publish()
+        self._task = asyncio.create_task(self._loop(), name="checkpoints")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.store.stop()
+
+    def _publish(self) -> None:
+        self.metrics.store_up.labels(self.store.kind).set(1 if self.store.available else 0)
+
+    @property
+    def can_migrate(self) -> bool:
+        """Drain hands sessions to other replicas only through a shared, reachable store."""
+        return self.store.kind != "memory" and self.store.available
+
+    def readiness(self) -> dict[str, Any]:
+        return {"store": self.store.kind, "available": self.store.available}
+
+    # -- tokens ------------------------------------------------------------------------------
+    async def _key(self) -> bytes | None:
+        if self._secret is None:
+            with contextlib.suppress(StoreUnavailable):
+                self._secret = await self.store.secret()
+        return self._secret
+
+    @staticmethod
+    def _macs(secret: bytes, sid: str, key_fp: str) -> tuple[str, str]:
+        issuer = hmac.new(secret, b"issue|" + sid.encode(), hashlib.sha256).digest()[:12]
+        scoped = hmac.new(secret, f"key|{sid}|{key_fp}".encode(), hashlib.sha256).digest()[:12]
+        return _b64(issuer), _b64(scoped)
+
+    async def issue(self, state: ResumeState) -> None:
+        secret = await self._key()
+        if secret is not None:
+            a, b = self._macs(secret, state.sid, state.key_fp)
+            state.token = f"{state.sid}.{a}{b}"
+
+    async def new_state(self, api_key: str | None) -> ResumeState:
+        state = ResumeState(_b64(secrets.token_bytes(16)), uuid.uuid4().hex, key_fingerprint(api_key))
+        await self.issue(state)
+        return state
+
+    async def verify(self, token: str, api_key: str | None) -> str:
+        """The session id of a genuine token of this key; refuses without asking the store."""
+        m = _TOKEN.match(token)
+        if m is None:
+            raise LookbackError("resume token is malformed", code="resume_token_invalid")
+        secret = await self._key()
+        if secret is None:
+            raise LookbackError("state store unreachable: cannot resume now", code="resume_unavailable")
+        sid, tag = m.groups()
+        a, b = self._macs(secret, sid, key_fingerprint(api_key))
+        if not hmac.compare_digest(tag[:16], a):
+            raise LookbackError("resume token was not issued by this service", code="resume_token_invalid")
+        if not hmac.compare_digest(tag[16:], b):
+            raise LookbackError("resume token belongs to another API key", code="resume_forbidden")
+        return sid
+
+    # -- resume on connect -------------------------------------------------------------------
+    async def open_resumed(
+        self,
+        ws: WebSocket,
+        engine: Engine,
+        token: str,
+        api_key: str | None,
+        connect: Callable[[ServedModel, str, str], C],
+    ) -> C | None:
+        """Restore the session of ``token`` into a new connection, or refuse with its code.
+
+        ``connect(model, results, session_id)`` makes the connection (the restored
+        session's sink). Returns it, its ``ready_extra`` saying where the client resumes,
+        or None after sending the refusal.
+        """
+
+        state: ResumeState | None = None
+        old_sid: str | None = None
+        claimed = False
+        try:
+            if not self.store.available:
+                raise LookbackError("state store unreachable: cannot resume now", code="resume_unavailable")
+            old_sid = await self.verify(token, api_key)
+            state = ResumeState(_b64(secrets.token_bytes(16)), uuid.uuid4().hex, key_fingerprint(api_key))
+            outcome, data = await self.store.claim(old_sid, state.owner)
+            if outcome != "ok" or data is None:
+                raise LookbackError(f"cannot resume: {outcome}", code=_OUTCOME_CODE[outcome])
+            claimed = True
+            snap = snapmod.decode(data)
+            tail = self._tail(snap)  # everything that can refuse comes before the restore
+            have = ws.query_params.get("next_step", "")
+            next_step = int(have) if have.isdigit() and len(have) < 19 else snap.steps
+            try:
+                model = engine.resolve(snap.model, snap.version)
+            except ModelNotFound as exc:
+                raise SnapshotError(
+                    f"model {snap.model}/{snap.version} of the snapshot is not served here",
+                    code="resume_incompatible",
+                ) from exc
+            results = snap.options.get("results", "all")
+            conn = connect(model, results, state.sid)
+            conn.session = StreamSession.restore(
+                model, conn, snap, max_pending_steps=self.settings.max_pending_steps
+            )
+            conn.resume = state
+            conn.recent = deque(maxlen=self.settings.resume_tail_messages)
+            state.resend = [r for r in tail if r[0] >= next_step]
+            conn.recent.extend(r for r in tail if r[0] < next_step)  # on_result adds the rest
+            events_sent = len(snap.events) - sum(len(r[3] or ()) for r in state.resend)
+            try:
+                if not await self.store.consume(old_sid, state.sid, state.owner, data):
+                    raise LookbackError("another connection took the session", code="resume_conflict")
+            except BaseException:
+                conn.session.close()
+                raise
+            claimed = False
+            state.written_frames = snap.frames
+            await self.issue(state)
+            state.token_sent = state.token is not None
+        except StoreUnavailable:
+            await self._refuse(ws, "resume_unavailable", "state store unreachable: cannot resume now")
+            return None
+        except Exception as exc:  # anything unforeseen must not leave the lease held
+            if claimed and old_sid is not None and state is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.release(old_sid, state.owner)
+            if not isinstance(exc, LookbackError):
+                log.exception("resume failed")
+                exc = LookbackError(f"resume failed: {type(exc).__name__}", code="internal_error")
+            await self._refuse(ws, exc.code, exc.message)
+            return None
+        self.metrics.resumes.labels("ok").inc()
+        sent = ws.query_params.get("sent")
+        if sent is not None and sent.isdigit() and len(sent) < 19 and int(sent) > snap.samples:
+            self.metrics.replayed_samples.inc(int(sent) - snap.samples)
+        conn.ready_extra = {
+            "resumed": True,
+            "replay_from_sample": snap.samples,
+            "next_step": snap.steps,
+            # > the client's next_step: results in between are gone (the tail did not reach)
+            "resent_from_step": state.resend[0][0] if state.resend else snap.steps,
+            "events_sent": events_sent,
+            "resume_token": state.token,
+        }
+        return conn
+
+    async def _refuse(self, ws: WebSocket, code: str, message: str) -> None:
+        self.metrics.resumes.labels(_METRIC_OUTCOME.get(code, "error")).inc()
+        self.metrics.error(code)
+        await ws.send_text(error_message(code, message))
+        await ws.close(code=spec_for(code).close or Close.BAD_REQUEST, reason=code)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @staticmethod
+    def _options(conn: Resumable) -> dict[str, str]:
+        """Transport options, and the results a client may not have received yet.
+
+        A client that read checkpoint k-1 has every result sent before it, so the tail
+        starts at the snapshot two writes back (capped by resume_tail_messages): a few
+        dozen results, encoded by orjson straight from on_result's tuples and Events.
+        """
+        recent = conn.recent or deque()
+        st = conn.resume
+        since = st.marks[0] if st is not None and len(st.marks) == st.marks.maxlen else 0
+        idx = 0
+        if recent:
+            idx = max(0, len(recent) - (recent[-1][0] - since + 1))
+            while idx < len(recent) and recent[idx][0] < since:
+                idx += 1
+        tail = orjson.dumps(list(itertools.islice(recent, idx, None))).decode()
+        return {"results": "all" if conn.want_results else "events", "tail": tail}
+
+    @staticmethod
+    def _tail(snap: snapmod.Snapshot) -> list[Any]:
+        try:
+            return [
+                (int(i), float(t), [float(x) for x in scores], [Event(**e) for e in evs] if evs else None)
+                for i, t, scores, evs in orjson.loads(snap.options.get("tail", "[]"))
+            ]
+        except (ValueError, TypeError) as exc:
+            raise SnapshotError(f"snapshot result tail is malformed: {exc}") from exc
+
+    async def _loop(self) -> None:
+        interval = self.settings.snapshot_interval_s
+        while True:
+            await asyncio.sleep(interval)  # the checkpoint period, not a wait for a condition
+            try:
+                await self.checkpoint()
+            except Exception:  # a failed round must not end checkpointing
+                log.exception("checkpoint round failed")
+
+    async def checkpoint(self) -> int:
+        """One round: snapshot idle sessions that advanced, renew the others' leases."""
+        self._publish()
+        if not self.store.available:
+            return 0
+        conns: list[Resumable] = []
+        puts: list[Put] = []
+        frames: list[int] = []
+        steps: list[int] = []
+        for k, c in enumerate(list(self.connections)):
+            if k and k % 64 == 0:
+                await asyncio.sleep(0)  # thousands of snapshots must not stall the loop in one go
+            st, s = c.resume, c.session
+            if st is None or s is None or st.migrated or c.end_reason is not None or s.closed:
+                continue
+            data = None
+            if s.frames != st.written_frames and s.idle:
+                data = s.snapshot(self._options(c))
+            conns.append(c)
+            frames.append(s.frames if data is not None else -1)
+            steps.append(s.steps_done)
+            puts.append(Put(st.sid, st.owner, data))
+        if not puts:
+            now = time.monotonic()
+            if now >= self._next_ping:  # idle: still notice a lost store (readyz, metric)
+                self._next_ping = now + 1.0
+                with contextlib.suppress(StoreUnavailable):
+                    await self.store.ping()
+                self._publish()
+            return 0
+        t0 = time.perf_counter()
+        try:
+            ok = await self.store.sync(puts)
+        except StoreUnavailable:
+            self._publish()
+            return 0
+        written = [p for p in puts if p.data is not None]
+        self.metrics.snapshot_write.observe(time.perf_counter() - t0)
+        self.metrics.snapshots.labels("checkpoint").inc(len(written))
+        self.metrics.snapshot_bytes.inc(sum(len(p.data or b"") for p in written))
+        for c, p, f, n, good in zip(conns, puts, frames, steps, ok, strict=True):
+            st = c.resume
+            assert st is not None
+            if not good:
+                c.close_now(
+                    Close.RESUME_CONFLICT, "resume_conflict", "the session was resumed on another connection"
+                )
+                continue
+            if p.data is None:
+                continue
+            st.written_frames = f
+            st.marks.append(n)
+            token = None
+            if not st.token_sent:
+                if st.token is None:
+                    await self.issue(st)
+                if st.token is not None:
+                    token = st.token
+                    st.token_sent = True
+            c.send_message(checkpoint_message(f * c.handle.spec.frame_samples, token))
+        return len(written)
+
+    # -- end of a connection -----------------------------------------------------------------
+    async def on_close(self, conn: Resumable, reason: str) -> None:
+        """Normal end: forget the session. Anything else: a final snapshot, lease released."""
+        st, s = conn.resume, conn.session
+        if st is None or s is None or st.migrated:
+            return
+        st.migrated = True  # checkpoint rounds leave it alone from now on (no lease renewal)
+        try:
+            if reason in ("normal", "draining") or s.closed:  # the summary went out: nothing to resume
+                await self.store.discard(st.sid)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.wait_idle(), 2.0)
+            if not s.idle or s.closed:
+                await self.store.sync([Put(st.sid, st.owner, None, release=True)])
+                return
+            data = s.snapshot(self._options(conn))
+            await self.store.sync([Put(st.sid, st.owner, data, release=True)])
+            self.metrics.snapshots.labels("disconnect").inc()
+            self.metrics.snapshot_bytes.inc(len(data))
+        except StoreUnavailable:
+            self._publish()
+
+    async def migrate(self, conns: list[C], grace: float) -> list[C]:
+        """Drain: snapshot every session, hand it to the store, close with 4100.
+
+        Returns the connections that could not be migrated (still busy at the deadline,
+        or not resumable); the caller finishes those the old way.
+        """
+        deadline = time.monotonic() + grace / 2
+        ready: list[C] = []
+        left: list[C] = []
+        for c in conns:
+            s = c.session
+            if c.resume is None or s is None or c.ended:
+                left.append(c)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.wait_idle(), max(0.0, deadline - time.monotonic()))
+            (ready if s.idle and not s.closed else left).append(c)
+        puts = []
+        samples = []
+        for c in ready:
+            st, s = c.resume, c.session
+            assert st is not None and s is not None
+            st.migrated = True  # the reader may still push: nothing after this is written
+            puts.append(Put(st.sid, st.owner, s.snapshot(self._options(c)), release=True))
+            samples.append(s.frames * c.handle.spec.frame_samples)
+        try:
+            ok = await self.store.sync(puts) if puts else []
+        except StoreUnavailable:
+            for c in ready:
+                assert c.resume is not None
+                c.resume.migrated = False
+            return conns
+        for c, p, n, good in zip(ready, puts, samples, ok, strict=True):
+            if not good:
+                assert c.resume is not None
+                c.resume.migrated = False
+                left.append(c)
+                continue
+            self.metrics.sessions_migrated.inc()
+            self.metrics.snapshots.labels("drain").inc()
+            self.metrics.snapshot_bytes.inc(len(p.data or b""))
+            c.send_message(checkpoint_message(n))
+            c.close_after_queue(Close.RESUME_ELSEWHERE, "resume_elsewhere")
+        return left

@@ -1,0 +1,660 @@
+"""The broker-independent ingestion core: per-device sessions fed from any message source.
+
+An adapter (Redis Streams, MQTT; Kafka would be one more) turns broker records into
+``Message`` (or ``Rejection``) values and ``submit``s them; the core runs one worker per
+device that feeds that device's ``StreamSession`` in order, and hands back one ``Commit``
+per consumed message: the records to publish (results, events, gap notices, summaries,
+errors), the device's checkpoint (its last consumed sequence number plus its session
+snapshot) and the broker tokens to acknowledge. The adapter applies a commit as
+"publish, then checkpoint, then acknowledge" (atomically where the broker allows), so a
+crash anywhere leaves either the previous or the new checkpoint and the message still
+pending: the next owner restores the checkpoint and skips what it had consumed.
+
+A device processes one message at a time and waits for its steps before committing, so
+the snapshot is taken idle; many devices run at once, so their steps share batches.
+Backpressure: ``submit`` waits (the adapter stops reading) while too many messages are in
+flight, a device's queue is full or the batcher backlog is high; nothing is dropped and
+no queue grows without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, cast
+
+import numpy as np
+import orjson
+
+from lookback.engine.events import Event
+from lookback.engine.pcm import BYTES_PER_SAMPLE, Encoding
+from lookback.engine.session import StreamSession
+from lookback.errors import CapacityError, LookbackError, SnapshotError
+from lookback.metrics import Metrics
+from lookback.settings import Settings
+
+log = logging.getLogger("lookback.sources")
+
+GapPolicy = Literal["zero_fill", "reset"]
+FRAME_SAMPLES = 128
+_CKPT = struct.Struct("<4sI")
+_CKPT_MAGIC = b"LBDC"
+_MAX_SKIPPED = 1024  # sequence numbers remembered per device to tell "late" from "duplicate"
+
+
+# -- values exchanged with adapters -------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Message:
+    """One well-formed audio message of one device (whole 128-sample frames)."""
+
+    device: str
+    seq: int
+    audio: bytes
+    encoding: str = "pcm_s16le"
+    model: str | None = None
+    version: str | None = None
+    end: bool = False
+    sent: float | None = None  # producer's wall clock (time.time()), for publish latency
+    token: Any = None  # what the adapter acknowledges once the commit is applied
+    partition: str = ""
+
+
+@dataclass(slots=True)
+class Rejection:
+    """A message that cannot be fed; ``device``/``seq`` are set when they could be read."""
+
+    reason: str
+    detail: str
+    device: str | None = None
+    seq: int | None = None
+    token: Any = None
+    partition: str = ""
+
+
+@dataclass(slots=True)
+class Commit:
+    device: str | None
+    partition: str
+    seq: int | None
+    records: list[dict[str, Any]]  # results, events, gap notices, summaries (in order)
+    errors: list[dict[str, Any]]
+    checkpoint: bytes | None  # None: the device's checkpoint does not change
+    tokens: list[Any]
+    sent: float | None = None
+
+
+class Adapter(Protocol):
+    """What the core needs from a broker."""
+
+    async def load_checkpoint(self, device: str) -> bytes | None: ...
+
+    async def commit(self, commit: Commit) -> bool:
+        """Publish, store the checkpoint, acknowledge; False if this consumer lost the device."""
+
+    def lost(self, partition: str) -> None:
+        """A device of ``partition`` failed to commit: redeliver its unacknowledged messages.
+
+        Its later messages were dropped unacknowledged (never processed out of order), so
+        the adapter must have the broker deliver them again, in order (Redis: re-claim the
+        partition's pending entries; MQTT: reconnect the persistent session).
+        """
+
+
+def validate_audio(audio: bytes, encoding: str, max_frames: int) -> tuple[str, str] | None:
+    """(reason, detail) when an audio payload cannot be fed, else None."""
+    bps = BYTES_PER_SAMPLE.get(encoding)
+    if bps is None:
+        return "bad_encoding", f"encoding must be pcm_s16le or pcm_f32le, not {encoding[:40]!r}"
+    if not audio:
+        return "empty_message", "message carries no audio"
+    if len(audio) % (FRAME_SAMPLES * bps):
+        return (
+            "bad_frame_size",
+            f"{len(audio)} bytes is not a whole number of {FRAME_SAMPLES * bps}-byte frames",
+        )
+    if len(audio) // (FRAME_SAMPLES * bps) > max_frames:
+        return "too_many_frames", f"more than max_frames_per_message={max_frames} frames"
+    if bps == 4 and not np.isfinite(np.frombuffer(audio, "<f4")).all():
+        return "non_finite_audio", "pcm_f32le audio holds NaN or Inf"
+    return None
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+
+@dataclass
+class Checkpoint:
+    seq: int  # last sequence number consumed (-1: none yet)
+    epoch: int  # sessions this device has had (a reset or an end starts the next)
+    snapshot: bytes | None  # the open session's state; None: no session open
+
+    def encode(self) -> bytes:
+        head = orjson.dumps({"seq": self.seq, "epoch": self.epoch})
+        return _CKPT.pack(_CKPT_MAGIC, len(head)) + head + (self.snapshot or b"")
+
+    @staticmethod
+    def decode(data: bytes) -> Checkpoint:
+        if len(data) < _CKPT.size:
+            raise SnapshotError("device checkpoint truncated")
+        magic, hlen = _CKPT.unpack_from(data)
+        if magic != _CKPT_MAGIC or _CKPT.size + hlen > len(data):
+            raise SnapshotError("not a Lookback device checkpoint")
+        try:
+            h = orjson.loads(data[_CKPT.size : _CKPT.size + hlen])
+            seq, epoch = int(h["seq"]), int(h["epoch"])
+        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
+            raise SnapshotError(f"device checkpoint header malformed: {exc}") from exc
+        snap = data[_CKPT.size + hlen :]
+        return Checkpoint(seq, epoch, snap or None)
+
+
+# -- the core ------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceOptions:
+    """Per-source behaviour, from settings (``LOOKBACK_SOURCE_*``) and the source URL."""
+
+    model: str | None = None
+    version: str | None = None
+    idle_timeout_s: float = 60.0
+    gap_policy: GapPolicy = "zero_fill"
+    max_gap_fill_s: float = 10.0
+    max_inflight: int = 4096  # messages read and not yet committed, all devices together
+    device_queue: int = 32  # messages queued for one device
+    max_frames: int = 64
+    max_pending_steps: int = 64
+    shed_backlog_steps: int = 4096
+    max_devices: int = 1000
+
+    @classmethod
+    def from_settings(cls, s: Settings, **over: Any) -> SourceOptions:
+        opts = cls(
+            model=s.source_model or None,
+            idle_timeout_s=s.source_idle_timeout_s,
+            gap_policy=s.source_gap_policy,
+            max_gap_fill_s=s.source_max_gap_fill_s,
+            max_inflight=s.source_max_inflight,
+            device_queue=s.source_device_queue,
+            max_frames=s.max_frames_per_message,
+            max_pending_steps=s.max_pending_steps,
+            shed_backlog_steps=s.shed_backlog_steps,
+            max_devices=s.max_sessions,
+        )
+        for k, v in over.items():
+            setattr(opts, k, v)
+        return opts
+
+    def apply_query(self, q: dict[str, str]) -> None:
+        """Per-source overrides from the source URL (``?model=...&gap_policy=reset``)."""
+        if "model" in q:
+            self.model = q["model"]
+        if "version" in q:
+            self.version = q["version"]
+        if "gap_policy" in q:
+            if q["gap_policy"] not in ("zero_fill", "reset"):
+                raise ValueError(f"gap_policy must be zero_fill or reset, not {q['gap_policy'][:20]!r}")
+            self.gap_policy = cast(GapPolicy, q["gap_policy"])
+        if "idle_timeout_s" in q:
+            self.idle_timeout_s = float(q["idle_timeout_s"])
+
+
+class _Sink:
+    """Collects one device's outputs between two commits (called on the event loop)."""
+
+    def __init__(self, dev: Device) -> None:
+        self.dev = dev
+
+    def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
+        d = self.dev
+        d.records.append({"type": "result", "epoch": d.epoch, "step": index, "time": time, "scores": scores})
+        for e in events or ():
+            d.records.append(
+                {"type": "event", "epoch": d.epoch, "event": e.event, "label": e.label, "time": e.time}
+            )
+
+    def on_error(self, index: int, error: LookbackError) -> None:
+        self.dev.errors.append({"type": "error", "reason": error.code, "detail": str(error), "step": index})
+
+
+@dataclass
+class Device:
+    id: str
+    partition: str
+    queue: asyncio.Queue[Message | Rejection] = field(default_factory=asyncio.Queue)
+    session: StreamSession | None = None
+    loaded: bool = False
+    last_seq: int = -1
+    epoch: int = 0
+    gaps: int = 0
+    skipped: deque[int] = field(default_factory=lambda: deque(maxlen=_MAX_SKIPPED))
+    records: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+    leaving: bool = False
+    failed: bool = False  # a commit failed: drop (unacknowledged) until the adapter replays
+
+
+Resolver = Callable[[str | None, str | None], Any]  # (model, version) -> ServedModel
+
+
+class DeviceHub:
+    """Per-device sessions over one engine; adapters call ``submit`` in broker order."""
+
+    def __init__(
+        self,
+        engine: Any,
+        adapter: Adapter,
+        opts: SourceOptions,
+        metrics: Metrics,
+        *,
+        source: str,
+        admit: Callable[[], str | None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.adapter = adapter
+        self.opts = opts
+        self.metrics = metrics
+        self.source = source
+        self.admit = admit
+        self.devices: dict[str, Device] = {}
+        self.blocked: set[str] = set()  # partitions whose messages the adapter will replay
+        self.inflight = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.closed = False
+
+    # -- intake ----------------------------------------------------------------------------
+    async def submit(self, item: Message | Rejection, *, replay: bool = False) -> None:
+        """Queue ``item`` for its device; waits (never drops) while the core is full.
+
+        Items of a ``blocked`` partition (one being recovered after a failed commit) are
+        skipped unacknowledged unless they come from the adapter's ``replay``.
+        """
+        if item.partition in self.blocked and not replay:
+            return
+        while not self._has_room(item):
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                # re-check the batcher backlog periodically: it drains without waking us
+                await asyncio.wait_for(self._room.wait(), 0.05)
+        self.inflight += 1
+        self._idle.clear()
+        if item.device is None or (isinstance(item, Rejection) and item.seq is None):
+            # without a device and a sequence number it cannot be placed in any stream
+            assert isinstance(item, Rejection)
+            self.metrics.source_messages.labels(self.source, "rejected", item.reason).inc()
+            err = _error_record(item)
+            spawn(self._apply(Commit(None, item.partition, None, [], [err], None, [item.token])))
+            return
+        dev = self.devices.get(item.device)
+        if dev is not None and dev.failed:
+            self._done()  # unacknowledged: the adapter redelivers it after the failure
+            return
+        if dev is None:
+            dev = self.devices[item.device] = Device(item.device, item.partition)
+            dev.task = asyncio.create_task(self._run(dev), name=f"device-{item.device[:32]}")
+            self.metrics.source_devices.labels(self.source).set(len(self.devices))
+        dev.queue.put_nowait(item)
+
+    def _has_room(self, item: Message | Rejection) -> bool:
+        o = self.opts
+        if self.inflight >= o.max_inflight:
+            return False
+        if self.engine.backlog >= o.shed_backlog_steps:
+            return False
+        dev = self.devices.get(item.device) if item.device is not None else None
+        if dev is not None and dev.queue.qsize() >= o.device_queue:
+            return False
+        return not (dev is None and item.device is not None and len(self.devices) >= o.max_devices)
+
+    def _done(self) -> None:
+        self.inflight -= 1
+        self._room.set()
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until every submitted message is committed."""
+        await self._idle.wait()
+
+    # -- per device -------------------------------------------------------------------------
+    async def _run(self, dev: Device) -> None:
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(dev.queue.get(), self.opts.idle_timeout_s)
+                except TimeoutError:
+                    if dev.leaving:
+                        break
+                    if dev.failed:
+                        continue  # kept (and dropping) until the adapter releases its partition
+                    if dev.session is not None:
+                        await self._close_idle(dev)
+                    if dev.queue.empty():
+                        break
+                    continue
+                if item is _WAKE:
+                    if dev.leaving and dev.queue.empty():
+                        break
+                    continue
+                try:
+                    if not dev.failed:
+                        await self._handle(dev, item)
+                except Exception:  # never let one device take the consumer down
+                    log.exception("device %s: message seq %s failed", dev.id, getattr(item, "seq", None))
+                    self._fail(dev)
+                finally:
+                    self._done()
+                if dev.leaving and dev.queue.empty():
+                    break
+        finally:
+            if self.devices.get(dev.id) is dev:
+                self._forget(dev)
+
+    def _reset(self, dev: Device) -> None:
+        """Drop a device's in-memory state; its checkpoint is the truth from now on."""
+        if dev.session is not None:
+            dev.session.close()
+            dev.session = None
+        dev.loaded = False
+        dev.last_seq, dev.epoch = -1, 0
+        dev.records.clear()
+        dev.errors.clear()
+
+    def _fail(self, dev: Device) -> None:
+        """Processing or committing failed: nothing of this device is acknowledged any more.
+
+        Its state is dropped and its queued messages skipped unacknowledged; the adapter
+        redelivers them from the last commit, and the checkpoint says where that was.
+        """
+        self._reset(dev)
+        dev.failed = True
+        self.metrics.source_messages.labels(self.source, "redelivery", "commit_failed").inc()
+        self.adapter.lost(dev.partition)
+
+    def _forget(self, dev: Device) -> None:
+        self._reset(dev)
+        if self.devices.get(dev.id) is dev:
+            del self.devices[dev.id]
+            self.metrics.source_devices.labels(self.source).set(len(self.devices))
+
+    async def _load(self, dev: Device) -> None:
+        data = await self.adapter.load_checkpoint(dev.id)
+        dev.loaded = True
+        if data is None:
+            return
+        try:
+            ck = Checkpoint.decode(data)
+        except SnapshotError as exc:
+            dev.errors.append({"type": "error", "reason": "checkpoint_invalid", "detail": str(exc)})
+            self.metrics.source_messages.labels(self.source, "checkpoint", "checkpoint_invalid").inc()
+            return
+        dev.last_seq, dev.epoch = ck.seq, ck.epoch
+        if ck.snapshot is not None:
+            try:
+                from lookback.engine import snapshot as snapmod
+
+                snap = snapmod.decode(ck.snapshot)
+                handle = self.engine.resolve(snap.model, snap.version)
+                dev.session = await self._with_room(
+                    lambda: StreamSession.restore(
+                        handle, _Sink(dev), snap, max_pending_steps=self.opts.max_pending_steps
+                    )
+                )
+                self.metrics.source_restores.labels(self.source).inc()
+            except LookbackError as exc:
+                # the model changed since the checkpoint: the device starts a new session
+                dev.epoch += 1
+                dev.errors.append({"type": "error", "reason": "checkpoint_incompatible", "detail": str(exc)})
+                self.metrics.source_messages.labels(
+                    self.source, "checkpoint", "checkpoint_incompatible"
+                ).inc()
+
+    async def _handle(self, dev: Device, item: Message | Rejection) -> None:
+        if not dev.loaded:
+            await self._load(dev)
+        assert item.seq is not None
+        if dev.last_seq >= 0 and item.seq <= dev.last_seq:
+            reason = "late_message" if item.seq in dev.skipped else "duplicate_message"
+            what = (
+                "arrived after later ones (its gap was already handled)"
+                if reason == "late_message"
+                else ("already consumed")
+            )
+            await self._reject(
+                dev, item, reason, f"seq {item.seq} {what}; last consumed {dev.last_seq}", consume=False
+            )
+            return
+        if isinstance(item, Rejection):
+            await self._reject(dev, item, item.reason, item.detail, consume=True)
+            return
+        msg = item
+        if dev.last_seq >= 0 and msg.seq > dev.last_seq + 1:
+            await self._gap(dev, msg)
+        if dev.session is None:
+            try:
+                handle = self.engine.resolve(msg.model or self.opts.model, msg.version or self.opts.version)
+            except LookbackError as exc:
+                await self._reject(dev, msg, exc.code, str(exc), consume=True)
+                return
+            await self._admission()
+            enc = cast(Encoding, msg.encoding)
+            dev.session = await self._with_room(
+                lambda: StreamSession(
+                    handle, _Sink(dev), encoding=enc, max_pending_steps=self.opts.max_pending_steps
+                )
+            )
+            self.metrics.source_sessions.labels(self.source, "opened").inc()
+        session = dev.session
+        if msg.encoding != session.encoding:
+            await self._reject(
+                dev,
+                msg,
+                "bad_encoding",
+                f"device session streams {session.encoding}, message is {msg.encoding}",
+                consume=True,
+            )
+            return
+        try:
+            await self._feed(session, msg.audio)
+        except LookbackError as exc:
+            await self._reject(dev, msg, exc.code, str(exc), consume=True)
+            return
+        if msg.end:
+            await self._end(dev, "end")
+        dev.last_seq = msg.seq
+        await self._commit(dev, msg)
+        self.metrics.source_messages.labels(self.source, "scored", "").inc()
+
+    async def _feed(self, session: StreamSession, audio: bytes) -> None:
+        """Push in pieces that fit the step bound, each scored before the next."""
+        piece = max(session.frame_bytes, (self.opts.max_pending_steps * session.hop_bytes) // 2)
+        piece -= piece % session.frame_bytes
+        for i in range(0, len(audio), piece):
+            session.push(audio[i : i + piece])
+            await session.wait_idle()
+
+    async def _admission(self) -> None:
+        """Same limits as a WebSocket session: wait (read more slowly) rather than refuse."""
+        while self.admit is not None and (why := self.admit()) is not None:
+            self.metrics.source_admission_waits.labels(self.source, why).inc()
+            await asyncio.sleep(0.1)  # a back-off poll: admission frees up without an event
+
+    async def _with_room(self, open_session: Callable[[], StreamSession]) -> StreamSession:
+        """Open a session, waiting while the state table is full (WebSocket sessions too)."""
+        while True:
+            try:
+                return open_session()
+            except CapacityError:
+                self.metrics.source_admission_waits.labels(self.source, "capacity").inc()
+                await asyncio.sleep(0.1)  # a back-off poll: slots free up without an event
+
+    async def _gap(self, dev: Device, msg: Message) -> None:
+        missing = msg.seq - dev.last_seq - 1
+        dev.gaps += 1
+        if missing <= _MAX_SKIPPED:
+            dev.skipped.extend(range(dev.last_seq + 1, msg.seq))
+        self.metrics.source_gaps.labels(self.source, self.opts.gap_policy).inc()
+        self.metrics.source_gap_messages.labels(self.source).inc(missing)
+        session = dev.session
+        policy = self.opts.gap_policy
+        fill = 0
+        if session is not None and policy == "zero_fill":
+            fill = missing * len(msg.audio) // BYTES_PER_SAMPLE[session.encoding]
+            if fill > self.opts.max_gap_fill_s * session.model.spec.sample_rate:
+                policy, fill = "reset", 0  # too long to pretend it was silence
+        dev.records.append(
+            {
+                "type": "gap",
+                "epoch": dev.epoch,
+                "after_seq": dev.last_seq,
+                "seq": msg.seq,
+                "missing": missing,
+                "policy": policy,
+                "fill_samples": fill,
+            }
+        )
+        if session is None:
+            return
+        if policy == "zero_fill":
+            await self._feed(session, bytes(fill * BYTES_PER_SAMPLE[session.encoding]))
+        else:
+            await self._end(dev, "gap")
+
+    async def _end(self, dev: Device, reason: str) -> None:
+        session = dev.session
+        assert session is not None
+        session.flush()
+        await session.wait_idle()
+        session.finish()
+        dev.records.append(
+            {
+                "type": "summary",
+                "epoch": dev.epoch,
+                "reason": reason,
+                "model": session.model.spec.key,
+                "steps": session.steps_done,
+                "failed_steps": session.steps_failed,
+                "samples": session.samples,
+                "padded_samples": session.padded_samples,
+                "events": [{"event": e.event, "label": e.label, "time": e.time} for e in session.events],
+            }
+        )
+        session.close()
+        dev.session = None
+        dev.epoch += 1
+        self.metrics.source_sessions.labels(self.source, reason).inc()
+
+    async def _close_idle(self, dev: Device) -> None:
+        await self._end(dev, "idle")
+        self.inflight += 1  # the idle close is committed like a message
+        try:
+            await self._commit(dev, None)
+        finally:
+            self._done()
+
+    async def _reject(
+        self, dev: Device, item: Message | Rejection, reason: str, detail: str, *, consume: bool
+    ) -> None:
+        self.metrics.source_messages.labels(self.source, "rejected", reason).inc()
+        dev.errors.append({"type": "error", "reason": reason, "detail": detail, "seq": item.seq})
+        if consume:
+            assert item.seq is not None
+            dev.last_seq = item.seq
+            await self._commit(dev, item)
+        else:  # nothing about the device changes: publish the error and acknowledge
+            errs, dev.errors = dev.errors, []
+            for e in errs:
+                e["device"] = dev.id
+            await self._apply(Commit(dev.id, dev.partition, item.seq, [], errs, None, [item.token]))
+
+    async def _commit(self, dev: Device, item: Message | Rejection | None) -> None:
+        snap = dev.session.snapshot() if dev.session is not None else None
+        ck = Checkpoint(dev.last_seq, dev.epoch, snap).encode()
+        records, dev.records = dev.records, []
+        errors, dev.errors = dev.errors, []
+        seq = item.seq if item is not None else None
+        for r in records:
+            r["device"] = dev.id
+            r["seq"] = seq
+        for e in errors:
+            e["device"] = dev.id
+        sent = item.sent if isinstance(item, Message) else None
+        commit = Commit(dev.id, dev.partition, seq, records, errors, ck, [item.token] if item else [], sent)
+        if not await self._apply(commit):
+            log.warning("device %s: commit refused or failed; its messages will be redelivered", dev.id)
+            self._fail(dev)
+
+    async def _apply(self, commit: Commit) -> bool:
+        t0 = time.perf_counter()
+        ok = await self.adapter.commit(commit)
+        self.metrics.source_commit_seconds.labels(self.source).observe(time.perf_counter() - t0)
+        if commit.sent is not None and ok:
+            self.metrics.source_latency.labels(self.source).observe(max(0.0, time.time() - commit.sent))
+        if commit.device is None:
+            self._done()
+        return ok
+
+    # -- ownership changes -----------------------------------------------------------------
+    async def release(self, partition: str) -> None:
+        """Stop serving a partition: finish what was read, then drop its devices' sessions.
+
+        Every consumed message is already checkpointed, so the next owner restores each
+        device exactly where this consumer stopped (the Kafka "snapshot on revoke").
+        """
+        devs = [d for d in self.devices.values() if d.partition == partition]
+        for d in devs:
+            d.leaving = True
+            d.queue.put_nowait(_WAKE)
+        tasks = [d.task for d in devs if d.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Finish every queued message (each committed), then drop all sessions."""
+        self.closed = True
+        await self.wait_idle()
+        for d in list(self.devices.values()):
+            d.leaving = True
+            d.queue.put_nowait(_WAKE)
+        tasks = [d.task for d in self.devices.values() if d.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def spawn(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """A background task kept referenced until it ends (the loop holds tasks weakly)."""
+    task = asyncio.create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return task
+
+
+_WAKE = Rejection("wake", "")  # internal: wakes a leaving device's worker
+
+
+def _error_record(item: Rejection) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "reason": item.reason,
+        "detail": item.detail,
+        "device": item.device,
+        "seq": item.seq,
+    }
+
+
+Starter = Callable[[], Awaitable[None]]

@@ -1,0 +1,209 @@
+"""Resume over the wire with the in-memory store: drop, reconnect with the token, same bits.
+
+The reference is the clip streamed once over one connection. The resumed run drops the
+connection abruptly mid-stream (no close frame), reconnects with ``?resume=TOKEN``,
+replays its audio from ``replay_from_sample`` and drops duplicate results by step; the
+merged transcript must equal the reference exactly (result texts compared as strings,
+so every float is the same bits). Every refusal gets its own code and close code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from lookback.api.resume import ResumeState, key_fingerprint
+from lookback.engine.snapshot import decode
+from lookback.state_store import Put
+from tests.api.resume_util import Inbox
+from tests.api.ws_util import ws_connect
+from tests.conftest import Server, running_server
+from tests.conftest import test_settings as make_settings
+from tests.support import read_clip
+
+CLIP = read_clip("silero_ref_speech.wav")
+PCM = CLIP[: len(CLIP) // 512 * 512].astype("<i2").tobytes()
+MSG = 4 * 256  # four frames per message
+
+
+@pytest.fixture(scope="module")
+def srv(silero_model: str) -> Iterator[Server]:
+    settings = make_settings(snapshot_interval_s=0.05, api_keys="k1,k2", resume_lease_s=1.0)
+    with running_server(settings) as s:
+        yield s
+
+
+def url(srv: Server, key: str = "k1", **q: Any) -> str:
+    extra = "".join(f"&{k}={v}" for k, v in q.items())
+    return f"{srv.ws}/v1/stream?model=silero-vad&resumable=1&token={key}{extra}"
+
+
+async def send_pcm(ws: Any, pcm: bytes, end: bool = True) -> None:
+    for i in range(0, len(pcm), MSG):
+        await ws.send(pcm[i : i + MSG])
+    if end:
+        await ws.send('{"type":"end"}')
+
+
+async def collect(ws: Any, into: list[dict[str, Any]]) -> None:
+    try:
+        async for m in ws:
+            into.append(orjson.loads(m))
+    except ConnectionClosed:
+        pass
+
+
+def split(msgs: list[dict[str, Any]]) -> tuple[dict[int, str], list[dict[str, Any]]]:
+    results = {m["step"]: orjson.dumps(m).decode() for m in msgs if m["type"] == "result"}
+    events = [m for m in msgs if m["type"] == "event"]
+    return results, events
+
+
+async def reference(srv: Server) -> list[dict[str, Any]]:
+    async with ws_connect(url(srv)) as ws:
+        msgs: list[dict[str, Any]] = []
+        reader = asyncio.create_task(collect(ws, msgs))
+        await send_pcm(ws, PCM)
+        await reader
+    return msgs
+
+
+async def refusal(u: str) -> tuple[str, int | None]:
+    async with ws_connect(u) as ws:
+        msgs: list[dict[str, Any]] = []
+        await collect(ws, msgs)
+        return msgs[0]["code"], ws.close_code
+
+
+async def resume(u: str) -> tuple[Any, dict[str, Any]]:
+    """Connect with a resume token; a conflict (the server has not yet seen the drop) is retried."""
+    deadline = time.monotonic() + 20
+    while True:
+        ws = await ws_connect(u)
+        first = orjson.loads(await ws.recv())
+        if first["type"] == "ready":
+            return ws, first
+        await ws.close()
+        assert first["code"] == "resume_conflict", first
+        assert time.monotonic() < deadline, "the original connection never let go"
+        await asyncio.sleep(0.05)  # client backoff between resume attempts
+
+
+async def test_dropped_connection_resumes_bit_identically(srv: Server) -> None:
+    ref = await reference(srv)
+    ref_results, ref_events = split(ref)
+    ref_summary = {k: v for k, v in ref[-1].items() if k != "session_id"}
+    assert ref_events and ref[0]["resume_token"]
+    for cut in (37, 260, 511):  # messages sent before the drop
+        inbox = Inbox()
+        got = inbox.msgs
+        ws = await ws_connect(url(srv))
+        reader = asyncio.create_task(inbox.run(ws))
+        await send_pcm(ws, PCM[: cut * MSG], end=False)
+        await inbox.wait_for(lambda ms: any(m["type"] == "checkpoint" for m in ms))
+        token = got[0]["resume_token"]
+        ws.transport.abort()  # a dropped network: no close frame
+        await reader
+        results, events = split(got)
+        nxt = max(results) + 1
+        ws2, ready = await resume(url(srv, resume=token, next_step=nxt, sent=cut * MSG // 2))
+        assert ready["resumed"] is True and ready["resume_token"] != token
+        n = ready["replay_from_sample"]
+        assert 0 < n <= cut * MSG // 2 and n % 128 == 0
+        more: list[dict[str, Any]] = [ready]
+        reader = asyncio.create_task(collect(ws2, more))
+        await send_pcm(ws2, PCM[n * 2 :])
+        await reader
+        r2, e2 = split(more)
+        for step, text in r2.items():  # duplicates are re-sent identically
+            assert results.setdefault(step, text) == text
+        assert results == ref_results, f"cut {cut}"
+        dup = len(events) - ready["events_sent"]
+        assert dup >= 0
+        assert events + e2[dup:] == ref_events
+        summary = {k: v for k, v in more[-1].items() if k != "session_id"}
+        assert summary == ref_summary
+        # the token was single use
+        assert await refusal(url(srv, resume=token)) == ("resume_token_used", 4464)
+
+
+async def test_refusals_have_their_own_codes_and_leak_nothing(srv: Server) -> None:
+    async with ws_connect(url(srv)) as ws:
+        token = orjson.loads(await ws.recv())["resume_token"]
+        sid = token.split(".")[0]
+        await send_pcm(ws, PCM[: 20 * MSG], end=False)
+        while orjson.loads(await ws.recv())["type"] != "checkpoint":
+            pass  # the session is durable from its first checkpoint on
+        # a second connection while the original is open: conflict; the original is unharmed
+        assert await refusal(url(srv, resume=token)) == ("resume_conflict", 4465)
+        # the same token with another key: forbidden, before any lookup
+        assert await refusal(url(srv, "k2", resume=token)) == ("resume_forbidden", 4461)
+        await send_pcm(ws, PCM[: 40 * MSG])
+        msgs: list[dict[str, Any]] = []
+        await collect(ws, msgs)
+        assert msgs[-1]["type"] == "summary" and msgs[-1]["steps"] == 60 * MSG // 1024
+    # ended normally: nothing to resume
+    assert await refusal(url(srv, resume=token)) == ("resume_unknown", 4462)
+    assert await refusal(url(srv, resume="garbage")) == ("resume_token_invalid", 4460)
+    # two tokens: which one counts would be a guess, so neither does
+    assert await refusal(url(srv, resume=token) + f"&resume={token}") == ("duplicate_query", 4400)
+    forged = sid + "." + "A" * 32
+    assert await refusal(url(srv, resume=forged)) == ("resume_token_invalid", 4460)
+    # another key gets the same answer whether the session exists or not
+    resumer = srv.app.state.resumer  # type: ignore[attr-defined]
+    ghost = ResumeState("B" * 22, "x", "")
+    ghost.key_fp = key_fingerprint("k1")
+    await resumer.issue(ghost)
+    assert await refusal(url(srv, "k2", resume=ghost.token)) == ("resume_forbidden", 4461)
+    assert await refusal(url(srv, "k1", resume=ghost.token)) == ("resume_unknown", 4462)
+    m = srv.get("/metrics").text
+    assert 'lookback_resumes_total{outcome="forbidden"}' in m
+
+
+async def test_snapshot_of_a_changed_model_is_incompatible(srv: Server, default_model: str) -> None:
+    """A snapshot whose graph hash is not the served one: refused, the token left unused."""
+    svc = srv.app.state  # type: ignore[attr-defined]
+    async with ws_connect(url(srv)) as ws:
+        first = orjson.loads(await ws.recv())
+        await send_pcm(ws, PCM[: 8 * MSG], end=False)
+        await ws.send('{"type":"end"}')
+        await collect(ws, [])
+    handle = svc.engine.resolve("silero-vad")
+    session = svc.engine.open_session(handle, None)
+    snap = decode(session.snapshot({"results": "all"}))
+    session.close()
+    snap.graph_sha256 = "f" * 64
+    state = ResumeState("C" * 22, "owner", key_fingerprint("k1"))
+    await svc.resumer.issue(state)
+    assert (await svc.resumer.store.sync([Put(state.sid, "owner", snap.encode(), release=True)])) == [True]
+    assert await refusal(url(srv, resume=state.token)) == ("resume_incompatible", 4466)
+    # a snapshot of another format version, and a damaged one: each its own code
+    good = snap.encode()
+    for blob, code in (
+        (good[:4] + struct.pack("<H", 0) + good[6:], "snapshot_version"),
+        (good[: len(good) // 2], "snapshot_invalid"),
+    ):
+        st = ResumeState(code[-7:].rjust(22, "D"), "owner", key_fingerprint("k1"))
+        await svc.resumer.issue(st)
+        assert (await svc.resumer.store.sync([Put(st.sid, "owner", blob, release=True)])) == [True]
+        assert await refusal(url(srv, resume=st.token)) == (code, 4466)
+    assert svc.engine.resolve("silero-vad").table.used == 0  # nothing leaked
+    assert first["resume_token"]
+
+
+async def test_resume_is_opt_in(srv: Server) -> None:
+    """Without ?resumable=1 a session is as before: no token, no checkpoints, no snapshots."""
+    async with ws_connect(url(srv).replace("&resumable=1", "")) as ws:
+        msgs: list[dict[str, Any]] = []
+        reader = asyncio.create_task(collect(ws, msgs))
+        await send_pcm(ws, PCM[: 200 * MSG])
+        await reader
+    assert "resume_token" not in msgs[0]
+    assert {m["type"] for m in msgs} == {"ready", "result", "event", "summary"}

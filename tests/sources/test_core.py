@@ -1,0 +1,131 @@
+"""The ingestion core: checkpoints, idle close, backpressure (through a real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from lookback.engine.engine import Engine
+from lookback.errors import SnapshotError
+from lookback.metrics import Metrics
+from lookback.sources.core import Checkpoint, SourceOptions, validate_audio
+from lookback.sources.redis_streams import RedisStreamsSource, publish
+from tests import conftest
+from tests.sources.conftest import Broker
+from tests.sources.support import device_audio, messages, solo_reference
+
+
+def test_checkpoint_round_trip_and_damage() -> None:
+    ck = Checkpoint(41, 2, b"LBSS-snapshot-bytes")
+    assert Checkpoint.decode(ck.encode()) == ck
+    assert Checkpoint.decode(Checkpoint(3, 0, None).encode()) == Checkpoint(3, 0, None)
+    for bad in (b"", b"LBDC", b"XXXX\x05\x00\x00\x00{}abc", ck.encode()[:10]):
+        with pytest.raises(SnapshotError):
+            Checkpoint.decode(bad)
+
+
+def test_validate_audio_reasons() -> None:
+    frame = bytes(256)
+    assert validate_audio(frame, "pcm_s16le", 4) is None
+    assert validate_audio(frame * 5, "pcm_s16le", 4) == (
+        "too_many_frames",
+        "more than max_frames_per_message=4 frames",
+    )
+    assert validate_audio(frame[:100], "pcm_s16le", 4)[0] == "bad_frame_size"  # type: ignore[index]
+    assert validate_audio(b"", "pcm_s16le", 4)[0] == "empty_message"  # type: ignore[index]
+    assert validate_audio(frame, "mulaw", 4)[0] == "bad_encoding"  # type: ignore[index]
+    nan = np.full(128, np.nan, "<f4").tobytes()
+    assert validate_audio(nan, "pcm_f32le", 4)[0] == "non_finite_audio"  # type: ignore[index]
+
+
+async def _source(url: str, metrics: Metrics, opts: SourceOptions) -> tuple[Engine, RedisStreamsSource]:
+    engine = Engine(conftest.test_settings(models=["lookback-vad"]), metrics)
+    await engine.start()
+    src = RedisStreamsSource(url, engine, opts, metrics, lease_s=1.0, checkpoint_ttl_s=60)
+    await src.start()
+    return engine, src
+
+
+async def _records(r: aioredis.Redis, device: str) -> list[dict]:
+    import orjson
+
+    out: list[dict] = []
+    entries: Any = await r.xrange("lookback:results")
+    for _, f in entries:
+        if f[b"device"].decode() == device:
+            out.extend(orjson.loads(f[b"records"]))
+    return out
+
+
+async def test_idle_device_closes_with_summary_and_continues_in_a_new_epoch(redis_broker: Broker) -> None:
+    ((dev, audio),) = device_audio(1, 32).items()
+    m = messages(audio, 8)
+    ref = await solo_reference({"a": m[0] + m[1], "b": m[2] + m[3]})
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=i:audio&partitions=1&group=g&consumer=c&idle_timeout_s=0.3"
+    engine, src = await _source(url, metrics, SourceOptions())
+    r = aioredis.from_url(redis_broker.url)
+    try:
+        for seq in (0, 1):
+            await publish(r, dev, seq, m[seq], stream="i:audio", partitions=1)
+        deadline = time.monotonic() + 20
+        while not any(x["type"] == "summary" for x in await _records(r, dev)):
+            assert time.monotonic() < deadline, "no idle summary"
+            await asyncio.sleep(0.05)  # poll the output stream
+        for seq in (2, 3):  # the device speaks again: same sequence, a new session
+            await publish(r, dev, seq, m[seq], stream="i:audio", partitions=1, end=seq == 3)
+        while sum(x["type"] == "summary" for x in await _records(r, dev)) < 2:
+            assert time.monotonic() < deadline, "no end summary"
+            await asyncio.sleep(0.05)  # poll the output stream
+        recs = await _records(r, dev)
+        summaries = [(x["epoch"], x["reason"], x["steps"]) for x in recs if x["type"] == "summary"]
+        assert summaries == [(0, "idle", len(ref["a"])), (1, "end", len(ref["b"]))]
+        for epoch, key in ((0, "a"), (1, "b")):
+            assert [x["scores"] for x in recs if x["type"] == "result" and x["epoch"] == epoch] == ref[key]
+        assert await r.xlen("lookback:errors") == 0
+    finally:
+        await src.stop()
+        await engine.stop()
+        await r.aclose()
+
+
+async def test_backpressure_bounds_what_is_read_and_drops_nothing(redis_broker: Broker) -> None:
+    """A backlog far above the bounds: the consumer holds at most max_inflight messages."""
+    audios = device_audio(20, 80)
+    r = aioredis.from_url(redis_broker.url)
+    n_msgs = 10
+    async with r.pipeline(transaction=False) as pipe:
+        for i in range(n_msgs):
+            for d, a in audios.items():
+                await publish(pipe, d, i, messages(a, 8)[i], stream="b:audio", partitions=1)
+        await pipe.execute()
+    metrics = Metrics()
+    opts = SourceOptions(max_inflight=8, device_queue=2)
+    url = f"{redis_broker.url}?stream=b:audio&partitions=1&group=g&consumer=c&count=50"
+    engine, src = await _source(url, metrics, opts)
+    peak_inflight = peak_queue = 0
+    labels = {"source": "redis:b:audio", "outcome": "scored", "reason": ""}
+    try:
+        deadline = time.monotonic() + 60
+        while (metrics.registry.get_sample_value("lookback_source_messages_total", labels) or 0) < 200:
+            hub = src.hub
+            peak_inflight = max(peak_inflight, hub.inflight)
+            peak_queue = max([peak_queue, *(d.queue.qsize() for d in hub.devices.values())])
+            assert time.monotonic() < deadline, "backlog not drained"
+            await asyncio.sleep(0)  # sample the bounds at every turn of the event loop
+        ref = await solo_reference(audios)
+        for d in audios:
+            got = [x["scores"] for x in await _records(r, d) if x["type"] == "result"]
+            assert got == ref[d][: len(got)] and len(got) == n_msgs * 8
+        assert 1 <= peak_inflight <= 8  # reading stopped at the bound, nothing was dropped
+        assert peak_queue <= 2
+        assert (await r.xpending("b:audio:0", "g"))["pending"] == 0
+    finally:
+        await src.stop()
+        await engine.stop()
+        await r.aclose()

@@ -1,0 +1,88 @@
+"""LookbackClient resumes by itself: a TCP relay between client and server drops every
+connection mid-stream, twice; the client reconnects with its token, replays and drops
+duplicates, and what it yields equals the uninterrupted stream exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import numpy as np
+import orjson
+import pytest
+
+from lookback.client import LookbackClient, frames_of
+from tests.conftest import Server, running_server
+from tests.conftest import test_settings as make_settings
+
+
+class Relay:
+    """A real TCP forwarder on a free port; ``cut()`` drops every open connection (RST)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [w, uw]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    def cut(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+
+    async def stop(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+
+
+@pytest.fixture(scope="module")
+def srv(silero_model: str) -> Iterator[Server]:
+    with running_server(make_settings(snapshot_interval_s=0.05)) as s:
+        yield s
+
+
+async def test_client_resumes_transparently(srv: Server, speech_clip: np.ndarray) -> None:
+    messages = frames_of(speech_clip, 4)
+    ref = [m async for m in LookbackClient(srv.url).stream(messages, model="silero-vad")]
+    relay = Relay(srv.port)
+    await relay.start()
+    client = LookbackClient(f"http://127.0.0.1:{relay.port}")
+
+    async def source() -> AsyncIterator[bytes]:
+        for i, m in enumerate(messages):
+            if i in (100, 250):
+                await asyncio.sleep(0.2)  # let a checkpoint land, so part is durable, part replayed
+                relay.cut()
+            yield m
+
+    try:
+        got = [m async for m in client.stream(source(), model="silero-vad")]
+    finally:
+        await relay.stop()
+    assert client.resumes == 2
+    strip = ("session_id", "resume_token")
+
+    def norm(ms: list[dict]) -> list[bytes]:
+        return [orjson.dumps({k: v for k, v in m.items() if k not in strip}) for m in ms]
+
+    assert norm(got[1:]) == norm(ref[1:])  # results, events and summary, bit for bit
+    assert sum(m["type"] == "result" for m in got) == ref[-1]["steps"]
