@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml
 serve: install
 	$(BIN)/lookback serve --host $(HOST) --port $(PORT)
 
-# Debian tools some tests drive (headless Chromium, promtool, espeak-ng/sox). Installed
+# Debian tools some tests drive (headless Chromium, promtool, espeak-ng/sox, and the real
+# redis-server, nginx and mosquitto that fixtures start on free loopback ports). Installed
 # when missing and we are root; the tests that need them fail loudly if they are absent.
 system-deps:
 	@missing=""; \
@@ -30,6 +31,9 @@ system-deps:
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v espeak-ng >/dev/null || missing="$$missing espeak-ng"; \
 	command -v sox >/dev/null || missing="$$missing sox"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || missing="$$missing nginx"; \
+	{ command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null || missing="$$missing mosquitto"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \
