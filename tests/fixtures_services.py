@@ -1,4 +1,5 @@
-"""Real infrastructure for tests: redis-server and nginx on free loopback ports, temp dirs.
+"""Real infrastructure for tests: redis-server and nginx on free loopback ports, temp dirs
+(tests/sources adds mosquitto with the same helpers).
 
 Each starts the Debian binary in the foreground, waits for it by asking it (PING, a TCP
 connect), and is killed and reaped afterwards.
@@ -19,14 +20,14 @@ import pytest
 from tests.support import free_port
 
 
-def _need(binary: str) -> str:
+def need(binary: str) -> str:
     path = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
     if path is None:
         pytest.fail(f"{binary} is not installed (make system-deps)", pytrace=False)
     return path
 
 
-def _wait_tcp(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+def wait_tcp(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
     deadline = time.monotonic() + 20
     while True:
         if proc.poll() is not None:
@@ -41,7 +42,7 @@ def _wait_tcp(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) ->
 @contextlib.contextmanager
 def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     """A throw-away redis-server; yields its redis:// URL."""
-    exe = _need("redis-server")
+    exe = need("redis-server")
     port = port or free_port()
     d = tmp / f"redis-{port}"
     d.mkdir()
@@ -65,7 +66,7 @@ def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
     try:
-        _wait_tcp(port, proc, "redis-server", log)
+        wait_tcp(port, proc, "redis-server", log)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.kill()
@@ -108,7 +109,7 @@ http {{
 @contextlib.contextmanager
 def nginx_proxy(tmp: Path, upstream_ports: list[int]) -> Iterator[str]:
     """nginx round-robin (no stickiness) in front of ``upstream_ports``; yields its http:// URL."""
-    exe = _need("nginx")
+    exe = need("nginx")
     port = free_port()
     d = tmp / f"nginx-{port}"
     d.mkdir()
@@ -119,7 +120,7 @@ def nginx_proxy(tmp: Path, upstream_ports: list[int]) -> Iterator[str]:
     with log.open("wb") as out:
         proc = subprocess.Popen([exe, "-c", str(conf), "-p", str(d)], stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_tcp(port, proc, "nginx", d / "error.log" if (d / "error.log").exists() else log)
+        wait_tcp(port, proc, "nginx", d / "error.log" if (d / "error.log").exists() else log)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.kill()

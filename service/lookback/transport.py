@@ -91,6 +91,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._url_bytes = 0
         self._refused = False
+        self._abort_timer: asyncio.TimerHandle | None = None
 
     # -- the head timer ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -116,6 +117,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._abort_timer is not None:  # a timer would keep this protocol alive until it fires
+            self._abort_timer.cancel()
+            self._abort_timer = None
         super().connection_lost(exc)
 
     # -- parsing with bounds -------------------------------------------------------------
@@ -230,7 +234,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             else:
                 self.transport.close()
         # a client that neither reads nor closes is cut after a bounded time
-        self.loop.call_later(self.settings.header_timeout_s, self._abort_if_open)
+        self._abort_timer = self.loop.call_later(self.settings.header_timeout_s, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
         if self.parser is not None:  # connection_lost clears it
@@ -247,6 +251,13 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.close_timeout = self.settings.ws_send_timeout_s
         self._writing_paused = False
+        self._abort_timer: asyncio.TimerHandle | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._abort_timer is not None:  # a timer would keep this protocol alive until it fires
+            self._abort_timer.cancel()
+            self._abort_timer = None
+        super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -292,7 +303,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     async def run_asgi(self) -> None:
         await super().run_asgi()
         if not self.disconnected:  # closed or closing: do not wait for ever on a flush
-            self.loop.call_later(self.close_timeout, self._abort_if_open)
+            self._abort_timer = self.loop.call_later(self.close_timeout, self._abort_if_open)
 
     def shutdown(self) -> None:
         """Server exit (after the drain): what the client has not read by now never will be."""

@@ -7,11 +7,8 @@ SIGKILL or restart it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,73 +18,26 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures_services import need, redis_server, wait_tcp
 from tests.support import REPO, STORE, free_port
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited early:\n{log.read_text(errors='replace')}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on {port}")
-        time.sleep(0.02)  # readiness poll, bounded by the deadline
 
 
 @dataclass
 class Broker:
     port: int
-    proc: subprocess.Popen[bytes]
-    dir: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+    url: str
 
 
 @pytest.fixture
 def redis_broker(tmp_path: Path) -> Iterator[Broker]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed (make system-deps)")
     port = free_port()
-    d = tmp_path / "redis"
-    d.mkdir()
-    log = d / "redis.log"
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(d),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--logfile",
-            str(log),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_port(port, proc, "redis-server", log)
-        yield Broker(port, proc, d)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with redis_server(tmp_path, port) as url:
+        yield Broker(port, url)
 
 
 @pytest.fixture
 def mqtt_broker(tmp_path: Path) -> Iterator[Broker]:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not Path(exe).exists():
-        pytest.fail("mosquitto is not installed (make system-deps)")
+    exe = need("mosquitto")
     port = free_port()
     d = tmp_path / "mosquitto"
     d.mkdir()
@@ -100,8 +50,8 @@ def mqtt_broker(tmp_path: Path) -> Iterator[Broker]:
     with log.open("wb") as out:
         proc = subprocess.Popen([exe, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_port(port, proc, "mosquitto", log)
-        yield Broker(port, proc, d)
+        wait_tcp(port, proc, "mosquitto", log)
+        yield Broker(port, f"mqtt://127.0.0.1:{port}")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
