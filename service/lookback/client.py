@@ -114,7 +114,8 @@ class LookbackClient:
 
         ``results="batch"`` asks the server for one ``results`` message per model call (fewer,
         cheaper sends); the client splits each into the per-step ``result`` messages
-        ``results="all"`` yields, so callers see the same sequence either way.
+        ``results="all"`` yields, so callers see the same results and the same events (an
+        event then follows the last result of its model call rather than its own step).
 
         With ``resume`` (the default) a dropped connection, a drained server (close 4100)
         or a crashed one is resumed transparently: the client reconnects with its resume
