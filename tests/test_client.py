@@ -36,6 +36,23 @@ async def test_stream(server: Server, silero_model: str, speech_clip: np.ndarray
     assert msgs[-1]["steps"] == steps and msgs[-1]["frames"] == -(-len(speech_clip) // FRAME)
 
 
+async def test_stream_batch_yields_the_same_results(
+    server: Server, silero_model: str, speech_clip: np.ndarray
+) -> None:
+    """results=batch: fewer messages on the wire, the same per-step results for callers."""
+    client = LookbackClient(server.url)
+    full = await _collect(client, frames_of(speech_clip, 20), model=SILERO)
+    batch = await _collect(client, frames_of(speech_clip, 20), model=SILERO, results="batch")
+
+    def of(msgs: list[dict], kind: str) -> list[dict]:
+        return [m for m in msgs if m["type"] == kind]
+
+    # events come after their call's results, not after their own step: compare each stream
+    assert of(batch, "result") == of(full, "result") and of(full, "result")
+    assert of(batch, "event") == of(full, "event") and of(full, "event")
+    assert "results" not in {m["type"] for m in batch}
+
+
 async def test_stream_events_only_from_an_async_source(
     server: Server, silero_model: str, speech_clip: np.ndarray
 ) -> None:

@@ -21,6 +21,8 @@ import orjson
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from lookback.protocol import split_results
+
 FRAME = 128
 
 
@@ -110,6 +112,11 @@ class LookbackClient:
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream audio messages; yield every server message up to and including summary.
 
+        ``results="batch"`` asks the server for one ``results`` message per model call (fewer,
+        cheaper sends); the client splits each into the per-step ``result`` messages
+        ``results="all"`` yields, so callers see the same results and the same events (an
+        event then follows the last result of its model call rather than its own step).
+
         With ``resume`` (the default) a dropped connection, a drained server (close 4100)
         or a crashed one is resumed transparently: the client reconnects with its resume
         token (bounded exponential backoff), replays the audio the server has not made
@@ -131,7 +138,7 @@ class LookbackClient:
             else:
                 url = self.ws_url(
                     resume=st.token,
-                    next_step=st.next_step if results == "all" else None,
+                    next_step=st.next_step if results != "events" else None,
                     sent=st.sent_samples,
                 )
             try:
@@ -172,6 +179,11 @@ class LookbackClient:
                 try:
                     async for raw in ws:
                         msg = orjson.loads(raw)
+                        if msg.get("type") == "results":  # results=batch: per step for callers
+                            for one in split_results(msg):
+                                if st.keep(one):
+                                    yield one
+                            continue
                         if st.keep(msg):
                             yield msg
                         if msg.get("type") == "summary":

@@ -300,6 +300,24 @@ def result_message(step: int, time: float, scores: dict[str, float]) -> str:
     return orjson.dumps({"type": "result", "step": step, "time": time, "scores": scores}).decode()
 
 
+def results_message(step: int, times: list[float], scores: dict[str, list[float]]) -> str:
+    """``results=batch``: one model call's consecutive steps, columnar.
+
+    Step ``step + i`` has time ``times[i]`` and score ``scores[label][i]``: the same floats
+    as the ``result`` messages it replaces, one WebSocket message instead of one per step.
+    """
+    return orjson.dumps({"type": "results", "step": step, "times": times, "scores": scores}).decode()
+
+
+def split_results(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    """A decoded ``results`` message as the ``result`` messages ``results=all`` would send."""
+    first, times, scores = msg["step"], msg["times"], msg["scores"]
+    return [
+        {"type": "result", "step": first + i, "time": t, "scores": {k: v[i] for k, v in scores.items()}}
+        for i, t in enumerate(times)
+    ]
+
+
 def event_message(event: dict[str, Any]) -> str:
     return orjson.dumps({"type": "event", **event}).decode()
 

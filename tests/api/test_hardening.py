@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from lookback.app import create_app
 from lookback.engine.multistep import scores_out
 from lookback.metrics import Metrics
+from lookback.protocol import split_results
 from lookback.server import DrainingServer, uvicorn_config
 from lookback.settings import Settings
 from tests.api.ws_util import (
@@ -383,10 +384,12 @@ async def test_huge_finite_float_audio_is_refused_and_never_poisons_state(srv: S
     assert loud.error_codes() == [] and len(loud.of_type("result")) == len(clean.of_type("result")) + 1
 
 
-async def test_a_step_that_yields_nan_resets_the_session_state(silero_model: str) -> None:
+@pytest.mark.parametrize("mode", ["all", "batch"])
+async def test_a_step_that_yields_nan_resets_the_session_state(silero_model: str, mode: str) -> None:
     """The guard in the compute path: a model call that returns NaN state for one session
     leaves no NaN in the slab (that row is reset to initial), the step is reported as
-    non_finite_state, and the session goes on with finite scores."""
+    non_finite_state, and the session goes on with finite scores (with results=batch too:
+    the error goes out in step order, never inside a results message)."""
     with guarded_server(silero()) as server:
         handle = server.app.state.engine.models[KEY]  # type: ignore[attr-defined]
         # the first model call of this session, one hop or several (multi-step graph)
@@ -409,7 +412,7 @@ async def test_a_step_that_yields_nan_resets_the_session_state(silero_model: str
             return run
 
         out = Transcript()
-        async with ws_connect(f"{server.ws}/v1/stream?{SILERO_Q}") as ws:
+        async with ws_connect(f"{server.ws}/v1/stream?{SILERO_Q}&results={mode}") as ws:
             reader = asyncio.create_task(read_all(ws, out))
             await wait_until(lambda: bool(out.messages), what="ready")
             for graph in graphs:
@@ -426,7 +429,12 @@ async def test_a_step_that_yields_nan_resets_the_session_state(silero_model: str
         # the poisoned call's hops (step 0, and any that joined it) are reported, no others
         bad = [e["step"] for e in errors]
         assert {e["code"] for e in errors} == {"non_finite_state"} and bad == list(range(len(bad)))
-        results = out.of_type("result")
+        if mode == "batch":
+            assert not out.of_type("result")
+        results = [r for m in out.parsed() for r in (split_results(m) if m["type"] == "results" else [m])]
+        steps = [r["step"] for r in results if r["type"] in ("result", "error")]
+        assert steps == list(range(8))  # errors and results interleaved in step order
+        results = [r for r in results if r["type"] == "result"]
         assert [r["step"] for r in results] == list(range(len(bad), 8))
         assert all(np.isfinite(r["scores"]["speech"]) for r in results)
         for slab in handle.table.slabs.values():

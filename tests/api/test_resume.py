@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from lookback.api.resume import ResumeState, key_fingerprint
 from lookback.engine.snapshot import decode
+from lookback.protocol import split_results
 from lookback.state_store import Put
 from tests.api.resume_util import Inbox
 from tests.api.ws_util import ws_connect
@@ -61,7 +62,9 @@ async def collect(ws: Any, into: list[dict[str, Any]]) -> None:
 
 
 def split(msgs: list[dict[str, Any]]) -> tuple[dict[int, str], list[dict[str, Any]]]:
-    results = {m["step"]: orjson.dumps(m).decode() for m in msgs if m["type"] == "result"}
+    """Results by step as ``result`` texts (a results=batch message is split first)."""
+    flat = [r for m in msgs for r in (split_results(m) if m["type"] == "results" else [m])]
+    results = {m["step"]: orjson.dumps(m).decode() for m in flat if m["type"] == "result"}
     events = [m for m in msgs if m["type"] == "event"]
     return results, events
 
@@ -96,7 +99,10 @@ async def resume(u: str) -> tuple[Any, dict[str, Any]]:
         await asyncio.sleep(0.05)  # client backoff between resume attempts
 
 
-async def test_dropped_connection_resumes_bit_identically(srv: Server) -> None:
+@pytest.mark.parametrize("mode", ["all", "batch"])
+async def test_dropped_connection_resumes_bit_identically(srv: Server, mode: str) -> None:
+    """results=batch resumes too (its re-sent tail is one results message); its steps
+    flattened equal the results=all reference, bit for bit."""
     ref = await reference(srv)
     ref_results, ref_events = split(ref)
     ref_summary = {k: v for k, v in ref[-1].items() if k != "session_id"}
@@ -104,7 +110,7 @@ async def test_dropped_connection_resumes_bit_identically(srv: Server) -> None:
     for cut in (37, 260, 511):  # messages sent before the drop
         inbox = Inbox()
         got = inbox.msgs
-        ws = await ws_connect(url(srv))
+        ws = await ws_connect(url(srv, results=mode))
         reader = asyncio.create_task(inbox.run(ws))
         await send_pcm(ws, PCM[: cut * MSG], end=False)
         await inbox.wait_for(lambda ms: any(m["type"] == "checkpoint" for m in ms))
@@ -122,6 +128,8 @@ async def test_dropped_connection_resumes_bit_identically(srv: Server) -> None:
         await send_pcm(ws2, PCM[n * 2 :])
         await reader
         r2, e2 = split(more)
+        if mode == "batch":
+            assert not any(m["type"] == "result" for m in more)
         for step, text in r2.items():  # duplicates are re-sent identically
             assert results.setdefault(step, text) == text
         assert results == ref_results, f"cut {cut}"

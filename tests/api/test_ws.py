@@ -263,6 +263,7 @@ REFUSALS = [
     ({"sample_rate": "8000"}, "bad_sample_rate"),
     ({"sample_rate": "sixteen"}, "bad_sample_rate"),
     ({"results": "xyz"}, "bad_query"),
+    ({"results": "BATCH"}, "bad_query"),
     ({"model": "no-such-model"}, "unknown_model"),
     ({"version": "9.9.9"}, "unknown_version"),
 ]
@@ -285,6 +286,7 @@ async def test_valid_query_values_are_accepted(server: Server, silero_model: str
         {"encoding": "pcm_f32le"},
         {"results": "events"},
         {"results": "all"},
+        {"results": "batch"},
         {"version": "latest"},
         {"version": manifest(SILERO)["version"]},
     ):

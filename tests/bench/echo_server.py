@@ -3,8 +3,10 @@
 Same FastAPI app type, same uvicorn settings as ``service/lookback/server.py`` (from the same
 ``LOOKBACK_*`` settings: websockets-sansio, no permessage-deflate, same size and queue
 limits), same raw ASGI receive/send calls as ``service/lookback/api/ws.py``. Each completed hop is
-answered at once with a result message of the same shape and size as Lookback's; ``end``
-gets a summary and a 1000 close. ``/readyz`` reports open sessions like Lookback's.
+answered at once with a result message of the same shape and size as Lookback's; with
+``?results=batch`` the hops a message completes get one ``results`` message instead, as
+Lookback sends per model call (so the batch ceiling is comparable). ``end`` gets a summary
+and a 1000 close. ``/readyz`` reports open sessions like Lookback's.
 
     python -m tests.bench.echo_server --port 8001 [--hop 128]
 """
@@ -45,6 +47,7 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI
         state["sessions"] += 1
         receive, send = ws.receive, ws.send
         dumps = orjson.dumps
+        batch = ws.query_params.get("results") == "batch"
         try:
             await send(
                 {
@@ -74,6 +77,24 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI
                 data = msg.get("bytes")
                 if data is not None:
                     frames += len(data) // frame_bytes
+                    if batch:
+                        n = frames // hop_frames - steps
+                        if n > 0:
+                            await send(
+                                {
+                                    "type": "websocket.send",
+                                    "text": dumps(
+                                        {
+                                            "type": "results",
+                                            "step": steps,
+                                            "times": [(steps + i + 1) * hop_seconds for i in range(n)],
+                                            "scores": {"speech": [SCORE] * n},
+                                        }
+                                    ).decode(),
+                                }
+                            )
+                            steps += n
+                        continue
                     while (steps + 1) * hop_frames <= frames:
                         await send(
                             {

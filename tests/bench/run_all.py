@@ -25,9 +25,11 @@ one run so their ratios hold on a noisy machine:
     (``tests/bench/handwritten_server.py``: FastAPI + one shared ORT session, batch 1), the
     baseline users would write, next to Lookback's own ``max_batch_size=1``;
 13. ``echo10``: the echo ceiling at 10 frames per message, for Lookback@10 / echo@10;
+    ``echo10_batch`` / ``fpm10_batch``: the same with ``results=batch`` (one results
+    message per received message / per model call);
 14. ``cpu_per_session``: at a fixed number of real-time sessions, the server's CPU seconds
     (``/proc/<pid>/stat`` utime + stime over the measured window) per real-time
-    session-second, at 1 and at 10 frames per message.
+    session-second, at 1 and at 10 frames per message, and at 10 with ``results=batch``.
 
 Writes ``tests/bench/results/<date>-<host>.{json,md}`` and prints the table.
 
@@ -80,6 +82,8 @@ STEPS = (
     "handwritten",
     "echo10",
     "fpm10",
+    "echo10_batch",
+    "fpm10_batch",
     "cpu_per_session",
     "silero",
     "silero_naive",
@@ -366,6 +370,11 @@ class Bench:
         with echo_server(free_port(), self.server_cpu) as srv:
             return self.ramp(self.load_cfg(srv.url, 10), self.ramp_start("echo", 1.0, self.plan.start * 2))
 
+    def step_echo10_batch(self) -> dict[str, Any]:
+        with echo_server(free_port(), self.server_cpu) as srv:
+            start = self.ramp_start("echo10", 1.0, self.plan.start * 2)
+            return self.ramp(self.load_cfg(srv.url, 10, results="batch"), start)
+
     # 12. the hand-written naive server -------------------------------------------------
     def _handwritten_ramp(self, model: str, start: int) -> dict[str, Any]:
         with handwritten_server(model, free_port(), self.server_cpu) as srv:
@@ -389,17 +398,18 @@ class Bench:
     def step_cpu_per_session(self) -> dict[str, Any]:
         n = self.plan.cpu_sessions
         out: dict[str, Any] = {"sessions": n}
-        for fpm in (1, 10):
+        for fpm, results in ((1, "all"), (10, "all"), (10, "batch")):
+            key = f"fpm{fpm}" if results == "all" else f"fpm{fpm}_{results}"
             with lookback_server(self.model, free_port(), self.server_cpu) as srv:
-                out[f"fpm{fpm}"] = r = self._cpu_run(srv, n, fpm)
+                out[key] = r = self._cpu_run(srv, n, fpm, results)
             log(
-                f"cpu_per_session: {n} sessions at {fpm} frames/msg: server CPU "
+                f"cpu_per_session: {n} sessions at {fpm} frames/msg, results={results}: server CPU "
                 f"{r['cpu_share'] * 100:.1f}% of a core = {r['cpu_per_session_s'] * 1e3:.2f} ms "
                 f"per session-second; p99 {fmt(r['p99_ms'], '.1f')} ms, {'PASS' if r['passed'] else 'FAIL'}"
             )
         return out
 
-    def _cpu_run(self, srv: Server, n: int, fpm: int) -> dict[str, Any]:
+    def _cpu_run(self, srv: Server, n: int, fpm: int, results: str = "all") -> dict[str, Any]:
         """One fixed-N load; the server's CPU over the middle of the measured window.
 
         The window opens once ``/readyz`` counts all ``n`` sessions plus the load
@@ -407,7 +417,7 @@ class Bench:
         connects, warm-up and the end-of-stream summaries stay outside it.
         """
         p = self.plan
-        cfg = replace(self.load_cfg(srv.url, fpm, model=self.model), sessions=n)
+        cfg = replace(self.load_cfg(srv.url, fpm, model=self.model, results=results), sessions=n)
         window: dict[str, float] = {}
         done = threading.Event()
 
@@ -441,6 +451,7 @@ class Bench:
         return {
             **window,
             "frames_per_message": fpm,
+            "results": results,
             "cpu_share": share,
             "cpu_per_session_s": share / n,  # CPU seconds per real-time session-second
             "clock_tick_s": 1 / os.sysconf("SC_CLK_TCK"),
@@ -451,9 +462,11 @@ class Bench:
         }
 
     # 2./3./5. Lookback ---------------------------------------------------------------
-    def _lookback_ramp(self, model: str, fpm: int, start: int, **env: Any) -> dict[str, Any]:
+    def _lookback_ramp(
+        self, model: str, fpm: int, start: int, results: str = "all", **env: Any
+    ) -> dict[str, Any]:
         with lookback_server(model, free_port(), self.server_cpu, **env) as srv:
-            res = self.ramp(self.load_cfg(srv.url, fpm, model=model), start)
+            res = self.ramp(self.load_cfg(srv.url, fpm, model=model, results=results), start)
             res["server_rss_bytes"] = proc_status(srv.pid)
             return res
 
@@ -495,6 +508,9 @@ class Bench:
 
     def step_fpm10(self) -> dict[str, Any]:
         return self._lookback_ramp(self.model, 10, self.ramp_start("lookback", 1.0))
+
+    def step_fpm10_batch(self) -> dict[str, Any]:
+        return self._lookback_ramp(self.model, 10, self.ramp_start("fpm10", 1.0), results="batch")
 
     # 4. Silero -----------------------------------------------------------------------
     def step_silero(self) -> dict[str, Any]:

@@ -149,6 +149,22 @@ def test_hand_written_echo10_and_cpu_ratios() -> None:
     assert "10 frame(s)/msg 3.00 ms (19% of a core) (**not real time**: p99 31.0 ms)" in md
 
 
+def test_results_batch_rows() -> None:
+    """results=batch: Lookback@10 batch / echo@10 batch and CPU 10 batch / 1, next to the old rows."""
+    res = _with_baselines()
+    res.update(echo10_batch=_ramp(500), fpm10_batch=_ramp(470))
+    res["cpu_per_session"]["fpm10_batch"] = {"cpu_per_session_s": 0.002, "cpu_share": 0.128, "passed": True}
+    s = summarize(res, hop_samples=128)
+    assert _target(s, "10 frames/msg results=batch / echo batch") == pytest.approx(470 / 500)
+    assert _target(s, "CPU per session-second, 10 results=batch") == pytest.approx(0.25)
+    assert _target(s, "CPU per session-second, 10 / 1") == pytest.approx(0.375)
+    md = _markdown(res, s)
+    assert "| 10 frames/msg results=batch / echo batch at 10 | 0.94 | >= 0.9 | yes |" in md
+    assert "| CPU per session-second, 10 results=batch / 1 frame/msg | 0.25 | <= 0.5 | yes |" in md
+    assert "| echo ceiling, results=batch | 10 | 500 |" in md
+    assert "10 results=batch 2.00 ms (13% of a core)" in md and "10 batch / 1 = 0.25" in md
+
+
 def test_cpu_ratio_over_the_limit_is_not_met_and_missing_runs_give_none() -> None:
     res = _with_baselines()
     res["cpu_per_session"]["fpm10"]["cpu_per_session_s"] = 0.0048
@@ -156,7 +172,14 @@ def test_cpu_ratio_over_the_limit_is_not_met_and_missing_runs_give_none() -> Non
     row = next(t for t in s["targets"] if t["name"].startswith("CPU per session-second"))
     assert row["value"] == pytest.approx(0.6) and row["met"] is False
     bare = summarize(_results(), hop_samples=128)
-    assert bare["cpu_per_session"] == {"fpm1": None, "fpm10": None, "ratio": None}
+    assert bare["cpu_per_session"] == {
+        "fpm1": None,
+        "fpm10": None,
+        "ratio": None,
+        "fpm10_batch": None,
+        "batch_ratio": None,
+    }
+    assert _target(bare, "CPU per session-second, 10 results=batch") is None
     assert _target(bare, "Lookback / hand-written") is None
     md = _markdown(_results(), bare)
     assert "Lookback `lookback-vad`: 6.0x naive (max_batch_size=1)." in md

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum, auto
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from lookback.protocol import (
     event_message,
     ready_message,
     result_message,
+    results_message,
     summary_message,
 )
 from lookback.settings import Settings
@@ -67,7 +68,14 @@ class Phase(Enum):
 
 
 class Connection:
-    """One WebSocket session: the engine's ResultSink and the socket's only writer."""
+    """One WebSocket session: the engine's ResultSink and the socket's only writer.
+
+    With ``results=batch`` it is a ``GroupedSink``: the steps of one model call are
+    gathered by ``on_result`` and go out as one ``results`` message at the group's end,
+    because a WebSocket send costs more than the model work of a step.
+    """
+
+    on_group_end: Callable[[], None] | None = None  # set for results=batch only
 
     def __init__(
         self,
@@ -86,7 +94,16 @@ class Connection:
         self.metrics = metrics
         self.handle = handle
         self.id = session_id
+        self.results = results  # all | batch | events
         self.want_results = results == "all"
+        self.batch = results == "batch"
+        # the step group being gathered (results=batch): first step, times, rows, events
+        self._first = 0
+        self._times: list[float] = []
+        self._rows: list[list[float]] = []
+        self._group_events: list[Event] = []
+        if self.batch:
+            self.on_group_end = self._end_group
         self.labels = handle.spec.labels
         self.single = self.labels[0] if len(self.labels) == 1 else None
         self.out: deque[Any] = deque()
@@ -133,6 +150,8 @@ class Connection:
             self.recent.append((index, time, scores, events))
         if scores[0] != scores[0] or (self.single is None and any(v != v for v in scores)):
             # NaN scores: the engine's guard (engine/guard.py) reset this session's state
+            if self._rows:  # the steps before it go out first, in order
+                self._end_group()
             self.metrics.error("non_finite_state")
             self._put(
                 error_message(
@@ -153,11 +172,39 @@ class Connection:
                     else dict(zip(self.labels, scores, strict=True)),
                 )
             )
+        elif self.batch:
+            if self._rows and index != self._first + len(self._rows):
+                self._end_group()  # a gap (failed steps in a re-sent tail): steps stay contiguous
+            if not self._rows:
+                self._first = index
+            self._times.append(time)
+            self._rows.append(scores)
+            if events:
+                self._group_events.extend(events)
+            return
         if events:
             for ev in events:
                 self._put(event_message(ev.as_dict()))
 
+    def _end_group(self) -> None:
+        """Send the gathered steps as one ``results`` message, then their events."""
+        rows = self._rows
+        if not rows:
+            return
+        times, events = self._times, self._group_events
+        self._rows, self._times, self._group_events = [], [], []
+        single = self.single
+        if single is not None:
+            scores = {single: [r[0] for r in rows]}
+        else:
+            scores = {label: [r[i] for r in rows] for i, label in enumerate(self.labels)}
+        self._put(results_message(self._first, times, scores))
+        for ev in events:
+            self._put(event_message(ev.as_dict()))
+
     def on_error(self, index: int, error: LookbackError) -> None:
+        if self._rows:
+            self._end_group()
         self.metrics.error(error.code)
         self._put(error_message(error.code, error.message, step=index))
 
@@ -182,6 +229,7 @@ class Connection:
         if self.resume is not None:  # a resume re-sends the results the client may have missed
             for index, t, scores, events in self.resume.resend:
                 self.on_result(index, t, scores, events)
+            self._end_group()  # results=batch: the re-sent tail is one message
             self.resume.resend.clear()
 
     def _put(self, text: str) -> None:

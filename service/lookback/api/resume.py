@@ -98,7 +98,7 @@ class Resumable(ResultSink, Protocol):
     ready_extra: dict[str, Any]
     session: StreamSession | None
     handle: ServedModel
-    want_results: bool
+    results: str  # all | batch | events, as the client asked
 
     @property
     def ended(self) -> bool: ...
@@ -314,7 +314,7 @@ class Resumer:
             while idx < len(recent) and recent[idx][0] < since:
                 idx += 1
         tail = orjson.dumps(list(itertools.islice(recent, idx, None))).decode()
-        return {"results": "all" if conn.want_results else "events", "tail": tail}
+        return {"results": conn.results, "tail": tail}
 
     @staticmethod
     def _tail(snap: snapmod.Snapshot) -> list[Any]:

@@ -53,8 +53,8 @@ def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ServedModel, str, str]:
                 code="bad_sample_rate",
             )
     results = q.get("results", "all")
-    if results not in ("all", "events"):
-        raise LookbackError(f"results must be all or events, not {results[:20]!r}", code="bad_query")
+    if results not in ("all", "batch", "events"):
+        raise LookbackError(f"results must be all, batch or events, not {results[:20]!r}", code="bad_query")
     return handle, encoding, results
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -38,6 +39,16 @@ class ResultSink(Protocol):
         """``scores`` holds one float per label: the model's float32 values, exactly."""
 
     def on_error(self, index: int, error: LookbackError) -> None: ...
+
+
+class GroupedSink(ResultSink, Protocol):
+    """A sink that also learns where each model call's results end (``results=batch``).
+
+    Optional: the session looks ``on_group_end`` up once, so sinks without it (offline,
+    sources, tests) are unchanged and pay nothing. It may be None to opt out per instance.
+    """
+
+    on_group_end: Callable[[], None] | None
 
 
 class StreamSession:
@@ -78,6 +89,8 @@ class StreamSession:
         self._resume_at = 0  # ... for pending_steps to fall to this
         labels = spec.labels
         self._event_col = labels.index(spec.event_label)
+        # called after the last on_result of each step group (one model call of this session)
+        self._group_end: Callable[[], None] | None = getattr(sink, "on_group_end", None)
         self.detector = EventDetector(
             spec.events, spec.event_label, sample_rate=spec.sample_rate, hop=spec.hop_samples
         )
@@ -257,6 +270,8 @@ class StreamSession:
             if self.closed:  # the sink closed the session: nothing more reaches it
                 return
             index += 1
+        if self._group_end is not None:
+            self._group_end()
 
     def set_exception(self, exc: BaseException) -> None:
         step = self._in_flight

@@ -45,6 +45,12 @@ def add_arguments(p: Any) -> None:
         default="raw",
         help="raw: the minimal built-in client; websockets: the library (cross-check)",
     )
+    p.add_argument(
+        "--results",
+        choices=["all", "batch", "events"],
+        default="all",
+        help="results query: all (one message per step), batch (one per model call), events",
+    )
     p.add_argument("--max-sessions", type=int, default=4096, help="ramp: upper limit")
     p.add_argument("--max-trials", type=int, default=10, help="ramp: trials at most")
     p.add_argument("--max-time", type=float, default=300.0, help="ramp: seconds at most")
@@ -83,6 +89,7 @@ def main_args(args: Any) -> int:
         client=args.client,
         allow_remote=args.allow_remote,
         cpus=parse_cpus(args.cpus),
+        results=args.results,
     )
     try:
         if args.ramp:

@@ -45,7 +45,7 @@ class LoadConfig:
     fail_fast: bool = False  # a process whose p99 is over the bound already waits <= 1 s
     allow_remote: bool = False
     cpus: list[int] | None = None  # pin the client processes to these CPUs
-    results: str = "all"
+    results: str = "all"  # all | batch (one `results` message per model call) | events
     resumable: bool = False  # ?resumable=1: the server checkpoints every session (docs/sessions.md)
     seed: int = 0
     quiet: bool = False
@@ -99,6 +99,8 @@ def check_urls(cfg: LoadConfig) -> None:
         raise LoadtestError(f"duration must be in (0, {MAX_SECONDS:g}] s, warmup in [0, {MAX_SECONDS:g}] s")
     if cfg.client not in ("raw", "websockets"):
         raise LoadtestError("client must be raw or websockets")
+    if cfg.results not in ("all", "batch", "events"):
+        raise LoadtestError("results must be all, batch or events")
 
 
 def query_string(cfg: LoadConfig) -> str:

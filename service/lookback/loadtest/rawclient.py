@@ -102,6 +102,11 @@ class SessionBase:
         kind = msg.get("type") if isinstance(msg, dict) else None
         if kind == "result":
             self.on_result(int(msg.get("step", -1)), now)
+        elif kind == "results":  # results=batch: one message per model call, its steps in order
+            first = int(msg.get("step", -1))
+            times = msg.get("times")
+            for i in range(len(times) if isinstance(times, list) else 0):
+                self.on_result(first + i, now)
         elif kind == "event":
             self.events += 1
         elif kind == "ready":

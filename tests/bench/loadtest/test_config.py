@@ -15,6 +15,9 @@ def test_only_loopback_unless_allowed() -> None:
     check_urls(LoadConfig(urls=["ws://192.0.2.1:8000"], allow_remote=True))
     with pytest.raises(LoadtestError):
         check_urls(LoadConfig(sessions=0))
+    check_urls(LoadConfig(results="batch"))
+    with pytest.raises(LoadtestError, match="results"):
+        check_urls(LoadConfig(results="some"))
 
 
 def test_sessions_are_spread_over_processes() -> None:

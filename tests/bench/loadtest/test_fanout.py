@@ -38,8 +38,11 @@ def _echo(hop: int) -> Iterator[str]:
         yield f"ws://127.0.0.1:{port}"
 
 
+@pytest.mark.parametrize("results", ["all", "batch"])
 @pytest.mark.parametrize("client", ["raw", "websockets"])
-def test_short_run_against_echo_counts_every_result(client: str) -> None:
+def test_short_run_against_echo_counts_every_result(client: str, results: str) -> None:
+    """results=batch: the echo answers each message with one results message; every step
+    in it is counted (and timed) as a result."""
     with _echo(hop=512) as url:
         r = run_load(
             LoadConfig(
@@ -51,6 +54,7 @@ def test_short_run_against_echo_counts_every_result(client: str) -> None:
                 client=client,
                 quiet=True,
                 procs=2,
+                results=results,
             )
         )
     assert r["connected"] == 4 and not r["process_failures"]
@@ -61,15 +65,27 @@ def test_short_run_against_echo_counts_every_result(client: str) -> None:
     assert r["results_measured"] > 0 and r["latency_ms"]["p50"] is not None
 
 
-def test_short_run_against_lookback() -> None:
+@pytest.mark.parametrize("results", ["all", "batch"])
+def test_short_run_against_lookback(results: str) -> None:
     models = [p.parent.parent.name for p in STORE.glob("*/*/model.json")]
     if not models:
         pytest.skip("no model in model_store")
     model = "lookback-vad" if "lookback-vad" in models else models[0]
     with running_server(make_settings(models=[model], default_model=model)) as srv:
-        r = run_load(LoadConfig(urls=[srv.ws], sessions=3, duration=0.8, warmup=0.2, model=model, quiet=True))
+        cfg = LoadConfig(
+            urls=[srv.ws],
+            sessions=3,
+            duration=0.8,
+            warmup=0.2,
+            model=model,
+            quiet=True,
+            frames_per_message=10,
+            results=results,
+        )
+        r = run_load(cfg)
         assert r["connected"] == 3 and r["lost_results"] == 0 and not r["errors"]
         assert r["close_codes"] == {"1000": 3}
+        assert r["results_total"] >= r["frames_sent"] // 10 and r["results_measured"] > 0
 
 
 def test_idle_sessions_open_and_close() -> None:
