@@ -29,7 +29,9 @@ one run so their ratios hold on a noisy machine:
     message per received message / per model call);
 14. ``cpu_per_session``: at a fixed number of real-time sessions, the server's CPU seconds
     (``/proc/<pid>/stat`` utime + stime over the measured window) per real-time
-    session-second, at 1 and at 10 frames per message, and at 10 with ``results=batch``.
+    session-second, at 1 and at 10 frames per message, and at 10 with ``results=batch``;
+15. ``resume_redis``: the Lookback ramp with resumable sessions checkpointed every 250 ms to
+    a real redis-server, against step 2 (target >= 0.9x).
 
 Writes ``tests/bench/results/<date>-<host>.{json,md}`` and prints the table.
 
@@ -78,6 +80,7 @@ STEPS = (
     "echo",
     "lookback",
     "null",
+    "resume_redis",
     "naive",
     "handwritten",
     "echo10",
@@ -463,15 +466,30 @@ class Bench:
 
     # 2./3./5. Lookback ---------------------------------------------------------------
     def _lookback_ramp(
-        self, model: str, fpm: int, start: int, results: str = "all", **env: Any
+        self, model: str, fpm: int, start: int, results: str = "all", resumable: bool = False, **env: Any
     ) -> dict[str, Any]:
         with lookback_server(model, free_port(), self.server_cpu, **env) as srv:
-            res = self.ramp(self.load_cfg(srv.url, fpm, model=model, results=results), start)
+            cfg = self.load_cfg(srv.url, fpm, model=model, results=results, resumable=resumable)
+            res = self.ramp(cfg, start)
             res["server_rss_bytes"] = proc_status(srv.pid)
             return res
 
     def step_lookback(self) -> dict[str, Any]:
         return self._lookback_ramp(self.model, 1, self.ramp_start("echo"))
+
+    # 15. resumable sessions checkpointed to Redis --------------------------------------
+    def step_resume_redis(self) -> dict[str, Any]:
+        from tests.fixtures_services import redis_server
+
+        with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp, redis_server(Path(tmp)) as url:
+            return self._lookback_ramp(
+                self.model,
+                1,
+                self.ramp_start("lookback", 1.0),
+                resumable=True,
+                state_store=url,
+                snapshot_interval_s=0.25,
+            )
 
     # 11. the null twin -----------------------------------------------------------------
     def step_null(self) -> dict[str, Any]:

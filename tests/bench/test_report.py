@@ -184,3 +184,16 @@ def test_cpu_ratio_over_the_limit_is_not_met_and_missing_runs_give_none() -> Non
     md = _markdown(_results(), bare)
     assert "Lookback `lookback-vad`: 6.0x naive (max_batch_size=1)." in md
     assert "hand-written" not in md.split("| ratio |")[0]
+
+
+def test_resume_redis_over_the_first_lookback_ramp() -> None:
+    """Resumable + Redis checkpoints against the Lookback ramp run just before it, not the pair median."""
+    res = _results([{"echo": 300, "lookback": 200}, {"echo": 300, "lookback": 210}])
+    res["resume_redis"] = _ramp(140)
+    s = summarize(res, hop_samples=128)
+    assert s["resume_redis_over_lookback"] == pytest.approx(140 / 150)
+    assert _target(s, "resumable, Redis checkpoints") == pytest.approx(140 / 150)
+    md = _markdown(res, s)
+    assert "| resumable, Redis checkpoints every 250 ms / Lookback | 0.93 | >= 0.9 | yes |" in md
+    assert "| Lookback `lookback-vad`, resumable, Redis checkpoints every 250 ms | 1 | 140 |" in md
+    assert _target(summarize(_results(), hop_samples=128), "resumable, Redis") is None
