@@ -8,7 +8,9 @@ connect), and is killed and reaped afterwards.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -118,12 +120,16 @@ def nginx_proxy(tmp: Path, upstream_ports: list[int]) -> Iterator[str]:
     conf.write_text(NGINX_CONF.format(dir=d, port=port, servers=servers))
     log = d / "stdout.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([exe, "-c", str(conf), "-p", str(d)], stdout=out, stderr=subprocess.STDOUT)
+        # its own process group: nginx forks workers, and killing the master alone orphans them
+        proc = subprocess.Popen(
+            [exe, "-c", str(conf), "-p", str(d)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_tcp(port, proc, "nginx", d / "error.log" if (d / "error.log").exists() else log)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
 
