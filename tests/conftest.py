@@ -9,10 +9,8 @@ subprocess (for signals). Both wait for readiness by asking the server (uvicorn'
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ from lookback.app import create_app
 from lookback.engine.engine import Engine
 from lookback.metrics import Metrics
 from lookback.settings import Settings
-from tests.support import AUDIO, FIXTURES, REPO, STORE, free_port, read_clip
+from tests.support import AUDIO, FIXTURES, REPO, STORE, free_port, read_clip, start_server
 
 __all__ = [
     "AUDIO",
@@ -164,35 +162,9 @@ def spawn_server(tmp_path: Path, **env: str) -> Iterator[Spawned]:
     """``lookback serve`` in a subprocess, ready when ``/readyz`` answers 200."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
-    full_env = {
-        **os.environ,
-        "LOOKBACK_MODEL_STORE": str(STORE),
-        "LOOKBACK_PORT": str(port),
-        "LOOKBACK_HOST": "127.0.0.1",
-        "LOOKBACK_WARMUP_BATCH_SIZES": "1",
-        **env,
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lookback.cli", "serve"],
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    proc = start_server(log, port, env)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{log.read_text()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready:\n{log.read_text()}")
-            time.sleep(0.05)  # readiness poll interval, bounded by the deadline
-        yield Spawned(proc, url, log)
+        yield Spawned(proc, f"http://127.0.0.1:{port}", log)
     finally:
         if proc.poll() is None:
             proc.kill()

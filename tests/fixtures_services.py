@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, start_server
 
 
 def need(binary: str) -> str:
@@ -135,38 +135,4 @@ def nginx_proxy(tmp: Path, upstream_ports: list[int]) -> Iterator[str]:
 
 def start_lookback(tmp: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """``lookback serve`` on a given port (a replica restarted behind a fixed upstream)."""
-    import os
-    import sys
-
-    import httpx
-
-    from tests.support import REPO, STORE
-
-    log = tmp / f"replica-{port}-{time.monotonic_ns()}.log"
-    full = {
-        **os.environ,
-        "LOOKBACK_MODEL_STORE": str(STORE),
-        "LOOKBACK_HOST": "127.0.0.1",
-        "LOOKBACK_WARMUP_BATCH_SIZES": "1",
-        **env,
-        "LOOKBACK_PORT": str(port),
-    }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lookback.cli", "serve"],
-            env=full,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"replica exited early:\n{log.read_text()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"replica not ready:\n{log.read_text()}")
-        time.sleep(0.05)  # readiness poll, bounded by the deadline
+    return start_server(tmp / f"replica-{port}-{time.monotonic_ns()}.log", port, env)

@@ -6,7 +6,12 @@ No pytest fixtures here, so bench scripts run as ``python -m tests.bench...`` ca
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import TypeAlias
 
@@ -73,3 +78,39 @@ def metric(source: Samples | str | CollectorRegistry, name: str, **labels: str) 
         samples = source
     want = set(labels.items())
     return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+
+
+def start_server(log: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``lookback serve`` on ``port`` in a subprocess, returned once ``/readyz`` answers 200.
+
+    ``env`` is laid over the test defaults (this repository's model store, loopback,
+    one warm-up batch size); output goes to ``log``.
+    """
+    full_env = {
+        **os.environ,
+        "LOOKBACK_MODEL_STORE": str(STORE),
+        "LOOKBACK_HOST": "127.0.0.1",
+        "LOOKBACK_WARMUP_BATCH_SIZES": "1",
+        **env,
+        "LOOKBACK_PORT": str(port),
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lookback.cli", "serve"],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log.read_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=30)
+            raise RuntimeError(f"server not ready:\n{log.read_text()}")
+        time.sleep(0.05)  # readiness poll interval, bounded by the deadline
