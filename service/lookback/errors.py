@@ -52,6 +52,12 @@ class BackpressureError(LookbackError):
     code = "too_many_pending_steps"
 
 
+class NonFiniteState(LookbackError):
+    """A model step produced NaN or Inf; the guard reset that session's state (engine/guard.py)."""
+
+    code = "non_finite_state"
+
+
 class InferenceError(LookbackError):
     """The model call failed for a whole batch; every waiter of that batch gets this."""
 

@@ -148,19 +148,6 @@ class Connection:
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
         if self.recent is not None:  # kept for a resume to re-send (lookback.api.resume)
             self.recent.append((index, time, scores, events))
-        if scores[0] != scores[0] or (self.single is None and any(v != v for v in scores)):
-            # NaN scores: the engine's guard (engine/guard.py) reset this session's state
-            if self._rows:  # the steps before it go out first, in order
-                self._end_group()
-            self.metrics.error("non_finite_state")
-            self._put(
-                error_message(
-                    "non_finite_state",
-                    "the model produced NaN or Inf for this step; the session's state was reset",
-                    step=index,
-                )
-            )
-            return
         if self.want_results:
             single = self.single
             self._put(

@@ -4,9 +4,9 @@ Called once per model call by ``StepCompute`` between the run and the scatter. T
 case costs one ``isfinite(...).all()`` per state output and one on the scores. A session
 (row) with any non-finite value in its new states or scores gets its new states replaced
 by the states' initial values, so its next step starts clean instead of carrying NaN for
-ever, and its scores set to NaN: the transport reports a step with NaN scores as
-``non_finite_state`` instead of a result. A multi-hop step is judged whole: one bad hop
-resets the session and marks every hop of that call.
+ever, and its scores set to NaN: the session reports a step with NaN scores to its sink
+as ``non_finite_state`` (``NonFiniteState``) instead of a result. A multi-hop step is
+judged whole: one bad hop resets the session and marks every hop of that call.
 """
 
 from __future__ import annotations

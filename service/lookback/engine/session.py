@@ -29,7 +29,16 @@ from lookback.engine.served import ServedModel
 from lookback.engine.slabs import CONTEXT
 from lookback.engine.snapshot import Snapshot, check_compatible, decode
 from lookback.engine.step import Step
-from lookback.errors import BackpressureError, BadAudio, LookbackError, SessionClosed, SnapshotError
+from lookback.errors import (
+    BackpressureError,
+    BadAudio,
+    LookbackError,
+    NonFiniteState,
+    SessionClosed,
+    SnapshotError,
+)
+
+_NON_FINITE = "the model produced NaN or Inf for this step; the session's state was reset"
 
 
 class ResultSink(Protocol):
@@ -258,6 +267,13 @@ class StreamSession:
                 return
         index = step.index
         for row in rows:
+            if row[0] != row[0]:  # NaN: the state guard reset this session (engine/guard.py)
+                self.steps_failed += 1
+                self.sink.on_error(index, NonFiniteState(_NON_FINITE))
+                if self.closed:
+                    return
+                index += 1
+                continue
             self.steps_done += 1
             end_sample = (index + 1) * self.hop
             score = row[self._event_col]
