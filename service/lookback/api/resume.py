@@ -429,22 +429,25 @@ class Resumer:
         deadline = time.monotonic() + grace / 2
         ready: list[C] = []
         left: list[C] = []
-        for c in conns:
-            s = c.session
-            if c.resume is None or s is None or c.ended:
-                left.append(c)
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(s.wait_idle(), max(0.0, deadline - time.monotonic()))
-            (ready if s.idle and not s.closed else left).append(c)
         puts = []
         samples = []
-        for c in ready:
-            st, s = c.resume, c.session
-            assert st is not None and s is not None
-            st.migrated = True  # the reader may still push: nothing after this is written
+        for c in conns:
+            s, st = c.session, c.resume
+            if st is None or s is None or c.ended:
+                left.append(c)
+                continue
+            # The client may still be sending: idle is a moment between batches, so the
+            # snapshot is taken in the same loop turn that sees it (no await in between).
+            while not s.idle and not s.closed and (remaining := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(s.wait_idle(), remaining)
+            if not s.idle or s.closed:
+                left.append(c)
+                continue
+            st.migrated = True  # the reader may still push: the client replays what follows
             puts.append(Put(st.sid, st.owner, s.snapshot(self._options(c)), release=True))
             samples.append(s.frames * c.handle.spec.frame_samples)
+            ready.append(c)
         try:
             ok = await self.store.sync(puts) if puts else []
         except StoreUnavailable:
