@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -215,3 +216,71 @@ async def test_resume_is_opt_in(srv: Server) -> None:
         await reader
     assert "resume_token" not in msgs[0]
     assert {m["type"] for m in msgs} == {"ready", "result", "event", "summary"}
+
+
+class _Sink:
+    """The part of a connection a checkpoint round uses (``lookback.api.resume.Resumable``)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.resume: ResumeState | None = None
+        self.recent: Any = None
+        self.session: Any = None
+        self.results = "all"
+        self.ready_extra: dict[str, Any] = {}
+        self.sent: list[dict[str, Any]] = []
+
+    @property
+    def ended(self) -> bool:
+        return False
+
+    @property
+    def end_reason(self) -> str | None:
+        return None
+
+    def on_result(self, index: int, time: float, scores: list[float], events: Any) -> None:
+        pass
+
+    def on_error(self, index: int, error: Exception) -> None:
+        raise AssertionError(error)
+
+    def send_message(self, text: str) -> None:
+        self.sent.append(orjson.loads(text))
+
+    def close_now(self, code: int, reason: str, message: str) -> None:
+        raise AssertionError(reason)
+
+    def close_after_queue(self, code: int, reason: str) -> None:
+        raise AssertionError(reason)
+
+
+async def test_a_checkpoint_round_is_spread_over_ticks_and_visits_each_session_once() -> None:
+    """One burst of every session's snapshot stalls the event loop: ``checkpoint(t, n)``
+    snapshots only the sessions whose turn is tick t, and n ticks visit each exactly once."""
+    from lookback.api.resume import Resumer
+    from lookback.engine.engine import Engine
+    from lookback.metrics import Metrics
+
+    settings = make_settings(snapshot_interval_s=3600)  # only the ticks this test runs
+    engine = Engine(settings)
+    await engine.start()
+    resumer = Resumer(settings, Metrics())
+    try:
+        handle = engine.resolve(None, None)
+        conns = [_Sink(handle) for _ in range(12)]
+        for c in conns:
+            c.session = engine.open_session(handle, c)
+            c.resume = await resumer.new_state(None)
+            c.session.push(np.zeros(handle.spec.frame_samples, "<i2").tobytes())
+            await c.session.wait_idle()
+        await resumer.start(conns)
+        written = [await resumer.checkpoint(t, 4) for t in range(4)]
+        assert sum(written) == len(conns)
+        assert max(written) < len(conns)  # no tick snapshots everyone
+        assert all(len(c.sent) == 1 and c.sent[0]["type"] == "checkpoint" for c in conns)
+        assert await resumer.checkpoint() == 0  # nothing advanced: leases renewed, no snapshot
+    finally:
+        await resumer.stop()
+        for c in conns:
+            c.session.close()
+        await engine.stop()

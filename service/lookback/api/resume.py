@@ -7,11 +7,14 @@ opened the session. Both are checked before the store is asked anything, so a ca
 with another key learns nothing about whether the session exists. A successful resume
 consumes the token (the store marks its session ``used``) and issues a new one.
 
-Checkpoints never touch the per-frame path: one task, every ``snapshot_interval_s``,
-snapshots the sessions that advanced and are idle (a few microseconds each, on the
-event loop), writes them all in one pipelined store round trip together with the lease
-renewals of the others, and then tells each client ``{"type":"checkpoint","samples":N}``:
-audio before sample N is durable and need not be kept for a replay.
+Checkpoints never touch the per-frame path: one task visits every session once per
+``snapshot_interval_s``, snapshots those that advanced and are idle (tens of
+microseconds each, on the event loop), writes them in one pipelined store round trip
+together with the lease renewals of the others, and then tells each client
+``{"type":"checkpoint","samples":N}``: audio before sample N is durable and need not be
+kept for a replay. The visits are spread over ticks of about ``TICK_S`` (each session has
+its turn), because one burst of every session's snapshot per interval stalls the event
+loop long enough to show in every stream's latency.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ if TYPE_CHECKING:
     from lookback.settings import Settings
 
 log = logging.getLogger("lookback.resume")
+TICK_S = 0.025  # a checkpoint interval is spread over ticks of about this length
+_turns = itertools.count()  # spreads sessions evenly over a round's ticks
 _TOKEN = re.compile(r"^([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{32})$")
 _OUTCOME_CODE = {
     "unknown": "resume_unknown",
@@ -84,6 +89,7 @@ class ResumeState:
     migrated: bool = False  # final snapshot written or being written: rounds skip it
     resend: list[Any] = field(default_factory=list)  # tail results to re-send after ready
     marks: deque[int] = field(default_factory=lambda: deque(maxlen=2))  # steps of the last writes
+    turn: int = field(default_factory=lambda: next(_turns))  # which tick of a round visits it
 
 
 class Resumable(ResultSink, Protocol):
@@ -328,15 +334,17 @@ class Resumer:
 
     async def _loop(self) -> None:
         interval = self.settings.snapshot_interval_s
-        while True:
-            await asyncio.sleep(interval)  # the checkpoint period, not a wait for a condition
+        ticks = max(1, round(interval / TICK_S))
+        for tick in itertools.count():
+            await asyncio.sleep(interval / ticks)  # the checkpoint period, not a wait for a condition
             try:
-                await self.checkpoint()
-            except Exception:  # a failed round must not end checkpointing
+                await self.checkpoint(tick % ticks, ticks)
+            except Exception:  # a failed tick must not end checkpointing
                 log.exception("checkpoint round failed")
 
-    async def checkpoint(self) -> int:
-        """One round: snapshot idle sessions that advanced, renew the others' leases."""
+    async def checkpoint(self, tick: int = 0, ticks: int = 1) -> int:
+        """One tick of a round: the sessions whose turn it is are snapshotted if idle and
+        advanced, or have their lease renewed. ``checkpoint()`` visits every session."""
         self._publish()
         if not self.store.available:
             return 0
@@ -344,11 +352,14 @@ class Resumer:
         puts: list[Put] = []
         frames: list[int] = []
         steps: list[int] = []
-        for k, c in enumerate(list(self.connections)):
-            if k and k % 64 == 0:
+        for c in list(self.connections):
+            st = c.resume
+            if st is None or st.turn % ticks != tick:
+                continue
+            if len(puts) % 64 == 63:
                 await asyncio.sleep(0)  # thousands of snapshots must not stall the loop in one go
-            st, s = c.resume, c.session
-            if st is None or s is None or st.migrated or c.end_reason is not None or s.closed:
+            s = c.session
+            if s is None or st.migrated or c.end_reason is not None or s.closed:
                 continue
             data = None
             if s.frames != st.written_frames and s.idle:
