@@ -124,21 +124,29 @@ async def test_multi_hop_steps_equal_single_steps_exactly(
     assert seen_k == set(KS)  # the cut points covered every k in 1..32
 
 
-async def test_a_batch_runs_one_call_per_power_of_two(
-    silero_model: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("counts", "multi", "step"),
+    [
+        ([10, 10, 10], [10], 0),  # one message size for everyone: one [B, 10] call
+        ([5, 5, 12, 1], [12, 5], 1),  # 3 distinct counts <= 3 powers of two (8, 4, 1)
+        ([3, 5, 6, 7, 9, 12], [8, 4, 2], 1),  # 6 distinct counts > 4 powers of two
+    ],
+)
+async def test_a_batch_runs_the_fewest_calls(
+    silero_model: str, monkeypatch: pytest.MonkeyPatch, counts: list[int], multi: list[int], step: int
 ) -> None:
+    """One call per distinct hop count, or per power of two present, whichever is fewer."""
     async with running_engine("silero-vad") as engine:
         handle = engine.resolve("silero-vad")
         calls = Calls(handle, monkeypatch)
-        slots = [handle.table.acquire() for _ in range(4)]
-        counts = [5, 5, 12, 1]  # 4+1, 4+1, 8+4, 1: calls k=8, k=4, k=1
+        slots = [handle.table.acquire() for _ in counts]
         batch = [
             Step(s, 0, bytes(512 * 2 * k), None, 0.0, count=k)  # type: ignore[arg-type]
             for s, k in zip(slots, counts, strict=True)
         ]
         rows = handle.compute(batch)
         assert rows.shape == (sum(counts), 1)
-        assert calls.multi == [8, 4] and calls.step == 1
+        assert calls.multi == multi and calls.step == step
 
 
 async def test_streaming_mixed_message_sizes_equal_one_frame_per_message(

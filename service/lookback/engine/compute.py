@@ -7,12 +7,14 @@ graph, scatters states and the new context back, and returns one score row per h
 It knows the table and the graphs, never the batcher or the session.
 
 A batch of one-hop steps (the hot path) is one call of the step graph. When steps carry
-several hops, sessions are grouped by powers of two: a step of 5 hops runs its first 4
-in the ``[B, 4]`` call of the multi-step graph (``multistep.py``) with every other step
-that has a 4 in its count, then its last one in the ``[B, 1]`` call; calls run from the
-largest group down, so each session's hops run in order and a batch costs at most
-``log2(max_steps_per_call) + 1`` model calls. The multi-step graph gives the same bits
-as k single steps, so no grouping changes any row.
+several hops, the batch is split into the fewest calls of the multi-step graph
+(``multistep.py``) of two groupings: by exact hop count (all steps of 10 hops in one
+``[B, 10]`` call: the usual case, every client sending the same message size), or by
+powers of two (a step of 5 hops runs its first 4 in the ``[B, 4]`` call with every
+other step that has a 4 in its count, then its last one in the ``[B, 1]`` call, largest
+group first), which bounds a batch of mixed counts to ``log2(max_steps_per_call) + 1``
+calls. Each session's hops run in order either way, and the multi-step graph gives the
+same bits as k single steps, so no grouping changes any row.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class StepCompute:
         return scores
 
     def _multi(self, batch: Sequence[Step], total: int) -> np.ndarray:
-        """Steps of several hops: one call per power of two present in the counts."""
+        """Steps of several hops: one call per distinct count, or per power of two present
+        in the counts, whichever is fewer calls."""
         spec = self.spec
         hop = spec.hop_samples
         counts = np.array([s.count for s in batch], dtype=np.intp)
@@ -84,6 +87,13 @@ class StepCompute:
         samples = self._scratch("samples", total, (hop,), np.dtype(np.float32))
         self._fill_hops(samples, batch, total)
         scores = np.empty((total, len(spec.labels)), np.float32)
+        distinct = set(counts.tolist())
+        if len(distinct) <= int(np.bitwise_or.reduce(counts)).bit_count():
+            for k in sorted(distinct, reverse=True):
+                rows = np.flatnonzero(counts == k) if len(distinct) > 1 else np.arange(len(batch))
+                hops = first[rows][:, None] + np.arange(k)  # [m, k] sample rows
+                scores[hops.ravel()] = self._run_group(slots[rows], samples, hops, k)
+            return scores
         done = np.zeros_like(counts)  # hops of each step already run
         k = 1 << (int(counts.max()).bit_length() - 1)
         while k:

@@ -1,7 +1,9 @@
 """Offline scoring: a clip in, chunks of scores and events out, in bounded memory.
 
 The clip arrives as an async iterator of float32 chunks (samples in [-1, 1)); nothing
-here ever holds more than one chunk plus a partial hop. Each chunk is scored in calls
+here ever holds more than two chunks plus a partial hop: the next chunk is read and
+decoded on the event loop while the current one is scored in the executor, so a clip's
+model calls do not wait for its upload between chunks. Each chunk is scored in calls
 of up to ``max_steps`` hops, in the offline executor so the event loop and the
 streaming batcher stay responsive: through the model's own ``sequence`` graph when it
 ships one, else through the multi-step graph built at load (the step graph in a
@@ -136,10 +138,19 @@ async def score_clip(
         step += len(scores)
         return out
 
-    async for chunk in chunks:
-        scores = await loop.run_in_executor(executor, scorer.feed, chunk)
-        if len(scores):
-            yield emit(scores)
+    source = aiter(chunks)
+    ahead: asyncio.Future[np.ndarray | None] = asyncio.ensure_future(anext(source, None))
+    try:
+        while (chunk := await ahead) is not None:
+            ahead = asyncio.ensure_future(anext(source, None))  # read on while this one scores
+            scores = await loop.run_in_executor(executor, scorer.feed, chunk)
+            if len(scores):
+                yield emit(scores)
+    finally:  # stopped early (an error, a client gone): the read-ahead must not outlive us
+        ahead.cancel()
+        await asyncio.wait([ahead])
+        if not ahead.cancelled():
+            ahead.exception()  # retrieved: an error after an error is not "never retrieved"
     tail = emit(await loop.run_in_executor(executor, scorer.finish))
     tail.events.extend(detector.finish(step * spec.hop_samples))
     yield tail
