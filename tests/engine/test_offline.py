@@ -169,3 +169,32 @@ async def test_offline_model_failure_raises_a_clear_error(
         with pytest.raises(InferenceError, match="device lost"):
             await score_offline(engine, handle, Source(2, [SR]).chunks())
         assert handle.table.used == 0
+
+
+async def test_the_next_chunk_is_read_while_one_scores_and_an_early_stop_closes_the_source(
+    any_model: str,
+) -> None:
+    """Scoring overlaps the upload by one chunk (never more), and a consumer that stops
+    early (a client gone, an error) leaves no read of the source running."""
+    import asyncio
+    import contextlib
+
+    read: list[int] = []
+    closed = asyncio.Event()
+
+    async def source() -> AsyncIterator[np.ndarray]:
+        try:
+            for i in range(50):
+                read.append(i)
+                yield np.zeros(SR, np.float32)
+        finally:
+            closed.set()
+
+    async with running_engine(any_model) as engine:
+        handle = engine.resolve(any_model)
+        async with contextlib.aclosing(engine.score(handle, source())) as scored:
+            first = await anext(scored)
+            assert len(first.scores) > 0
+            assert read == [0, 1]  # chunk 1 was read while chunk 0 scored; chunk 2 was not
+        assert closed.is_set()
+        assert not [t for t in asyncio.all_tasks() if "anext" in repr(t.get_coro())]

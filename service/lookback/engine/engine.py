@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -195,5 +195,7 @@ class Engine:
             handle, sink, encoding=encoding, max_pending_steps=self.settings.max_pending_steps
         )
 
-    def score(self, handle: ServedModel, chunks: AsyncIterator[np.ndarray]) -> AsyncIterator[OfflineChunk]:
+    def score(
+        self, handle: ServedModel, chunks: AsyncIterator[np.ndarray]
+    ) -> AsyncGenerator[OfflineChunk, None]:
         return score_clip(handle, chunks, executor=self._offline, max_steps=self.settings.offline_chunk_steps)

@@ -15,7 +15,7 @@ results agree.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -118,7 +118,7 @@ async def score_clip(
     *,
     executor: Executor,
     max_steps: int = 2048,
-) -> AsyncIterator[OfflineChunk]:
+) -> AsyncGenerator[OfflineChunk, None]:
     """Score a clip chunk by chunk; yields each chunk's scores and new events.
 
     ``max_steps`` bounds one call of the multi-step graph (a sequence graph has its own).
@@ -151,6 +151,9 @@ async def score_clip(
         await asyncio.wait([ahead])
         if not ahead.cancelled():
             ahead.exception()  # retrieved: an error after an error is not "never retrieved"
+        close = getattr(source, "aclose", None)
+        if close is not None:
+            await close()  # the upload reader stops now, not when garbage-collected
     tail = emit(await loop.run_in_executor(executor, scorer.finish))
     tail.events.extend(detector.finish(step * spec.hop_samples))
     yield tail
