@@ -85,6 +85,8 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
     # Against the first Lookback ramp, not the pair median: it ran just before, on the same load.
     resume = ratio_of(max_sessions_of(res.get("resume_redis")), max_sessions_of(res.get("lookback")))
     f10b, echo10b = max_sessions_of(res.get("fpm10_batch")), max_sessions_of(res.get("echo10_batch"))
+    null10 = max_sessions_of(res.get("null10"))
+    sil4, sil20 = max_sessions_of(res.get("silero4")), max_sessions_of(res.get("silero20"))
     cpu = cpu_per_session(res)
     model_alone = None
     eng = res.get("engine") or {}
@@ -114,6 +116,12 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
         ("10 frames/msg / bound", ratio(f10, bound), 0.9),
         ("10 frames/msg / echo at 10 frames/msg", ratio(f10, echo10), 0.9),
         ("10 frames/msg results=batch / echo batch at 10", ratio(f10b, echo10b), 0.9),
+        (
+            "10 frames/msg null twin / echo at 10 (the server's work without the model's math)",
+            ratio(null10, echo10),
+            0.9,
+        ),
+        ("Silero 20 frames/msg / Silero 4 frames/msg", ratio(sil20, sil4), 1.0),
         ("offline x real time (long clip)", x_rt, 2000.0),
     ]
     rows_t = [
@@ -149,6 +157,8 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
         "silero_times_handwritten": ratio(sil, sil_hand),
         "echo10_sessions": echo10,
         "echo10_batch_sessions": echo10b,
+        "null10_over_echo10": ratio(null10, echo10),
+        "silero20_over_silero4": ratio(sil20, sil4),
         "cpu_per_session": cpu,
         "model_alone_sessions": model_alone,
         "bound_sessions": bound,
@@ -194,7 +204,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         ("fpm10", f"Lookback `{model}`", 10),
         ("echo10_batch", "echo ceiling, results=batch", 10),
         ("fpm10_batch", f"Lookback `{model}`, results=batch", 10),
+        ("null10", f"Lookback `null-{model}` (null twin: no arithmetic)", 10),
         ("silero", "Lookback `silero-vad` (hop 512)", 1),
+        ("silero4", "Lookback `silero-vad`, one hop per message", 4),
+        ("silero20", "Lookback `silero-vad`, five hops per message", 20),
         ("silero_naive", "Lookback `silero-vad`, max_batch_size=1", 1),
         ("handwritten_silero", "hand-written naive server `silero-vad`", 1),
         ("workers", f"2 server processes (one per CPU), `{model}`", 1),

@@ -31,7 +31,11 @@ one run so their ratios hold on a noisy machine:
     (``/proc/<pid>/stat`` utime + stime over the measured window) per real-time
     session-second, at 1 and at 10 frames per message, and at 10 with ``results=batch``;
 15. ``resume_redis``: the Lookback ramp with resumable sessions checkpointed every 250 ms to
-    a real redis-server, against step 2 (target >= 0.9x).
+    a real redis-server, against step 2 (target >= 0.9x);
+16. ``null10``: the null twin at 10 frames per message against ``echo10``: the server's own
+    per-step work at 10 frames per message, without the model's math;
+17. ``silero4`` / ``silero20``: Silero at one hop (4 frames) and five hops (20 frames) per
+    message.
 
 Writes ``tests/bench/results/<date>-<host>.{json,md}`` and prints the table.
 
@@ -87,8 +91,11 @@ STEPS = (
     "fpm10",
     "echo10_batch",
     "fpm10_batch",
+    "null10",
     "cpu_per_session",
     "silero",
+    "silero4",
+    "silero20",
     "silero_naive",
     "handwritten_silero",
     "offline",
@@ -502,6 +509,16 @@ class Bench:
         res["model"] = name
         return res
 
+    def step_null10(self) -> dict[str, Any]:
+        from tests.bench.null_model import make_null_model
+
+        with tempfile.TemporaryDirectory(prefix="bench-null-") as store:
+            name = make_null_model(self.model, Path(store))
+            with lookback_server(name, free_port(), self.server_cpu, model_store=store) as srv:
+                res = self.ramp(self.load_cfg(srv.url, 10, model=name), self.ramp_start("fpm10", 1.0))
+        res["model"] = name
+        return res
+
     # 10. repeated echo / Lookback pairs ------------------------------------------------
     def step_pairs(self) -> dict[str, Any]:
         n = 0 if self.args.quick else self.args.pairs
@@ -537,6 +554,17 @@ class Bench:
         if not has_model("silero-vad"):
             return {"skipped": "silero-vad is not imported (make silero)"}
         return self._lookback_ramp("silero-vad", 1, self.ramp_start("lookback", 1.0))
+
+    def _silero_fpm(self, fpm: int, start_key: str) -> dict[str, Any]:
+        if not has_model("silero-vad"):
+            return {"skipped": "silero-vad is not imported (make silero)"}
+        return self._lookback_ramp("silero-vad", fpm, self.ramp_start(start_key, 1.0))
+
+    def step_silero4(self) -> dict[str, Any]:
+        return self._silero_fpm(4, "silero")
+
+    def step_silero20(self) -> dict[str, Any]:
+        return self._silero_fpm(20, "silero4")
 
     def step_silero_naive(self) -> dict[str, Any]:
         if self.model == "silero-vad" and "naive" in self.results:

@@ -197,3 +197,16 @@ def test_resume_redis_over_the_first_lookback_ramp() -> None:
     assert "| resumable, Redis checkpoints every 250 ms / Lookback | 0.93 | >= 0.9 | yes |" in md
     assert "| Lookback `lookback-vad`, resumable, Redis checkpoints every 250 ms | 1 | 140 |" in md
     assert _target(summarize(_results(), hop_samples=128), "resumable, Redis") is None
+
+
+def test_null_twin_at_10_and_silero_20_over_4() -> None:
+    """The server's own work at 10 frames/msg (null twin / echo) and Silero 20 / 4 frames/msg."""
+    res = _with_baselines()
+    res.update(null10=_ramp(300), silero4=_ramp(100), silero20=_ramp(180))
+    s = summarize(res, hop_samples=128)
+    assert s["null10_over_echo10"] == pytest.approx(300 / 400)
+    assert _target(s, "Silero 20 frames/msg / Silero 4") == pytest.approx(1.8)
+    md = _markdown(res, s)
+    assert "| Silero 20 frames/msg / Silero 4 frames/msg | 1.80 | >= 1 | yes |" in md
+    assert "| Lookback `silero-vad`, five hops per message | 20 | 180 |" in md
+    assert _target(summarize(_results(), hop_samples=128), "Silero 20") is None

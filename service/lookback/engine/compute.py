@@ -44,6 +44,7 @@ class StepCompute:
         self.input = ModelInput(spec.audio_input.scale, spec.audio_input.layout)
         self.constants = {c.name: np.full(c.shape, c.value, dtype=np_dtype(c.dtype)) for c in spec.constants}
         self._buffers: dict[str, np.ndarray] = {}
+        self.n_labels = len(spec.labels)  # Manifest.labels builds a list on every call
 
     def __call__(self, batch: Sequence[Step]) -> np.ndarray:
         n = len(batch)
@@ -86,7 +87,7 @@ class StepCompute:
         first = np.cumsum(counts) - counts  # each step's first row in ``samples`` and the result
         samples = self._scratch("samples", total, (hop,), np.dtype(np.float32))
         self._fill_hops(samples, batch, total)
-        scores = np.empty((total, len(spec.labels)), np.float32)
+        scores = np.empty((total, self.n_labels), np.float32)
         distinct = set(counts.tolist())
         if len(distinct) <= int(np.bitwise_or.reduce(counts)).bit_count():
             for k in sorted(distinct, reverse=True):
