@@ -30,10 +30,10 @@ def ratio_of(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def cpu_per_session(res: dict[str, Any]) -> dict[str, float | None]:
+def cpu_per_session(res: dict[str, Any], key: str = "cpu_per_session") -> dict[str, float | None]:
     """Server CPU seconds per real-time session-second at 1 and 10 frames/msg (and 10 with
     results=batch), and each 10 / 1."""
-    step = res.get("cpu_per_session") or {}
+    step = res.get(key) or {}
     one = (step.get("fpm1") or {}).get("cpu_per_session_s")
     ten = (step.get("fpm10") or {}).get("cpu_per_session_s")
     batch = (step.get("fpm10_batch") or {}).get("cpu_per_session_s")
@@ -88,6 +88,7 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
     null10 = max_sessions_of(res.get("null10"))
     sil4, sil20 = max_sessions_of(res.get("silero4")), max_sessions_of(res.get("silero20"))
     cpu = cpu_per_session(res)
+    cpu_null = cpu_per_session(res, "cpu_per_session_null")
     model_alone = None
     eng = res.get("engine") or {}
     rows = eng.get("rows") or []
@@ -131,6 +132,8 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
         ("long / short clip peak RSS", rss_ratio, 1.2),
         ("CPU per session-second, 10 / 1 frame/msg", cpu["ratio"], 0.5),
         ("CPU per session-second, 10 results=batch / 1 frame/msg", cpu["batch_ratio"], 0.5),
+        ("CPU per session-second, null twin, 10 / 1 frame/msg", cpu_null["ratio"], 0.5),
+        ("CPU per session-second, null twin, 10 results=batch / 1 frame/msg", cpu_null["batch_ratio"], 0.5),
     ):
         rows_t.append(
             {
@@ -160,6 +163,7 @@ def summarize(res: dict[str, Any], hop_samples: int) -> dict[str, Any]:
         "null10_over_echo10": ratio(null10, echo10),
         "silero20_over_silero4": ratio(sil20, sil4),
         "cpu_per_session": cpu,
+        "cpu_per_session_null": cpu_null,
         "model_alone_sessions": model_alone,
         "bound_sessions": bound,
         "targets": rows_t,

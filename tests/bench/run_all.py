@@ -30,6 +30,7 @@ one run so their ratios hold on a noisy machine:
 14. ``cpu_per_session``: at a fixed number of real-time sessions, the server's CPU seconds
     (``/proc/<pid>/stat`` utime + stime over the measured window) per real-time
     session-second, at 1 and at 10 frames per message, and at 10 with ``results=batch``;
+    ``cpu_per_session_null``: the same on the null twin (the server's work without math);
 15. ``resume_redis``: the Lookback ramp with resumable sessions checkpointed every 250 ms to
     a real redis-server, against step 2 (target >= 0.9x);
 16. ``null10``: the null twin at 10 frames per message against ``echo10``: the server's own
@@ -93,6 +94,7 @@ STEPS = (
     "fpm10_batch",
     "null10",
     "cpu_per_session",
+    "cpu_per_session_null",
     "silero",
     "silero4",
     "silero20",
@@ -406,20 +408,34 @@ class Bench:
 
     # 14. CPU per real-time session-second ------------------------------------------------
     def step_cpu_per_session(self) -> dict[str, Any]:
+        return self._cpu_per_session(self.model, None)
+
+    def step_cpu_per_session_null(self) -> dict[str, Any]:
+        """The same on the null twin: the server's own work per session-second, no math."""
+        from tests.bench.null_model import make_null_model
+
+        with tempfile.TemporaryDirectory(prefix="bench-null-") as store:
+            name = make_null_model(self.model, Path(store))
+            return {**self._cpu_per_session(name, store), "model": name}
+
+    def _cpu_per_session(self, model: str, store: str | None) -> dict[str, Any]:
         n = self.plan.cpu_sessions
         out: dict[str, Any] = {"sessions": n}
+        env = {"model_store": store} if store else {}
         for fpm, results in ((1, "all"), (10, "all"), (10, "batch")):
             key = f"fpm{fpm}" if results == "all" else f"fpm{fpm}_{results}"
-            with lookback_server(self.model, free_port(), self.server_cpu) as srv:
-                out[key] = r = self._cpu_run(srv, n, fpm, results)
+            with lookback_server(model, free_port(), self.server_cpu, **env) as srv:
+                out[key] = r = self._cpu_run(srv, n, fpm, results, model)
             log(
-                f"cpu_per_session: {n} sessions at {fpm} frames/msg, results={results}: server CPU "
+                f"cpu_per_session {model}: {n} sessions at {fpm} frames/msg, results={results}: server CPU "
                 f"{r['cpu_share'] * 100:.1f}% of a core = {r['cpu_per_session_s'] * 1e3:.2f} ms "
                 f"per session-second; p99 {fmt(r['p99_ms'], '.1f')} ms, {'PASS' if r['passed'] else 'FAIL'}"
             )
         return out
 
-    def _cpu_run(self, srv: Server, n: int, fpm: int, results: str = "all") -> dict[str, Any]:
+    def _cpu_run(
+        self, srv: Server, n: int, fpm: int, results: str = "all", model: str | None = None
+    ) -> dict[str, Any]:
         """One fixed-N load; the server's CPU over the middle of the measured window.
 
         The window opens once ``/readyz`` counts all ``n`` sessions plus the load
@@ -427,7 +443,7 @@ class Bench:
         connects, warm-up and the end-of-stream summaries stay outside it.
         """
         p = self.plan
-        cfg = replace(self.load_cfg(srv.url, fpm, model=self.model, results=results), sessions=n)
+        cfg = replace(self.load_cfg(srv.url, fpm, model=model or self.model, results=results), sessions=n)
         window: dict[str, float] = {}
         done = threading.Event()
 

@@ -210,3 +210,20 @@ def test_null_twin_at_10_and_silero_20_over_4() -> None:
     assert "| Silero 20 frames/msg / Silero 4 frames/msg | 1.80 | >= 1 | yes |" in md
     assert "| Lookback `silero-vad`, five hops per message | 20 | 180 |" in md
     assert _target(summarize(_results(), hop_samples=128), "Silero 20") is None
+
+
+def test_cpu_per_session_of_the_null_twin() -> None:
+    """The null twin's CPU ratios (the server's work without the model's math) get their rows."""
+    res = _with_baselines()
+    res["cpu_per_session_null"] = {
+        "sessions": 64,
+        "fpm1": {"cpu_per_session_s": 0.006, "cpu_share": 0.384, "passed": True},
+        "fpm10": {"cpu_per_session_s": 0.0036, "cpu_share": 0.23, "passed": True},
+        "fpm10_batch": {"cpu_per_session_s": 0.0024, "cpu_share": 0.15, "passed": True},
+    }
+    s = summarize(res, hop_samples=128)
+    assert _target(s, "CPU per session-second, null twin, 10 / 1") == pytest.approx(0.6)
+    assert _target(s, "CPU per session-second, null twin, 10 results=batch") == pytest.approx(0.4)
+    md = _markdown(res, s)
+    assert "| CPU per session-second, null twin, 10 / 1 frame/msg | 0.60 | <= 0.5 | **no** |" in md
+    assert _target(summarize(_results(), hop_samples=128), "CPU per session-second, null twin") is None

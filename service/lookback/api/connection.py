@@ -45,7 +45,7 @@ from lookback.protocol import (
 from lookback.settings import Settings
 
 if TYPE_CHECKING:
-    from lookback.api.resume import Resumer, ResumeState
+    from lookback.api.resume import Recent, Resumer, ResumeState
     from lookback.engine.served import ServedModel
 
 log = logging.getLogger("lookback.ws")
@@ -128,7 +128,7 @@ class Connection:
         self._parked: tuple[Any, Any] | None = None  # a direct send that had to suspend
         self.resume: ResumeState | None = None  # resumable identity (lookback.api.resume)
         # the last results, as on_result got them: a resume re-sends what a client missed
-        self.recent: deque[tuple[int, float, list[float], list[Event] | None]] | None = None
+        self.recent: deque[Recent] | None = None
         self.ready_extra: dict[str, Any] = {}  # resume fields of the ready message
 
     @property
@@ -147,7 +147,9 @@ class Connection:
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
         if self.recent is not None:  # kept for a resume to re-send (lookback.api.resume)
-            self.recent.append((index, time, scores, events))
+            # a tuple of floats, not the list: the entry holds no mutable container, so the
+            # collector stops tracking it instead of promoting thousands a second to gen 2
+            self.recent.append((index, time, tuple(scores), events))
         if self.want_results:
             single = self.single
             self._put(

@@ -31,7 +31,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -76,6 +76,10 @@ _METRIC_OUTCOME = {
 }
 
 
+Recent = tuple[int, float, "Sequence[float]", "list[Event] | None"]
+"""A result as on_result got it (step, end time, scores, events): a resume re-sends it."""
+
+
 @dataclass
 class ResumeState:
     """A connection's resumable identity."""
@@ -100,7 +104,7 @@ class Resumable(ResultSink, Protocol):
     """
 
     resume: ResumeState | None
-    recent: deque[tuple[int, float, list[float], list[Event] | None]] | None
+    recent: deque[Recent] | None
     ready_extra: dict[str, Any]
     session: StreamSession | None
     handle: ServedModel

@@ -1,10 +1,12 @@
 """Redis state store (redis-py asyncio): snapshots shared by every replica.
 
 Each operation is one Lua script, so the lease check and the write are atomic across
-replicas; ``sync`` pipelines a whole checkpoint round (every session's snapshot or lease
-renewal) into one round trip. Socket timeouts are short: an unreachable Redis makes
-``available`` False and raises ``StoreUnavailable`` (streaming goes on), and a probe
-reconnects in the background; the next checkpoint round then writes again.
+replicas; ``sync`` writes a whole checkpoint tick (every session's snapshot or lease
+renewal) in one round trip, up to ``SYNC_BATCH`` sessions per script call (one command
+per session cost redis-py more than the write itself). Socket timeouts are short: an
+unreachable Redis makes ``available`` False and raises ``StoreUnavailable`` (streaming
+goes on), and a probe reconnects in the background; the next checkpoint round then
+writes again.
 """
 
 from __future__ import annotations
@@ -24,17 +26,29 @@ log = logging.getLogger("lookback.state_store")
 PREFIX = "lookback:session:"
 SECRET_KEY = "lookback:resume-secret"
 
-_PUT = """
-local l = redis.call('GET', KEYS[3])
-if (l and l ~= ARGV[1]) or redis.call('GET', KEYS[2]) == 'used' then return 0 end
-if ARGV[2] ~= '' then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  redis.call('SET', KEYS[2], 'live', 'PX', ARGV[4])
+# Many sessions per call: KEYS are (snap, tomb, lease) per session, ARGV the three TTLs
+# (window, tombstone, lease) then (owner, snapshot or '', release '1'/'0') per session.
+_SYNC = """
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local snap, tomb, lease = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local owner, data = ARGV[3 * i + 4], ARGV[3 * i + 5]
+  local l = redis.call('GET', lease)
+  if (l and l ~= owner) or redis.call('GET', tomb) == 'used' then
+    out[i + 1] = 0
+  else
+    if data ~= '' then
+      redis.call('SET', snap, data, 'PX', ARGV[1])
+      redis.call('SET', tomb, 'live', 'PX', ARGV[2])
+    end
+    if ARGV[3 * i + 6] == '1' then redis.call('DEL', lease)
+    else redis.call('SET', lease, owner, 'PX', ARGV[3]) end
+    out[i + 1] = 1
+  end
 end
-if ARGV[6] == '1' then redis.call('DEL', KEYS[3])
-else redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5]) end
-return 1
+return out
 """
+SYNC_BATCH = 256  # sessions per script call: Redis runs one script at a time
 _CLAIM = """
 local t = redis.call('GET', KEYS[2])
 if not t then return {'unknown'} end
@@ -78,7 +92,7 @@ class RedisStore:
         self._r = aioredis.from_url(
             url, socket_timeout=1.0, socket_connect_timeout=1.0, decode_responses=False
         )
-        self._put = self._r.register_script(_PUT)
+        self._sync = self._r.register_script(_SYNC)
         self._claim = self._r.register_script(_CLAIM)
         self._consume = self._r.register_script(_CONSUME)
         self._release = self._r.register_script(_RELEASE)
@@ -151,22 +165,16 @@ class RedisStore:
 
         async def run() -> list[Any]:
             async with self._r.pipeline(transaction=False) as pipe:
-                for p in puts:
-                    await self._put(
-                        keys=_keys(p.sid),
-                        args=[
-                            p.owner,
-                            p.data or b"",
-                            self.window_ms,
-                            self.tomb_ms,
-                            self.lease_ms,
-                            "1" if p.release else "0",
-                        ],
-                        client=pipe,
-                    )
+                for at in range(0, len(puts), SYNC_BATCH):
+                    keys: list[str] = []
+                    args: list[bytes | str] = [self.window_ms, self.tomb_ms, self.lease_ms]
+                    for p in puts[at : at + SYNC_BATCH]:
+                        keys += _keys(p.sid)
+                        args += [p.owner, p.data or b"", "1" if p.release else "0"]
+                    await self._sync(keys=keys, args=args, client=pipe)
                 return await pipe.execute()
 
-        return [bool(r) for r in await self._call(run())]
+        return [bool(r) for batch in await self._call(run()) for r in batch]
 
     async def claim(self, sid: str, owner: str) -> tuple[Outcome, bytes | None]:
         res = await self._call(self._claim(keys=_keys(sid), args=[owner, self.lease_ms]))
