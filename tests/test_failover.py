@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import orjson
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from lookback.state_store import Put
 from lookback.state_store.redis import RedisStore
@@ -57,7 +57,7 @@ async def resume(url: str) -> tuple[Any, dict[str, Any]]:
     """What a client does: retry through the balancer until a replica takes the session."""
     deadline = time.monotonic() + 30
     while True:
-        with contextlib.suppress(OSError, InvalidStatus, ConnectionClosed):
+        with contextlib.suppress(OSError, InvalidHandshake, ConnectionClosed):  # a replica or worker dying
             ws = await ws_connect(url)
             first = orjson.loads(await ws.recv())
             if first["type"] == "ready":

@@ -415,3 +415,77 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     )
     assert out.returncode == 1, out.stderr[-3000:]
     assert "failed to start" in out.stderr and "no models to serve" in out.stderr
+
+
+async def test_a_dead_workers_resumable_session_resumes_on_the_same_port(
+    tmp_path: Path, silero_model: str
+) -> None:
+    """With a shared store (Redis), a resumable session of a SIGKILLed worker resumes through
+    the server's port on a live worker, and the merged results equal an uninterrupted run's."""
+    from tests.api.resume_util import Inbox
+    from tests.fixtures_services import redis_server
+    from tests.test_failover import MSG, PCM, collect, resume, send_pcm, split
+
+    env = {**ENV, "LOOKBACK_SNAPSHOT_INTERVAL_S": "0.1", "LOOKBACK_RESUME_LEASE_S": "1.0"}
+    with (
+        redis_server(tmp_path) as redis_url,
+        spawn_server(tmp_path, LOOKBACK_STATE_STORE=redis_url, **env) as srv,
+    ):
+        base = f"{srv.ws}/v1/stream?model=silero-vad"
+        ref: list[dict[str, Any]] = []
+        async with ws_connect(base + "&resumable=1") as ws:
+            reader = asyncio.create_task(collect(ws, ref))
+            await send_pcm(ws, PCM)
+            await reader
+        ref_results, ref_events = split(ref)
+
+        pids = {w["worker"]: w["pid"] for w in readyz(srv).json()["workers"]}
+        inbox = Inbox()
+        ws = await ws_connect(base + "&resumable=1")
+        reader = asyncio.create_task(inbox.run(ws))
+        cut = 150
+        await send_pcm(ws, PCM[: cut * MSG], end=False)
+        durable = cut * MSG // 2
+        await inbox.wait_for(
+            lambda ms: any(m["type"] == "checkpoint" and m["samples"] == durable for m in ms)
+        )
+        worker = inbox.msgs[0]["worker"]
+        os.kill(pids[worker], signal.SIGKILL)
+        await reader
+        token = next(m["resume_token"] for m in reversed(inbox.msgs) if m.get("resume_token"))
+        results, events = split(inbox.msgs)
+
+        ws2, ready = await resume(f"{base}&resume={token}&next_step={max(results) + 1}")
+        assert ready["resumed"] is True and ready["replay_from_sample"] == durable
+        more: list[dict[str, Any]] = [ready]
+        reader = asyncio.create_task(collect(ws2, more))
+        await send_pcm(ws2, PCM[durable * 2 :])
+        await reader
+        r2, e2 = split(more)
+        for step, text in r2.items():
+            assert results.setdefault(step, text) == text, f"step {step} re-sent differently"
+        assert results == ref_results
+        assert events + e2[len(events) - ready["events_sent"] :] == ref_events
+        assert more[-1]["type"] == "summary" and more[-1]["steps"] == ref[-1]["steps"]
+        srv.terminate()
+        code = await asyncio.to_thread(srv.proc.wait, 30)
+        assert code == 0, srv.log.read_text()[-3000:]
+
+
+async def test_sigterm_while_a_worker_restarts_still_drains_and_exits_0(
+    tmp_path: Path, silero_model: str
+) -> None:
+    """A worker still loading when SIGTERM comes dies of it before its server can drain:
+    it held no sessions, so the supervisor counts that a clean stop (exit 0), as it does a
+    crash earlier in the worker's slot."""
+    with spawn_server(tmp_path, **ENV) as srv:
+        pids = {w["worker"]: w["pid"] for w in readyz(srv).json()["workers"]}
+        os.kill(pids[0], signal.SIGKILL)
+
+        def restarting() -> bool:
+            return bool(readyz(srv).json()["workers"][0]["state"] == "starting")
+
+        await poll(restarting, "worker 0 restarting")
+        srv.terminate()
+        code = await asyncio.to_thread(srv.proc.wait, 30)
+        assert code == 0, srv.log.read_text()[-3000:]
