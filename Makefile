@@ -70,6 +70,8 @@ docs: install
 bench: install silero
 	$(BIN)/python -m tests.bench.run_all
 	$(BIN)/python -m tests.bench.export_bench
+	$(BIN)/python -m tests.bench.sessions_bench --trials 20 --sessions 1000
+	$(BIN)/python -m tests.bench.workers_bench
 
 protocol: install
 	$(BIN)/lookback protocol
