@@ -412,10 +412,7 @@ class Bench:
 
     def step_cpu_per_session_null(self) -> dict[str, Any]:
         """The same on the null twin: the server's own work per session-second, no math."""
-        from tests.bench.null_model import make_null_model
-
-        with tempfile.TemporaryDirectory(prefix="bench-null-") as store:
-            name = make_null_model(self.model, Path(store))
+        with self._null_twin() as (name, store):
             return {**self._cpu_per_session(name, store), "model": name}
 
     def _cpu_per_session(self, model: str, store: str | None) -> dict[str, Any]:
@@ -515,25 +512,28 @@ class Bench:
             )
 
     # 11. the null twin -----------------------------------------------------------------
-    def step_null(self) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def _null_twin(self) -> Iterator[tuple[str, str]]:
+        """The default model's null twin in a temporary store: (its name, the store)."""
         from tests.bench.null_model import make_null_model
 
         with tempfile.TemporaryDirectory(prefix="bench-null-") as store:
-            name = make_null_model(self.model, Path(store))
-            with lookback_server(name, free_port(), self.server_cpu, model_store=store) as srv:
-                res = self.ramp(self.load_cfg(srv.url, 1, model=name), self.ramp_start("lookback", 1.0))
+            yield make_null_model(self.model, Path(store)), store
+
+    def _null_ramp(self, fpm: int, start_key: str) -> dict[str, Any]:
+        with (
+            self._null_twin() as (name, store),
+            lookback_server(name, free_port(), self.server_cpu, model_store=store) as srv,
+        ):
+            res = self.ramp(self.load_cfg(srv.url, fpm, model=name), self.ramp_start(start_key, 1.0))
         res["model"] = name
         return res
+
+    def step_null(self) -> dict[str, Any]:
+        return self._null_ramp(1, "lookback")
 
     def step_null10(self) -> dict[str, Any]:
-        from tests.bench.null_model import make_null_model
-
-        with tempfile.TemporaryDirectory(prefix="bench-null-") as store:
-            name = make_null_model(self.model, Path(store))
-            with lookback_server(name, free_port(), self.server_cpu, model_store=store) as srv:
-                res = self.ramp(self.load_cfg(srv.url, 10, model=name), self.ramp_start("fpm10", 1.0))
-        res["model"] = name
-        return res
+        return self._null_ramp(10, "fpm10")
 
     # 10. repeated echo / Lookback pairs ------------------------------------------------
     def step_pairs(self) -> dict[str, Any]:
