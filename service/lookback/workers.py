@@ -557,7 +557,6 @@ class Supervisor:
         )
         proc.start()
         slot.proc, slot.started, slot.restart_at, slot.ever_ready = proc, time.monotonic(), None, False
-        slot.exitcode = None  # the last life's exit (a crash) says nothing of this one
         log.info(
             "worker %d started (pid %d): max_sessions %d, ORT threads %d, model calls %s",
             slot.index,
@@ -590,6 +589,8 @@ class Supervisor:
             self.board.clear(slot.index)
             if self.draining:
                 log.info("worker %d exited (code %s)", slot.index, proc.exitcode)
+                if not slot.ever_ready and proc.exitcode == -signal.SIGTERM:
+                    slot.exitcode = 0  # killed by the drain while loading: it held no session
                 continue
             if not slot.ever_ready:
                 log.error("worker %d failed to start (exit code %s): stopping", slot.index, proc.exitcode)
@@ -615,8 +616,7 @@ class Supervisor:
         self.drain_deadline = self.drain_started + 2 * self.settings.drain_grace_s + 10.0
         log.info("%s: draining %d workers", why, len(self._procs()))
         for slot in self.slots:
-            if slot.proc is None:  # down, waiting to restart: nothing to drain, no error to report
-                slot.exitcode = slot.restart_at = None
+            slot.exitcode = None  # the exit code is the drain's: an earlier crash was reported then
         for proc in self._procs():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGTERM)
@@ -636,13 +636,7 @@ class Supervisor:
     def _exit_code(self) -> int:
         if self.failed:
             return 1
-        # a worker still starting when the drain began had no sessions: SIGTERM ended it
-        # before its server could handle signals, which is a clean stop, not an error
-        bad = [
-            sl.index
-            for sl in self.slots
-            if sl.exitcode not in (0, None) and not (sl.exitcode == -signal.SIGTERM and not sl.ever_ready)
-        ]
+        bad = [sl.index for sl in self.slots if sl.exitcode not in (0, None)]
         if bad:
             log.error("workers %s exited with an error during the drain", bad)
             return 1
