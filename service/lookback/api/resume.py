@@ -76,7 +76,7 @@ _METRIC_OUTCOME = {
 }
 
 
-Recent = tuple[int, float, "Sequence[float]", "list[Event] | None"]
+Recent = tuple[int, float, Sequence[float], list[Event] | None]
 """A result as on_result got it (step, end time, scores, events): a resume re-sends it."""
 
 
@@ -356,11 +356,13 @@ class Resumer:
         puts: list[Put] = []
         frames: list[int] = []
         steps: list[int] = []
+        visited = 0
         for c in list(self.connections):
             st = c.resume
             if st is None or st.turn % ticks != tick:
                 continue
-            if len(puts) % 64 == 63:
+            visited += 1
+            if visited % 64 == 0:
                 await asyncio.sleep(0)  # thousands of snapshots must not stall the loop in one go
             s = c.session
             if s is None or st.migrated or c.end_reason is not None or s.closed:
