@@ -26,6 +26,7 @@ import uvicorn
 from lookback.app import create_app
 from lookback.engine.engine import Engine
 from lookback.metrics import Metrics
+from lookback.server import uvicorn_config
 from lookback.settings import Settings
 from tests.support import AUDIO, FIXTURES, REPO, STORE, free_port, read_clip, start_server
 
@@ -129,15 +130,13 @@ def running_server(
     metrics = metrics or (engine.metrics if engine else Metrics())
     app = create_app(settings, metrics=metrics, engine=engine)
     port = free_port()
-    config = uvicorn.Config(
+    # production's protocols (lookback.transport, lookback.websocket), so every API test
+    # exercises the WebSocket direct path
+    config = uvicorn_config(
         app,
-        host="127.0.0.1",
+        settings.model_copy(update={"host": "127.0.0.1", "log_level": "warning"}),
         port=port,
-        log_level="warning",
-        ws=settings.ws_impl,
-        ws_per_message_deflate=False,
-        ws_max_size=settings.max_message_bytes * 4,
-        lifespan="on",
+        metrics=metrics,
     )
     with uvicorn_in_thread(config):
         yield Server(f"http://127.0.0.1:{port}", port, app, settings, metrics)

@@ -33,7 +33,7 @@ def test_defaults_are_sane() -> None:
     assert s.models == [] and s.api_keys == [] and s.allowed_origins == []
     assert s.auth_enabled is False and s.metrics_require_auth is False
     assert s.providers == "auto"
-    assert s.max_wait_ms == 0.0 and s.max_batch_size >= 1
+    assert s.max_wait_ms > 0 and s.adaptive_wait and s.max_batch_size >= 1
     assert s.ws_impl == "websockets-sansio" and s.ws_per_message_deflate is False
     assert s.max_frames_per_message <= s.max_pending_steps
     assert s.max_message_bytes >= s.max_frames_per_message * 128 * 4

@@ -21,7 +21,7 @@ import orjson
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from lookback.protocol import split_results
+from lookback.protocol import decode_results_binary, split_results
 
 FRAME = 128
 
@@ -109,6 +109,7 @@ class LookbackClient:
         resume: bool = True,
         max_resumes: int = 20,
         replay_buffer_s: float = 120.0,
+        result_format: str = "json",
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream audio messages; yield every server message up to and including summary.
 
@@ -128,6 +129,8 @@ class LookbackClient:
         st = _ResumeStream(messages, 4 if encoding == "pcm_f32le" else 2, replay_buffer_s, frame_seconds)
         self.resumes = 0
         query = {"model": model, "version": version, "encoding": encoding, "results": results}
+        if result_format != "json":  # binary: results as float32 rows, yielded as dicts all the same
+            query["result_format"] = result_format
         if resume:
             query["resumable"] = "1"
         first = True
@@ -178,7 +181,7 @@ class LookbackClient:
                 sender = asyncio.create_task(st.send(ws, realtime))
                 try:
                     async for raw in ws:
-                        msg = orjson.loads(raw)
+                        msg = orjson.loads(raw) if isinstance(raw, str) else decode_results_binary(raw, ready)
                         if msg.get("type") == "results":  # results=batch: per step for callers
                             for one in split_results(msg):
                                 if st.keep(one):

@@ -240,6 +240,27 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.model_cpu_share = Gauge(
+            "lookback_model_cpu_share",
+            "Share of the process's CPU spent in model calls (gather, run, scatter), last window",
+            ["model"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.process_busy = Gauge(
+            "lookback_process_busy_ratio",
+            "Process CPU seconds per wall second over the last window (1 = one core)",
+            ["model"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.batch_wait_budget = Gauge(
+            "lookback_batch_wait_budget_seconds",
+            "How long a small batch may wait to fill now (adaptive: grows with load)",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.queue_wait = BatchHistogram(
             "lookback_queue_wait_seconds",
             "Time a ready step waited for its batch to start",

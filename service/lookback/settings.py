@@ -74,10 +74,15 @@ class Settings(BaseSettings):
         "1: one hop per call",
     )
     max_wait_ms: float = Field(
-        0.0,
+        4.0,
         ge=0.0,
         description="hold a small batch up to this long (from its oldest step) to fill it; "
         "0: greedy. Never waits once every open session has a step ready",
+    )
+    adaptive_wait: bool = Field(
+        True,
+        description="grow the fill wait with load: none while the process uses under half a "
+        "core, max_wait_ms from 85%; false: every small batch may wait max_wait_ms",
     )
     model_calls: Literal["auto", "thread", "inline"] = Field(
         "auto",

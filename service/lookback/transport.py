@@ -13,10 +13,8 @@ never comes). These subclasses add, at the protocol level, before any route runs
   huge head is refused before it is buffered;
 - a connection limit that never applies to ``/healthz``, ``/readyz`` and ``/metrics``
   and answers 503 ``server_busy`` with ``Retry-After`` and the JSON error body;
-- a WebSocket send timeout: a client that reads nothing for ``ws_send_timeout_s``
-  while the server has something to send is dropped (``transport.abort``), and so is
-  one that leaves the close handshake unanswered; the close frame itself is written
-  even while the client reads nothing, so a client that reads later sees why.
+- the WebSocket protocol (``lookback.websocket``): a send timeout, a bounded close, and
+  framing of its own after the handshake with a direct path for the streaming route.
 
 Only the httptools HTTP implementation is wrapped (what ``uvicorn[standard]`` runs).
 """
@@ -31,11 +29,11 @@ import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from lookback.metrics import Metrics
 from lookback.protocol import error_body, spec_for
 from lookback.settings import Settings
+from lookback.websocket import DirectWebSocketProtocol
 
 log = logging.getLogger("lookback.transport")
 
@@ -241,87 +239,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.transport.abort()
 
 
-class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """The sansio WebSocket protocol with a send timeout and a bounded close."""
-
-    settings: Settings
-    metrics: Metrics | None = None
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.close_timeout = self.settings.ws_send_timeout_s
-        self._writing_paused = False
-        self._abort_timer: asyncio.TimerHandle | None = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._abort_timer is not None:  # a timer would keep this protocol alive until it fires
-            self._abort_timer.cancel()
-            self._abort_timer = None
-        super().connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._writing_paused = True
-        super().pause_writing()
-
-    def resume_writing(self) -> None:
-        self._writing_paused = False
-        super().resume_writing()
-
-    async def send(self, message: Any) -> None:
-        if not self.writable.is_set():
-            if message["type"] == "websocket.close" and self.handshake_complete:
-                # One small frame past the buffer bound: a client that reads later sees why.
-                self.writable.set()
-                try:
-                    await super().send(message)
-                finally:
-                    if self._writing_paused and not self.disconnected:
-                        self.writable.clear()
-                self._bound_close()
-                return
-            try:
-                await asyncio.wait_for(self.writable.wait(), self.settings.ws_send_timeout_s)
-            except TimeoutError:
-                self._drop("send_timeout")
-                raise ClientDisconnected() from None
-        await super().send(message)
-        if message["type"] == "websocket.close":
-            self._bound_close()
-
-    def _bound_close(self) -> None:
-        """uvicorn's close timer calls ``transport.close()``, which waits for a flush."""
-        if self.close_timer is not None:
-            self.close_timer.cancel()
-            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
-
-    def _drop(self, code: str) -> None:
-        if self.metrics is not None:
-            self.metrics.error(code)
-        log.info("dropped a WebSocket whose client read nothing for %gs", self.settings.ws_send_timeout_s)
-        self.transport.abort()
-
-    async def run_asgi(self) -> None:
-        await super().run_asgi()
-        if not self.disconnected:  # closed or closing: do not wait for ever on a flush
-            self._abort_timer = self.loop.call_later(self.close_timeout, self._abort_if_open)
-
-    def shutdown(self) -> None:
-        """Server exit (after the drain): what the client has not read by now never will be."""
-        super().shutdown()
-        if not self.disconnected and self.transport.get_write_buffer_size():
-            self.transport.abort()
-        elif not self.disconnected:
-            self.loop.call_later(min(1.0, self.close_timeout), self._abort_if_open)
-
-    def _abort_if_open(self) -> None:
-        if not self.disconnected:
-            self.transport.abort()
-
-
 def protocols(settings: Settings, metrics: Metrics | None = None) -> tuple[type, type]:
     """The (HTTP, WebSocket) protocol classes bound to ``settings``."""
     http = type("LookbackHttpProtocol", (GuardedHttpProtocol,), {"settings": settings, "metrics": metrics})
     ws = type(
-        "LookbackWebSocketProtocol", (GuardedWebSocketProtocol,), {"settings": settings, "metrics": metrics}
+        "LookbackWebSocketProtocol", (DirectWebSocketProtocol,), {"settings": settings, "metrics": metrics}
     )
     return http, ws

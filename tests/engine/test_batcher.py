@@ -203,7 +203,9 @@ def watch_fill(batcher: MicroBatcher, monkeypatch: pytest.MonkeyPatch) -> asynci
 
 async def test_max_wait_holds_a_batch_until_it_fills(monkeypatch: pytest.MonkeyPatch) -> None:
     # a 60 s wait that must not be waited out: the batch starts the moment it is full
-    async with running_engine("silero-vad", max_batch_size=4, max_wait_ms=60_000) as engine:
+    async with running_engine(
+        "silero-vad", max_batch_size=4, max_wait_ms=60_000, adaptive_wait=False
+    ) as engine:
         handle = engine.resolve("silero-vad")
         batcher = handle.batcher
         rec = Recorder(handle, monkeypatch)
@@ -224,7 +226,7 @@ async def test_max_wait_holds_a_batch_until_it_fills(monkeypatch: pytest.MonkeyP
 
 
 async def test_max_wait_deadline_runs_a_partial_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    async with running_engine("silero-vad", max_batch_size=8, max_wait_ms=5) as engine:
+    async with running_engine("silero-vad", max_batch_size=8, max_wait_ms=5, adaptive_wait=False) as engine:
         handle = engine.resolve("silero-vad")
         rec = Recorder(handle, monkeypatch)
         (s,) = slots(handle, 1)
@@ -234,7 +236,9 @@ async def test_max_wait_deadline_runs_a_partial_batch(monkeypatch: pytest.Monkey
 
 async def test_max_wait_never_waits_once_every_open_session_is_ready(monkeypatch: pytest.MonkeyPatch) -> None:
     # two open sessions, a 60 s wait and room for 8: nobody else can add a step, so go now
-    async with running_engine("silero-vad", max_batch_size=8, max_wait_ms=60_000) as engine:
+    async with running_engine(
+        "silero-vad", max_batch_size=8, max_wait_ms=60_000, adaptive_wait=False
+    ) as engine:
         handle = engine.resolve("silero-vad")
         rec = Recorder(handle, monkeypatch)
         ss = slots(handle, 2)
@@ -247,7 +251,9 @@ async def test_max_wait_never_waits_once_every_open_session_is_ready(monkeypatch
 async def test_fill_deadline_and_a_new_step_in_the_same_tick(monkeypatch: pytest.MonkeyPatch) -> None:
     """The deadline timer fires and, before the batcher resumes, a step completes the
     batch: the step is queued once and nothing raises (it used to resolve a done future)."""
-    async with running_engine("silero-vad", max_batch_size=2, max_wait_ms=60_000) as engine:
+    async with running_engine(
+        "silero-vad", max_batch_size=2, max_wait_ms=60_000, adaptive_wait=False
+    ) as engine:
         handle = engine.resolve("silero-vad")
         batcher = handle.batcher
         rec = Recorder(handle, monkeypatch)
@@ -363,3 +369,52 @@ async def test_a_malformed_step_fails_alone_not_its_batch(monkeypatch: pytest.Mo
         rows = await asyncio.gather(blocker, *good)
         assert all(np.isfinite(r).all() for r in rows)
         assert rec.sizes == [1, 2]  # the bad step never reached a batch
+
+
+def test_adaptive_wait_grows_with_load_and_is_published() -> None:
+    """No fill wait while the process has CPU to spare, max_wait_ms near a full core; the
+    busy ratio and the model's CPU share go to /metrics."""
+    from lookback.metrics import Metrics
+
+    metrics = Metrics()
+    b = MicroBatcher(
+        lambda steps: np.zeros((len(steps), 1), np.float32),
+        lambda: 1,
+        label="m/1",
+        metrics=metrics,
+        max_batch_size=8,
+        max_wait_ms=4.0,
+        adaptive_wait=True,
+    )
+    assert b.wait == 0.0  # idle until measured otherwise
+    for busy, want in ((0.2, 0.0), (0.5, 0.0), (0.675, 0.002), (0.85, 0.004), (1.0, 0.004)):
+        b.load.busy, b.load.model_share = busy, 0.25
+        b._tune()
+        assert b.wait == pytest.approx(want), busy
+    get = metrics.registry.get_sample_value
+    assert get("lookback_process_busy_ratio", {"model": "m/1"}) == 1.0
+    assert get("lookback_model_cpu_share", {"model": "m/1"}) == 0.25
+    assert get("lookback_batch_wait_budget_seconds", {"model": "m/1"}) == pytest.approx(0.004)
+    fixed = MicroBatcher(
+        lambda steps: np.zeros((len(steps), 1), np.float32),
+        lambda: 1,
+        label="m/2",
+        metrics=metrics,
+        max_batch_size=8,
+        max_wait_ms=4.0,
+    )
+    assert fixed.wait == pytest.approx(0.004)
+
+
+def test_load_window_measures_cpu_and_the_model_share() -> None:
+    from lookback.engine.batcher import LoadWindow
+
+    w = LoadWindow(period=0.05)
+    t0 = time.perf_counter()
+    spin = time.process_time() + 0.06  # CPU work, not a sleep: the window must see it busy
+    while time.process_time() < spin:
+        pass
+    assert w.add(0.03, time.perf_counter())
+    assert w.busy > 0.3
+    assert 0.2 < w.model_share < 1.0
+    assert not w.add(0.0, t0)  # a window has not passed since it closed

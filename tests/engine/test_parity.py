@@ -82,7 +82,7 @@ async def finish_session(session: StreamSession, sink: Collect) -> Collect:
 BATCHING: dict[str, dict[str, object]] = {
     "thread": {"model_calls": "thread"},
     "inline": {"model_calls": "inline"},
-    "inline-wait": {"model_calls": "inline", "max_wait_ms": 2.0},
+    "inline-wait": {"model_calls": "inline", "max_wait_ms": 2.0, "adaptive_wait": False},
 }
 
 

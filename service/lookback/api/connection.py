@@ -1,10 +1,16 @@
 """One WebSocket session (``Connection``) and the registry of open ones (``Connections``).
 
-Each connection has a reader (the route's handler) and a writer task that owns the
-sending side; results go through a bounded queue between them so a slow reader costs at
-most ``send_queue_messages`` strings before its session is closed with 4429. A result
-that finds the writer parked (so nothing is queued) is sent at once from the batcher's
-callback instead (``direct_send``), saving a task switch per result.
+Under ``lookback serve`` the connection takes the protocol's direct path
+(``lookback.websocket``): each message arrives as a call (``on_binary``/``on_text``) on the
+loop turn that read it, and each result is written at once from the batcher's callback.
+A client that stops reading gets at most ``send_queue_messages`` messages past the
+transport's buffer before its session is closed with 4429; one that sends faster than its
+audio is scored is not read (``hold``) until its session has room.
+
+Under any other ASGI server (TestClient included) the same session runs over ASGI: a
+reader (the route's handler) and a writer task that owns the sending side, with the same
+bound as a queue between them; a result that finds the writer parked is sent at once
+from the batcher's callback (``direct_send``).
 
 The registry keeps the open connections, accounts their frames in bulk, runs the one
 reaper task that enforces idle and duration limits (once a second, instead of a timer
@@ -34,15 +40,20 @@ from lookback.engine.session import StreamSession
 from lookback.errors import BackpressureError, LookbackError
 from lookback.metrics import Metrics
 from lookback.protocol import (
+    MAX_BINARY_ROWS,
     Close,
     error_message,
     event_message,
     ready_message,
+    result_bytes,
     result_message,
+    results_binary,
+    results_bytes,
     results_message,
     summary_message,
 )
 from lookback.settings import Settings
+from lookback.websocket import DIRECT, DirectWebSocketProtocol
 
 if TYPE_CHECKING:
     from lookback.api.resume import Recent, Resumer, ResumeState
@@ -55,6 +66,13 @@ _CLOSE = object()  # queue sentinel: (code, reason) follows
 
 def _f32(data: bytes) -> np.ndarray:
     return np.frombuffer(data, "<f4")
+
+
+def _asgi_send(item: str | bytes) -> dict[str, Any]:
+    """A queued message as an ASGI send: text, or a binary results message."""
+    if isinstance(item, bytes):
+        return {"type": "websocket.send", "bytes": item}
+    return {"type": "websocket.send", "text": item}
 
 
 class Phase(Enum):
@@ -106,6 +124,8 @@ class Connection:
             self.on_group_end = self._end_group
         self.labels = handle.spec.labels
         self.single = self.labels[0] if len(self.labels) == 1 else None
+        # result_format=binary: results as binary messages (protocol.BINARY_RESULTS)
+        self.binary = ws.query_params.get("result_format") == "binary"
         self.out: deque[Any] = deque()
         self.limit = settings.send_queue_messages
         self._idle: asyncio.Future[None] | None = None  # set while the writer waits
@@ -130,6 +150,11 @@ class Connection:
         # the last results, as on_result got them: a resume re-sends what a client missed
         self.recent: deque[Recent] | None = None
         self.ready_extra: dict[str, Any] = {}  # resume fields of the ready message
+        # the protocol's direct path (lookback serve), None under other ASGI servers
+        self.direct: DirectWebSocketProtocol | None = ws.scope.get("extensions", {}).get(DIRECT)
+        self._unread = 0  # messages written while the client's transport was full
+        self._done: asyncio.Future[str] | None = None  # direct path: set when the session ends
+        self._room_task: asyncio.Task[None] | None = None  # direct path: waiting for room
 
     @property
     def ended(self) -> bool:
@@ -141,6 +166,19 @@ class Connection:
         """Why the session is closing (the close frame's reason), None while it is not."""
         return self.close_reason
 
+    @property
+    def unread(self) -> int:
+        """Messages waiting for a client that stopped reading, past the transport's buffer."""
+        if self.direct is not None:
+            return self._unread if self.direct.write_paused else 0
+        return len(self.out) if self.sending else 0
+
+    @property
+    def closed(self) -> asyncio.Future[Any] | None:
+        """Done once the close is written (ASGI path: the writer ended) or the client is
+        gone (direct path); what a drain waits for."""
+        return self._done if self.direct is not None else self.writer
+
     def _accepts_output(self) -> bool:
         return self.phase is Phase.OPEN or self.phase is Phase.ENDING
 
@@ -150,17 +188,15 @@ class Connection:
             # a tuple of floats, not the list: the entry holds no mutable container, so the
             # collector stops tracking it instead of promoting thousands a second to gen 2
             self.recent.append((index, time, tuple(scores), events))
-        if self.want_results:
+        if self.binary and self.want_results:
+            self._write_binary(results_binary(index, (scores,), len(self.labels)))
+        elif self.want_results:
             single = self.single
-            self._put(
-                result_message(
-                    index,
-                    time,
-                    {single: scores[0]}
-                    if single is not None
-                    else dict(zip(self.labels, scores, strict=True)),
-                )
-            )
+            body = {single: scores[0]} if single is not None else dict(zip(self.labels, scores, strict=True))
+            if self.direct is not None:
+                self._write(result_bytes(index, time, body))
+            else:
+                self._put(result_message(index, time, body))
         elif self.batch:
             if self._rows and index != self._first + len(self._rows):
                 self._end_group()  # a gap (failed steps in a re-sent tail): steps stay contiguous
@@ -182,12 +218,22 @@ class Connection:
             return
         times, events = self._times, self._group_events
         self._rows, self._times, self._group_events = [], [], []
+        if self.binary:
+            for i in range(0, len(rows), MAX_BINARY_ROWS):
+                part = rows[i : i + MAX_BINARY_ROWS]
+                self._write_binary(results_binary(self._first + i, part, len(self.labels)))
+            for ev in events:
+                self._put(event_message(ev.as_dict()))
+            return
         single = self.single
         if single is not None:
             scores = {single: [r[0] for r in rows]}
         else:
             scores = {label: [r[i] for r in rows] for i, label in enumerate(self.labels)}
-        self._put(results_message(self._first, times, scores))
+        if self.direct is not None:
+            self._write(results_bytes(self._first, times, scores))
+        else:
+            self._put(results_message(self._first, times, scores))
         for ev in events:
             self._put(event_message(ev.as_dict()))
 
@@ -222,6 +268,9 @@ class Connection:
             self.resume.resend.clear()
 
     def _put(self, text: str) -> None:
+        if self.direct is not None:
+            self._write(text.encode())
+            return
         if not self._accepts_output():
             return
         if self._idle is not None:  # the writer parks only with nothing queued
@@ -235,10 +284,37 @@ class Connection:
         if self._idle is not None:
             self._wake()
 
+    def _write_binary(self, data: bytes) -> None:
+        if self.direct is not None:
+            self._write(data, binary=True)
+        else:
+            self._put(data)  # type: ignore[arg-type]  # the writer sends bytes as binary
+
+    def _write(self, data: bytes, binary: bool = False) -> None:
+        """Direct path: write now; past the transport's buffer bound, count what the client
+        leaves unread and close a session that leaves ``send_queue_messages`` of it."""
+        if not self._accepts_output():
+            return
+        direct = self.direct
+        assert direct is not None
+        if direct.write_paused:
+            self._unread += 1
+            if self._unread > self.limit:
+                self.metrics.error("slow_consumer")
+                self.close_now(Close.SLOW_CONSUMER, "slow_consumer", "send queue full: read results faster")
+                return
+        elif self._unread:
+            self._unread = 0
+        self.bytes_out += len(data)
+        if binary:
+            direct.write_binary(data)
+        else:
+            direct.write_text(data)
+
     def _send_now(self, text: str) -> None:
         """Send without a task switch; if the send must wait, the writer takes it over."""
         self.bytes_out += len(text)
-        coro = self._send({"type": "websocket.send", "text": text})
+        coro = self._send(_asgi_send(text))
         try:
             finished, yielded = direct_send.start(coro)
         except Exception:  # socket gone under us: the reader sees the disconnect
@@ -265,6 +341,9 @@ class Connection:
             self.phase = Phase.CLOSING
             self.closing_since = asyncio.get_running_loop().time()
             self.close_code, self.close_reason = code, reason
+            if self.direct is not None:  # everything before it is written already
+                self.direct.close(code, reason)
+                return
             self.out.append(_CLOSE)
             self.out.append((code, reason))
             self._wake()
@@ -277,6 +356,10 @@ class Connection:
         self.phase = Phase.ABORTING
         self.closing_since = asyncio.get_running_loop().time()
         self.close_code, self.close_reason = code, reason
+        if self.direct is not None:
+            self.direct.write_text(error_message(reason, message).encode())
+            self.direct.close(code, reason)
+            return
         self.out.extend([error_message(reason, message), _CLOSE, (code, reason)])
         self._wake()
         if self.writer is not None and self.sending:
@@ -313,7 +396,7 @@ class Connection:
                     return
                 self.bytes_out += len(item)
                 self.sending = True
-                await send({"type": "websocket.send", "text": item})
+                await send(_asgi_send(item))
                 self.sending = False
         except asyncio.CancelledError:
             if self._parked is not None:  # cancelled before it took over a blocked send
@@ -335,20 +418,71 @@ class Connection:
 
     def stop_reader(self) -> None:
         """End the handler's wait in receive(): the session is released as if closed."""
-        if self.reader is not None and not self.reader.done():
+        if self._done is not None:
+            if not self._done.done():
+                self._done.set_result(self.close_reason or "error")
+        elif self.reader is not None and not self.reader.done():
             self.reader.cancel()
 
     # -- reader side ---------------------------------------------------------------------
-    async def run(self) -> str:
+    def _bind(self) -> None:
+        """What every binary message needs, looked up once."""
         s = self.settings
         session = self.session
         assert session is not None
+        self._max_bytes = s.max_message_bytes
+        self._max_frames_bytes = s.max_frames_per_message * session.frame_bytes
+        self._check_float = session.encoding == "pcm_f32le"
+        self._loop = asyncio.get_running_loop()
+
+    def _audio(self, data: bytes) -> bool:
+        """One binary message; False when the session is full (the caller waits for room)."""
+        session = self.session
+        assert session is not None
+        n = len(data)
+        self.bytes_in += n
+        if self.ended:
+            self.send_error("audio_after_end", "audio received after end; ignored")
+        elif n > self._max_bytes:
+            self.send_error(
+                "message_too_large", f"message of {n} bytes exceeds max_message_bytes={self._max_bytes}"
+            )
+        elif n > self._max_frames_bytes:
+            self.send_error(
+                "too_many_frames",
+                f"message holds {n // session.frame_bytes} frames; "
+                f"max_frames_per_message={self.settings.max_frames_per_message}",
+            )
+        elif (
+            self._check_float
+            and n % session.frame_bytes == 0  # a broken frame is bad_frame_size first
+            and (problem := float_problem(_f32(data), self.settings.max_float_amplitude))
+        ):
+            self.send_error(*problem)
+        else:
+            try:
+                session.push(data, time.perf_counter())
+            except BackpressureError:
+                return False
+            except LookbackError as exc:
+                self.send_error(exc.code, exc.message)
+        return True
+
+    async def _push_when_room(self, data: bytes) -> None:
+        """Stop reading until the session has room for ``data``: TCP slows the client."""
+        session = self.session
+        assert session is not None
+        try:
+            await session.wait_for_room(len(data))
+            session.push(data, time.perf_counter())
+        except LookbackError as exc:
+            self.send_error(exc.code, exc.message)
+
+    async def run(self) -> str:
+        """The ASGI path: receive until the client is gone."""
+        self._bind()
         receive = self.ws.receive
-        max_bytes = s.max_message_bytes
-        max_frames_bytes = s.max_frames_per_message * session.frame_bytes
-        loop = asyncio.get_running_loop()
-        perf = time.perf_counter
-        check_float, max_amp = session.encoding == "pcm_f32le", s.max_float_amplitude
+        loop = self._loop
         while True:
             msg = await receive()
             mtype = msg["type"]
@@ -358,39 +492,47 @@ class Connection:
             self.last_seen = loop.time()
             data = msg.get("bytes")
             if data is not None:
-                n = len(data)
-                self.bytes_in += n
-                if self.ended:
-                    self.send_error("audio_after_end", "audio received after end; ignored")
-                elif n > max_bytes:
-                    self.send_error(
-                        "message_too_large", f"message of {n} bytes exceeds max_message_bytes={max_bytes}"
-                    )
-                elif n > max_frames_bytes:
-                    self.send_error(
-                        "too_many_frames",
-                        f"message holds {n // session.frame_bytes} frames; "
-                        f"max_frames_per_message={s.max_frames_per_message}",
-                    )
-                elif (
-                    check_float
-                    and n % session.frame_bytes == 0  # a broken frame is bad_frame_size first
-                    and (problem := float_problem(_f32(data), max_amp))
-                ):
-                    self.send_error(*problem)
-                else:
-                    try:
-                        session.push(data, perf())
-                    except BackpressureError:
-                        try:  # stop reading until the session has room: TCP slows the client
-                            await session.wait_for_room(n)
-                            session.push(data, perf())
-                        except LookbackError as exc:
-                            self.send_error(exc.code, exc.message)
-                    except LookbackError as exc:
-                        self.send_error(exc.code, exc.message)
+                if not self._audio(data):
+                    await self._push_when_room(data)
             else:
                 self._control(msg.get("text") or "")
+
+    async def run_direct(self) -> str:
+        """The direct path: the protocol calls ``on_binary``/``on_text``/``on_disconnect``."""
+        assert self.direct is not None
+        self._bind()
+        self._done = self._loop.create_future()
+        self.direct.attach(self)
+        try:
+            return await self._done
+        finally:
+            if self._room_task is not None:
+                self._room_task.cancel()
+
+    # -- FrameSink (the direct path) -------------------------------------------------------
+    def on_binary(self, data: bytes) -> None:
+        self.last_seen = self._loop.time()
+        if not self._audio(data):
+            assert self.direct is not None
+            self.direct.hold()
+            self._room_task = asyncio.create_task(self._room_then_release(data))
+
+    async def _room_then_release(self, data: bytes) -> None:
+        try:
+            await self._push_when_room(data)
+        finally:
+            self._room_task = None
+            if self.direct is not None:
+                self.direct.release()
+
+    def on_text(self, text: str) -> None:
+        self.last_seen = self._loop.time()
+        self._control(text)
+
+    def on_disconnect(self, code: int) -> None:
+        self.disconnected = True
+        if self._done is not None and not self._done.done():
+            self._done.set_result(self.close_reason or "client_gone")
 
     def _control(self, text: str) -> None:
         try:
@@ -452,12 +594,13 @@ class Connection:
         m.sessions_started.labels(key).inc()
         m.sessions_active.labels(key).inc()
         registry.add(self)
-        self.writer = asyncio.create_task(self.run_writer())
+        if self.direct is None:
+            self.writer = asyncio.create_task(self.run_writer())
         self.send_ready()
         reason = "error"
         try:
             self.reader = asyncio.current_task()
-            reason = await self.run()
+            reason = await (self.run() if self.direct is None else self.run_direct())
         except asyncio.CancelledError:  # from stop_reader once closing; anything else propagates
             task = asyncio.current_task()
             if self.close_reason is None or task is None or task.uncancel() > 0:
@@ -582,7 +725,7 @@ class Connections:
             conns = left
             log.info("%d sessions snapshotted for resume elsewhere", len(migrated))
         tasks = [c.start_finish(Close.GOING_AWAY, "draining") for c in conns]
-        writers = [c.writer for c in (*conns, *migrated) if c.writer is not None]
+        writers = [c.closed for c in (*conns, *migrated) if c.closed is not None]
         if tasks or writers:
             _, pending = await asyncio.wait([*tasks, *writers], timeout=grace)
             if pending:

@@ -22,7 +22,7 @@ from lookback.engine.engine import Engine
 from lookback.engine.pcm import BYTES_PER_SAMPLE
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
-from lookback.protocol import Close, error_message, spec_for
+from lookback.protocol import RESULT_FORMATS, Close, error_message, spec_for
 from lookback.settings import Settings
 
 if TYPE_CHECKING:
@@ -88,6 +88,11 @@ async def stream(ws: WebSocket) -> None:
         await ws.accept()
         try:
             check_unique_query(ws.query_params.multi_items())  # one value each, resume too
+            fmt = ws.query_params.get("result_format", "json")
+            if fmt not in RESULT_FORMATS:  # per connection: a resume states it again
+                raise LookbackError(
+                    f"result_format must be json or binary, not {fmt[:20]!r}", code="bad_query"
+                )
             token = ws.query_params.get("resume")
             if token is None:
                 handle, encoding, results = _parse_query(ws, state.engine)

@@ -6,12 +6,16 @@ order; ``occupancy()`` says how many sessions are open. It never looks inside a 
 
 Continuous batching: when the runtime is idle a batch starts with whatever is ready;
 while it runs, ready steps pile up and form the next one. ``max_batch_size`` caps a
-batch. ``max_wait_ms`` (0 = greedy) may hold a small batch back to fill it, counted from
-when its oldest step became ready, and never once every open session has a step ready
-(nobody else could add one). The wait is one future with a deadline timer, woken early
-only when the batch is full: no sleep-polling and no per-step wake-up. A session has at
-most one step in flight because its next step needs the state this one produces, so a
-batch never holds two steps of one session; a step may carry several of its hops.
+batch. A small batch may be held back to fill, counted from when its oldest step became
+ready, and never once every open session has a step ready (nobody else could add one).
+How long is adaptive (``adaptive_wait``): nothing while the process has CPU to spare, up
+to ``max_wait_ms`` as it nears a full core, because a model call's fixed cost (the
+runtime's call, gathers and scatters) is what a loaded server must stop paying per row;
+with ``adaptive_wait`` off, every small batch may wait ``max_wait_ms``. The wait is one
+future with a deadline timer, woken early only when the batch is full: no sleep-polling
+and no per-step wake-up. A session has at most one step in flight because its next step
+needs the state this one produces, so a batch never holds two steps of one session; a
+step may carry several of its hops.
 
 The model call runs in a dedicated executor thread, so the event loop keeps receiving
 frames while ONNX Runtime (which releases the GIL) computes on another core. When the
@@ -40,6 +44,9 @@ from lookback.metrics import Metrics
 
 log = logging.getLogger("lookback.batcher")
 
+# adaptive wait: none below this share of a core in use, max_wait_ms from _WAIT_FULL up
+_WAIT_FROM, _WAIT_FULL = 0.5, 0.85
+
 #: One batch: the steps in, one score row per hop out (``[sum of counts, labels]``).
 Compute = Callable[[Sequence[Step]], np.ndarray]
 
@@ -55,11 +62,15 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_ms: float,
         inline: bool = False,
+        adaptive_wait: bool = False,
     ) -> None:
         self.compute = compute  # looked up per batch: tests and tools may wrap it
         self.occupancy = occupancy
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
+        self.adaptive = adaptive_wait
+        self.wait = 0.0 if adaptive_wait else self.max_wait  # this batch's fill budget
+        self.load = LoadWindow()
         self.inline = inline  # call the model on the event loop (single-CPU processes)
         self._ready: deque[Step] = deque()
         self._idle: asyncio.Future[None] | None = None  # set while the loop waits for work
@@ -77,6 +88,9 @@ class MicroBatcher:
         self._m_backlog = m.backlog.labels(label)
         self._m_wait = m.queue_wait
         self._m_latency = m.frame_latency
+        self._m_share = m.model_cpu_share.labels(label)
+        self._m_busy = m.process_busy.labels(label)
+        self._m_wait_budget = m.batch_wait_budget.labels(label)
         self._label = label
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -144,7 +158,7 @@ class MicroBatcher:
                 self._idle = loop.create_future()
                 await self._idle
                 continue
-            if not (self.max_wait and await self._fill(loop)) and self.inline:
+            if not (self.wait and await self._fill(loop)) and self.inline:
                 # Let the loop read what has arrived before taking the batch: chained
                 # steps of backlogged sessions would otherwise keep it from ever reading.
                 await asyncio.sleep(0)
@@ -169,6 +183,8 @@ class MicroBatcher:
                 self._fail(batch, exc)
                 continue
             t1 = time.perf_counter()
+            if self.load.add(t1 - t0, t1):
+                self._tune()
             self._m_batches.inc()
             self._m_steps.inc(total)
             self._m_size.observe(total)
@@ -193,7 +209,7 @@ class MicroBatcher:
         """Hold the batch until it is full, every open session is in it, or its oldest
         step has waited ``max_wait``; False if there was nothing to wait for."""
         target = min(self.max_batch_size, self.occupancy())
-        remaining = self._ready[0].t_ready + self.max_wait - time.perf_counter()
+        remaining = self._ready[0].t_ready + self.wait - time.perf_counter()
         if len(self._ready) >= target or remaining <= 0:
             return False
         self._fill_target = target
@@ -205,6 +221,15 @@ class MicroBatcher:
             timer.cancel()
             self._full = None
         return True
+
+    def _tune(self) -> None:
+        """A window closed: publish the CPU split, and size the next fill budget by load."""
+        busy, share = self.load.busy, self.load.model_share
+        self._m_busy.set(busy)
+        self._m_share.set(share)
+        if self.adaptive:
+            self.wait = self.max_wait * min(1.0, max(0.0, (busy - _WAIT_FROM) / (_WAIT_FULL - _WAIT_FROM)))
+            self._m_wait_budget.set(self.wait)
 
     def _end_fill(self) -> None:
         full, self._full = self._full, None
@@ -224,3 +249,36 @@ class MicroBatcher:
                 step.waiter.set_exception(err)
             except Exception:  # one broken waiter must not starve the others
                 log.exception("waiter raised while failing a batch")
+
+
+class LoadWindow:
+    """The process's CPU use and the model's share of it, over windows of ``period`` s.
+
+    ``busy``: process CPU seconds per wall second (every thread; ONNX Runtime's too);
+    ``model_share``: the wall time of model calls (gather, run, scatter) per CPU second,
+    the share of the work that batching makes cheaper. One ``process_time`` call per
+    window, not per batch.
+    """
+
+    __slots__ = ("_cpu0", "_model", "_t0", "busy", "model_share", "period")
+
+    def __init__(self, period: float = 0.2) -> None:
+        self.period = period
+        self._t0 = time.perf_counter()
+        self._cpu0 = time.process_time()
+        self._model = 0.0
+        self.busy = 0.0
+        self.model_share = 0.0
+
+    def add(self, model_s: float, now: float) -> bool:
+        """Count one model call; True when a window closed (``busy``/``model_share`` new)."""
+        self._model += model_s
+        wall = now - self._t0
+        if wall < self.period:
+            return False
+        cpu = time.process_time()
+        used = cpu - self._cpu0
+        self.busy = used / wall
+        self.model_share = min(1.0, self._model / used) if used > 0 else 0.0
+        self._t0, self._cpu0, self._model = now, cpu, 0.0
+        return True

@@ -138,6 +138,7 @@ class Engine:
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             inline=inline_model_calls(s.model_calls, step.provider),
+            adaptive_wait=s.adaptive_wait,
         )
         return ServedModel(
             sm.spec, sm.path, step_compute, table, batcher, seq, step_compute.multistep, max_steps

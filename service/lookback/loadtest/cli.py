@@ -51,6 +51,12 @@ def add_arguments(p: Any) -> None:
         default="all",
         help="results query: all (one message per step), batch (one per model call), events",
     )
+    p.add_argument(
+        "--result-format",
+        choices=["json", "binary"],
+        default="json",
+        help="results as JSON text or as binary float32 rows (result_format query)",
+    )
     p.add_argument("--max-sessions", type=int, default=4096, help="ramp: upper limit")
     p.add_argument("--max-trials", type=int, default=10, help="ramp: trials at most")
     p.add_argument("--max-time", type=float, default=300.0, help="ramp: seconds at most")
@@ -90,6 +96,7 @@ def main_args(args: Any) -> int:
         allow_remote=args.allow_remote,
         cpus=parse_cpus(args.cpus),
         results=args.results,
+        result_format=args.result_format,
     )
     try:
         if args.ramp:

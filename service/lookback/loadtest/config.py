@@ -46,6 +46,7 @@ class LoadConfig:
     allow_remote: bool = False
     cpus: list[int] | None = None  # pin the client processes to these CPUs
     results: str = "all"  # all | batch (one `results` message per model call) | events
+    result_format: str = "json"  # json | binary (protocol.BINARY_RESULTS)
     resumable: bool = False  # ?resumable=1: the server checkpoints every session (docs/sessions.md)
     seed: int = 0
     quiet: bool = False
@@ -101,12 +102,16 @@ def check_urls(cfg: LoadConfig) -> None:
         raise LoadtestError("client must be raw or websockets")
     if cfg.results not in ("all", "batch", "events"):
         raise LoadtestError("results must be all, batch or events")
+    if cfg.result_format not in ("json", "binary"):
+        raise LoadtestError("result_format must be json or binary")
 
 
 def query_string(cfg: LoadConfig) -> str:
     q = {"model": cfg.model, "version": cfg.version, "encoding": "pcm_s16le", "results": cfg.results}
     if cfg.resumable:
         q["resumable"] = "1"
+    if cfg.result_format != "json":
+        q["result_format"] = cfg.result_format
     return urlencode({k: v for k, v in q.items() if v is not None})
 
 

@@ -26,7 +26,10 @@ class LibSession(SessionBase):
         try:
             async for raw in self.ws:
                 now = time.monotonic()
-                self.on_text(raw.encode() if isinstance(raw, str) else raw, now)
+                if isinstance(raw, str):
+                    self.on_text(raw.encode(), now)
+                else:
+                    self.on_binary(raw, now)
         except websockets.ConnectionClosed:
             pass
         finally:

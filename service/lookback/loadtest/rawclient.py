@@ -23,6 +23,7 @@ from typing import Any, cast
 import orjson
 
 from lookback.loadtest.config import FRAME, WRITE_BUFFER_LIMIT, LoadConfig, split_url
+from lookback.protocol import BINARY_RESULTS, BINARY_RESULTS_KIND
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _RESULT_PREFIX = b'{"type":"result","step":'
@@ -127,6 +128,15 @@ class SessionBase:
                 self.errors[code] += 1
         else:
             self.errors["unexpected_message"] += 1
+
+    def on_binary(self, payload: bytes, now: float) -> None:
+        """A binary results message (result_format=binary): its rows are steps in order."""
+        if len(payload) < BINARY_RESULTS.size or payload[0] != BINARY_RESULTS_KIND:
+            self.errors["unexpected_binary"] += 1
+            return
+        _, _, rows, first = BINARY_RESULTS.unpack_from(payload)
+        for i in range(rows):
+            self.on_result(first + i, now)
 
     def on_result(self, step: int, now: float) -> None:
         self.results += 1
@@ -268,7 +278,7 @@ class RawSession(SessionBase, asyncio.Protocol):
             elif op == 9:
                 self._write(ws_frame(0xA, payload[:125], os.urandom(4)))
             elif op == 2:
-                self.errors["unexpected_binary"] += 1
+                self.on_binary(payload, now)
         self.buf = buf[pos:] if pos < n else b""
 
     # -- internals -----------------------------------------------------------------------
