@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import socket
 import time
 import zlib
@@ -37,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from lookback.metrics import Metrics
-from lookback.sources.core import Commit, DeviceHub, Message, Rejection, SourceOptions, spawn, validate_audio
+from lookback.sources.core import Commit, DeviceHub, Message, Rejection, SourceOptions, make_message, spawn
 
 log = logging.getLogger("lookback.sources.redis")
 
@@ -64,6 +65,28 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+_FIELDS = {k: k.encode() for k in ("device", "seq", "encoding", "model", "version", "end", "ts")}
+_DIGITS = re.compile(rb"[0-9]{1,20}")
+_BOOLS = {b"1": True, b"true": True, b"0": False, b"false": False}
+
+
+def _value(name: str, raw: bytes) -> object:
+    """A Redis field as the JSON value it spells, or the raw bytes (which the core refuses)."""
+    if name == "seq":
+        return int(raw) if _DIGITS.fullmatch(raw) else raw  # int() alone takes " +1_0 "
+    if name == "end":
+        return _BOOLS.get(raw, raw)
+    if name == "ts":
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
 
 
 def partition_of(device: str, partitions: int) -> int:
@@ -326,61 +349,30 @@ class RedisStreamsSource:
                     await self.hub.submit(self._parse(p, eid, fields))
 
     def _parse(self, p: int, eid: bytes, f: dict[bytes, bytes]) -> Message | Rejection:
+        """An entry's fields as typed values, checked by the core's one set of rules."""
         part = str(p)
-        dev_b = f.get(b"device")
-        seq_b = f.get(b"seq")
-        try:
-            device = dev_b.decode() if dev_b else None
-        except UnicodeDecodeError:
-            device = None
-        seq: int | None = None
-        if seq_b is not None:
-            with contextlib.suppress(ValueError):
-                seq = int(seq_b)
-                if seq < 0:
-                    seq = None
-        if device is None or seq is None:
-            missing = "device" if device is None else "seq"
-            return Rejection(
-                "missing_field", f"entry {eid.decode()} has no valid `{missing}`", device, seq, eid, part
-            )
-        if partition_of(device, self.partitions) != p:
+        fields = {k: _value(k, f[b]) for k, b in _FIELDS.items() if b in f}
+        item = make_message(
+            fields.pop("device", None),
+            fields.pop("seq", None),
+            f.get(b"audio"),
+            fields,
+            max_frames=self.hub.opts.max_frames,
+            max_amplitude=self.hub.opts.max_amplitude,
+            token=eid,
+            partition=part,
+        )
+        if item.device is not None and (home := partition_of(item.device, self.partitions)) != p:
+            # fed into no device: its stream lives on another partition
             return Rejection(
                 "wrong_partition",
-                f"device {device} belongs to partition {partition_of(device, self.partitions)}, not {p}",
+                f"device {item.device} belongs to partition {home}, not {p}",
                 None,
                 None,
                 eid,
                 part,
             )
-        audio = f.get(b"audio")
-        if audio is None:
-            return Rejection("missing_field", f"entry {eid.decode()} has no `audio`", device, seq, eid, part)
-        try:
-            encoding = f.get(b"encoding", b"pcm_s16le").decode()
-        except UnicodeDecodeError:
-            encoding = "?"
-        bad = validate_audio(audio, encoding, self.hub.opts.max_frames)
-        if bad is not None:
-            return Rejection(bad[0], bad[1], device, seq, eid, part)
-        sent = None
-        if (ts := f.get(b"ts")) is not None:
-            with contextlib.suppress(ValueError):
-                sent = float(ts)
-        model = f.get(b"model")
-        version = f.get(b"version")
-        return Message(
-            device,
-            seq,
-            audio,
-            encoding,
-            model.decode(errors="replace") if model else None,
-            version.decode(errors="replace") if version else None,
-            f.get(b"end") in (b"1", b"true"),
-            sent,
-            eid,
-            part,
-        )
+        return item
 
     # -- the adapter interface ---------------------------------------------------------------
     async def load_checkpoint(self, device: str) -> bytes | None:
