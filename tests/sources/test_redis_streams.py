@@ -472,3 +472,60 @@ async def test_every_malformed_field_is_rejected_and_never_jams_the_partition(re
         assert redelivered is None  # nothing failed a commit, nothing was replayed
     finally:
         await r.aclose()
+
+
+async def test_deleted_stream_or_group_is_recreated_and_reading_goes_on(redis_broker: Broker) -> None:
+    """``DEL`` of a partition stream takes its consumer group along, ``XGROUP DESTROY`` too:
+    the consumer makes the group again (counted) and every device carries on exactly once."""
+    from lookback.sources.redis_streams import partition_of
+
+    pool = device_audio(12, 32)
+    first = next(d for d in pool if partition_of(d, 2) == 0)
+    second = next(d for d in pool if partition_of(d, 2) == 1)
+    audios = {first: pool[first], second: pool[second]}
+    reference = await solo_reference(audios)
+    m = {d: messages(a, 8) for d, a in audios.items()}  # 4 messages each
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=g:audio&partitions=2&group=g&consumer=solo"
+    r = aioredis.from_url(redis_broker.url)
+
+    async def send(i: int) -> None:
+        for d, msgs in m.items():
+            await publish(r, d, i, msgs[i], stream="g:audio", partitions=2, end=i == len(msgs) - 1)
+
+    async def body(src: RedisStreamsSource) -> None:
+        for i in (0, 1):
+            await send(i)
+
+        async def consumed(n: int) -> bool:
+            res = await _results(r)
+            return all(any(x["seq"] == n - 1 for x in res.get(d, [])) for d in m)
+
+        await _wait_for(lambda: consumed(2), "results of the first two messages")
+        await r.delete("g:audio:0")  # the stream, and its group with it
+        await r.xgroup_destroy("g:audio:1", "g")  # the group only; its entries stay
+        for i in (2, 3):
+            await send(i)
+
+        async def finished() -> bool:
+            res = await _results(r)
+            return all(any(x["type"] == "summary" for x in res.get(d, [])) for d in m)
+
+        await _wait_for(finished, "every device's summary after the groups were deleted")
+
+    await _run_source(url, metrics, body)
+    try:
+        res = await _results(r)
+        for dev, ref in reference.items():
+            steps = [x for x in res[dev] if x["type"] == "result"]
+            assert [x["step"] for x in steps] == list(range(len(ref))), dev
+            assert [x["scores"] for x in steps] == ref, dev
+        recreated = metrics.registry.get_sample_value(
+            "lookback_source_groups_recreated_total", {"source": "redis:g:audio"}
+        )
+        assert recreated == 2
+        assert await r.xlen("lookback:errors") == 0  # the kept entries were not read again
+        for p in (0, 1):
+            assert (await r.xpending(f"g:audio:{p}", "g"))["pending"] == 0
+    finally:
+        await r.aclose()

@@ -89,6 +89,15 @@ def _value(name: str, raw: bytes) -> object:
         return raw
 
 
+def _no_group(exc: ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+def _id_tuple(eid: bytes | str) -> tuple[int, int]:
+    ms, _, n = (eid.decode() if isinstance(eid, bytes) else eid).partition("-")
+    return int(ms), int(n or 0)
+
+
 def partition_of(device: str, partitions: int) -> int:
     """The partition of a device: producers and consumers must agree on it."""
     return zlib.crc32(device.encode()) % partitions
@@ -166,6 +175,8 @@ class RedisStreamsSource:
         self._busy: set[int] = set()  # being onboarded or handed back
         self._settling: set[int] = set()  # given up: its devices are still being dropped
         self._gen: dict[int, int] = {}  # per partition: bumped at every acquisition and loss
+        self._last_id: dict[int, bytes] = {}  # per partition: the newest entry read
+        self.metrics = metrics
         self._tasks: list[asyncio.Task[Any]] = []
         self._wake = asyncio.Event()
         self._stopping = False
@@ -264,9 +275,15 @@ class RedisStreamsSource:
         try:
             start = "0-0"
             while True:
-                res = await self.r.xautoclaim(
-                    key, self.group, self.consumer, 0, start_id=start, count=self.batch
-                )
+                try:
+                    res = await self.r.xautoclaim(
+                        key, self.group, self.consumer, 0, start_id=start, count=self.batch
+                    )
+                except ResponseError as exc:
+                    if not _no_group(exc):
+                        raise
+                    await self._recreate_groups([p])  # nothing pending survives it: read on
+                    break
                 start, entries = res[0], res[1]
                 for eid, fields in entries:
                     if self._gen.get(p) != gen:
@@ -284,6 +301,33 @@ class RedisStreamsSource:
             self._drop(p, release_lease=True)
         finally:
             self._busy.discard(p)
+
+    async def _recreate_groups(self, parts: list[int]) -> None:
+        """Make the consumer group again on partitions that lost it (stream deleted, group destroyed).
+
+        Deleting a stream deletes its group, and reading then fails for ever. The group
+        restarts after the newest entry this consumer read when the stream still holds it
+        (only the group was destroyed), else from the start of the stream (a new stream
+        holds only new entries; a repeat is skipped by the device checkpoints' ``seq``).
+        """
+        for p in parts:
+            key = stream_key(self.stream, p)
+            start: bytes | str = "0"
+            last = self._last_id.get(p)
+            if last is not None:
+                first: Any = await self.r.xrange(key, count=1)
+                if first and _id_tuple(first[0][0]) <= _id_tuple(last):
+                    start = last
+            try:
+                await self.r.xgroup_create(key, self.group, id=start, mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" in str(exc):  # another consumer made it first
+                    continue
+                raise
+            self.metrics.source_groups_recreated.labels(self.name).inc()
+            log.warning(
+                "partition %d: consumer group %s was gone (stream deleted?); made it again", p, self.group
+            )
 
     def lost(self, partition: str) -> None:
         """A commit failed (lease stolen, broker error): give the partition up entirely.
@@ -339,12 +383,22 @@ class RedisStreamsSource:
             streams: dict[Any, Any] = {stream_key(self.stream, p): ">" for p in sorted(self.reading)}
             try:
                 res = await self.r.xreadgroup(self.group, self.consumer, streams, count=self.batch, block=200)
+            except ResponseError as exc:
+                if _no_group(exc):
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._recreate_groups(sorted(self.reading))
+                        continue
+                log.warning("reading: %s", exc)
+                await asyncio.sleep(0.5)  # back off from a failing broker
+                continue
             except (RedisError, OSError) as exc:
                 log.warning("reading: %s", exc)
                 await asyncio.sleep(0.5)  # back off from a failing broker
                 continue
             for key, entries in cast(list[Any], res or []):
                 p = int(bytes(key).rsplit(b":", 1)[1])
+                if entries:
+                    self._last_id[p] = entries[-1][0]
                 for eid, fields in entries:
                     await self.hub.submit(self._parse(p, eid, fields))
 
