@@ -13,8 +13,10 @@ pending: the next owner restores the checkpoint and skips what it had consumed.
 A device processes one message at a time and waits for its steps before committing, so
 the snapshot is taken idle; many devices run at once, so their steps share batches.
 Backpressure: ``submit`` waits (the adapter stops reading) while too many messages are in
-flight, a device's queue is full or the batcher backlog is high; nothing is dropped and
-no queue grows without bound.
+flight or the batcher backlog is high; nothing is dropped and no queue grows without bound.
+Fairness: a device whose queue is full does not stop the reading; its further messages are
+held aside in order (within the in-flight bound), so one device's flood cannot keep the
+other devices of its partition from being read and scored.
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ class SourceOptions:
     gap_policy: GapPolicy = "zero_fill"
     max_gap_fill_s: float = 10.0
     max_inflight: int = 4096  # messages read and not yet committed, all devices together
-    device_queue: int = 32  # messages queued for one device
+    device_queue: int = 32  # messages queued for one device; more are held aside (fairness)
     max_frames: int = 64
     max_amplitude: float = DEFAULT_MAX_FLOAT_AMPLITUDE  # float audio beyond it: audio_out_of_range
     max_pending_steps: int = 64
@@ -328,6 +330,7 @@ class Device:
     id: str
     partition: str
     queue: asyncio.Queue[Message | Rejection] = field(default_factory=asyncio.Queue)
+    held: deque[Message | Rejection] = field(default_factory=deque)  # beyond its queue, in order
     session: StreamSession | None = None
     loaded: bool = False
     last_seq: int = -1
@@ -380,6 +383,9 @@ class DeviceHub:
     async def submit(self, item: Message | Rejection, *, replay: bool = False) -> None:
         """Queue ``item`` for its device; waits (never drops) while the core is full.
 
+        A device's messages beyond ``device_queue`` are held aside rather than waited for,
+        so the adapter reads on to the other devices' messages.
+
         Items of a ``blocked`` partition (one being recovered after a failed commit) are
         skipped unacknowledged unless they come from the adapter's ``replay``.
         """
@@ -407,7 +413,10 @@ class DeviceHub:
             dev = self.devices[item.device] = Device(item.device, item.partition)
             dev.task = asyncio.create_task(self._run(dev), name=f"device-{item.device[:32]}")
             self.metrics.source_devices.labels(self.source).set(len(self.devices))
-        dev.queue.put_nowait(item)
+        if dev.held or dev.queue.qsize() >= self.opts.device_queue:
+            dev.held.append(item)  # read on past it: a flood must not stall its neighbours
+        else:
+            dev.queue.put_nowait(item)
 
     def _has_room(self, item: Message | Rejection) -> bool:
         o = self.opts
@@ -415,10 +424,9 @@ class DeviceHub:
             return False
         if self.engine.backlog >= o.shed_backlog_steps:
             return False
-        dev = self.devices.get(item.device) if item.device is not None else None
-        if dev is not None and dev.queue.qsize() >= o.device_queue:
-            return False
-        return not (dev is None and item.device is not None and len(self.devices) >= o.max_devices)
+        if item.device is None or item.device in self.devices:
+            return True
+        return len(self.devices) < o.max_devices
 
     def _done(self) -> None:
         self.inflight -= 1
@@ -436,6 +444,8 @@ class DeviceHub:
             while True:
                 try:
                     item = await asyncio.wait_for(dev.queue.get(), self.opts.idle_timeout_s)
+                    if dev.held:  # keeps "held only behind a full queue", so empty means idle
+                        dev.queue.put_nowait(dev.held.popleft())
                 except TimeoutError:
                     if dev.leaving:
                         break
