@@ -558,6 +558,14 @@ class DeviceHub:
                 self.metrics.source_messages.labels(
                     self.source, "checkpoint", "checkpoint_incompatible"
                 ).inc()
+            except Exception as exc:
+                # a snapshot that passed its checks yet cannot be restored: raising here would
+                # fail this device's every message, so it starts a new session instead
+                log.exception("device %s: restoring its checkpoint failed", dev.id)
+                dev.epoch += 1
+                detail = f"device checkpoint cannot be restored ({type(exc).__name__})"
+                dev.errors.append({"type": "error", "reason": "checkpoint_invalid", "detail": detail})
+                self.metrics.source_messages.labels(self.source, "checkpoint", "checkpoint_invalid").inc()
 
     async def _handle(self, dev: Device, item: Message | Rejection) -> None:
         if not dev.loaded:
