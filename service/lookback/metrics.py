@@ -393,6 +393,12 @@ class Metrics:
             ["source", "reason"],
             registry=r,
         )
+        self.source_groups_recreated = Counter(
+            "lookback_source_groups_recreated_total",
+            "Redis consumer groups made again after their partition stream (or the group) was deleted",
+            ["source"],
+            registry=r,
+        )
         self.source_commit_seconds = Histogram(
             "lookback_source_commit_seconds",
             "Publish + checkpoint + acknowledge of one consumed message",

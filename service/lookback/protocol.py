@@ -174,7 +174,19 @@ _SPECS = [
     # -- broker sources (docs/sources.md): the message goes to the errors stream/topic, acknowledged;
     #    bad_encoding, bad_frame_size, empty_message, too_many_frames, non_finite_audio and
     #    unknown_model/unknown_version above apply to broker messages too --
-    ErrorSpec("missing_field", 400, None, "broker message lacks a valid device, seq or audio; rejected"),
+    ErrorSpec(
+        "missing_field",
+        400,
+        None,
+        "broker message lacks a valid device, seq (an integer in [0, 2^63-1]) or audio; rejected",
+    ),
+    ErrorSpec(
+        "invalid_field",
+        400,
+        None,
+        "an optional field of a broker message (model, version, end, ts) has the wrong type or value; "
+        "rejected",
+    ),
     ErrorSpec("bad_header", 400, None, "MQTT payload does not start with the JSON header line; rejected"),
     ErrorSpec(
         "wrong_partition", 400, None, "Redis entry on a partition its device does not hash to; rejected"

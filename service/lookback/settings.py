@@ -220,7 +220,12 @@ class Settings(BaseSettings):
     source_max_inflight: int = Field(
         4096, ge=1, description="messages read and not yet committed; past it the consumer reads no more"
     )
-    source_device_queue: int = Field(32, ge=1, description="messages queued for one device")
+    source_device_queue: int = Field(
+        32,
+        ge=1,
+        description="messages queued for one device; more are held aside (within source_max_inflight) "
+        "while reading goes on, so a device's backlog does not hold up its neighbours",
+    )
     source_lease_s: float = Field(
         3.0, gt=0, description="Redis Streams partition lease: a dead consumer's partitions move after it"
     )

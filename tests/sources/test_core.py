@@ -129,3 +129,86 @@ async def test_backpressure_bounds_what_is_read_and_drops_nothing(redis_broker: 
         await src.stop()
         await engine.stop()
         await r.aclose()
+
+
+async def test_a_message_whose_processing_raises_is_skipped_not_replayed_for_ever(
+    redis_broker: Broker,
+) -> None:
+    """Defence behind the field checks: a message the core cannot process (here one that
+    bypassed the adapter's checks) is published as internal_error and consumed; the device
+    goes on from its checkpoint and the partition is never replayed."""
+    from lookback.sources.core import Message
+
+    ((dev, audio),) = device_audio(1, 24).items()
+    m = messages(audio, 8)
+    ref = await solo_reference({"first": m[0], "second": m[2]})
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=p:audio&partitions=1&group=g&consumer=c"
+    engine, src = await _source(url, metrics, SourceOptions())
+    r = aioredis.from_url(redis_broker.url)
+    try:
+        await publish(r, dev, 0, m[0], stream="p:audio", partitions=1, end=True)
+        deadline = time.monotonic() + 20
+        while not await _records(r, dev):
+            assert time.monotonic() < deadline, "no results of seq 0"
+            await asyncio.sleep(0.05)  # poll the output stream
+        # opens the device's next session with an encoding no session takes: raises
+        await src.hub.submit(Message(dev, 1, m[1], encoding="pcm_nonsense", partition="0"))
+        await publish(r, dev, 2, m[2], stream="p:audio", partitions=1, end=True)
+        while sum(x["type"] == "summary" for x in await _records(r, dev)) < 2:
+            assert time.monotonic() < deadline, "no summary"
+            await asyncio.sleep(0.05)  # poll the output stream
+        import orjson
+
+        entries: Any = await r.xrange("lookback:errors")
+        errors = [orjson.loads(f[b"error"]) for _, f in entries]
+        assert [(e["device"], e["seq"], e["reason"]) for e in errors] == [(dev, 1, "internal_error")]
+        recs = await _records(r, dev)
+        for epoch, key in ((0, "first"), (1, "second")):
+            assert [x["scores"] for x in recs if x["type"] == "result" and x["epoch"] == epoch] == ref[key]
+        labels = {"source": "redis:p:audio", "outcome": "redelivery", "reason": "commit_failed"}
+        assert metrics.registry.get_sample_value("lookback_source_messages_total", labels) is None
+        assert (await r.xpending("p:audio:0", "g"))["pending"] == 0
+    finally:
+        await src.stop()
+        await engine.stop()
+        await r.aclose()
+
+
+async def test_a_flooding_device_does_not_hold_back_its_neighbours(redis_broker: Broker) -> None:
+    """400 queued messages of one device, then one message of each of five neighbours on the
+    same partition: the neighbours are read past the flood and scored while it drains (their
+    results come before the flood's 100th message), and the flood still loses nothing."""
+    pool = device_audio(6, 400)
+    flood, *neighbours = pool
+    flood_msgs = messages(pool[flood], 1)  # 400 one-frame messages
+    near = {d: messages(pool[d], 8)[0] for d in neighbours}
+    r = aioredis.from_url(redis_broker.url)
+    async with r.pipeline(transaction=False) as pipe:
+        for i, msg in enumerate(flood_msgs):
+            await publish(pipe, flood, i, msg, stream="n:audio", partitions=1, end=i == len(flood_msgs) - 1)
+        for d, msg in near.items():
+            await publish(pipe, d, 0, msg, stream="n:audio", partitions=1, end=True)
+        await pipe.execute()
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=n:audio&partitions=1&group=g&consumer=c"
+    engine, src = await _source(url, metrics, SourceOptions(device_queue=8))
+    try:
+        deadline = time.monotonic() + 60
+        while not any(x["type"] == "summary" for x in await _records(r, flood)):
+            assert time.monotonic() < deadline, "the flood did not finish"
+            await asyncio.sleep(0.05)  # poll the output stream
+        entries: Any = await r.xrange("lookback:results")
+        order = [(f[b"device"].decode(), int(f[b"seq"])) for _, f in entries]
+        hundredth = next(i for i, (d, seq) in enumerate(order) if d == flood and seq >= 100)
+        for d in neighbours:
+            first = next(i for i, (dev, _) in enumerate(order) if dev == d)
+            assert first < hundredth, f"{d} waited for the flood: {first} >= {hundredth}"
+        ref = await solo_reference({flood: pool[flood], **near})
+        for d, want in ref.items():
+            assert [x["scores"] for x in await _records(r, d) if x["type"] == "result"] == want, d
+        assert (await r.xpending("n:audio:0", "g"))["pending"] == 0
+    finally:
+        await src.stop()
+        await engine.stop()
+        await r.aclose()

@@ -204,3 +204,85 @@ async def test_consumer_killed_mid_run_loses_nothing_and_repeats_are_identical(
                     assert seen.setdefault(x["step"], x["scores"]) == x["scores"], (dev, x["step"])
             assert [seen[k] for k in sorted(seen)] == ref and sorted(seen) == list(range(len(ref))), dev
             assert {x["epoch"] for x in col.records[dev]} == {0}
+
+
+async def test_every_malformed_header_field_is_rejected_and_the_device_goes_on(
+    mqtt_broker: Broker, tmp_path: Path
+) -> None:
+    """Each malformed field of the documented payload: its code on the errors topic, acknowledged."""
+    import numpy as np
+
+    from lookback.engine.engine import Engine
+    from lookback.metrics import Metrics
+    from lookback.settings import Settings
+    from lookback.sources.core import SourceOptions
+    from lookback.sources.mqtt import MqttSource
+    from tests import conftest
+
+    ((good, audio),) = device_audio(1, 48).items()
+    m = messages(audio, 8)
+    reference = await solo_reference({good: audio, "seq-2^64": m[0] + m[1]})
+    frame = bytes(256)
+    loud = np.full(128, 1e20, "<f4").tobytes()
+    nan = np.full(128, np.nan, "<f4").tobytes()
+    cases: list[tuple[str, dict[str, Any] | bytes, bytes, str]] = [
+        # (device, header, audio, expected reason)
+        ("seq-2^64", b'{"seq": %d}' % 2**64, frame, "missing_field"),
+        ("seq-2^63", {"seq": 2**63}, frame, "missing_field"),
+        ("seq-negative", {"seq": -1}, frame, "missing_field"),
+        ("seq-fraction", {"seq": 1.5}, frame, "missing_field"),
+        ("seq-string", {"seq": "12"}, frame, "missing_field"),
+        ("seq-bool", {"seq": True}, frame, "missing_field"),
+        ("seq-null", {"seq": None}, frame, "missing_field"),
+        ("seq-list", {"seq": [1]}, frame, "missing_field"),
+        ("seq-missing", {}, frame, "missing_field"),
+        ("audio-empty", {"seq": 0}, b"", "empty_message"),
+        ("audio-odd", {"seq": 0}, frame[:100], "bad_frame_size"),
+        ("audio-huge", {"seq": 0}, frame * 65, "too_many_frames"),
+        ("audio-loud", {"seq": 0, "encoding": "pcm_f32le"}, loud, "audio_out_of_range"),
+        ("audio-nan", {"seq": 0, "encoding": "pcm_f32le"}, nan, "non_finite_audio"),
+        ("encoding-number", {"seq": 0, "encoding": 5}, frame, "bad_encoding"),
+        ("encoding-unknown", {"seq": 0, "encoding": "mulaw"}, frame, "bad_encoding"),
+        ("model-number", {"seq": 0, "model": 5}, frame, "invalid_field"),
+        ("model-huge", {"seq": 0, "model": "m" * 300}, frame, "invalid_field"),
+        ("version-list", {"seq": 0, "version": [1]}, frame, "invalid_field"),
+        ("end-string", {"seq": 0, "end": "false"}, frame, "invalid_field"),
+        ("end-two", {"seq": 0, "end": 2}, frame, "invalid_field"),
+        ("ts-string", {"seq": 0, "ts": "now"}, frame, "invalid_field"),
+        ("ts-bool", {"seq": 0, "ts": True}, frame, "invalid_field"),
+        ("d" * 300, {"seq": 0}, frame, "missing_field"),  # device longer than 256 bytes
+        ("", {"seq": 0}, frame, "missing_field"),  # topic q//audio
+    ]
+    settings: Settings = conftest.test_settings(models=["lookback-vad"])
+    metrics = Metrics()
+    engine = Engine(settings, metrics)
+    await engine.start()
+    url = f"mqtt://127.0.0.1:{mqtt_broker.port}?prefix=v&client_id=solo-v"
+    src = MqttSource(url, engine, SourceOptions.from_settings(settings), metrics, settings=settings)
+    await src.start()
+    try:
+        async with (
+            Collector(mqtt_broker.port, "v") as col,
+            aiomqtt.Client("127.0.0.1", mqtt_broker.port, identifier="producer") as pub,
+        ):
+            for i, (device, head, pcm, _) in enumerate(cases):
+                line = head if isinstance(head, bytes) else orjson.dumps(head)
+                await pub.publish(f"v/{device}/audio", line + b"\n" + pcm, qos=1)
+                if i < len(m):  # a neighbour, between the bad ones
+                    await pub.publish(f"v/{good}/audio", encode_payload(i, m[i], end=i == len(m) - 1), qos=1)
+            for i in (0, 1):  # the device whose seq was 2^64 goes on
+                await pub.publish("v/seq-2^64/audio", encode_payload(i, m[i], end=i == 1), qos=1)
+            deadline = time.monotonic() + 30
+            while not (col.finished() == 2 and len(col.errors) >= len(cases)):
+                assert time.monotonic() < deadline, f"{col.finished()} finished, errors {col.errors}"
+                await asyncio.sleep(0.05)  # poll what the collector received
+            got = sorted((str(e["device"]), e["reason"]) for e in col.errors)
+            # without a valid device the error names none
+            assert got == sorted((d if 0 < len(d) <= 256 else "None", r) for d, _, _, r in cases)
+            for dev in (good, "seq-2^64"):
+                steps = [x["scores"] for x in col.records[dev] if x["type"] == "result"]
+                assert steps == reference[dev], dev
+            assert src._task is not None and not src._task.done()
+    finally:
+        await src.stop()
+        await engine.stop()

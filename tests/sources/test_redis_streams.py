@@ -387,3 +387,145 @@ async def test_consumer_joining_mid_run_takes_partitions_over_exactly_once(
 
 async def _eq(value: Any, want: Any) -> bool:
     return bool(await value == want)
+
+
+# every malformed field of the documented format: rejected with its code, acknowledged, and the
+# partition goes on (a seq of 2^64 once failed every commit and jammed its partition for ever)
+_F32_LOUD = np.full(128, 1e20, "<f4").tobytes()
+_F32_NAN = np.full(128, np.nan, "<f4").tobytes()
+_FRAME = bytes(256)
+_MALFORMED: list[tuple[str, dict[str, Any], str]] = [
+    # (device, fields beyond device/seq 0/audio one frame, expected reason); None drops a field
+    ("seq-2^64", {"seq": str(2**64)}, "missing_field"),
+    ("seq-2^63", {"seq": str(2**63)}, "missing_field"),
+    ("seq-negative", {"seq": "-1"}, "missing_field"),
+    ("seq-fraction", {"seq": "1.5"}, "missing_field"),
+    ("seq-text", {"seq": "abc"}, "missing_field"),
+    ("seq-spaced", {"seq": " 1"}, "missing_field"),
+    ("seq-underscored", {"seq": "1_0"}, "missing_field"),
+    ("seq-missing", {"seq": None}, "missing_field"),
+    ("audio-missing", {"audio": None}, "missing_field"),
+    ("audio-empty", {"audio": b""}, "empty_message"),
+    ("audio-odd", {"audio": _FRAME[:100]}, "bad_frame_size"),
+    ("audio-huge", {"audio": _FRAME * 65}, "too_many_frames"),
+    ("audio-loud", {"audio": _F32_LOUD, "encoding": "pcm_f32le"}, "audio_out_of_range"),
+    ("audio-nan", {"audio": _F32_NAN, "encoding": "pcm_f32le"}, "non_finite_audio"),
+    ("encoding-unknown", {"encoding": "mulaw"}, "bad_encoding"),
+    ("encoding-binary", {"encoding": b"\xff\xfe"}, "bad_encoding"),
+    ("model-huge", {"model": "m" * 300}, "invalid_field"),
+    ("model-binary", {"model": b"\xff"}, "invalid_field"),
+    ("version-huge", {"version": "v" * 300}, "invalid_field"),
+    ("end-word", {"end": "yes"}, "invalid_field"),
+    ("end-two", {"end": "2"}, "invalid_field"),
+    ("ts-text", {"ts": "now"}, "invalid_field"),
+    ("ts-nan", {"ts": "nan"}, "invalid_field"),
+    ("ts-inf", {"ts": "inf"}, "invalid_field"),
+]
+
+
+async def test_every_malformed_field_is_rejected_and_never_jams_the_partition(redis_broker: Broker) -> None:
+    ((good, audio),) = device_audio(1, 48).items()
+    m = messages(audio, 8)
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=v:audio&partitions=1&group=g&consumer=solo"
+    r = aioredis.from_url(redis_broker.url)
+    reference = await solo_reference({good: audio})
+    expected: list[tuple[Any, Any, str]] = []
+
+    async def body(src: RedisStreamsSource) -> None:
+        for i, (device, over, reason) in enumerate(_MALFORMED):
+            fields: dict[str, Any] = {"device": device, "seq": 0, "audio": _FRAME, **over}
+            await r.xadd("v:audio:0", {k: v for k, v in fields.items() if v is not None})
+            expected.append((device, None if "seq" in over else 0, reason))
+            if i < len(m):  # a neighbour on the same partition, between the bad ones
+                await publish(r, good, i, m[i], stream="v:audio", partitions=1, end=i == len(m) - 1)
+        bad_devices: list[str | bytes] = ["d" * 300, b"\xff\xfe", ""]  # too long, not UTF-8, empty
+        for bad_device in bad_devices:
+            await r.xadd("v:audio:0", {"device": bad_device, "seq": 0, "audio": _FRAME})
+            expected.append((None, 0, "missing_field"))
+        # the device whose seq was 2^64 goes on with valid messages
+        await publish(r, "seq-2^64", 0, m[0], stream="v:audio", partitions=1)
+        await publish(r, "seq-2^64", 1, m[1], stream="v:audio", partitions=1, end=True)
+
+        async def finished() -> bool:
+            res = await _results(r)
+            done = all(any(x["type"] == "summary" for x in res.get(d, [])) for d in (good, "seq-2^64"))
+            return done and await r.xlen("lookback:errors") >= len(expected)
+
+        await _wait_for(finished, "summaries and every rejection")
+
+    await _run_source(url, metrics, body)
+    try:
+        errors = [orjson.loads(f[b"error"]) for _, f in await _read_all(r, "lookback:errors")]
+        got = sorted((str(e["device"]), str(e["seq"]), e["reason"]) for e in errors)
+        assert got == sorted((str(d), str(s), why) for d, s, why in expected)
+        res = await _results(r)
+        assert [x["scores"] for x in res[good] if x["type"] == "result"] == reference[good]
+        ref2 = await solo_reference({"seq-2^64": m[0] + m[1]})
+        assert [x["scores"] for x in res["seq-2^64"] if x["type"] == "result"] == ref2["seq-2^64"]
+        assert (await r.xpending("v:audio:0", "g"))["pending"] == 0  # every entry acknowledged
+        value = metrics.registry.get_sample_value
+        redelivered = value(
+            "lookback_source_messages_total",
+            {"source": "redis:v:audio", "outcome": "redelivery", "reason": "commit_failed"},
+        )
+        assert redelivered is None  # nothing failed a commit, nothing was replayed
+    finally:
+        await r.aclose()
+
+
+async def test_deleted_stream_or_group_is_recreated_and_reading_goes_on(redis_broker: Broker) -> None:
+    """``DEL`` of a partition stream takes its consumer group along, ``XGROUP DESTROY`` too:
+    the consumer makes the group again (counted) and every device carries on exactly once."""
+    from lookback.sources.redis_streams import partition_of
+
+    pool = device_audio(12, 32)
+    first = next(d for d in pool if partition_of(d, 2) == 0)
+    second = next(d for d in pool if partition_of(d, 2) == 1)
+    audios = {first: pool[first], second: pool[second]}
+    reference = await solo_reference(audios)
+    m = {d: messages(a, 8) for d, a in audios.items()}  # 4 messages each
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=g:audio&partitions=2&group=g&consumer=solo"
+    r = aioredis.from_url(redis_broker.url)
+
+    async def send(i: int) -> None:
+        for d, msgs in m.items():
+            await publish(r, d, i, msgs[i], stream="g:audio", partitions=2, end=i == len(msgs) - 1)
+
+    async def body(src: RedisStreamsSource) -> None:
+        for i in (0, 1):
+            await send(i)
+
+        async def consumed(n: int) -> bool:
+            res = await _results(r)
+            return all(any(x["seq"] == n - 1 for x in res.get(d, [])) for d in m)
+
+        await _wait_for(lambda: consumed(2), "results of the first two messages")
+        await r.delete("g:audio:0")  # the stream, and its group with it
+        await r.xgroup_destroy("g:audio:1", "g")  # the group only; its entries stay
+        for i in (2, 3):
+            await send(i)
+
+        async def finished() -> bool:
+            res = await _results(r)
+            return all(any(x["type"] == "summary" for x in res.get(d, [])) for d in m)
+
+        await _wait_for(finished, "every device's summary after the groups were deleted")
+
+    await _run_source(url, metrics, body)
+    try:
+        res = await _results(r)
+        for dev, ref in reference.items():
+            steps = [x for x in res[dev] if x["type"] == "result"]
+            assert [x["step"] for x in steps] == list(range(len(ref))), dev
+            assert [x["scores"] for x in steps] == ref, dev
+        recreated = metrics.registry.get_sample_value(
+            "lookback_source_groups_recreated_total", {"source": "redis:g:audio"}
+        )
+        assert recreated == 2
+        assert await r.xlen("lookback:errors") == 0  # the kept entries were not read again
+        for p in (0, 1):
+            assert (await r.xpending(f"g:audio:{p}", "g"))["pending"] == 0
+    finally:
+        await r.aclose()

@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 from starlette.requests import ClientDisconnect, Request
 
-from lookback.api.pcm_range import float_problem
+from lookback.engine.pcm import float_problem
 from lookback.errors import RequestError
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
-"""PCM in one place: wire encodings, the non-finite check, scaling to the model's input
-and its ``BT``/``B1T`` layout.
+"""PCM in one place: wire encodings, the non-finite and range checks, scaling to the model's
+input and its ``BT``/``B1T`` layout.
 
 The session, the batched step, offline scoring and the REST decoder all go through
 here, so a sample means the same number on every path: int16 ``x`` becomes the float32
@@ -31,6 +31,29 @@ def refuse_non_finite(samples: np.ndarray, what: str) -> None:
     """Refuse float audio holding NaN or Inf: one such sample would poison a state."""
     if not np.isfinite(samples).all():
         raise BadAudio(f"pcm_f32le {what} holds NaN or Inf samples", code="non_finite_audio")
+
+
+def float_problem(audio: np.ndarray, max_amplitude: float) -> tuple[str, str] | None:
+    """(code, message) when float32 ``audio`` must be refused, else None. One pass.
+
+    The one rule for float audio on every ingestion path (WebSocket, REST, broker sources):
+    full scale is 1.0, samples up to ``max_amplitude`` (``max_float_amplitude``, default 4.0:
+    12 dB of headroom) are taken as they are, anything larger and NaN/Inf is refused whole
+    before it reaches a model, since huge finite values drive a recurrent state to Inf, then
+    NaN, which would poison every later step.
+    """
+    if audio.size == 0:
+        return None
+    peak = float(np.max(np.abs(audio)))  # NaN anywhere makes the peak NaN
+    if peak <= max_amplitude:
+        return None
+    if not np.isfinite(peak):
+        return "non_finite_audio", "float audio holds NaN or Inf samples"
+    return (
+        "audio_out_of_range",
+        f"float sample of magnitude {peak:.3g} outside [-{max_amplitude:g}, {max_amplitude:g}] "
+        "(full scale is 1.0)",
+    )
 
 
 def decode(data: bytes, encoding: str, *, offset: int = 0, count: int = -1) -> np.ndarray:

@@ -13,8 +13,10 @@ pending: the next owner restores the checkpoint and skips what it had consumed.
 A device processes one message at a time and waits for its steps before committing, so
 the snapshot is taken idle; many devices run at once, so their steps share batches.
 Backpressure: ``submit`` waits (the adapter stops reading) while too many messages are in
-flight, a device's queue is full or the batcher backlog is high; nothing is dropped and
-no queue grows without bound.
+flight or the batcher backlog is high; nothing is dropped and no queue grows without bound.
+Fairness: a device whose queue is full does not stop the reading; its further messages are
+held aside in order (within the in-flight bound), so one device's flood cannot keep the
+other devices of its partition from being read and scored.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import struct
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
@@ -33,7 +36,7 @@ import numpy as np
 import orjson
 
 from lookback.engine.events import Event
-from lookback.engine.pcm import BYTES_PER_SAMPLE, Encoding
+from lookback.engine.pcm import BYTES_PER_SAMPLE, Encoding, float_problem
 from lookback.engine.session import StreamSession
 from lookback.errors import CapacityError, LookbackError, SnapshotError
 from lookback.metrics import Metrics
@@ -46,6 +49,10 @@ FRAME_SAMPLES = 128
 _CKPT = struct.Struct("<4sI")
 _CKPT_MAGIC = b"LBDC"
 _MAX_SKIPPED = 1024  # sequence numbers remembered per device to tell "late" from "duplicate"
+MAX_SEQ = 2**63 - 1  # a seq must fit a signed 64-bit integer: JSON, checkpoints, Lua all take it
+MAX_DEVICE_BYTES = 256  # a device id is part of broker keys and of every record
+MAX_NAME_CHARS = 256  # model / version names
+DEFAULT_MAX_FLOAT_AMPLITUDE = 4.0  # Settings.max_float_amplitude's default
 
 
 # -- values exchanged with adapters -------------------------------------------------------
@@ -108,8 +115,13 @@ class Adapter(Protocol):
         """
 
 
-def validate_audio(audio: bytes, encoding: str, max_frames: int) -> tuple[str, str] | None:
-    """(reason, detail) when an audio payload cannot be fed, else None."""
+def validate_audio(
+    audio: bytes, encoding: str, max_frames: int, max_amplitude: float = DEFAULT_MAX_FLOAT_AMPLITUDE
+) -> tuple[str, str] | None:
+    """(reason, detail) when an audio payload cannot be fed, else None.
+
+    Float audio follows the WebSocket's and REST's rule (``engine.pcm.float_problem``).
+    """
     bps = BYTES_PER_SAMPLE.get(encoding)
     if bps is None:
         return "bad_encoding", f"encoding must be pcm_s16le or pcm_f32le, not {encoding[:40]!r}"
@@ -122,9 +134,95 @@ def validate_audio(audio: bytes, encoding: str, max_frames: int) -> tuple[str, s
         )
     if len(audio) // (FRAME_SAMPLES * bps) > max_frames:
         return "too_many_frames", f"more than max_frames_per_message={max_frames} frames"
-    if bps == 4 and not np.isfinite(np.frombuffer(audio, "<f4")).all():
-        return "non_finite_audio", "pcm_f32le audio holds NaN or Inf"
+    if bps == 4:
+        return float_problem(np.frombuffer(audio, "<f4"), max_amplitude)
     return None
+
+
+def _finite(x: float) -> bool:
+    return abs(x) < 2**63 if isinstance(x, int) else math.isfinite(x)  # float(10**400) overflows
+
+
+def _shown(value: object) -> str:
+    return repr(value)[:40]
+
+
+def make_message(
+    device: object,
+    seq: object,
+    audio: object,
+    fields: Mapping[str, object],
+    *,
+    max_frames: int,
+    max_amplitude: float,
+    token: Any = None,
+    partition: str = "",
+) -> Message | Rejection:
+    """Check every field of one broker message; a ``Message`` only if all of them are valid.
+
+    The adapters hand over what they decoded (JSON values from MQTT; from Redis, ints,
+    floats and strings where the bytes spell one, the raw bytes where they do not), so one
+    set of rules holds for every broker. Nothing that reaches the core can fail later
+    (a ``seq`` beyond 64 bits once jammed a partition on every commit). Optional fields in
+    ``fields``: ``encoding``, ``model``, ``version``, ``end``, ``ts``; others are ignored.
+    """
+    dev: str | None = None
+    why = ""
+    if device is None:
+        why = "no `device`"
+    elif not isinstance(device, str) or not device:
+        why = f"`device` must be a non-empty string, not {_shown(device)}"
+    elif len(device.encode(errors="replace")) > MAX_DEVICE_BYTES:
+        why = f"`device` longer than {MAX_DEVICE_BYTES} bytes"
+    else:
+        dev = device
+    n: int | None = None
+    if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_SEQ:
+        n = seq
+    elif not why:
+        why = "no `seq`" if seq is None else f"`seq` must be an integer in [0, 2^63-1], not {_shown(seq)}"
+    if why:
+        return Rejection("missing_field", f"message has no valid device/seq: {why}", dev, n, token, partition)
+    assert dev is not None and n is not None
+
+    def reject(reason: str, detail: str) -> Rejection:
+        return Rejection(reason, detail, dev, n, token, partition)
+
+    if audio is None:
+        return reject("missing_field", "message has no `audio`")
+    if not isinstance(audio, bytes):
+        return reject("missing_field", f"`audio` must be bytes, not {type(audio).__name__}")
+    encoding = fields.get("encoding")
+    if encoding is None:
+        encoding = "pcm_s16le"
+    if not isinstance(encoding, str):
+        return reject("bad_encoding", f"encoding must be pcm_s16le or pcm_f32le, not {_shown(encoding)}")
+    names: dict[str, str | None] = {}
+    for key in ("model", "version"):
+        v = fields.get(key)
+        if v is None or v == "":
+            names[key] = None
+        elif not isinstance(v, str) or len(v) > MAX_NAME_CHARS:
+            return reject("invalid_field", f"`{key}` must be a string of at most {MAX_NAME_CHARS} characters")
+        else:
+            names[key] = v
+    end = fields.get("end")
+    if end is None:
+        end = False
+    elif isinstance(end, int) and end in (0, 1):  # True/False are ints too
+        end = bool(end)
+    else:
+        return reject("invalid_field", f"`end` must be true/false or 1/0, not {_shown(end)}")
+    ts = fields.get("ts")
+    sent: float | None = None
+    if ts is not None:
+        if isinstance(ts, bool) or not isinstance(ts, int | float) or not _finite(ts):
+            return reject("invalid_field", f"`ts` must be a finite number (time.time()), not {_shown(ts)}")
+        sent = float(ts)
+    bad = validate_audio(audio, encoding, max_frames, max_amplitude)
+    if bad is not None:
+        return reject(*bad)
+    return Message(dev, n, audio, encoding, names["model"], names["version"], end, sent, token, partition)
 
 
 # -- checkpoints ---------------------------------------------------------------------------
@@ -169,8 +267,9 @@ class SourceOptions:
     gap_policy: GapPolicy = "zero_fill"
     max_gap_fill_s: float = 10.0
     max_inflight: int = 4096  # messages read and not yet committed, all devices together
-    device_queue: int = 32  # messages queued for one device
+    device_queue: int = 32  # messages queued for one device; more are held aside (fairness)
     max_frames: int = 64
+    max_amplitude: float = DEFAULT_MAX_FLOAT_AMPLITUDE  # float audio beyond it: audio_out_of_range
     max_pending_steps: int = 64
     shed_backlog_steps: int = 4096
     max_devices: int = 1000
@@ -185,6 +284,7 @@ class SourceOptions:
             max_inflight=s.source_max_inflight,
             device_queue=s.source_device_queue,
             max_frames=s.max_frames_per_message,
+            max_amplitude=s.max_float_amplitude,
             max_pending_steps=s.max_pending_steps,
             shed_backlog_steps=s.shed_backlog_steps,
             max_devices=s.max_sessions,
@@ -230,6 +330,7 @@ class Device:
     id: str
     partition: str
     queue: asyncio.Queue[Message | Rejection] = field(default_factory=asyncio.Queue)
+    held: deque[Message | Rejection] = field(default_factory=deque)  # beyond its queue, in order
     session: StreamSession | None = None
     loaded: bool = False
     last_seq: int = -1
@@ -241,6 +342,10 @@ class Device:
     task: asyncio.Task[None] | None = None
     leaving: bool = False
     failed: bool = False  # a commit failed: drop (unacknowledged) until the adapter replays
+
+
+class BrokerFailure(Exception):
+    """An adapter call failed (the broker, not the message): replay from the checkpoint."""
 
 
 Resolver = Callable[[str | None, str | None], Any]  # (model, version) -> ServedModel
@@ -278,6 +383,9 @@ class DeviceHub:
     async def submit(self, item: Message | Rejection, *, replay: bool = False) -> None:
         """Queue ``item`` for its device; waits (never drops) while the core is full.
 
+        A device's messages beyond ``device_queue`` are held aside rather than waited for,
+        so the adapter reads on to the other devices' messages.
+
         Items of a ``blocked`` partition (one being recovered after a failed commit) are
         skipped unacknowledged unless they come from the adapter's ``replay``.
         """
@@ -305,7 +413,10 @@ class DeviceHub:
             dev = self.devices[item.device] = Device(item.device, item.partition)
             dev.task = asyncio.create_task(self._run(dev), name=f"device-{item.device[:32]}")
             self.metrics.source_devices.labels(self.source).set(len(self.devices))
-        dev.queue.put_nowait(item)
+        if dev.held or dev.queue.qsize() >= self.opts.device_queue:
+            dev.held.append(item)  # read on past it: a flood must not stall its neighbours
+        else:
+            dev.queue.put_nowait(item)
 
     def _has_room(self, item: Message | Rejection) -> bool:
         o = self.opts
@@ -313,10 +424,9 @@ class DeviceHub:
             return False
         if self.engine.backlog >= o.shed_backlog_steps:
             return False
-        dev = self.devices.get(item.device) if item.device is not None else None
-        if dev is not None and dev.queue.qsize() >= o.device_queue:
-            return False
-        return not (dev is None and item.device is not None and len(self.devices) >= o.max_devices)
+        if item.device is None or item.device in self.devices:
+            return True
+        return len(self.devices) < o.max_devices
 
     def _done(self) -> None:
         self.inflight -= 1
@@ -334,6 +444,8 @@ class DeviceHub:
             while True:
                 try:
                     item = await asyncio.wait_for(dev.queue.get(), self.opts.idle_timeout_s)
+                    if dev.held:  # keeps "held only behind a full queue", so empty means idle
+                        dev.queue.put_nowait(dev.held.popleft())
                 except TimeoutError:
                     if dev.leaving:
                         break
@@ -351,9 +463,14 @@ class DeviceHub:
                 try:
                     if not dev.failed:
                         await self._handle(dev, item)
-                except Exception:  # never let one device take the consumer down
-                    log.exception("device %s: message seq %s failed", dev.id, getattr(item, "seq", None))
+                except BrokerFailure as exc:  # the broker's fault: replay from the checkpoint
+                    log.warning(
+                        "device %s: message seq %s: broker failed: %s", dev.id, item.seq, exc.__cause__
+                    )
                     self._fail(dev)
+                except Exception as exc:  # never let one device take the consumer down
+                    log.exception("device %s: message seq %s failed", dev.id, item.seq)
+                    await self._skip(dev, item, exc)
                 finally:
                     self._done()
                 if dev.leaving and dev.queue.empty():
@@ -383,6 +500,24 @@ class DeviceHub:
         self.metrics.source_messages.labels(self.source, "redelivery", "commit_failed").inc()
         self.adapter.lost(dev.partition)
 
+    async def _skip(self, dev: Device, item: Message | Rejection, exc: Exception) -> None:
+        """Processing ``item`` raised: publish it as ``internal_error`` and consume its ``seq``.
+
+        A replay would raise again, for ever, and hold every device of the partition (the
+        jam of a ``seq`` beyond 64 bits), so the device goes on from its checkpoint (the
+        state before this message) as if the message had been rejected. Only if that fails
+        too is the partition replayed.
+        """
+        try:
+            self._reset(dev)
+            await self._load(dev)
+            detail = f"processing the message failed ({type(exc).__name__}); skipped"
+            assert item.seq is not None
+            await self._reject(dev, item, "internal_error", detail, consume=item.seq > dev.last_seq)
+        except Exception:
+            log.exception("device %s: skipping message seq %s failed", dev.id, item.seq)
+            self._fail(dev)
+
     def _forget(self, dev: Device) -> None:
         self._reset(dev)
         if self.devices.get(dev.id) is dev:
@@ -390,7 +525,10 @@ class DeviceHub:
             self.metrics.source_devices.labels(self.source).set(len(self.devices))
 
     async def _load(self, dev: Device) -> None:
-        data = await self.adapter.load_checkpoint(dev.id)
+        try:
+            data = await self.adapter.load_checkpoint(dev.id)
+        except Exception as exc:
+            raise BrokerFailure from exc
         dev.loaded = True
         if data is None:
             return
@@ -420,6 +558,14 @@ class DeviceHub:
                 self.metrics.source_messages.labels(
                     self.source, "checkpoint", "checkpoint_incompatible"
                 ).inc()
+            except Exception as exc:
+                # a snapshot that passed its checks yet cannot be restored: raising here would
+                # fail this device's every message, so it starts a new session instead
+                log.exception("device %s: restoring its checkpoint failed", dev.id)
+                dev.epoch += 1
+                detail = f"device checkpoint cannot be restored ({type(exc).__name__})"
+                dev.errors.append({"type": "error", "reason": "checkpoint_invalid", "detail": detail})
+                self.metrics.source_messages.labels(self.source, "checkpoint", "checkpoint_invalid").inc()
 
     async def _handle(self, dev: Device, item: Message | Rejection) -> None:
         if not dev.loaded:
@@ -598,7 +744,12 @@ class DeviceHub:
 
     async def _apply(self, commit: Commit) -> bool:
         t0 = time.perf_counter()
-        ok = await self.adapter.commit(commit)
+        try:
+            ok = await self.adapter.commit(commit)
+        except Exception as exc:
+            if commit.device is None:
+                self._done()
+            raise BrokerFailure from exc
         self.metrics.source_commit_seconds.labels(self.source).observe(time.perf_counter() - t0)
         if commit.sent is not None and ok:
             self.metrics.source_latency.labels(self.source).observe(max(0.0, time.time() - commit.sent))

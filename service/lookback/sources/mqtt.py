@@ -39,7 +39,7 @@ from paho.mqtt.properties import Properties
 
 from lookback.metrics import Metrics
 from lookback.settings import Settings
-from lookback.sources.core import Commit, DeviceHub, Message, Rejection, SourceOptions, validate_audio
+from lookback.sources.core import Commit, DeviceHub, Message, Rejection, SourceOptions, make_message
 from lookback.state_store import Put, StateStore, open_store
 
 log = logging.getLogger("lookback.sources.mqtt")
@@ -161,27 +161,14 @@ class MqttSource:
                 raise ValueError("header is not an object")
         except (ValueError, orjson.JSONDecodeError) as exc:
             return Rejection("bad_header", f"payload header: {exc}", device, None, token)
-        seq = head.get("seq")
-        if not device or not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-            return Rejection(
-                "missing_field", "header lacks a non-negative integer `seq`", device, None, token
-            )
-        audio = data[nl + 1 :]
-        encoding = head.get("encoding", "pcm_s16le")
-        bad = validate_audio(audio, str(encoding), self.hub.opts.max_frames)
-        if bad is not None:
-            return Rejection(bad[0], bad[1], device, seq, token)
-        ts = head.get("ts")
-        return Message(
+        return make_message(
             device,
-            seq,
-            audio,
-            str(encoding),
-            str(head["model"]) if head.get("model") else None,
-            str(head["version"]) if head.get("version") else None,
-            bool(head.get("end")),
-            float(ts) if isinstance(ts, int | float) else None,
-            token,
+            head.get("seq"),
+            data[nl + 1 :],
+            head,
+            max_frames=self.hub.opts.max_frames,
+            max_amplitude=self.hub.opts.max_amplitude,
+            token=token,
         )
 
     # -- the adapter interface ---------------------------------------------------------------

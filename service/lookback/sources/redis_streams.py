@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import socket
 import time
 import zlib
@@ -37,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from lookback.metrics import Metrics
-from lookback.sources.core import Commit, DeviceHub, Message, Rejection, SourceOptions, spawn, validate_audio
+from lookback.sources.core import Commit, DeviceHub, Message, Rejection, SourceOptions, make_message, spawn
 
 log = logging.getLogger("lookback.sources.redis")
 
@@ -64,6 +65,37 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+_FIELDS = {k: k.encode() for k in ("device", "seq", "encoding", "model", "version", "end", "ts")}
+_DIGITS = re.compile(rb"[0-9]{1,20}")
+_BOOLS = {b"1": True, b"true": True, b"0": False, b"false": False}
+
+
+def _value(name: str, raw: bytes) -> object:
+    """A Redis field as the JSON value it spells, or the raw bytes (which the core refuses)."""
+    if name == "seq":
+        return int(raw) if _DIGITS.fullmatch(raw) else raw  # int() alone takes " +1_0 "
+    if name == "end":
+        return _BOOLS.get(raw, raw)
+    if name == "ts":
+        try:
+            return float(raw)
+        except ValueError:
+            return raw
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw
+
+
+def _no_group(exc: ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+def _id_tuple(eid: bytes | str) -> tuple[int, int]:
+    ms, _, n = (eid.decode() if isinstance(eid, bytes) else eid).partition("-")
+    return int(ms), int(n or 0)
 
 
 def partition_of(device: str, partitions: int) -> int:
@@ -143,6 +175,8 @@ class RedisStreamsSource:
         self._busy: set[int] = set()  # being onboarded or handed back
         self._settling: set[int] = set()  # given up: its devices are still being dropped
         self._gen: dict[int, int] = {}  # per partition: bumped at every acquisition and loss
+        self._last_id: dict[int, bytes] = {}  # per partition: the newest entry read
+        self.metrics = metrics
         self._tasks: list[asyncio.Task[Any]] = []
         self._wake = asyncio.Event()
         self._stopping = False
@@ -241,9 +275,15 @@ class RedisStreamsSource:
         try:
             start = "0-0"
             while True:
-                res = await self.r.xautoclaim(
-                    key, self.group, self.consumer, 0, start_id=start, count=self.batch
-                )
+                try:
+                    res = await self.r.xautoclaim(
+                        key, self.group, self.consumer, 0, start_id=start, count=self.batch
+                    )
+                except ResponseError as exc:
+                    if not _no_group(exc):
+                        raise
+                    await self._recreate_groups([p])  # nothing pending survives it: read on
+                    break
                 start, entries = res[0], res[1]
                 for eid, fields in entries:
                     if self._gen.get(p) != gen:
@@ -261,6 +301,33 @@ class RedisStreamsSource:
             self._drop(p, release_lease=True)
         finally:
             self._busy.discard(p)
+
+    async def _recreate_groups(self, parts: list[int]) -> None:
+        """Make the consumer group again on partitions that lost it (stream deleted, group destroyed).
+
+        Deleting a stream deletes its group, and reading then fails for ever. The group
+        restarts after the newest entry this consumer read when the stream still holds it
+        (only the group was destroyed), else from the start of the stream (a new stream
+        holds only new entries; a repeat is skipped by the device checkpoints' ``seq``).
+        """
+        for p in parts:
+            key = stream_key(self.stream, p)
+            start: bytes | str = "0"
+            last = self._last_id.get(p)
+            if last is not None:
+                first: Any = await self.r.xrange(key, count=1)
+                if first and _id_tuple(first[0][0]) <= _id_tuple(last):
+                    start = last
+            try:
+                await self.r.xgroup_create(key, self.group, id=start, mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" in str(exc):  # another consumer made it first
+                    continue
+                raise
+            self.metrics.source_groups_recreated.labels(self.name).inc()
+            log.warning(
+                "partition %d: consumer group %s was gone (stream deleted?); made it again", p, self.group
+            )
 
     def lost(self, partition: str) -> None:
         """A commit failed (lease stolen, broker error): give the partition up entirely.
@@ -316,71 +383,50 @@ class RedisStreamsSource:
             streams: dict[Any, Any] = {stream_key(self.stream, p): ">" for p in sorted(self.reading)}
             try:
                 res = await self.r.xreadgroup(self.group, self.consumer, streams, count=self.batch, block=200)
+            except ResponseError as exc:
+                if _no_group(exc):
+                    with contextlib.suppress(RedisError, OSError):
+                        await self._recreate_groups(sorted(self.reading))
+                        continue
+                log.warning("reading: %s", exc)
+                await asyncio.sleep(0.5)  # back off from a failing broker
+                continue
             except (RedisError, OSError) as exc:
                 log.warning("reading: %s", exc)
                 await asyncio.sleep(0.5)  # back off from a failing broker
                 continue
             for key, entries in cast(list[Any], res or []):
                 p = int(bytes(key).rsplit(b":", 1)[1])
+                if entries:
+                    self._last_id[p] = entries[-1][0]
                 for eid, fields in entries:
                     await self.hub.submit(self._parse(p, eid, fields))
 
     def _parse(self, p: int, eid: bytes, f: dict[bytes, bytes]) -> Message | Rejection:
+        """An entry's fields as typed values, checked by the core's one set of rules."""
         part = str(p)
-        dev_b = f.get(b"device")
-        seq_b = f.get(b"seq")
-        try:
-            device = dev_b.decode() if dev_b else None
-        except UnicodeDecodeError:
-            device = None
-        seq: int | None = None
-        if seq_b is not None:
-            with contextlib.suppress(ValueError):
-                seq = int(seq_b)
-                if seq < 0:
-                    seq = None
-        if device is None or seq is None:
-            missing = "device" if device is None else "seq"
-            return Rejection(
-                "missing_field", f"entry {eid.decode()} has no valid `{missing}`", device, seq, eid, part
-            )
-        if partition_of(device, self.partitions) != p:
+        fields = {k: _value(k, f[b]) for k, b in _FIELDS.items() if b in f}
+        item = make_message(
+            fields.pop("device", None),
+            fields.pop("seq", None),
+            f.get(b"audio"),
+            fields,
+            max_frames=self.hub.opts.max_frames,
+            max_amplitude=self.hub.opts.max_amplitude,
+            token=eid,
+            partition=part,
+        )
+        if item.device is not None and (home := partition_of(item.device, self.partitions)) != p:
+            # fed into no device: its stream lives on another partition
             return Rejection(
                 "wrong_partition",
-                f"device {device} belongs to partition {partition_of(device, self.partitions)}, not {p}",
+                f"device {item.device} belongs to partition {home}, not {p}",
                 None,
                 None,
                 eid,
                 part,
             )
-        audio = f.get(b"audio")
-        if audio is None:
-            return Rejection("missing_field", f"entry {eid.decode()} has no `audio`", device, seq, eid, part)
-        try:
-            encoding = f.get(b"encoding", b"pcm_s16le").decode()
-        except UnicodeDecodeError:
-            encoding = "?"
-        bad = validate_audio(audio, encoding, self.hub.opts.max_frames)
-        if bad is not None:
-            return Rejection(bad[0], bad[1], device, seq, eid, part)
-        sent = None
-        if (ts := f.get(b"ts")) is not None:
-            with contextlib.suppress(ValueError):
-                sent = float(ts)
-        model = f.get(b"model")
-        version = f.get(b"version")
-        return Message(
-            device,
-            seq,
-            audio,
-            encoding,
-            model.decode(errors="replace") if model else None,
-            version.decode(errors="replace") if version else None,
-            f.get(b"end") in (b"1", b"true"),
-            sent,
-            eid,
-            part,
-        )
+        return item
 
     # -- the adapter interface ---------------------------------------------------------------
     async def load_checkpoint(self, device: str) -> bytes | None:
