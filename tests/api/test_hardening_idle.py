@@ -20,6 +20,7 @@ import httpx
 import orjson
 import soundfile as sf
 
+from lookback.api.admission import HeadBudget
 from lookback.settings import Settings
 from tests.api.ws_util import metric, metrics_text, stream_clip, wait_until
 from tests.conftest import read_clip, spawn_server
@@ -143,3 +144,34 @@ async def test_the_pre_head_budget_is_bounded_per_address(tmp_path: Path, silero
         writer.close()
         # (the scrape's own connection may push out one more of those just closed)
         assert metric(metrics_text(srv.url), "lookback_errors_total", code="header_timeout") >= surplus
+
+
+class Conn:
+    """What the budget needs of a connection: something it can close."""
+
+    def __init__(self, evicted: list[Conn]) -> None:
+        self.evicted = evicted
+
+    def evict(self) -> None:
+        self.evicted.append(self)
+
+
+async def test_a_burst_is_spared_for_the_grace_then_swept_to_the_budget() -> None:
+    """A burst over the budget accepted at once (heads on their way) is not evicted at
+    once; after the grace the surplus goes, oldest first, from the busiest address only;
+    a connection that leaves for its head is never evicted."""
+    budget = HeadBudget(4, asyncio.get_running_loop(), grace_s=0.2)
+    evicted: list[Conn] = []
+    other, served = Conn(evicted), Conn(evicted)
+    budget.add(other, "10.0.0.2")
+    budget.add(served, "10.0.0.1")
+    burst = [Conn(evicted) for _ in range(8)]
+    for conn in burst:
+        budget.add(conn, "10.0.0.1")
+    assert not evicted and len(budget) == 10
+    budget.discard(served)  # its head arrived: admitted, out of the budget
+    await wait_until(lambda: len(budget) == 4, within=5)
+    assert evicted == burst[:5]
+    budget.add(Conn(evicted), "10.0.0.3")  # the budget is full: the oldest of 10.0.0.1 goes
+    await wait_until(lambda: len(evicted) == 6, within=5)
+    assert evicted[-1] is burst[5] and other not in evicted
