@@ -109,7 +109,7 @@ class HeadBudget:
     admitted work gets; they get this budget of their own. Past ``limit``, the oldest
     connection of the client address holding the most is evicted: idle sockets from one
     place cannot push out anyone else's, and a legitimate client, whose head follows its
-    connection at once, is never the oldest. Only connections older than ``grace_s`` are
+    connection at once, is among the newest. Only connections older than ``grace_s`` are
     evicted (a burst accepted at once has its heads already on the way): a younger surplus
     is swept once it is old enough.
     """
