@@ -229,7 +229,13 @@ _SPECS = [
         "(WebSocket); the connection is dropped, so this code is only counted",
     ),
     # -- HTTP transport (before any route; the connection is closed after the answer) --
-    ErrorSpec("header_timeout", 408, None, "request line and headers not complete within header_timeout_s"),
+    ErrorSpec(
+        "header_timeout",
+        408,
+        None,
+        "request line and headers not complete within header_timeout_s, or not yet complete "
+        "while more than max_pending_connections such connections are open",
+    ),
     ErrorSpec("request_line_too_long", 414, None, "request line above max_request_line_bytes"),
     ErrorSpec(
         "headers_too_large",

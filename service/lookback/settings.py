@@ -137,9 +137,16 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(
         None,
         ge=1,
-        description="open TCP connections before new requests get 503 server_busy (health, "
-        "readiness and metrics are always answered); default max_sessions + the scoring "
-        "places + 64",
+        description="open connections past their request head (sessions, requests) before new "
+        "requests get 503 server_busy (health, readiness and metrics are always answered); "
+        "default max_sessions + the scoring places + 64",
+    )
+    max_pending_connections: int = Field(
+        256,
+        ge=1,
+        description="connections that have not sent a whole request head (new, slow, idle between "
+        "keep-alive requests): they never count against max_connections; past this many, the "
+        "oldest of the client address holding the most is closed (408 header_timeout)",
     )
     header_timeout_s: float = Field(
         10.0, gt=0, description="a request's line and headers must arrive within this: header_timeout"

@@ -12,7 +12,9 @@ never comes). These subclasses add, at the protocol level, before any route runs
   per line and by count (431 ``headers_too_large``), counted as bytes arrive, so a
   huge head is refused before it is buffered;
 - a connection limit that never applies to ``/healthz``, ``/readyz`` and ``/metrics``
-  and answers 503 ``server_busy`` with ``Retry-After`` and the JSON error body;
+  and answers 503 ``server_busy`` with ``Retry-After`` and the JSON error body; it counts
+  only connections past their request head: the others live in a budget of their own
+  (``lookback.api.admission.HeadBudget``), so idle sockets lock no work out;
 - the WebSocket protocol (``lookback.websocket``): a send timeout, a bounded close, and
   framing of its own after the handshake with a direct path for the streaming route.
 
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.utils import ClientDisconnected
 
+from lookback.api.admission import HeadBudget
 from lookback.metrics import Metrics
 from lookback.protocol import error_body, spec_for
 from lookback.settings import Settings
@@ -79,10 +82,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     settings: Settings
     metrics: Metrics | None = None
+    heads: ClassVar[HeadBudget]  # connections before their head; one per server, made below
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.limit_concurrency = None  # replaced by the exempting limit below
+        cls = type(self)  # ``protocols`` makes one class per server
+        if "heads" not in cls.__dict__:
+            cls.heads = HeadBudget(self.settings.max_pending_connections, self.loop)
         self._head_timer: asyncio.TimerHandle | None = None
         self._in_head = False
         self._head_bytes = 0
@@ -96,6 +103,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._in_head = True
         self._arm()
+        self._wait_for_head()
 
     def _arm(self) -> None:
         if self._head_timer is None:
@@ -115,6 +123,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.heads.discard(self)
         if self._abort_timer is not None:  # a timer would keep this protocol alive until it fires
             self._abort_timer.cancel()
             self._abort_timer = None
@@ -189,8 +198,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._disarm()
+        self.heads.discard(self)
         limit = self.settings.connection_limit
-        if len(self.connections) > limit and self.url.split(b"?", 1)[0] not in EXEMPT_PATHS:
+        busy = len(self.connections) - len(self.heads)  # those still in their head do not count
+        if busy > limit and self.url.split(b"?", 1)[0] not in EXEMPT_PATHS:
             raise _Refuse("server_busy", f"more than {limit} open connections; retry later")
         super().on_headers_complete()
         cycle = self.cycle
@@ -216,7 +227,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
         return timed_send
 
-    def _refuse(self, refusal: _Refuse) -> None:
+    def _wait_for_head(self) -> None:
+        self.heads.add(self, self.client[0] if self.client else "")
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # idle until the next request's head
+            self._wait_for_head()
+
+    def evict(self) -> None:
+        """Closed to keep the pre-head budget (``HeadBudget``): at once, not after a timer."""
+        if self.transport.is_closing() or self._refused:
+            self.transport.abort()
+        elif self.cycle is not None and self._head_bytes == 0:  # idle between requests
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
+        else:
+            budget = self.settings.max_pending_connections
+            message = f"request head not complete; over max_pending_connections={budget}"
+            self._refuse(_Refuse("header_timeout", message), linger=False)
+            self.transport.abort()
+
+    def _refuse(self, refusal: _Refuse, *, linger: bool = True) -> None:
         self._disarm()
         if self.metrics is not None:
             self.metrics.error(refusal.code)
@@ -231,8 +265,11 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.transport.write_eof()
             else:
                 self.transport.close()
-        # a client that neither reads nor closes is cut after a bounded time
-        self._abort_timer = self.loop.call_later(self.settings.header_timeout_s, self._abort_if_open)
+        if linger:
+            # a client that neither reads nor closes is cut after a bounded time, or sooner
+            # by the budget of connections that are not served
+            self._abort_timer = self.loop.call_later(self.settings.header_timeout_s, self._abort_if_open)
+            self._wait_for_head()
 
     def _abort_if_open(self) -> None:
         if self.parser is not None:  # connection_lost clears it

@@ -3,7 +3,8 @@
 Load is shed before latency grows: a new session is refused while draining, before the
 models are warm, at the session cap, or while the batcher is behind; an upload gets a
 place in a bounded queue or a 503. Open connections themselves are kept by
-``lookback.api.connection.Connections``.
+``lookback.api.connection.Connections``; connections that have not sent a whole request
+head yet are kept apart, in a ``HeadBudget``, so idle sockets cannot take anyone's place.
 """
 
 from __future__ import annotations
@@ -92,3 +93,66 @@ class ScoreLease:
             self.admission.scores_running -= 1
             if self.admission.score_gate is not None:
                 self.admission.score_gate.release()
+
+
+class Unadmitted(Protocol):
+    """A connection before its request head is complete (``lookback.transport``)."""
+
+    def evict(self) -> None: ...
+
+
+class HeadBudget:
+    """Connections that have not sent a whole request head: new, slow, idle between
+    keep-alive requests, or refused and not yet closed by their client.
+
+    No key is needed to open them, so they never count against the connection limit that
+    admitted work gets; they get this budget of their own. Past ``limit``, the oldest
+    connection of the client address holding the most is evicted: idle sockets from one
+    place cannot push out anyone else's, and a legitimate client, whose head follows its
+    connection at once, is among the newest. Only connections older than ``grace_s`` are
+    evicted (a burst accepted at once has its heads already on the way): a younger surplus
+    is swept once it is old enough.
+    """
+
+    def __init__(self, limit: int, loop: asyncio.AbstractEventLoop, grace_s: float = 1.0) -> None:
+        self.limit = limit
+        self.grace_s = grace_s
+        self.loop = loop
+        self._address: dict[Unadmitted, str] = {}
+        self._groups: dict[str, dict[Unadmitted, float]] = {}  # per address, oldest first
+        self._sweep: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._address)
+
+    def add(self, conn: Unadmitted, address: str) -> None:
+        """Count ``conn`` (again a no-op: it keeps its age), evicting the surplus."""
+        if conn in self._address:
+            return
+        self._address[conn] = address
+        self._groups.setdefault(address, {})[conn] = self.loop.time()
+        if len(self._address) > self.limit:
+            self._shed()
+
+    def discard(self, conn: Unadmitted) -> None:
+        address = self._address.pop(conn, None)
+        if address is not None:
+            group = self._groups[address]
+            del group[conn]
+            if not group:
+                del self._groups[address]
+
+    def _shed(self) -> None:
+        while len(self._address) > self.limit:
+            group = max(self._groups.values(), key=len)  # ties: the address seen first
+            victim, since = next(iter(group.items()))
+            if since > self.loop.time() - self.grace_s:  # too young: come back when it is not
+                if self._sweep is None:  # (a timer may fire a clock tick early: a little later)
+                    self._sweep = self.loop.call_at(since + self.grace_s + 0.01, self._swept)
+                return
+            self.discard(victim)
+            victim.evict()
+
+    def _swept(self) -> None:
+        self._sweep = None
+        self._shed()
