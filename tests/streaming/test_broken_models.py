@@ -58,6 +58,9 @@ class MisalignedStride(CausalConv1d):
 
     _step = False
 
+    def kept(self) -> int:
+        return self.past  # the whole window's past: the misaligned window reaches that far
+
     def offset(self) -> int:
         return self.stride - 1 if self._step else 0
 
