@@ -230,7 +230,9 @@ def test_frontend_refuses_a_log_without_power() -> None:
     ("kernel", "dilation", "stride", "kept"),
     [(2, 1, 2, 0), (1, 1, 3, 0), (3, 1, 3, 0), (9, 1, 2, 7), (3, 1, 2, 1), (3, 2, 4, 1), (4, 1, 1, 3)],
 )
-def test_strided_conv_keeps_only_the_frames_it_reads(kernel: int, dilation: int, stride: int, kept: int) -> None:
+def test_strided_conv_keeps_only_the_frames_it_reads(
+    kernel: int, dilation: int, stride: int, kept: int
+) -> None:
     """A strided conv's next window starts ``stride - 1`` frames later than a stride-1
     conv's: it keeps ``max(0, (k - 1) * d - (s - 1))`` frames (kws_streaming's rule), and
     a patch down-sampler (k <= s, d = 1) keeps none."""

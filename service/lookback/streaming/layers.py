@@ -561,34 +561,67 @@ class Sequential(StreamingLayer):
 
 
 class Residual(StreamingLayer):
-    """``x + inner(x)``; the inner layers must keep the frame rate and the width."""
+    """``x + inner(x)``, or ``shortcut(x) + inner(x)`` with a projection shortcut.
+
+    Without a shortcut the inner layers must keep the frame rate and the width. A block
+    that strides or changes the width (ResNet's down-sampling block) takes a projection:
+    ``shortcut=CausalConv1d(cin, cout, 1, stride=s)`` (a strided 1x1 conv: no state), which
+    must have the inner layers' stride and widths. States: the inner layers', then the
+    shortcut's.
+    """
 
     kind = "residual"
 
-    def __init__(self, *layers: nn.Module) -> None:
+    def __init__(self, *layers: nn.Module, shortcut: StreamingLayer | None = None) -> None:
         super().__init__()
         self.inner = Sequential(*layers)
-        if self.inner.stride != 1:
-            raise UnsupportedLayer("Residual around a strided layer: the branches would have different rates")
-        if self.inner.in_channels != self.inner.out_channels:
-            raise UnsupportedLayer(
-                "Residual needs equal widths, inner maps "
-                f"{self.inner.in_channels} -> {self.inner.out_channels}"
-            )
-        self.in_channels = self.out_channels = self.inner.in_channels
+        self.shortcut = _check_layer(shortcut) if shortcut is not None else None
+        inner = self.inner
+        if self.shortcut is None:
+            if inner.stride != 1 or inner.in_channels != inner.out_channels:
+                cin, cout, s = inner.in_channels, inner.out_channels, inner.stride
+                projection = f"shortcut=CausalConv1d({cin}, {cout}, 1, stride={s})"
+                what = (
+                    "Residual around a strided layer: the branches would have different rates"
+                    if s != 1
+                    else f"Residual needs equal widths, inner maps {cin} -> {cout}"
+                )
+                raise UnsupportedLayer(f"{what}; give it a projection shortcut: Residual(..., {projection})")
+        else:
+            sc = self.shortcut
+            if (sc.stride, sc.in_channels, sc.out_channels) != (
+                inner.stride,
+                inner.in_channels,
+                inner.out_channels,
+            ):
+                raise UnsupportedLayer(
+                    f"Residual shortcut maps {sc.in_channels} -> {sc.out_channels} at stride {sc.stride}, "
+                    f"the inner layers {inner.in_channels} -> {inner.out_channels} at stride {inner.stride}"
+                )
+        self.in_channels, self.out_channels, self.stride = inner.in_channels, inner.out_channels, inner.stride
 
     def stateful_layers(self) -> list[StreamingLayer]:
-        return self.inner.stateful_layers()
+        extra = self.shortcut.stateful_layers() if self.shortcut is not None else []
+        return self.inner.stateful_layers() + extra
 
     def receptive_field(self) -> int:
-        return self.inner.receptive_field()
+        rf = self.inner.receptive_field()
+        return max(rf, self.shortcut.receptive_field()) if self.shortcut is not None else rf
 
     def forward_stateful(
         self, x: torch.Tensor, states: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        y, new = self.inner.forward_stateful(x, states)
-        return x + y, new
+        n = len(self.inner.all_state_decls())
+        y, new = self.inner.forward_stateful(x, states[:n])
+        if self.shortcut is None:
+            return x + y, new
+        skip, more = self.shortcut.forward_stateful(x, states[n:])
+        return skip + y, new + more
 
     def emit(self, g: Graph, x: str, frames: int | None, states: list[str]) -> tuple[str, list[str]]:
-        y, new = self.inner.emit(g, x, frames, states)
-        return g.op("Add", [x, y]), new
+        n = len(self.inner.all_state_decls())
+        y, new = self.inner.emit(g, x, frames, states[:n])
+        if self.shortcut is None:
+            return g.op("Add", [x, y]), new
+        skip, more = self.shortcut.emit(g, x, frames, states[n:])
+        return g.op("Add", [skip, y]), new + more
