@@ -10,7 +10,7 @@ import pytest
 
 from lookback.cli import main
 from lookback.streaming import StreamingModel
-from tests.streaming.support import drop_sequence, edit_manifest, small_vad, twin_convs, write_dir
+from tests.streaming.support import drop_sequence, edit_manifest, rehash, small_vad, twin_convs, write_dir
 from tests.streaming.test_broken_models import MisalignedStride, strided
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,13 +121,34 @@ def test_a_reference_scores_file_catches_swapped_states(
 def test_two_states_naming_one_output_fail_the_check_as_they_fail_the_server(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The check builds what the server builds, the multi-step Loop graph included."""
+    """The server's multi-step Loop graph cannot define one name twice: the manifest is refused."""
     folder = write_dir(twin_convs(), tmp_path / "dup" / "1", "dup")
     drop_sequence(folder)  # with a sequence graph, step == sequence would fail it too
     edit_manifest(folder, lambda spec: spec["states"][1].update(output=spec["states"][0]["output"]))
     assert main(["models", "check", str(folder), "--allow-unverified"]) == 1
     out = capsys.readouterr().out
-    assert "[FAIL] signature" in out and "a_out" in out
+    assert "[FAIL] manifest" in out and "output names must be unique" in out and "a_out" in out
+
+
+def test_the_check_builds_the_multi_step_graph_the_server_builds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A step graph ONNX Runtime loads but the server's Loop graph cannot take (a node output
+    in the server's reserved ``lookback.`` namespace) fails the check, not the server."""
+    import onnx
+
+    folder = write_dir(small_vad(), tmp_path / "reserved" / "1", "reserved")
+    for f in ("model.onnx", "sequence.onnx"):
+        m = onnx.load(str(folder / f))
+        old = m.graph.node[0].output[0]
+        for node in m.graph.node:
+            node.input[:] = ["lookback.x" if i == old else i for i in node.input]
+            node.output[:] = ["lookback.x" if o == old else o for o in node.output]
+        onnx.save(m, str(folder / f))
+    rehash(folder)
+    assert main(["models", "check", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] signature" in out and "reserved" in out
 
 
 def test_models_list_shows_the_model_the_server_would_refuse(

@@ -48,6 +48,7 @@ def test_export_writes_a_model_the_engine_loads(tmp_path: Path) -> None:
         "batched == solo",
         "states live",
         "step == sequence",
+        "reference",
         "onnx == torch",
     ]
     stored = latest(discover(tmp_path / "store"), "tiny")
