@@ -209,6 +209,7 @@ def test_strided_residual_suggests_and_takes_a_projection_shortcut(tmp_path: Pat
     assert (block.in_channels, block.out_channels, block.stride) == (8, 6, 2)
     with torch.no_grad():
         x = torch.randn(2, 8, 8)
+        assert block.shortcut is not None
         expect = block.shortcut(x) + block.inner(x)
         assert torch.allclose(block(x), expect)
     model = StreamingModel(Frontend(mel_basis(8), 128), [block, Linear(6, 1)], labels=["x"])
