@@ -182,13 +182,15 @@ def test_refuses_a_hop_that_is_not_whole_wire_frames_when_built() -> None:
     StreamingModel(Frontend(mel_basis(8, window=256), 64), [CausalConv1d(8, 1, 2, stride=2)], labels=["x"])
 
 
-def test_refuses_duplicate_state_names_when_built() -> None:
+def test_refuses_duplicate_or_reserved_state_names_when_built() -> None:
     with pytest.raises(ValueError, match="state names must be unique"):
         StreamingModel(
             Frontend(mel_basis(8), 128),
             [CausalConv1d(8, 8, 3, name="c"), CausalConv1d(8, 1, 3, name="c")],
             labels=["x"],
         )
+    with pytest.raises(ValueError, match=r"'lookback\.' are the server's"):
+        StreamingModel(Frontend(mel_basis(8), 128), [CausalConv1d(8, 1, 3, name="lookback.c")], labels=["x"])
 
 
 def test_a_refused_export_leaves_no_empty_folder(tmp_path: Path) -> None:

@@ -199,15 +199,18 @@ class StreamingModel(nn.Module):
         self.validate()
 
     def validate(self) -> None:
-        """What the export would refuse about the architecture, checked when the model is
-        built, before any training: the hop in whole wire frames, unique state names.
-        Called by the constructor; call it again after changing layers in place."""
+        """What the export or the server would refuse about the architecture, checked when
+        the model is built, before any training: the hop in whole wire frames, unique state
+        names outside the server's reserved ``lookback.`` namespace. Called by the
+        constructor; call it again after changing layers in place."""
         if self.hop_samples % FRAME_SAMPLES:
             raise UnsupportedLayer(
                 f"hop_samples {self.hop_samples} (front end hop {self.frontend.hop} x stride "
                 f"{self.body.stride}) is not a multiple of the {FRAME_SAMPLES}-sample wire frame"
             )
-        self.state_names()
+        reserved = [n for n in self.state_names() if n.startswith("lookback.")]
+        if reserved:
+            raise ValueError(f"state names {reserved}: names starting with 'lookback.' are the server's")
 
     @property
     def hop_samples(self) -> int:
