@@ -64,7 +64,9 @@ class Engine:
         broken: dict[str, str] = {}
         stored = self._select(discover(self.settings.model_store, broken), broken)
         wanted = self.settings.models
-        self.failed.update((k, v) for k, v in broken.items() if not wanted or k.split("/")[0] in wanted)
+        self.failed.update(
+            (k, v) for k, v in broken.items() if not wanted or {k, k.split("/")[0]} & set(wanted)
+        )
         if not stored and not self.failed:
             raise ContractError(
                 f"no models to serve in {self.settings.model_store} (wanted: {self.settings.models or 'all'})"
