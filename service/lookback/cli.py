@@ -48,7 +48,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from lookback.engine.store import discover, open_graphs
+    from lookback.engine.store import discover, open_graphs, open_multistep
 
     if args.action == "check":
         return _models_check(args)
@@ -60,15 +60,20 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"imported {args.name} into {path}")
         return 0
     rows = []
-    for sm in discover(settings.model_store):
+    broken: dict[str, str] = {}
+    for sm in discover(settings.model_store, broken):
         entry: dict[str, Any] = {"key": sm.spec.key, "path": str(sm.path)}
-        try:
-            step, seq = open_graphs(sm, providers=settings.providers, intra_op_threads=1, inter_op_threads=1)
+        try:  # what the server opens: both graphs and the multi-step Loop graph
+            cpu: dict[str, Any] = {"intra_op_threads": 1, "inter_op_threads": 1}
+            step, seq = open_graphs(sm, providers=settings.providers, **cpu)
+            open_multistep(sm, providers=settings.providers, **cpu)
             entry.update(provider=step.provider, status="ok", sequence_graph=seq is not None)
         except Exception as exc:  # report every model, even a broken one
             entry.update(status=f"refused: {exc}")
         entry["contract"] = sm.spec.model_dump(mode="json")
         rows.append(entry)
+    for key, why in broken.items():  # a manifest the server cannot even read
+        rows.append({"key": key, "path": str(settings.model_store / key), "status": f"refused: {why}"})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -76,8 +81,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"no models in {settings.model_store}")
         return 1
     for r in rows:
-        c = r["contract"]
         print(f"{r['key']}: {r['status']} on {r.get('provider', '-')}")
+        c = r.get("contract")
+        if c is None:
+            continue
         print(
             f"  {c['sample_rate']} Hz, frame {c['frame_samples']}, hop {c['hop_samples']}, "
             f"context {c['context_samples']}, labels {[lab for o in c['outputs'] for lab in o['labels']]}"
@@ -87,23 +94,43 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``lookback models check`` exit status: every check passed and the scores were verified;
+#: a check failed; usage (not a directory, a reference without its clip); every check
+#: passed but nothing verified the scores (no sequence graph, no reference scores).
+CHECK_PASS, CHECK_FAIL, CHECK_USAGE, CHECK_UNVERIFIED = 0, 1, 2, 4
+
+
 def _models_check(args: argparse.Namespace) -> int:
-    """``lookback models check DIR``: the parity harness; exit 0 when every check passes."""
+    """``lookback models check DIR``: the parity harness; exit 0 when every check passes and
+    the scores were verified (see ``CHECK_*``)."""
     from lookback.client import read_wav
-    from lookback.modelcheck import check_model_dir
+    from lookback.modelcheck import Reference, check_model_dir
 
     if not Path(args.name).is_dir():
         print(
             f"error: {args.name} is not a model directory (usage: lookback models check DIR)", file=sys.stderr
         )
-        return 2
+        return CHECK_USAGE
+    wavs, refs = list(args.clip or []), list(args.reference or [])
+    if len(refs) > len(wavs):
+        print(
+            "error: each --reference SCORES.npy needs the --clip CLIP.wav it was computed on "
+            "(paired in order)",
+            file=sys.stderr,
+        )
+        return CHECK_USAGE
     clips = []
-    for wav in args.clip or []:
+    for wav in wavs:
         samples, _rate = read_wav(wav)
         clips.append(samples.astype("float32") / 32768.0)
-    report = check_model_dir(Path(args.name), clips)
+    references = [Reference.load(Path(w).name, c, r) for w, c, r in zip(wavs, clips, refs, strict=False)]
+    report = check_model_dir(
+        Path(args.name), clips, references=references, allow_unverified=args.allow_unverified, tol=args.tol
+    )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.text())
-    return 0 if report.ok else 1
+    if not report.passed:
+        return CHECK_FAIL
+    return CHECK_PASS if report.ok else CHECK_UNVERIFIED
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -205,6 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("action", nargs="?", choices=["list", "import", "check"], default="list")
     m.add_argument("name", nargs="?", default="silero-vad", help="import: model name; check: model directory")
     m.add_argument("--clip", action="append", type=Path, help="check: a real clip (WAV) to check on too")
+    m.add_argument(
+        "--reference",
+        action="append",
+        type=Path,
+        help="check: the original model's scores on the matching --clip (.npy [N, labels]; .npz per "
+        "output), the reference that certifies a model without a sequence graph",
+    )
+    m.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="check: exit 0 although nothing verified the scores (no sequence graph, no --reference)",
+    )
+    m.add_argument("--tol", type=float, default=1e-5, help="check: tolerance on the outputs (default 1e-5)")
     m.add_argument("--model-store", type=Path)
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)

@@ -18,6 +18,16 @@ the outputs, ``STATE_TOL`` on the final states):
   chunks cut at random places (states carried between chunks), per clip and batched.
   Catches a strided layer aligned differently in the two graphs, a dropped cache, any
   drift between the streaming twin and the offline model.
+- ``reference``: the step graph's scores equal reference scores (``references``: what the
+  original model gives on real clips) within the tolerance. Without reference scores and
+  without a sequence graph, nothing above checks that the scores are RIGHT, only that the
+  step graph agrees with itself (two same-shaped states swapped in the manifest pass every
+  self-consistency check): the report is then UNVERIFIED, not PASS, unless the caller
+  allows it. ``export`` adds the comparison with the PyTorch module itself.
+
+The ``signature`` check opens the graphs exactly as the server does (``lookback.engine.
+store``), the multi-step Loop graph included, so a model the check passes is one the
+server loads.
 """
 
 from __future__ import annotations
@@ -29,13 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from lookback.engine.contract import (
-    GraphPort,
-    Manifest,
-    check_sequence_graph,
-    check_step_graph,
-    load_manifest,
-)
+from lookback.engine.contract import Manifest, load_manifest
+from lookback.engine.store import StoreEntry, open_graphs, open_multistep
 from lookback.errors import LookbackError
 
 TOL = 1e-5
@@ -58,9 +63,11 @@ class Check:
     ok: bool
     detail: str = ""
     diffs: dict[str, float] = field(default_factory=dict)
+    #: not failed, but not verified either (``[skip]``): the report is not a PASS
+    unverified: bool = False
 
     def line(self) -> str:
-        mark = "ok  " if self.ok else "FAIL"
+        mark = "skip" if self.unverified else "ok  " if self.ok else "FAIL"
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in self.diffs.items())
         return f"[{mark}] {self.name}: {self.detail}" + (f" (max abs diff: {diffs})" if diffs else "")
 
@@ -70,28 +77,75 @@ class Report:
     model: str
     checks: list[Check] = field(default_factory=list)
     tol: float = TOL
+    #: the caller accepts an unverified report (``--allow-unverified``)
+    allow_unverified: bool = False
+
+    @property
+    def passed(self) -> bool:
+        """No check failed (some may be unverified)."""
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def unverified(self) -> list[str]:
+        return [c.name for c in self.checks if c.unverified]
 
     @property
     def ok(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks)
+        """Every check passed, and the scores were verified (or the caller allowed not)."""
+        return self.passed and (self.allow_unverified or not self.unverified)
 
     def failed(self) -> list[str]:
         return [c.name for c in self.checks if not c.ok]
 
+    @property
+    def verdict(self) -> str:
+        if not self.passed:
+            return "FAIL"
+        if self.unverified:
+            return "UNVERIFIED (allowed)" if self.allow_unverified else "UNVERIFIED"
+        return "PASS"
+
     def text(self) -> str:
-        verdict = "PASS" if self.ok else "FAIL"
-        head = f"{self.model}: {verdict} (tolerance: outputs {self.tol:g}, states {STATE_TOL:g})"
+        head = f"{self.model}: {self.verdict} (tolerance: outputs {self.tol:g}, states {STATE_TOL:g})"
         return "\n".join([head] + ["  " + c.line() for c in self.checks])
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
             "ok": self.ok,
+            "verdict": self.verdict,
+            "unverified": self.unverified,
             "tolerance": self.tol,
             "checks": [
-                {"name": c.name, "ok": c.ok, "detail": c.detail, "max_abs_diff": c.diffs} for c in self.checks
+                {
+                    "name": c.name,
+                    "ok": c.ok,
+                    "unverified": c.unverified,
+                    "detail": c.detail,
+                    "max_abs_diff": c.diffs,
+                }
+                for c in self.checks
             ],
         }
+
+
+@dataclass
+class Reference:
+    """What the original model scores on a real clip: ``scores`` per output name,
+    ``[N, labels]`` (or ``[N]``) for the clip's N whole hops, from the initial state, with
+    the manifest's ``context_samples`` of zeros before the clip (as the engine feeds it)."""
+
+    name: str
+    clip: np.ndarray  # floats in [-1, 1)
+    scores: dict[str, np.ndarray] | np.ndarray  # an array: the model's only output
+
+    @classmethod
+    def load(cls, clip_name: str, clip: np.ndarray, path: Path) -> Reference:
+        """``.npy``: the scores of the model's only output; ``.npz``: one array per output name."""
+        if Path(path).suffix == ".npz":
+            with np.load(path) as npz:
+                return cls(clip_name, clip, {k: npz[k] for k in npz.files})
+        return cls(clip_name, clip, np.load(path))
 
 
 def _session(path: Path) -> Any:
@@ -247,6 +301,8 @@ def check_model_dir(
     path: Path,
     clips: list[np.ndarray] | None = None,
     *,
+    references: list[Reference] | None = None,
+    allow_unverified: bool = False,
     batch_sizes: tuple[int, ...] = (1, 7, 64),
     max_hops: int = 48,
     seed: int = 0,
@@ -254,7 +310,7 @@ def check_model_dir(
 ) -> Report:
     """Run every check on a model directory; never raises for a broken model, reports it."""
     path = Path(path)
-    report = Report(str(path), tol=tol)
+    report = Report(str(path), tol=tol, allow_unverified=allow_unverified)
     try:
         spec = load_manifest(path / "model.json")
     except LookbackError as exc:
@@ -275,28 +331,22 @@ def check_model_dir(
             )
             return report
     report.checks.append(Check("files", True, "sha256 of " + ", ".join(g.file for _, g in graphs)))
-    try:
-        step_sess = _session(path / spec.graph.file)
-        ports = (
-            [GraphPort.of(p) for p in step_sess.get_inputs()],
-            [GraphPort.of(p) for p in step_sess.get_outputs()],
-        )
-        check_step_graph(spec, *ports)
-        seq_sess = None
-        if spec.sequence is not None:
-            seq_sess = _session(path / spec.sequence.file)
-            check_sequence_graph(
-                spec,
-                [GraphPort.of(p) for p in seq_sess.get_inputs()],
-                [GraphPort.of(p) for p in seq_sess.get_outputs()],
-            )
+    try:  # exactly what the server opens: both graphs and the multi-step Loop graph
+        stored = StoreEntry(spec, path)
+        cpu: dict[str, Any] = {"providers": "cpu", "intra_op_threads": 1, "inter_op_threads": 1}
+        step_graph, seq_graph = open_graphs(stored, **cpu)
+        open_multistep(stored, **cpu)
     except Exception as exc:  # ContractError or ORT refusing the file
-        report.checks.append(Check("signature", False, str(exc)))
+        report.checks.append(Check("signature", False, " ".join(str(exc).split())[:600]))
         return report
-    report.checks.append(Check("signature", True, "graphs match the manifest (the engine's loader checks)"))
+    report.checks.append(
+        Check(
+            "signature", True, "graphs match the manifest and open as the server opens them (multi-step too)"
+        )
+    )
 
-    step = _Runner(spec, step_sess, sequence=False)
-    seq = _Runner(spec, seq_sess, sequence=True) if seq_sess is not None else None
+    step = _Runner(spec, step_graph.session, sequence=False)
+    seq = _Runner(spec, seq_graph.session, sequence=True) if seq_graph is not None else None
     rng = np.random.default_rng(seed)
     labels = [o.name for o in spec.outputs]
     groups: list[list[np.ndarray]] = []
@@ -317,7 +367,60 @@ def check_model_dir(
             report.checks.append(
                 Check(name, False, f"the graph fails to run with the manifest's inputs: {msg}")
             )
+    try:
+        report.checks.append(_check_reference(step, seq, references or [], tol))
+    except Exception as exc:
+        msg = " ".join(str(exc).split())[:400]
+        report.checks.append(Check("reference", False, f"the graph fails to run on the clips: {msg}"))
     return report
+
+
+NO_REFERENCE = (
+    "no reference to verify the scores against: the checks above show the step graph agrees "
+    "with itself, not that its scores are right (two same-shaped states swapped in model.json, "
+    "a wrong initial state or input scale all pass them). Give the original model's scores: "
+    "--clip CLIP.wav --reference SCORES.npy (or export from PyTorch, or ship a sequence graph)"
+)
+
+
+def _check_reference(step: _Runner, seq: _Runner | None, references: list[Reference], tol: float) -> Check:
+    """The step graph hop by hop on each reference clip == the reference scores."""
+    if not references:
+        if seq is not None:
+            return Check("reference", True, "the sequence graph (see step == sequence); no reference scores")
+        return Check("reference", True, NO_REFERENCE, unverified=True)
+    spec = step.spec
+    names = [o.name for o in spec.outputs]
+    got, _ = run_steps(step, [_prepare(spec, r.clip) for r in references])
+    diffs: dict[str, float] = dict.fromkeys(names, 0.0)
+    bad: list[str] = []
+    for ref, outs in zip(references, got, strict=True):
+        scores = ref.scores if isinstance(ref.scores, dict) else {names[0]: ref.scores}
+        if set(scores) != set(names):
+            return Check("reference", False, f"{ref.name}: reference outputs {sorted(scores)}, model {names}")
+        for k, name in enumerate(names):
+            want = np.asarray(scores[name], np.float32)
+            want = want.reshape(want.shape[0], -1) if want.ndim else want
+            if want.shape != outs[k].shape:
+                return Check(
+                    "reference",
+                    False,
+                    f"{ref.name}: reference {name!r} has shape {list(want.shape)}, the model gives "
+                    f"{list(outs[k].shape)} (one row per whole hop of {spec.hop_samples} samples)",
+                )
+            d = _max(outs[k], want)
+            diffs[name] = max(diffs[name], d)
+            if d > tol:
+                bad.append(ref.name)
+    if bad:
+        return Check(
+            "reference",
+            False,
+            f"the step graph's scores differ from the reference on {', '.join(sorted(set(bad)))}",
+            diffs,
+        )
+    clips = ", ".join(r.name for r in references)
+    return Check("reference", True, f"step graph hop by hop == reference scores on {clips}", diffs)
 
 
 def _within(diffs: dict[str, float], tol: float, state_tol: float = STATE_TOL) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -416,6 +417,21 @@ def test_health_and_readiness(server: Server, silero_model: str) -> None:
     assert body["ready"] is True and body["draining"] is False
     assert body["provider"] == "CPUExecutionProvider"
     assert f"{SILERO}/{manifest(SILERO)['version']}" in body["models"]
+
+
+def test_readiness_lists_a_model_that_failed_to_load(tmp_path: Path) -> None:
+    """One bad model directory: the server serves the others and says which one failed."""
+    from tests.engine import engine_graphs as g
+
+    g.write_model(tmp_path, g.toy_manifest(name="toy"))
+    folder = g.write_model(tmp_path, g.toy_manifest(name="broken"))
+    (folder / "model.onnx").write_bytes(b"not a graph")
+    with running_server(make_settings(model_store=tmp_path, default_model="toy")) as srv:
+        r = srv.get("/readyz")
+        assert r.status_code == 200
+        body = r.json()
+        assert body["models"] == ["toy/1"]
+        assert list(body["failed"]) == ["broken/1"] and "sha256 mismatch" in body["failed"]["broken/1"]
 
 
 def test_openapi_and_docs(silero_model: str) -> None:

@@ -185,3 +185,37 @@ async def test_engine_serves_a_toy_model_with_both_batch_axes(tmp_path: Path) ->
         assert (handle.table.slabs["h"] == 0.25).all() and (handle.table.slabs["conv"] == 0).all()
     finally:
         await engine.stop()
+
+
+async def test_one_bad_model_directory_does_not_stop_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corrupt copy of one model is logged and listed as failed; the rest serve."""
+    g.write_model(tmp_path, g.toy_manifest(name="toy"))
+    folder = g.write_model(tmp_path, g.toy_manifest(name="broken"))
+    (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes() + b"\0")
+    engine = Engine(settings(model_store=tmp_path, default_model="toy"))
+    with caplog.at_level(logging.ERROR, logger="lookback.engine"):
+        await engine.start()
+    try:
+        assert engine.ready and sorted(engine.models) == ["toy/1"]
+        assert list(engine.failed) == ["broken/1"] and "sha256 mismatch" in engine.failed["broken/1"]
+        assert "broken/1" in caplog.text and "sha256 mismatch" in caplog.text
+        assert engine.resolve("toy").spec.key == "toy/1"
+        with pytest.raises(ModelNotFound):
+            engine.resolve("broken")
+    finally:
+        await engine.stop()
+
+
+async def test_engine_warns_when_the_default_model_is_missing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    g.write_model(tmp_path, g.toy_manifest(name="toy"))
+    engine = Engine(settings(model_store=tmp_path, default_model="lookback-vad"))
+    with caplog.at_level(logging.WARNING, logger="lookback.engine"):
+        await engine.start()
+    try:
+        assert "default model 'lookback-vad' is not loaded" in caplog.text
+    finally:
+        await engine.stop()

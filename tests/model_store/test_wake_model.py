@@ -76,7 +76,7 @@ def test_manifest(spec: Manifest) -> None:
     assert (spec.hop_samples, spec.context_samples, spec.frame_samples) == (256, 384, 128)
     assert spec.labels == ["hey_lookback"]
     assert [s.input for s in spec.states] == ["down", "b0", "b1", "b2", "b3", "b4", "b5"]
-    assert [s.shape for s in spec.states] == [[2, 48]] + [[2 * d, 64] for d in (1, 2, 4, 8, 16, 16)]
+    assert [s.shape for s in spec.states] == [[1, 48]] + [[2 * d, 64] for d in (1, 2, 4, 8, 16, 16)]
     assert all(s.batch_axis == 0 and s.output == s.input + "_out" for s in spec.states)
     assert spec.sequence is not None and 0.3 <= spec.events.threshold < 1.0
     total = sum((MODEL_DIR / f).stat().st_size for f in ("model.onnx", "sequence.onnx"))

@@ -129,3 +129,28 @@ def rehash(folder: Path) -> None:
         if spec.get(key):
             spec[key]["sha256"] = hashlib.sha256((folder / spec[key]["file"]).read_bytes()).hexdigest()
     (folder / "model.json").write_text(json.dumps(spec, indent=2))
+
+
+def twin_convs(seed: int = 0) -> StreamingModel:
+    """Two states of the same shape (``a`` and ``b``): a manifest can swap them unnoticed."""
+    torch.manual_seed(seed)
+    return StreamingModel(
+        Frontend(mel_basis(8), 128),
+        [CausalConv1d(8, 8, 3, name="a"), ReLU(), CausalConv1d(8, 8, 3, name="b"), ReLU(), Linear(8, 1)],
+        labels=["x"],
+    )
+
+
+def edit_manifest(folder: Path, edit: object) -> None:
+    """Apply ``edit(spec)`` to model.json in place."""
+    import json
+
+    spec = json.loads((folder / "model.json").read_text())
+    edit(spec)  # type: ignore[operator]
+    (folder / "model.json").write_text(json.dumps(spec, indent=2))
+
+
+def drop_sequence(folder: Path) -> None:
+    """A hand-made model: the step graph only."""
+    edit_manifest(folder, lambda spec: spec.pop("sequence"))
+    (folder / "sequence.onnx").unlink()

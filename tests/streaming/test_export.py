@@ -48,6 +48,7 @@ def test_export_writes_a_model_the_engine_loads(tmp_path: Path) -> None:
         "batched == solo",
         "states live",
         "step == sequence",
+        "reference",
         "onnx == torch",
     ]
     stored = latest(discover(tmp_path / "store"), "tiny")
@@ -85,7 +86,7 @@ def test_multi_label_strided_model(tmp_path: Path) -> None:
     spec = json.loads((out / "model.json").read_text())
     assert spec["hop_samples"] == 256 and spec["context_samples"] == 384
     assert [s["input"] for s in spec["states"]] == ["down", "conv0", "delay0", "mem_h", "mem_c"]
-    assert [s["shape"] for s in spec["states"]] == [[3, 16], [4, 12], [2, 12], [1, 8], [1, 8]]
+    assert [s["shape"] for s in spec["states"]] == [[2, 16], [4, 12], [2, 12], [1, 8], [1, 8]]
     assert spec["outputs"] == [{"name": "score", "labels": ["a", "b", "c"]}]
 
 
@@ -104,15 +105,6 @@ def test_the_step_graph_is_lowered_to_fast_ops(tmp_path: Path) -> None:
 def test_refuses_a_module_that_is_not_a_streaming_layer() -> None:
     with pytest.raises(UnsupportedLayer, match=r"torch\.nn\.modules\.conv\.Conv1d is not a streaming layer"):
         Sequential(nn.Conv1d(4, 4, 3))
-
-
-def test_refuses_a_hop_that_is_not_whole_wire_frames(tmp_path: Path) -> None:
-    model = StreamingModel(Frontend(mel_basis(8, window=256), 64), [Linear(8, 1)], labels=["x"])
-    with pytest.raises(
-        UnsupportedLayer, match=r"hop_samples 64 .* not a multiple of the 128-sample wire frame"
-    ):
-        export(model, tmp_path / "x" / "1", name="x")
-    assert not (tmp_path / "x" / "1").exists()
 
 
 def test_refuses_a_residual_that_changes_rate_or_width() -> None:
@@ -142,7 +134,7 @@ def test_refuses_to_write_the_manifest_when_parity_fails(tmp_path: Path) -> None
         export(model, out, name="bad")
     assert info.value.report is not None and "batched == solo" in info.value.report.failed()
     assert not (out / "model.json").exists()
-    assert list(tmp_path.joinpath("bad").iterdir()) == []  # no scratch left behind
+    assert not (tmp_path / "bad").exists()  # no scratch, and no empty folder, left behind
 
 
 def test_server_modules_do_not_import_torch() -> None:
@@ -165,3 +157,63 @@ def test_export_matches_torch_on_a_real_clip(tmp_path: Path) -> None:
     torch_check = report.checks[-1]
     assert torch_check.name == "onnx == torch" and torch_check.ok
     assert torch_check.diffs["score"] <= 1e-5
+
+
+def test_a_patch_down_sampler_exports(tmp_path: Path) -> None:
+    """k = s = 2 reads no frame of a previous step: no state, and the export passes (the
+    harness once refused it: "the graph ignores state 'conv0'")."""
+    torch.manual_seed(0)
+    model = StreamingModel(
+        Frontend(mel_basis(8), 128), [CausalConv1d(8, 6, 2, stride=2), ReLU(), Linear(6, 1)], labels=["x"]
+    )
+    report = export(model, tmp_path / "patch" / "1", name="patch")
+    assert report.ok, report.text()
+    spec = latest(discover(tmp_path), "patch").spec
+    assert spec.states == [] and spec.hop_samples == 256
+
+
+def test_refuses_a_hop_that_is_not_whole_wire_frames_when_built() -> None:
+    """Before a minute of training is spent: the model itself refuses, not the export."""
+    with pytest.raises(
+        UnsupportedLayer, match=r"hop_samples 64 .* not a multiple of the 128-sample wire frame"
+    ):
+        StreamingModel(Frontend(mel_basis(8, window=256), 64), [Linear(8, 1)], labels=["x"])
+    # a stride that makes whole frames is fine: 64 x 2 = 128
+    StreamingModel(Frontend(mel_basis(8, window=256), 64), [CausalConv1d(8, 1, 2, stride=2)], labels=["x"])
+
+
+def test_refuses_duplicate_or_reserved_state_names_when_built() -> None:
+    with pytest.raises(ValueError, match="state names must be unique"):
+        StreamingModel(
+            Frontend(mel_basis(8), 128),
+            [CausalConv1d(8, 8, 3, name="c"), CausalConv1d(8, 1, 3, name="c")],
+            labels=["x"],
+        )
+    with pytest.raises(ValueError, match=r"'lookback\.' are the server's"):
+        StreamingModel(Frontend(mel_basis(8), 128), [CausalConv1d(8, 1, 3, name="lookback.c")], labels=["x"])
+
+
+def test_a_refused_export_leaves_no_empty_folder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = StreamingModel(
+        Frontend(mel_basis(8), 128), [CausalConv1d(8, 4, 2), BatchMean(), Linear(4, 1)], labels=["x"]
+    )
+    with pytest.raises(ExportError):
+        export(model, tmp_path / "store" / "bad" / "1", name="bad")
+    assert list(tmp_path.iterdir()) == []  # neither bad/ nor store/ was left behind
+
+
+def test_strided_residual_suggests_and_takes_a_projection_shortcut(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedLayer, match=r"shortcut=CausalConv1d\(4, 6, 1, stride=2\)"):
+        Residual(CausalConv1d(4, 6, 3, stride=2))
+    torch.manual_seed(2)
+    block = Residual(CausalConv1d(8, 6, 3, stride=2), ReLU(), shortcut=CausalConv1d(8, 6, 1, stride=2))
+    assert (block.in_channels, block.out_channels, block.stride) == (8, 6, 2)
+    with torch.no_grad():
+        x = torch.randn(2, 8, 8)
+        assert block.shortcut is not None
+        expect = block.shortcut(x) + block.inner(x)
+        assert torch.allclose(block(x), expect)
+    model = StreamingModel(Frontend(mel_basis(8), 128), [block, Linear(6, 1)], labels=["x"])
+    report = export(model, tmp_path / "proj" / "1", name="proj")
+    assert report.ok, report.text()

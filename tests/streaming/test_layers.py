@@ -224,3 +224,19 @@ def test_frontend_refuses_a_log_without_power() -> None:
 
     with pytest.raises(UnsupportedLayer, match="log front end needs power=True"):
         Frontend(mel_basis(4), 128, power=False, log=True)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "stride", "kept"),
+    [(2, 1, 2, 0), (1, 1, 3, 0), (3, 1, 3, 0), (9, 1, 2, 7), (3, 1, 2, 1), (3, 2, 4, 1), (4, 1, 1, 3)],
+)
+def test_strided_conv_keeps_only_the_frames_it_reads(
+    kernel: int, dilation: int, stride: int, kept: int
+) -> None:
+    """A strided conv's next window starts ``stride - 1`` frames later than a stride-1
+    conv's: it keeps ``max(0, (k - 1) * d - (s - 1))`` frames (kws_streaming's rule), and
+    a patch down-sampler (k <= s, d = 1) keeps none."""
+    torch.manual_seed(kernel)
+    layer = CausalConv1d(3, 2, kernel, dilation=dilation, stride=stride)
+    assert [d.shape for d in layer.state_decls()] == ([(kept, 3)] if kept else [])
+    check_layer(layer, batch=2, steps=6, seed=kernel)

@@ -64,6 +64,8 @@ async def readyz(request: Request) -> JSONResponse:
         "draining": svc.admission.draining,
         "provider": svc.engine.provider,
         "models": sorted(svc.engine.models),
+        # a model that failed to load is not served; the others are (ready stays true)
+        "failed": dict(svc.engine.failed),
         "sessions": len(svc.connections),
         # resume degrades, never blocks serving: an unreachable store is reported, not fatal
         "resume": svc.resumer.readiness() if svc.resumer is not None else None,

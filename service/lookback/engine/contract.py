@@ -153,6 +153,9 @@ class Manifest(_Strict):
         names += [c.name for c in self.constants]
         if len(set(names)) != len(names):
             raise ValueError(f"graph input names must be unique, got {names}")
+        outs = [o.name for o in self.outputs] + [s.output for s in self.states]
+        if len(set(outs)) != len(outs):  # two states fed from one output: ORT refuses the Loop
+            raise ValueError(f"graph output names must be unique, got {outs}")
         return self
 
     @property

@@ -52,19 +52,32 @@ class Engine:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.models: dict[str, ServedModel] = {}
+        self.failed: dict[str, str] = {}  # model key (or store folder) -> why it is not served
         self._versions: dict[str, list[str]] = {}  # name -> versions, newest first
         self._offline = ThreadPoolExecutor(settings.max_concurrent_scores, thread_name_prefix="offline")
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        stored = self._select(discover(self.settings.model_store))
-        if not stored:
+        """Load every selected model; one that fails is logged and listed in ``failed`` and
+        the others serve. Refuses to start only when no model loads at all."""
+        broken: dict[str, str] = {}
+        stored = self._select(discover(self.settings.model_store, broken), broken)
+        wanted = self.settings.models
+        self.failed.update(
+            (k, v) for k, v in broken.items() if not wanted or {k, k.split("/")[0]} & set(wanted)
+        )
+        if not stored and not self.failed:
             raise ContractError(
                 f"no models to serve in {self.settings.model_store} (wanted: {self.settings.models or 'all'})"
             )
         for sm in stored:
-            handle = await asyncio.to_thread(self._load, sm)
+            try:
+                handle = await asyncio.to_thread(self._load, sm)
+            except Exception as exc:  # one bad model directory must not stop the others
+                log.error("model %s failed to load and is not served: %s", sm.spec.key, exc)
+                self.failed[sm.spec.key] = str(exc)
+                continue
             await handle.batcher.start()
             self.models[handle.spec.key] = handle
             self._versions.setdefault(handle.spec.name, []).append(handle.spec.version)
@@ -79,8 +92,17 @@ class Engine:
                 handle.max_steps_per_call,
                 "inline" if handle.batcher.inline else "in a thread",
             )
+        if not self.models:
+            why = "; ".join(f"{k}: {v}" for k, v in self.failed.items())
+            raise ContractError(f"no model in {self.settings.model_store} could be loaded: {why}")
         for versions in self._versions.values():
             versions.sort(key=version_key, reverse=True)
+        if self.settings.default_model not in self._versions:
+            log.warning(
+                "the default model %r is not loaded (loaded: %s): a client that names no model is refused",
+                self.settings.default_model,
+                sorted(self._versions),
+            )
         self.ready = True
         self.metrics.ready.set(1)
 
@@ -91,7 +113,7 @@ class Engine:
             await handle.batcher.stop()
         self._offline.shutdown(wait=False, cancel_futures=True)
 
-    def _select(self, stored: list[StoreEntry]) -> list[StoreEntry]:
+    def _select(self, stored: list[StoreEntry], broken: dict[str, str]) -> list[StoreEntry]:
         wanted = self.settings.models
         if not wanted:
             return stored
@@ -100,6 +122,7 @@ class Engine:
             if sm.spec.name in wanted or sm.spec.key in wanted:
                 chosen.append(sm)
         missing = [w for w in wanted if not any(w in (s.spec.name, s.spec.key) for s in chosen)]
+        missing = [w for w in missing if not any(w in (k, k.split("/")[0]) for k in broken)]  # failed
         if missing:
             raise ModelNotFound(f"models {missing} not found in {self.settings.model_store}")
         return chosen

@@ -46,8 +46,9 @@ def version_key(version: str) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.+-]", version))
 
 
-def discover(store: Path) -> list[StoreEntry]:
-    """Every manifest in the store that parses; a broken one is logged, not fatal."""
+def discover(store: Path, failed: dict[str, str] | None = None) -> list[StoreEntry]:
+    """Every manifest in the store that parses; a broken one is logged, not fatal, and
+    recorded in ``failed`` (``<folder>/<version folder>`` -> why) when given."""
     found: list[StoreEntry] = []
     if not store.is_dir():
         return found
@@ -56,6 +57,8 @@ def discover(store: Path) -> list[StoreEntry]:
             found.append(StoreEntry(load_manifest(manifest), manifest.parent))
         except ContractError as exc:
             log.error("skipping %s: %s", manifest, exc)
+            if failed is not None:
+                failed[f"{manifest.parent.parent.name}/{manifest.parent.name}"] = str(exc)
     return found
 
 

@@ -7,7 +7,7 @@ batch axis is symbolic in both graphs. Files are written to a scratch folder nex
 ``out``, the parity harness (``lookback.modelcheck``) runs on it, then the graphs are
 compared with the PyTorch module itself; only if everything passes do the files move into
 ``out``, model.json last. A failed check raises ``ExportError`` with the report and leaves
-``out`` untouched.
+``out`` untouched (and no folder the export created).
 """
 
 from __future__ import annotations
@@ -36,10 +36,8 @@ from lookback.modelcheck import (
     run_steps,
 )
 from lookback.streaming.graph import Graph
-from lookback.streaming.layers import UnsupportedLayer
-from lookback.streaming.model import StreamingModel
+from lookback.streaming.model import FRAME_SAMPLES, StreamingModel
 
-FRAME_SAMPLES = 128
 OUTPUT = "score"
 
 
@@ -53,11 +51,7 @@ class ExportError(ContractError):
 
 def build_graphs(model: StreamingModel) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """The step graph and the sequence graph of a model (eval mode, weights frozen in)."""
-    if model.hop_samples % FRAME_SAMPLES:
-        raise UnsupportedLayer(
-            f"hop_samples {model.hop_samples} (front end hop {model.frontend.hop} x stride "
-            f"{model.body.stride}) is not a multiple of the {FRAME_SAMPLES}-sample wire frame"
-        )
+    model.validate()  # again: layers may have been changed since the model was built
     names = model.state_names()
     decls = model.state_decls()
     labels = len(model.labels)
@@ -179,8 +173,10 @@ def export(
     model.eval()
     step, seq = build_graphs(model)
     out = Path(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    done = False
     try:
         files = {"graph": scratch / "model.onnx", "sequence": scratch / "sequence.onnx"}
         onnx.save(step, str(files["graph"]))
@@ -207,6 +203,11 @@ def export(
             shutil.move(str(f), str(out / f.name))
         shutil.move(str(scratch / "model.json"), str(out / "model.json"))
         report.model = f"{name}/{version} ({out})"
+        done = True
         return report
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if not done:  # a refused export leaves no empty folder behind
+            for folder in created:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()

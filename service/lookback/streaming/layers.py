@@ -188,12 +188,17 @@ Pointwise = Linear
 class CausalConv1d(StreamingLayer):
     """Causal 1-D convolution over frames: any kernel, dilation, stride and groups.
 
-    State: the last ``(kernel - 1) * dilation`` input frames, time-major ``[P, C]``
-    (batch axis 0), oldest first. With ``stride`` s > 1 the layer decimates time and each
-    output is aligned on the NEWEST frame of its group of s: output j sees input frames up
-    to ``j*s + s - 1``, which is what a stream has when the group's last frame arrives.
-    (``nn.Conv1d(stride=s)`` with left padding aligns on the oldest frame and would lag
-    the stream by s - 1 frames: the classic misaligned causal stride.)
+    With ``stride`` s > 1 the layer decimates time and each output is aligned on the NEWEST
+    frame of its group of s: output j sees input frames up to ``j*s + s - 1``, which is what
+    a stream has when the group's last frame arrives. (``nn.Conv1d(stride=s)`` with left
+    padding aligns on the oldest frame and would lag the stream by s - 1 frames: the classic
+    misaligned causal stride.)
+
+    State: the input frames of earlier steps the next window reads, time-major ``[P, C]``
+    (batch axis 0), oldest first: ``P = max(0, (kernel - 1) * dilation - (stride - 1))``
+    (kws_streaming's rule). The window reaches ``(kernel - 1) * dilation`` frames back, but
+    the next step brings ``stride`` new frames, so a strided conv keeps s - 1 fewer, and a
+    patch down-sampler (kernel <= stride, dilation 1) keeps none.
     """
 
     kind = "conv"
@@ -220,26 +225,33 @@ class CausalConv1d(StreamingLayer):
 
     @property
     def past(self) -> int:
+        """How far back one window reaches: ``(kernel - 1) * dilation`` frames."""
         return (self.kernel_size - 1) * self.dilation
 
+    def kept(self) -> int:
+        """Frames carried to the next step (the state's length)."""
+        return max(0, self.past - (self.stride - 1))
+
     def state_decls(self) -> list[StateDecl]:
-        return [StateDecl("", (self.past, self.in_channels), 0)] if self.past else []
+        return [StateDecl("", (self.kept(), self.in_channels), 0)] if self.kept() else []
 
     def receptive_field(self) -> int:
         return self.past + 1
 
     def offset(self) -> int:
-        """Where the first window starts in [state, x]: aligned on the newest frame."""
-        return self.stride - 1
+        """Where the first window starts in [state, x]: its last frame is the newest of the
+        first group of ``stride`` frames."""
+        return self.kept() + self.stride - 1 - self.past
 
     def forward_stateful(
         self, x: torch.Tensor, states: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if x.shape[1] % self.stride:
             raise ValueError(f"{x.shape[1]} frames is not a multiple of the stride {self.stride}")
-        full = torch.cat([states[0], x], dim=1) if self.past else x
+        keep = self.kept()
+        full = torch.cat([states[0], x], dim=1) if keep else x
         y = self.conv(full[:, self.offset() :].transpose(1, 2)).transpose(1, 2)
-        new = [full[:, full.shape[1] - self.past :]] if self.past else []
+        new = [full[:, full.shape[1] - keep :]] if keep else []
         return y, new
 
     def _bias(self) -> np.ndarray:
@@ -260,8 +272,8 @@ class CausalConv1d(StreamingLayer):
         return self.groups == self.in_channels == self.out_channels and self.groups > 1
 
     def emit(self, g: Graph, x: str, frames: int | None, states: list[str]) -> tuple[str, list[str]]:
-        k, d, s, p = self.kernel_size, self.dilation, self.stride, self.past
-        if frames == 1 and s == 1:  # one frame: the window is [state, x], one Gemm
+        k, d, s, p, keep = self.kernel_size, self.dilation, self.stride, self.past, self.kept()
+        if frames == 1 and s == 1:  # one frame: the window is [state, x], one Gemm (keep == p)
             if not p:
                 return g.op(
                     "Gemm", [x, g.const(self._dense(), "w"), g.const(self._bias(), "b")], transB=1
@@ -278,7 +290,7 @@ class CausalConv1d(StreamingLayer):
             return y, [g.slice(full, 1, INT_MAX, axis=1)]
         if frames is not None and frames % s:
             raise UnsupportedLayer(f"{frames} frames per step is not a multiple of the conv stride {s}")
-        full = g.concat([states[0], x], axis=1) if p else x  # [B, P + T, C]
+        full = g.concat([states[0], x], axis=1) if keep else x  # [B, keep + T, C]
         taps = []
         for i in range(k):
             tail = p - i * d  # frames after this tap's last window position
@@ -295,7 +307,7 @@ class CausalConv1d(StreamingLayer):
             y = g.op("Add", [g.op("MatMul", [stacked, w_t]), g.const(self._bias(), "b")])
         if frames is not None and frames // s == 1:
             y = g.squeeze(y, 1)  # one frame left: the layers above take the fast path
-        return y, ([g.slice(full, -p, INT_MAX, axis=1)] if p else [])
+        return y, ([g.slice(full, -keep, INT_MAX, axis=1)] if keep else [])
 
 
 class DepthwiseConv1d(CausalConv1d):
@@ -549,34 +561,67 @@ class Sequential(StreamingLayer):
 
 
 class Residual(StreamingLayer):
-    """``x + inner(x)``; the inner layers must keep the frame rate and the width."""
+    """``x + inner(x)``, or ``shortcut(x) + inner(x)`` with a projection shortcut.
+
+    Without a shortcut the inner layers must keep the frame rate and the width. A block
+    that strides or changes the width (ResNet's down-sampling block) takes a projection:
+    ``shortcut=CausalConv1d(cin, cout, 1, stride=s)`` (a strided 1x1 conv: no state), which
+    must have the inner layers' stride and widths. States: the inner layers', then the
+    shortcut's.
+    """
 
     kind = "residual"
 
-    def __init__(self, *layers: nn.Module) -> None:
+    def __init__(self, *layers: nn.Module, shortcut: StreamingLayer | None = None) -> None:
         super().__init__()
         self.inner = Sequential(*layers)
-        if self.inner.stride != 1:
-            raise UnsupportedLayer("Residual around a strided layer: the branches would have different rates")
-        if self.inner.in_channels != self.inner.out_channels:
-            raise UnsupportedLayer(
-                "Residual needs equal widths, inner maps "
-                f"{self.inner.in_channels} -> {self.inner.out_channels}"
-            )
-        self.in_channels = self.out_channels = self.inner.in_channels
+        self.shortcut = _check_layer(shortcut) if shortcut is not None else None
+        inner = self.inner
+        if self.shortcut is None:
+            if inner.stride != 1 or inner.in_channels != inner.out_channels:
+                cin, cout, s = inner.in_channels, inner.out_channels, inner.stride
+                projection = f"shortcut=CausalConv1d({cin}, {cout}, 1, stride={s})"
+                what = (
+                    "Residual around a strided layer: the branches would have different rates"
+                    if s != 1
+                    else f"Residual needs equal widths, inner maps {cin} -> {cout}"
+                )
+                raise UnsupportedLayer(f"{what}; give it a projection shortcut: Residual(..., {projection})")
+        else:
+            sc = self.shortcut
+            if (sc.stride, sc.in_channels, sc.out_channels) != (
+                inner.stride,
+                inner.in_channels,
+                inner.out_channels,
+            ):
+                raise UnsupportedLayer(
+                    f"Residual shortcut maps {sc.in_channels} -> {sc.out_channels} at stride {sc.stride}, "
+                    f"the inner layers {inner.in_channels} -> {inner.out_channels} at stride {inner.stride}"
+                )
+        self.in_channels, self.out_channels, self.stride = inner.in_channels, inner.out_channels, inner.stride
 
     def stateful_layers(self) -> list[StreamingLayer]:
-        return self.inner.stateful_layers()
+        extra = self.shortcut.stateful_layers() if self.shortcut is not None else []
+        return self.inner.stateful_layers() + extra
 
     def receptive_field(self) -> int:
-        return self.inner.receptive_field()
+        rf = self.inner.receptive_field()
+        return max(rf, self.shortcut.receptive_field()) if self.shortcut is not None else rf
 
     def forward_stateful(
         self, x: torch.Tensor, states: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        y, new = self.inner.forward_stateful(x, states)
-        return x + y, new
+        n = len(self.inner.all_state_decls())
+        y, new = self.inner.forward_stateful(x, states[:n])
+        if self.shortcut is None:
+            return x + y, new
+        skip, more = self.shortcut.forward_stateful(x, states[n:])
+        return skip + y, new + more
 
     def emit(self, g: Graph, x: str, frames: int | None, states: list[str]) -> tuple[str, list[str]]:
-        y, new = self.inner.emit(g, x, frames, states)
-        return g.op("Add", [x, y]), new
+        n = len(self.inner.all_state_decls())
+        y, new = self.inner.emit(g, x, frames, states[:n])
+        if self.shortcut is None:
+            return g.op("Add", [x, y]), new
+        skip, more = self.shortcut.emit(g, x, frames, states[n:])
+        return g.op("Add", [skip, y]), new + more

@@ -161,6 +161,9 @@ class Frontend(nn.Module):
         return v
 
 
+#: The wire frame: a model's hop must be whole frames of it (``export`` writes it to model.json).
+FRAME_SAMPLES = 128
+
 ACTIVATIONS = {"sigmoid": ("Sigmoid", torch.sigmoid), "none": ("Identity", lambda x: x)}
 
 
@@ -193,6 +196,21 @@ class StreamingModel(nn.Module):
             )
         if self.body.out_channels != len(self.labels):
             raise ValueError(f"body gives {self.body.out_channels} outputs for {len(self.labels)} labels")
+        self.validate()
+
+    def validate(self) -> None:
+        """What the export or the server would refuse about the architecture, checked when
+        the model is built, before any training: the hop in whole wire frames, unique state
+        names outside the server's reserved ``lookback.`` namespace. Called by the
+        constructor; call it again after changing layers in place."""
+        if self.hop_samples % FRAME_SAMPLES:
+            raise UnsupportedLayer(
+                f"hop_samples {self.hop_samples} (front end hop {self.frontend.hop} x stride "
+                f"{self.body.stride}) is not a multiple of the {FRAME_SAMPLES}-sample wire frame"
+            )
+        reserved = [n for n in self.state_names() if n.startswith("lookback.")]
+        if reserved:
+            raise ValueError(f"state names {reserved}: names starting with 'lookback.' are the server's")
 
     @property
     def hop_samples(self) -> int:
