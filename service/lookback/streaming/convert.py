@@ -36,7 +36,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -219,6 +219,18 @@ class _Rnn:
     state: str = ""
 
 
+def _args(node: fx.Node) -> Any:
+    return node.args
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> Any:
+    return gm.get_submodule(str(node.target))
+
+
+def _kwargs(node: fx.Node) -> Any:
+    return node.kwargs
+
+
 def _shape_of(v: Any) -> tuple[int, ...] | None:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else None
 
@@ -230,7 +242,7 @@ def _same(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     try:
         return bool(a == b)
-    except Exception:  # noqa: BLE001 - anything incomparable is not a constant
+    except Exception:
         return False
 
 
@@ -261,7 +273,9 @@ class _Trace:
         self.nodes = list(self.gm.graph.nodes)
         inputs = [n for n in self.nodes if n.op == "placeholder"]
         if len(inputs) != 1:
-            raise ConversionError(f"the module takes {len(inputs)} inputs; a streaming model takes one (audio)")
+            raise ConversionError(
+                f"the module takes {len(inputs)} inputs; a streaming model takes one (audio)"
+            )
         self.input = inputs[0]
         self.layout = layout
         self.front_node: fx.Node | None = None
@@ -339,8 +353,15 @@ class _Trace:
             audio = torch.randn(b, fe.context + n * fe.hop, generator=gen) * 0.1
             env: dict[fx.Node, Any] = {}
             rec = _Recorder(self.gm, env)
-            with torch.no_grad():
-                rec.run(self.module_input(audio))
+            try:
+                with torch.no_grad():
+                    rec.run(self.module_input(audio))
+            except Exception as exc:
+                raise ConversionError(
+                    f"the module fails on a clip of {n} frames at batch {b}: {str(exc).splitlines()[0]} "
+                    "(a layer sized for a fixed number of frames, such as a Linear over time or a "
+                    "flatten of the whole clip, cannot stream)"
+                ) from exc
             runs.append(env)
         dep = self._dependents()
         raw = self._pre_front() | {self.input} if self.front_node is not None else set()
@@ -367,8 +388,8 @@ class _Trace:
                         frames = _RUN_FRAMES[2] - _RUN_FRAMES[0]
                         if frames % dt:
                             raise ConversionError(
-                                f"{self.where(node)}: {s0[m.time]} frames out of {_RUN_FRAMES[0]} input frames "
-                                "is not a whole stride (a stride that does not divide 96?)"
+                                f"{self.where(node)}: {s0[m.time]} frames out of {_RUN_FRAMES[0]} input "
+                                "frames is not a whole stride (a stride that does not divide 96?)"
                             )
                         m.stride = frames // dt
             m.const = node not in dep and all(_same(vals[0], v) for v in vals[1:])
@@ -385,7 +406,9 @@ class _Trace:
         return out
 
     def where(self, node: fx.Node) -> str:
-        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        target = (
+            node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        )
         return f"{node.name} ({node.op} {target})"
 
     def opname(self, node: fx.Node) -> str:
@@ -419,12 +442,12 @@ class ConvertedBody(StreamingLayer):
 
     kind = "converted"
 
-    def __init__(self, trace: _Trace, labels: int) -> None:
+    def __init__(self, trace: _Trace) -> None:
         super().__init__("")
         self.trace = trace
         self.gm = trace.gm
         self.in_channels = trace.frontend.out_channels
-        self.out_channels = labels
+        self.out_channels = 0  # the number of labels, set by ``convert``
         self.skip = trace._pre_front() | ({trace.front_node} if trace.front_node else set())
         self.windows: dict[fx.Node, _Window] = {}
         self.rnns: dict[fx.Node, _Rnn] = {}
@@ -435,13 +458,16 @@ class ConvertedBody(StreamingLayer):
         self._analyse()
         out = trace.meta[self._out_value()]
         if not out.tensor or out.time is None or out.batch is None:
-            raise ConversionError("the output has no time axis: a streaming model gives one score per hop")
+            raise ConversionError(
+                "the output has no time axis: the module pools over the whole clip (one score per "
+                "clip); a streaming model gives one score per hop"
+            )
         self.stride = out.stride
 
     # analysis -------------------------------------------------------------------------------
 
     def _out_value(self) -> fx.Node:
-        arg = self.trace.out_node.args[0]
+        arg = _args(self.trace.out_node)[0]
         if not isinstance(arg, fx.Node):
             raise ConversionError("the module must return one tensor of scores")
         return arg
@@ -468,8 +494,8 @@ class ConvertedBody(StreamingLayer):
             if op == "rnn":
                 self._rnn(node)
                 continue
-            if op == "getitem" and isinstance(node.args[0], fx.Node) and node.args[0] in self.rnns:
-                if node.args[1] != 0 and node.users:
+            if op == "getitem" and isinstance(_args(node)[0], fx.Node) and _args(node)[0] in self.rnns:
+                if _args(node)[1] != 0 and node.users:
                     raise ConversionError(
                         f"{tr.where(node)}: the RNN's final state h_n is the state after the WHOLE clip; "
                         "a stream never has it (use the per-frame output y)"
@@ -511,16 +537,18 @@ class ConvertedBody(StreamingLayer):
         )
 
     def _pad(self, node: fx.Node, tax: int) -> None:
-        meta = self.trace.meta[node.args[0]]  # type: ignore[index]
+        meta = self.trace.meta[_args(node)[0]]
         if node.op == "call_module":
-            mod = self.gm.get_submodule(str(node.target))
-            pads, value = list(getattr(mod, "padding")), float(getattr(mod, "value", 0.0))
+            mod: Any = self.gm.get_submodule(str(node.target))
+            pads, value = list(mod.padding), float(getattr(mod, "value", 0.0))
         else:
-            pads = list(_arg(node.args, node.kwargs, 1, "pad"))
-            mode = _arg(node.args, node.kwargs, 2, "mode", "constant")
-            value = float(_arg(node.args, node.kwargs, 3, "value", 0.0) or 0.0)
+            pads = list(_arg(_args(node), _kwargs(node), 1, "pad"))
+            mode = _arg(_args(node), _kwargs(node), 2, "mode", "constant")
+            value = float(_arg(_args(node), _kwargs(node), 3, "value", 0.0) or 0.0)
             if mode != "constant":
-                raise ConversionError(f"{self.trace.where(node)}: {mode!r} padding; only zero padding streams")
+                raise ConversionError(
+                    f"{self.trace.where(node)}: {mode!r} padding; only zero padding streams"
+                )
         rank = len(meta.shape)
         k = rank - 1 - tax  # F.pad lists the last axis first
         if 2 * k + 1 >= len(pads):
@@ -543,18 +571,22 @@ class ConvertedBody(StreamingLayer):
 
     def _window(self, node: fx.Node, op: str, tax: int) -> None:
         tr = self.trace
-        src = node.args[0]
+        src = _args(node)[0]
         assert isinstance(src, fx.Node)
         rank = len(tr.meta[src].shape)
         nsp = rank - 2
         if tax < 2:
-            raise ConversionError(f"{tr.where(node)}: the time axis is axis {tax}, a conv/pool needs it spatial")
+            raise ConversionError(
+                f"{tr.where(node)}: the time axis is axis {tax}, a conv/pool needs it spatial"
+            )
         ti = tax - 2
         mod = self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if op == "conv":
             assert isinstance(mod, (nn.Conv1d, nn.Conv2d))
             if mod.padding_mode != "zeros":
-                raise ConversionError(f"{tr.where(node)}: padding_mode={mod.padding_mode!r}; only zeros stream")
+                raise ConversionError(
+                    f"{tr.where(node)}: padding_mode={mod.padding_mode!r}; only zeros stream"
+                )
             if isinstance(mod.padding, str):
                 total = (mod.kernel_size[ti] - 1) * mod.dilation[ti]
                 if mod.padding == "same" and total:
@@ -568,13 +600,13 @@ class ConvertedBody(StreamingLayer):
                 padding = list(mod.padding)
             kernel, dil, stride = list(mod.kernel_size), list(mod.dilation), list(mod.stride)
         else:
-            a, kw = node.args, node.kwargs
+            a, kw = _args(node), _kwargs(node)
             if mod is not None:
-                kernel = _pairs(mod.kernel_size, nsp)  # type: ignore[attr-defined]
-                stride = _pairs(mod.stride or mod.kernel_size, nsp)  # type: ignore[attr-defined]
-                padding = _pairs(mod.padding, nsp)  # type: ignore[attr-defined]
+                kernel = _pairs(mod.kernel_size, nsp)
+                stride = _pairs(mod.stride or mod.kernel_size, nsp)
+                padding = _pairs(mod.padding, nsp)
                 dil = _pairs(getattr(mod, "dilation", 1), nsp)
-                ceil = bool(mod.ceil_mode)  # type: ignore[attr-defined]
+                ceil = bool(mod.ceil_mode)
                 include = bool(getattr(mod, "count_include_pad", True))
             else:
                 kernel = _pairs(_arg(a, kw, 1, "kernel_size"), nsp)
@@ -637,12 +669,17 @@ class ConvertedBody(StreamingLayer):
     def _is_crop(self, node: fx.Node, tax: int | None, p: int) -> bool:
         if self.trace.opname(node) != "getitem" or tax is None:
             return False
-        idx = _index_axes(node.args[1], len(self.trace.meta[node.args[0]].shape))  # type: ignore[index]
+        idx = _index_axes(_args(node)[1], len(self.trace.meta[_args(node)[0]].shape))
         if idx is None:
             return False
         for axis, item in idx:
             if axis == tax:
-                if not (isinstance(item, slice) and item.start in (None, 0) and item.stop == -p and item.step in (None, 1)):
+                if not (
+                    isinstance(item, slice)
+                    and item.start in (None, 0)
+                    and item.stop == -p
+                    and item.step in (None, 1)
+                ):
                     return False
             elif not (isinstance(item, slice) and item == slice(None)):
                 return False
@@ -651,9 +688,11 @@ class ConvertedBody(StreamingLayer):
     def _getitem(self, node: fx.Node, tax: int) -> None:
         if node in self.crops:
             return
-        idx = _index_axes(node.args[1], len(self.trace.meta[node.args[0]].shape))  # type: ignore[index]
+        idx = _index_axes(_args(node)[1], len(self.trace.meta[_args(node)[0]].shape))
         if idx is None:
-            raise ConversionError(f"{self.trace.where(node)}: indexing with a tensor or a Python value from shapes")
+            raise ConversionError(
+                f"{self.trace.where(node)}: indexing with a tensor or a Python value from shapes"
+            )
         for axis, item in idx:
             if axis == tax and not (isinstance(item, slice) and item == slice(None)):
                 raise ConversionError(
@@ -663,7 +702,7 @@ class ConvertedBody(StreamingLayer):
 
     def _framewise(self, node: fx.Node, op: str, tax: int) -> None:
         tr, m = self.trace, self.trace.meta[node]
-        a, kw = node.args, node.kwargs
+        a, kw = _args(node), _kwargs(node)
         src = a[0] if a and isinstance(a[0], fx.Node) else None
         rank = len(tr.meta[src].shape) if src is not None and tr.meta[src].tensor else 0
 
@@ -688,9 +727,11 @@ class ConvertedBody(StreamingLayer):
             if tax >= rank - len(mod.normalized_shape):
                 raise bad("LayerNorm over the time axis normalises over the whole clip")
         elif op == "groupnorm":
-            raise bad("GroupNorm normalises over every axis after the channels, time included (a clip statistic)")
+            raise bad(
+                "GroupNorm normalises over every axis after the channels, time included (a clip statistic)"
+            )
         elif op in ("softmax", "log_softmax"):
-            dim = (self.gm.get_submodule(str(node.target)).dim if node.op == "call_module" else _arg(a, kw, 1, "dim"))  # type: ignore[union-attr]
+            dim: Any = _module(self.gm, node).dim if node.op == "call_module" else _arg(a, kw, 1, "dim")
             if dim is None or dim % rank == tax:
                 raise bad("softmax over the time axis needs the whole clip")
         elif op in ("mean", "sum", "amax"):
@@ -701,13 +742,16 @@ class ConvertedBody(StreamingLayer):
         elif op == "cat":
             dim = _arg(a, kw, 1, "dim", 0)
             tensors = a[0]
-            r = len(tr.meta[tensors[0]].shape)  # type: ignore[index]
+            r = len(tr.meta[tensors[0]].shape)
             if dim % r == m.time:
                 raise bad("concatenation along time: a stream gets its frames in order, once")
         elif op in _LAYOUT:
-            ins = tr.meta[src]  # type: ignore[index]
-            if m.time is None or ins.shape[tax] != m.shape[m.time] or (
-                op in ("reshape", "flatten") and _before(ins, tax) != _before(m, m.time)
+            assert src is not None
+            ins = tr.meta[src]
+            if (
+                m.time is None
+                or ins.shape[tax] != m.shape[m.time]
+                or (op in ("reshape", "flatten") and _before(ins, tax) != _before(m, m.time))
             ):
                 raise bad("a reshape that merges the time axis with another axis")
         elif op == "adaptive_pool":
@@ -728,9 +772,11 @@ class ConvertedBody(StreamingLayer):
             )
         if isinstance(mod, nn.LSTM) and mod.proj_size:
             raise ConversionError(f"{tr.where(node)}: LSTM proj_size is not converted")
-        if len(node.args) > 1 and node.args[1] is not None or node.kwargs.get("hx") is not None:
-            raise ConversionError(f"{tr.where(node)}: an explicit initial state; the stream starts from zeros")
-        src = node.args[0]
+        if (len(_args(node)) > 1 and _args(node)[1] is not None) or _kwargs(node).get("hx") is not None:
+            raise ConversionError(
+                f"{tr.where(node)}: an explicit initial state; the stream starts from zeros"
+            )
+        src = _args(node)[0]
         assert isinstance(src, fx.Node)
         tax = tr.meta[src].time
         if tax != (1 if mod.batch_first else 0):
@@ -768,8 +814,8 @@ class ConvertedBody(StreamingLayer):
             if m.const:
                 env[node] = m.values[0]
                 continue
-            args = fx.node.map_arg(node.args, lambda n: env[n])
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            args = fx.node.map_arg(_args(node), lambda n: env[n])
+            kwargs = fx.node.map_arg(_kwargs(node), lambda n: env[n])
             if node in self.windows:
                 env[node] = self._torch_window(self.windows[node], args[0], st, new)
             elif node in self.rnns:
@@ -785,10 +831,10 @@ class ConvertedBody(StreamingLayer):
 
     def _torch_pad(self, node: fx.Node, args: Any, kwargs: Any) -> torch.Tensor:
         x = args[0]
-        tax = self.trace.meta[node.args[0]].time  # type: ignore[index]
+        tax = self.trace.meta[_args(node)[0]].time
         assert tax is not None
         if node.op == "call_module":
-            pads = list(getattr(self.gm.get_submodule(str(node.target)), "padding"))
+            pads = list(_module(self.gm, node).padding)
         else:
             pads = list(_arg(args, kwargs, 1, "pad"))
         k = x.dim() - 1 - tax
@@ -812,14 +858,14 @@ class ConvertedBody(StreamingLayer):
         if w.kind == "conv":
             mod = w.module
             assert isinstance(mod, (nn.Conv1d, nn.Conv2d))
-            fn = F.conv1d if nsp == 1 else F.conv2d
-            return fn(buf, mod.weight, mod.bias, mod.stride, 0, mod.dilation, mod.groups)  # type: ignore[operator]
+            conv: Any = F.conv1d if nsp == 1 else F.conv2d
+            return conv(buf, mod.weight, mod.bias, mod.stride, 0, mod.dilation, mod.groups)
         o = w.opts
         if w.kind == "max_pool":
-            fn = F.max_pool1d if nsp == 1 else F.max_pool2d
-            return fn(buf, o["kernel"], o["stride"], 0, o["dilation"])  # type: ignore[operator]
-        fn = F.avg_pool1d if nsp == 1 else F.avg_pool2d
-        return fn(buf, o["kernel"], o["stride"], 0)  # type: ignore[operator]
+            fn: Any = F.max_pool1d if nsp == 1 else F.max_pool2d
+            return fn(buf, o["kernel"], o["stride"], 0, o["dilation"])
+        pool: Any = F.avg_pool1d if nsp == 1 else F.avg_pool2d
+        return pool(buf, o["kernel"], o["stride"], 0)
 
     def _torch_rnn(
         self, r: _Rnn, x: torch.Tensor, st: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
@@ -864,17 +910,22 @@ class ConvertedBody(StreamingLayer):
                 env[node] = m.values[0]
                 continue
             if node in self.windows:
-                env[node] = e.window(self.windows[node], env[node.args[0]], st, new)  # type: ignore[index]
+                env[node] = e.window(self.windows[node], env[_args(node)[0]], st, new)
             elif node in self.rnns:
-                env[node] = (e.rnn(self.rnns[node], env[node.args[0]], st, new), None)  # type: ignore[index]
+                env[node] = (e.rnn(self.rnns[node], env[_args(node)[0]], st, new), None)
             elif node in self.crops:
-                env[node] = env[node.args[0]]  # type: ignore[index]
+                env[node] = env[_args(node)[0]]
             elif not m.tensor:
                 env[node] = None  # a size: reshapes read the traced shapes instead
-            elif node.op == "call_function" and node.target is operator.getitem and isinstance(
-                env.get(node.args[0]), tuple  # type: ignore[arg-type]
+            elif (
+                node.op == "call_function"
+                and node.target is operator.getitem
+                and isinstance(
+                    env.get(_args(node)[0]),
+                    tuple,
+                )
             ):
-                env[node] = env[node.args[0]][node.args[1]]  # type: ignore[index]
+                env[node] = env[_args(node)[0]][_args(node)[1]]
             else:
                 env[node] = e.node(node)
         out = self._out_value()
@@ -900,7 +951,8 @@ def _before(m: _Meta, axis: int) -> int:
 
 def _call(gm: fx.GraphModule, node: fx.Node, args: Any, kwargs: Any) -> Any:
     if node.op == "call_function":
-        return node.target(*args, **kwargs)  # type: ignore[operator]
+        fn: Any = node.target
+        return fn(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], str(node.target))(*args[1:], **kwargs)
     if node.op == "call_module":
@@ -960,8 +1012,8 @@ class _Emitter:
     def node(self, node: fx.Node) -> str:
         g, tr = self.g, self.tr
         op = tr.opname(node)
-        a, kw = node.args, node.kwargs
-        mod = self.body.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        a, kw = _args(node), _kwargs(node)
+        mod: Any = self.body.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         x = a[0] if a else None
         if op in ("dropout", "pad") and node in self.body.fused_pads:
             return self._pad(node)
@@ -991,28 +1043,34 @@ class _Emitter:
                 v = g.op("Min", [v, self.val(float(hi))])
             return v
         if op in ("relu6", "hardtanh"):
-            lo, hi = (0.0, 6.0) if op == "relu6" else (
-                (mod.min_val, mod.max_val) if mod is not None else (_arg(a, kw, 1, "min_val", -1.0), _arg(a, kw, 2, "max_val", 1.0))  # type: ignore[attr-defined]
+            lo, hi = (
+                (0.0, 6.0)
+                if op == "relu6"
+                else (
+                    (mod.min_val, mod.max_val)
+                    if mod is not None
+                    else (_arg(a, kw, 1, "min_val", -1.0), _arg(a, kw, 2, "max_val", 1.0))
+                )
             )
             return g.op("Min", [g.op("Max", [self.val(x), self.val(float(lo))]), self.val(float(hi))])
         if op == "leaky_relu":
-            slope = mod.negative_slope if mod is not None else _arg(a, kw, 1, "negative_slope", 0.01)  # type: ignore[attr-defined]
+            slope = mod.negative_slope if mod is not None else _arg(a, kw, 1, "negative_slope", 0.01)
             return g.op("LeakyRelu", [self.val(x)], alpha=float(slope))
         if op == "elu":
-            alpha = mod.alpha if mod is not None else _arg(a, kw, 1, "alpha", 1.0)  # type: ignore[attr-defined]
+            alpha = mod.alpha if mod is not None else _arg(a, kw, 1, "alpha", 1.0)
             return g.op("Elu", [self.val(x)], alpha=float(alpha))
         if op == "silu":
             v = self.val(x)
             return g.op("Mul", [v, g.op("Sigmoid", [v])])
         if op == "gelu":
-            approx = mod.approximate if mod is not None else kw.get("approximate", "none")  # type: ignore[attr-defined]
+            approx = mod.approximate if mod is not None else kw.get("approximate", "none")
             if approx != "none":
                 raise ConversionError(f"{tr.where(node)}: gelu(approximate={approx!r}) is not converted")
             v = self.val(x)
             erf = g.op("Erf", [g.op("Mul", [v, self.val(1 / math.sqrt(2))])])
             return g.op("Mul", [g.op("Mul", [v, self.val(0.5)]), g.op("Add", [erf, self.val(1.0)])])
         if op in ("softmax", "log_softmax"):
-            dim = mod.dim if mod is not None else _arg(a, kw, 1, "dim")  # type: ignore[attr-defined]
+            dim = mod.dim if mod is not None else _arg(a, kw, 1, "dim")
             return g.op("Softmax" if op == "softmax" else "LogSoftmax", [self.val(x)], axis=int(dim))
         if op in ("mean", "sum", "amax"):
             dims = _arg(a, kw, 1, "dim")
@@ -1025,8 +1083,8 @@ class _Emitter:
                 return g.op(onnx_op, [self.val(x), g.ints(axes)], keepdims=keep)
             return g.op(onnx_op, [self.val(x)], axes=axes, keepdims=keep)
         if op == "cat":
-            tensors = [self.val(t) for t in a[0]]  # type: ignore[union-attr]
-            dim = int(_arg(a, kw, 1, "dim", 0)) % self.rank(a[0][0])  # type: ignore[index]
+            tensors = [self.val(t) for t in a[0]]
+            dim = int(_arg(a, kw, 1, "dim", 0)) % self.rank(a[0][0])
             return g.op("Concat", tensors, axis=dim)
         if op == "linear":
             assert isinstance(mod, nn.Linear)
@@ -1051,11 +1109,13 @@ class _Emitter:
         if op == "layernorm":
             assert isinstance(mod, nn.LayerNorm)
             shape = list(mod.normalized_shape)
-            w = _np(mod.weight) if mod.weight is not None else np.ones(shape, np.float32)
-            b = _np(mod.bias) if getattr(mod, "bias", None) is not None else np.zeros(shape, np.float32)
+            lw = _np(mod.weight) if mod.weight is not None else np.ones(shape, np.float32)
+            lb = _np(mod.bias) if getattr(mod, "bias", None) is not None else np.zeros(shape, np.float32)
             return g.op(
-                "LayerNormalization", [self.val(x), g.const(w, "ln_w"), g.const(b, "ln_b")],
-                axis=-len(shape), epsilon=float(mod.eps),
+                "LayerNormalization",
+                [self.val(x), g.const(lw, "ln_w"), g.const(lb, "ln_b")],
+                axis=-len(shape),
+                epsilon=float(mod.eps),
             )
         if op == "transpose":
             r = self.rank(x)
@@ -1068,15 +1128,17 @@ class _Emitter:
             if node.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
                 dims = dims[0]
             r = self.rank(x)
-            return g.op("Transpose", [self.val(x)], perm=[int(d) % r for d in dims])  # type: ignore[union-attr]
+            return g.op("Transpose", [self.val(x)], perm=[int(d) % r for d in dims])
         if op == "unsqueeze":
             d = int(_arg(a, kw, 1, "dim")) % (self.rank(x) + 1)
             return g.unsqueeze(self.val(x), d)
         if op == "squeeze":
             d = _arg(a, kw, 1, "dim")
-            shape = self.tr.meta[x].shape  # type: ignore[index]
-            dims = [i for i, s in enumerate(shape) if s == 1] if d is None else (
-                [int(d)] if isinstance(d, int) else list(d)
+            shape = self.tr.meta[cast(fx.Node, x)].shape
+            dims = (
+                [i for i, s in enumerate(shape) if s == 1]
+                if d is None
+                else ([int(d)] if isinstance(d, int) else list(d))
             )
             dims = [i % len(shape) for i in dims if shape[i % len(shape)] == 1]
             return g.op("Squeeze", [self.val(x), g.ints(dims)]) if dims else self.val(x)
@@ -1087,15 +1149,15 @@ class _Emitter:
         raise ConversionError(f"{tr.where(node)}: no ONNX lowering for {op!r}")
 
     def _pad(self, node: fx.Node) -> str:
-        a, kw = node.args, node.kwargs
+        a, kw = _args(node), _kwargs(node)
         x = a[0]
         if node.op == "call_module":
-            mod = self.body.gm.get_submodule(str(node.target))
-            pads, value = list(getattr(mod, "padding")), float(getattr(mod, "value", 0.0))
+            mod: Any = self.body.gm.get_submodule(str(node.target))
+            pads, value = list(mod.padding), float(getattr(mod, "value", 0.0))
         else:
             pads, value = list(_arg(a, kw, 1, "pad")), float(_arg(a, kw, 3, "value", 0.0) or 0.0)
         r = self.rank(x)
-        tax = self.tr.meta[x].time  # type: ignore[index]
+        tax = self.tr.meta[x].time
         begin, end = [0] * r, [0] * r
         for i in range(len(pads) // 2):
             axis = r - 1 - i
@@ -1107,21 +1169,23 @@ class _Emitter:
         return self.g.op("Pad", [self.val(x), self.g.ints(begin + end), self.val(value)])
 
     def _reshape(self, node: fx.Node) -> str:
-        src = node.args[0]
-        mi, mo = self.tr.meta[src], self.tr.meta[node]  # type: ignore[index]
+        src = _args(node)[0]
+        mi, mo = self.tr.meta[src], self.tr.meta[node]
         shape = list(mo.shape)
         dyn = [i for i in (mo.batch, mo.time) if i is not None]
         for i in dyn:
             same = i == (mi.batch if i == mo.batch else mi.time) and i < len(mi.shape)
             shape[i] = 0 if same else -1
         if shape.count(-1) > 1:
-            raise ConversionError(f"{self.tr.where(node)}: a reshape that moves both the batch and the time axis")
+            raise ConversionError(
+                f"{self.tr.where(node)}: a reshape that moves both the batch and the time axis"
+            )
         return self.g.op("Reshape", [self.val(src), self.g.ints(shape)])
 
     def _getitem(self, node: fx.Node) -> str:
-        src = node.args[0]
-        shape = self.tr.meta[src].shape  # type: ignore[index]
-        idx = _index_axes(node.args[1], len(shape))
+        src = _args(node)[0]
+        shape = self.tr.meta[src].shape
+        idx = _index_axes(_args(node)[1], len(shape))
         if idx is None:
             raise ConversionError(f"{self.tr.where(node)}: indexing that is not static")
         v = self.val(src)
@@ -1161,16 +1225,30 @@ class _Emitter:
             if mod.bias is not None:
                 inputs.append(g.const(_np(mod.bias), "b"))
             return g.op(
-                "Conv", inputs, kernel_shape=list(mod.kernel_size), strides=list(mod.stride),
-                dilations=list(mod.dilation), group=int(mod.groups), pads=w.pads,
+                "Conv",
+                inputs,
+                kernel_shape=list(mod.kernel_size),
+                strides=list(mod.stride),
+                dilations=list(mod.dilation),
+                group=int(mod.groups),
+                pads=w.pads,
             )
         o = w.opts
         if w.kind == "max_pool":
             return g.op(
-                "MaxPool", [buf], kernel_shape=o["kernel"], strides=o["stride"], dilations=o["dilation"], pads=w.pads
+                "MaxPool",
+                [buf],
+                kernel_shape=o["kernel"],
+                strides=o["stride"],
+                dilations=o["dilation"],
+                pads=w.pads,
             )
         return g.op(
-            "AveragePool", [buf], kernel_shape=o["kernel"], strides=o["stride"], pads=w.pads,
+            "AveragePool",
+            [buf],
+            kernel_shape=o["kernel"],
+            strides=o["stride"],
+            pads=w.pads,
             count_include_pad=int(o["include"]),
         )
 
@@ -1187,7 +1265,10 @@ class _Emitter:
             rr = g.const(_gates(getattr(mod, "weight_hh" + sfx), order, n)[None], "R")
             if mod.bias:
                 b = np.concatenate(
-                    [_gates(getattr(mod, "bias_ih" + sfx), order, n), _gates(getattr(mod, "bias_hh" + sfx), order, n)]
+                    [
+                        _gates(getattr(mod, "bias_ih" + sfx), order, n),
+                        _gates(getattr(mod, "bias_hh" + sfx), order, n),
+                    ]
                 )[None]
             else:
                 b = np.zeros((1, 2 * n * H), np.float32)
@@ -1199,7 +1280,11 @@ class _Emitter:
             else:
                 h0 = g.slice(st[r.state], layer, layer + 1, axis=0)
                 y, h = g.op(
-                    "GRU", [seq, w, rr, g.const(b, "B"), "", h0], n_out=2, hidden_size=H, linear_before_reset=1
+                    "GRU",
+                    [seq, w, rr, g.const(b, "B"), "", h0],
+                    n_out=2,
+                    hidden_size=H,
+                    linear_before_reset=1,
                 )
             hs.append(h)
             seq = g.squeeze(y, 1)
@@ -1252,19 +1337,17 @@ def convert(
     if layout not in ("BTC", "BCT"):
         raise ValueError("layout is 'BTC' ([B, T, F] features) or 'BCT' ([B, F, T])")
     trace = _Trace(module, frontend, layout)
-    out = trace.meta[trace.out_node.args[0]] if isinstance(trace.out_node.args[0], fx.Node) else None
-    if out is None or not out.tensor:
-        raise ConversionError("the module must return one tensor of scores")
-    if out.time is None:
-        raise ConversionError(
-            "the output has no time axis: the module pools over the whole clip (one score per clip); "
-            "a streaming model gives one score per hop"
-        )
+    body = ConvertedBody(trace)  # names the first operation that cannot stream
+    out = trace.meta[body._out_value()]
     width = math.prod(s for i, s in enumerate(out.shape) if i not in (out.time, out.batch))
-    names = list(labels) if labels is not None else (["score"] if width == 1 else [f"score{i}" for i in range(width)])
-    body = ConvertedBody(trace, len(names))
+    names = (
+        list(labels)
+        if labels is not None
+        else (["score"] if width == 1 else [f"score{i}" for i in range(width)])
+    )
     if len(names) != width:
         raise ValueError(f"the module gives {width} scores per frame, {len(names)} labels given")
+    body.out_channels = len(names)
     model = ConvertedModel(trace, body, names, sample_rate)
     if hop is not None and model.hop_samples != hop:
         raise ConversionError(
@@ -1272,4 +1355,3 @@ def convert(
             f"{body.stride}), not {hop}"
         )
     return model.eval()
-
