@@ -1355,3 +1355,72 @@ def convert(
             f"{body.stride}), not {hop}"
         )
     return model.eval()
+
+
+def load_module(ref: str, weights: str | None) -> nn.Module:
+    """``path/to/file.py:build`` -> ``build()`` (a function or a class), with ``weights``
+    (a ``state_dict`` saved by ``torch.save``; ``-`` or None keeps the module's own)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path, _, attr = ref.rpartition(":")
+    if not path or not attr:
+        raise ValueError(f"{ref!r}: expected path/to/module.py:build")
+    file = Path(path).resolve()
+    spec = importlib.util.spec_from_file_location(f"lookback_convert_{file.stem}", file)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"{file}: not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(file.parent))  # the file's own imports of its neighbours
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(file.parent))
+    module = getattr(mod, attr)()
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{ref} returned {type(module).__name__}, not a torch.nn.Module")
+    if weights and weights != "-":
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        module.load_state_dict(state)
+    return module.eval()
+
+
+def convert_command(ref: str, rest: Sequence[str], args: Any) -> int:
+    """The CLI: exit 0 written and checked, 1 the parity harness refused it, 2 not convertible."""
+    import sys
+    from pathlib import Path
+
+    from lookback.streaming.export import ExportError, export
+
+    if len(rest) != 2:
+        print(
+            "usage: lookback models convert module.py:build WEIGHTS.pt|- OUT_DIR [--hop N]", file=sys.stderr
+        )
+        return 2
+    weights, out = rest[0], Path(rest[1])
+    labels = args.labels.split(",") if args.labels else None
+    try:
+        model = convert(load_module(ref, weights), labels=labels, hop=args.hop)
+    except (ConversionError, ValueError, FileNotFoundError, AttributeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = args.model_name or out.resolve().parent.name
+    try:
+        report = export(model, out, name=name, version=out.name)
+    except ExportError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    states = ", ".join(
+        f"{n}{list(d.shape)}@{d.batch_axis}"
+        for n, d in zip(model.state_names(), model.state_decls(), strict=True)
+    )
+    print(report.text())
+    print(
+        f"converted {ref} -> {out}: hop {model.hop_samples} samples "
+        f"({1000 * model.hop_samples / model.sample_rate:g} ms), context {model.context_samples}, "
+        f"states {states or '-'}, labels {model.labels}"
+    )
+    return 0
