@@ -312,3 +312,59 @@ def test_the_worked_example_in_the_docs_runs(
     out = capsys.readouterr().out
     assert "['conv', 'gru']" in out and "[ok  ] onnx == torch" in out
     assert (tmp_path / "model_store/kws/1/model.json").is_file()
+
+
+CONVERTS = [
+    # (what, body on the filterbank's [B, 8, T], modules, expected states as (shape, batch axis))
+    (
+        "patch down-sampler k=2 s=2: no state",
+        lambda m, x: m["c"](x),
+        {"c": nn.Conv1d(8, 4, 2, stride=2)},
+        [],
+    ),
+    (
+        "k=9 s=2 aligned on the newest frame: 7 frames",
+        lambda m, x: m["c"](F.pad(x, (7, 0))),
+        {"c": nn.Conv1d(8, 4, 9, stride=2)},
+        [((8, 7), 0)],
+    ),
+    (
+        "k=9 s=2 aligned on the oldest frame: 8 frames",
+        lambda m, x: m["c"](F.pad(x, (8, 0))),
+        {"c": nn.Conv1d(8, 4, 9, stride=2)},
+        [((8, 8), 0)],
+    ),
+    (
+        "dilated depthwise then strided average pool",
+        lambda m, x: m["p"](F.pad(m["c"](F.pad(x, (6, 0))), (2, 0))),
+        {"c": nn.Conv1d(8, 8, 4, dilation=2, groups=8), "p": nn.AvgPool1d(3, stride=2)},
+        [((8, 6), 0), ((8, 2), 0)],
+    ),
+    (
+        "Conv2d over [B, C, T, F] (time on axis 2), frequency padded by the conv",
+        lambda m, x: m["c"](F.pad(x.transpose(1, 2).unsqueeze(1), (0, 0, 2, 0))).transpose(1, 2).flatten(2),
+        {"c": nn.Conv2d(1, 2, (3, 3), padding=(0, 1))},
+        [((1, 2, 8), 0)],
+    ),
+    (
+        "concat along channels of a conv and a delayed copy",
+        lambda m, x: torch.cat([m["c"](F.pad(x, (2, 0))), x], dim=1),
+        {"c": nn.Conv1d(8, 4, 3)},
+        [((8, 2), 0)],
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "body", "mods", "states"), CONVERTS, ids=[c[0] for c in CONVERTS])
+def test_look_back_ops_get_exactly_the_state_they_need(
+    what: str,
+    body: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    mods: dict[str, nn.Module],
+    states: list[tuple[tuple[int, ...], int]],
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(1)
+    model = convert(Wrap(body, **mods))
+    assert [(d.shape, d.batch_axis) for d in model.state_decls()] == states
+    report = export(model, tmp_path / "m" / "1", name="m")
+    assert report.ok, report.text()

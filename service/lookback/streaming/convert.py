@@ -389,7 +389,8 @@ class _Trace:
                         if frames % dt:
                             raise ConversionError(
                                 f"{self.where(node)}: {s0[m.time]} frames out of {_RUN_FRAMES[0]} input "
-                                "frames is not a whole stride (a stride that does not divide 96?)"
+                                "frames: the time axis is merged with another one, or a stride does not "
+                                "divide 96"
                             )
                         m.stride = frames // dt
             m.const = node not in dep and all(_same(vals[0], v) for v in vals[1:])
