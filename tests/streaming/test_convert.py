@@ -201,7 +201,9 @@ def test_a_module_over_lookback_features_with_pooling_and_depthwise_convs(tmp_pa
 class Wrap(nn.Module):
     """A filterbank, then ``body`` on [B, 8, T]."""
 
-    def __init__(self, body: Callable[[nn.Module, torch.Tensor], torch.Tensor], **mods: nn.Module) -> None:
+    def __init__(
+        self, body: Callable[[nn.ModuleDict, torch.Tensor], torch.Tensor], **mods: nn.Module
+    ) -> None:
         super().__init__()
         self.fb = nn.Conv1d(1, 8, 256, stride=128)
         self.mods = nn.ModuleDict(mods)
@@ -278,12 +280,47 @@ REFUSED = [
 @pytest.mark.parametrize(("what", "body", "mods", "message"), REFUSED, ids=[r[0] for r in REFUSED])
 def test_refuses_what_cannot_stream_and_says_why(
     what: str,
-    body: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    body: Callable[[nn.ModuleDict, torch.Tensor], torch.Tensor],
     mods: dict[str, nn.Module],
     message: str,
 ) -> None:
     with pytest.raises(ConversionError, match=message):
         convert(Wrap(body, **mods))
+
+
+class CellLoop(nn.Module):
+    """A GRUCell stepped by a Python loop over the frames: fx cannot trace the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fb = nn.Conv1d(1, 8, 256, stride=128)
+        self.cell = nn.GRUCell(8, 4)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        x = self.fb(audio.unsqueeze(1)).transpose(1, 2)
+        h = torch.zeros(x.shape[0], 4)
+        ys = []
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+            ys.append(h)
+        return torch.stack(ys, 1)
+
+
+def test_refuses_a_python_loop_over_the_frames() -> None:
+    with pytest.raises(
+        ConversionError, match=r"torch\.fx cannot trace CellLoop: .* loops over a tensor's length"
+    ):
+        convert(CellLoop())
+
+
+def test_refuses_merging_the_batch_axis() -> None:
+    def body(m: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+        b, c, t = x.shape
+        y = m["l"](x.transpose(1, 2).reshape(b * t, c))
+        return y.reshape(b, t, -1)
+
+    with pytest.raises(ConversionError, match=r"the batch axis is merged with another axis"):
+        convert(Wrap(body, l=nn.Linear(8, 1)))
 
 
 def test_refuses_a_module_without_a_filterbank_or_frontend() -> None:
@@ -358,7 +395,7 @@ CONVERTS = [
 @pytest.mark.parametrize(("what", "body", "mods", "states"), CONVERTS, ids=[c[0] for c in CONVERTS])
 def test_look_back_ops_get_exactly_the_state_they_need(
     what: str,
-    body: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    body: Callable[[nn.ModuleDict, torch.Tensor], torch.Tensor],
     mods: dict[str, nn.Module],
     states: list[tuple[tuple[int, ...], int]],
     tmp_path: Path,

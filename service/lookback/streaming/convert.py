@@ -382,6 +382,11 @@ class _Trace:
                     batch = [i for i in range(len(s0)) if s0[i] != s1[i]]
                     time = [i for i in range(len(s0)) if s0[i] != s2[i]]
                     m.batch = batch[0] if len(batch) == 1 else None
+                    if batch and batch == time:
+                        raise ConversionError(
+                            f"{self.where(node)}: the batch axis is merged with another axis (e.g. "
+                            "reshaped to [B*T, C]): every value must keep its own batch and time axes"
+                        )
                     if len(time) == 1:
                         m.time = time[0]
                         dt = s2[m.time] - s0[m.time]
@@ -506,6 +511,11 @@ class ConvertedBody(StreamingLayer):
                 continue  # sizes and other Python values: read where needed
             if timed_in is not None and m.time is None:
                 raise ConversionError(self._global(node, op))
+            if m.time is not None and m.batch is None:
+                raise ConversionError(
+                    f"{tr.where(node)}: the batch axis is merged with another axis (e.g. reshaped to "
+                    "[B*T, C]): every value must keep its own batch axis"
+                )
             if op == "unknown" or op == "unsupported":
                 raise ConversionError(
                     f"{tr.where(node)}: not convertible ({self._target(node)}); supported: Conv1d/Conv2d, "
