@@ -52,6 +52,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.action == "check":
         return _models_check(args)
+    if args.action == "convert":
+        return _models_convert(args)
     settings = Settings(**({"model_store": args.model_store} if args.model_store else {}))
     if args.action == "import":
         from lookback.engine.importer import import_model
@@ -131,6 +133,17 @@ def _models_check(args: argparse.Namespace) -> int:
     if not report.passed:
         return CHECK_FAIL
     return CHECK_PASS if report.ok else CHECK_UNVERIFIED
+
+
+def _models_convert(args: argparse.Namespace) -> int:
+    """``lookback models convert module.py:build weights.pt OUT_DIR``: a stock PyTorch module
+    -> its streaming twin, written only if the parity harness passes (needs torch)."""
+    try:
+        from lookback.streaming.convert import convert_command
+    except ImportError as exc:  # the server install has no torch
+        print(f"error: models convert needs torch (pip install -e '.[train]'): {exc}", file=sys.stderr)
+        return 2
+    return convert_command(args.name, args.rest, args)
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -229,8 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser(
         "models", help="list the store's models with their contract, import one, or check a model directory"
     )
-    m.add_argument("action", nargs="?", choices=["list", "import", "check"], default="list")
-    m.add_argument("name", nargs="?", default="silero-vad", help="import: model name; check: model directory")
+    m.add_argument("action", nargs="?", choices=["list", "import", "check", "convert"], default="list")
+    m.add_argument(
+        "name",
+        nargs="?",
+        default="silero-vad",
+        help="import: model name; check: model directory; convert: module.py:build (a function or class)",
+    )
+    m.add_argument("rest", nargs="*", help="convert: WEIGHTS.pt (or -) OUT_DIR")
+    m.add_argument("--hop", type=int, help="convert: the hop in samples the module must have")
+    m.add_argument("--labels", help="convert: comma-separated names of the score columns")
+    m.add_argument("--model-name", help="convert: the model's name (default: OUT_DIR's parent folder)")
     m.add_argument("--clip", action="append", type=Path, help="check: a real clip (WAV) to check on too")
     m.add_argument(
         "--reference",
