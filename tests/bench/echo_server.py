@@ -8,13 +8,19 @@ answered at once with a result message of the same shape and size as Lookback's;
 Lookback sends per model call (so the batch ceiling is comparable). ``end`` gets a summary
 and a 1000 close. ``/readyz`` reports open sessions like Lookback's.
 
-    python -m tests.bench.echo_server --port 8001 [--hop 128]
+With ``--direct`` the handler takes the WebSocket protocol's direct path
+(``lookback.websocket``) as Lookback's connections do: each message is a call, each reply
+a ``write_text``; without it, the ASGI ``receive``/``send`` calls of any ASGI app.
+
+    python -m tests.bench.echo_server --port 8001 [--hop 128] [--direct]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import uuid
+from typing import Any
 
 import orjson
 import uvicorn
@@ -22,11 +28,64 @@ from fastapi import FastAPI, WebSocket
 
 from lookback.server import uvicorn_config
 from lookback.settings import Settings
+from lookback.websocket import DIRECT
 
 SCORE = 0.12345679104328156  # a float32 score written as a double, as Lookback writes it
 
 
-def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI:
+class DirectEcho:
+    """The echo as a FrameSink: each message a call, each reply written at once."""
+
+    def __init__(
+        self, proto: Any, hop_frames: int, frame_bytes: int, hop_seconds: float, batch: bool
+    ) -> None:
+        self.proto, self.hop_frames, self.frame_bytes = proto, hop_frames, frame_bytes
+        self.hop_seconds, self.batch = hop_seconds, batch
+        self.frames = self.steps = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_binary(self, data: bytes) -> None:
+        self.frames += len(data) // self.frame_bytes
+        n = self.frames // self.hop_frames - self.steps
+        if n <= 0:
+            return
+        write, hs = self.proto.write_text, self.hop_seconds
+        if self.batch:
+            times = [(self.steps + i + 1) * hs for i in range(n)]
+            body = {"type": "results", "step": self.steps, "times": times, "scores": {"speech": [SCORE] * n}}
+            write(orjson.dumps(body))
+            self.steps += n
+            return
+        for _ in range(n):
+            step = self.steps
+            write(
+                orjson.dumps(
+                    {"type": "result", "step": step, "time": (step + 1) * hs, "scores": {"speech": SCORE}}
+                )
+            )
+            self.steps += 1
+
+    def on_text(self, text: str) -> None:
+        body = orjson.loads(text or "{}")
+        if isinstance(body, dict) and body.get("type") == "end":
+            summary = {
+                "type": "summary",
+                "frames": self.frames,
+                "steps": self.steps,
+                "failed_steps": 0,
+                "padded_samples": 0,
+                "duration": self.steps * self.hop_seconds,
+                "events": [],
+            }
+            self.proto.write_text(orjson.dumps(summary))
+            self.proto.close(1000, "normal")
+
+    def on_disconnect(self, code: int) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def create_echo_app(hop_samples: int = 128, frame_samples: int = 128, direct: bool = False) -> FastAPI:
     app = FastAPI(title="Lookback echo ceiling")
     state = {"sessions": 0}
     hop_frames = max(1, hop_samples // frame_samples)
@@ -68,6 +127,12 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI
                     ).decode(),
                 }
             )
+            proto = ws.scope.get("extensions", {}).get(DIRECT)
+            if direct and proto is not None:
+                sink = DirectEcho(proto, hop_frames, frame_bytes, hop_seconds, batch)
+                proto.attach(sink)
+                await sink.done
+                return
             frames = 0
             steps = 0
             while True:
@@ -152,15 +217,16 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128) -> FastAPI
     return app
 
 
-def serve(port: int, hop: int, settings: Settings | None = None) -> None:
+def serve(port: int, hop: int, settings: Settings | None = None, direct: bool = False) -> None:
     """uvicorn exactly as ``lookback.server.serve`` configures it (minus the drain)."""
     s = settings or Settings()
-    uvicorn.Server(uvicorn_config(create_echo_app(hop), s, port=port)).run()
+    uvicorn.Server(uvicorn_config(create_echo_app(hop, direct=direct), s, port=port)).run()
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=8001)
     ap.add_argument("--hop", type=int, default=128)
+    ap.add_argument("--direct", action="store_true", help="the WebSocket direct path, as Lookback")
     a = ap.parse_args()
-    serve(a.port, a.hop)
+    serve(a.port, a.hop, direct=a.direct)

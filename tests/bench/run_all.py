@@ -194,8 +194,19 @@ def proc_status(pid: int) -> dict[str, int]:
 class Server:
     """A server subprocess pinned to ``cpu``: started, polled for /readyz, SIGTERM-stopped."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, cpu: int | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        port: int,
+        cpu: int | None,
+        *,
+        cwd: Path = REPO,
+        ready_path: str | None = "/readyz",
+    ) -> None:
         self.name, self.argv, self.port, self.cpu = name, argv, port, cpu
+        self.cwd, self.ready_path = cwd, ready_path
         self.env = {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
         fd, name_ = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")
@@ -220,15 +231,25 @@ class Server:
 
         with open(self.logpath, "wb") as logfile:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, cwd=REPO, stdout=logfile, stderr=subprocess.STDOUT, preexec_fn=pin
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                preexec_fn=pin,
             )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n" + self.log_tail())
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
+            if self.ready_path is None:  # a server that answers only WebSockets: its port
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
                     return self
+            else:
+                with contextlib.suppress(httpx.HTTPError):
+                    url = f"http://127.0.0.1:{self.port}{self.ready_path}"
+                    if httpx.get(url, timeout=2).status_code == 200:
+                        return self
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name} not ready after 180 s:\n{self.log_tail()}")

@@ -1,0 +1,418 @@
+"""Old code against new, side by side in one run: the data plane's figures (issue 25).
+
+The old code is a git worktree of ``--old`` (default: the commit the data-plane work started
+from), served by the same interpreter with its own ``service/`` first on the path. Every
+figure is a pair measured back to back on the same machine (server pinned to CPU 0, load
+generator to CPU 1), because this VM moves 30% from minute to minute:
+
+- ``fpm1``, ``fpm4``, ``fpm10``, ``fpm10_batch`` (default model), ``silero1``, ``silero4``:
+  the ramp's real-time sessions at p99 <= 20 ms, nothing lost, old then new; the load
+  generator's CPU at each max (on 2 cores the client can become the limit);
+- ``fpm1_binary``: the new server with ``result_format=binary`` against JSON;
+- ``cpu150``: server CPU per result at a fixed 150 real-time sessions, old and new;
+- ``points``: at 50% / 90% / 100% of the new max (1 frame/msg): p50/p99, rows per batch
+  (``lookback_batch_size``), the model's share of the server's CPU
+  (``lookback_model_cpu_share``) and the server's CPU, for old and new at the same loads.
+
+    python -m tests.bench.ab_bench [--old REV] [--quick] [--only fpm1,cpu150,...]
+
+Writes ``tests/bench/results/<date>-<host>-ab.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from lookback.loadtest.config import LoadConfig
+from lookback.loadtest.fanout import run_load
+from lookback.loadtest.ramp import ramp
+from lookback.loadtest.report import format_ramp
+from tests.bench.run_all import FIXTURE, REPO, RESULTS, Server, cpus, log, proc_cpu_seconds
+from tests.support import free_port
+
+BASE_REV = "0189e1e"  # the commit issue 25 (the data plane) started from
+STEPS = (
+    "echo",
+    "cpu150",
+    "fpm1",
+    "points",
+    "fpm4",
+    "fpm10",
+    "fpm10_batch",
+    "fpm1_binary",
+    "silero1",
+    "silero4",
+)
+ECHOES = ("old_asgi", "new_asgi", "new_direct", "picows")
+SILERO = "silero-vad"
+DEFAULT = "lookback-vad"
+
+
+def old_tree(rev: str) -> Path:
+    """A worktree of ``rev`` under tests/bench/out (made once), Silero linked into its store."""
+    path = REPO / "tests" / "bench" / "out" / f"ab-{rev}"
+    if not (path / "service").is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
+    silero, link = REPO / "model_store" / SILERO, path / "model_store" / SILERO
+    if silero.is_dir() and not link.exists():
+        link.symlink_to(silero, target_is_directory=True)
+    return path
+
+
+def server(tree: Path | None, model: str, cpu: int | None, **env: Any) -> Server:
+    """``lookback serve`` of this tree (None) or of an old worktree."""
+    port = free_port()
+    base = {
+        "LOOKBACK_HOST": "127.0.0.1",
+        "LOOKBACK_PORT": str(port),
+        "LOOKBACK_LOG_LEVEL": "warning",
+        "LOOKBACK_MODELS": model,
+        "LOOKBACK_DEFAULT_MODEL": model,
+        "LOOKBACK_MAX_SESSIONS": "4200",
+        **{f"LOOKBACK_{k.upper()}": str(v) for k, v in env.items()},
+    }
+    if tree is not None:
+        base["PYTHONPATH"] = str(tree / "service")
+    name = f"{'old' if tree else 'new'}-{model}"
+    return Server(name, [sys.executable, "-m", "lookback.cli", "serve"], base, port, cpu)
+
+
+_SCRAPED = frozenset(
+    {
+        "lookback_batch_size_sum",
+        "lookback_batch_size_count",
+        "lookback_model_cpu_share",
+        "lookback_process_busy_ratio",
+    }
+)
+
+
+def scrape(port: int, model_key: str) -> dict[str, float]:
+    """Batch-size histogram sum/count and the new gauges, for one model."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.labels.get("model") != model_key:
+                continue
+            if s.name in _SCRAPED:
+                out[s.name] = s.value
+    return out
+
+
+class AB:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.old = old_tree(args.old)
+        cs = cpus()
+        self.server_cpu = cs[0] if len(cs) >= 2 else None
+        self.client_cpus = cs[1:] if len(cs) >= 2 else None
+        self.quick = args.quick
+        self.results: dict[str, Any] = {"old_rev": args.old}
+
+    def cfg(self, url: str, model: str, fpm: int, **kw: Any) -> LoadConfig:
+        return LoadConfig(
+            urls=[url],
+            warmup=0.5 if self.quick else 2.0,
+            duration=1.5 if self.quick else 6.0,
+            wav=str(FIXTURE),
+            frames_per_message=fpm,
+            p99_ms=20.0,
+            cpus=self.client_cpus,
+            end_timeout=6.0,
+            quiet=False,
+            model=model,
+            **kw,
+        )
+
+    def ramp_pair(self, model: str, fpm: int, **kw: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        trees: list[tuple[str, Path | None]] = [("old", self.old), ("new", None)]
+        for name, tree in trees:
+            if name == "old" and kw.get("result_format", "json") != "json":
+                continue
+            with server(tree, model, self.server_cpu) as srv:
+                start = max(8, int(out.get("old", {}).get("max_sessions", 64) * 0.75))
+                res = ramp(
+                    self.cfg(srv.url, model, fpm, **kw),
+                    start=start,
+                    max_sessions=4000,
+                    max_trials=3 if self.quick else 8,
+                    max_time=25.0 if self.quick else 150.0,
+                )
+                print(format_ramp(res), file=sys.stderr, flush=True)
+                best = res.get("best") or {}
+                out[name] = {
+                    "max_sessions": res["max_sessions"],
+                    "client_bottleneck": res["client_bottleneck"],
+                    "client_cpu_at_max": (best.get("client") or {}).get("cpu_total"),
+                    "p99_ms_at_max": (best.get("latency_ms") or {}).get("p99"),
+                    "trials": res["trials"],
+                }
+        if "old" in out and out["old"]["max_sessions"]:
+            out["ratio"] = out["new"]["max_sessions"] / out["old"]["max_sessions"]
+        log(
+            f"{model} fpm {fpm} {kw}: "
+            + ", ".join(f"{k} {v['max_sessions']}" for k, v in out.items() if k != "ratio")
+        )
+        return out
+
+    def fixed(self, tree: Path | None, model: str, n: int, fpm: int = 1) -> dict[str, Any]:
+        """A fixed load of ``n`` sessions: the server's CPU over the middle of the window,
+        rows per batch and the model's CPU share over it, latency."""
+        with server(tree, model, self.server_cpu) as srv:
+            cfg = replace(self.cfg(srv.url, model, fpm), sessions=n)
+            key = f"{model}/1" if model == DEFAULT else f"{model}/6.2.3"
+            window: dict[str, Any] = {}
+            done = threading.Event()
+
+            def sample() -> None:
+                deadline = time.monotonic() + 120
+                while not done.is_set() and time.monotonic() < deadline:
+                    try:
+                        if int(httpx.get(f"{srv.url.replace('ws', 'http')}/readyz").json()["sessions"]) >= n:
+                            break
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        pass
+                    done.wait(0.05)
+                if done.wait(0.2 + cfg.warmup):
+                    return
+                m0, c0, w0 = scrape(srv.port, key), proc_cpu_seconds(srv.pid), time.monotonic()
+                if done.wait(0.8 * cfg.duration):
+                    return
+                m1, c1, w1 = scrape(srv.port, key), proc_cpu_seconds(srv.pid), time.monotonic()
+                batches = m1.get("lookback_batch_size_count", 0) - m0.get("lookback_batch_size_count", 0)
+                rows = m1.get("lookback_batch_size_sum", 0) - m0.get("lookback_batch_size_sum", 0)
+                window.update(
+                    cpu_share=(c1 - c0) / (w1 - w0),
+                    rows_per_batch=rows / batches if batches else None,
+                    model_cpu_share=m1.get("lookback_model_cpu_share"),
+                    results_per_s=rows / (w1 - w0),
+                )
+
+            th = threading.Thread(target=sample, daemon=True)
+            th.start()
+            try:
+                res = run_load(cfg)
+            finally:
+                done.set()
+                th.join()
+        lat = res.get("latency_ms") or {}
+        out = {
+            "sessions": n,
+            "passed": bool(res.get("passed")),
+            "p50_ms": lat.get("p50"),
+            "p99_ms": lat.get("p99"),
+            "lost": res.get("lost_results"),
+            "client_cpu": (res.get("client") or {}).get("cpu_total"),
+            **window,
+        }
+        if window.get("results_per_s"):
+            out["server_us_per_result"] = window["cpu_share"] / window["results_per_s"] * 1e6
+        return out
+
+    # -- steps -------------------------------------------------------------------------------
+    def echo_server(self, kind: str) -> Server:
+        """The echo ceiling's server on one transport (see ``ECHOES``)."""
+        port = free_port()
+        env = {"LOOKBACK_HOST": "127.0.0.1", "LOOKBACK_LOG_LEVEL": "warning", "LOOKBACK_MAX_SESSIONS": "4200"}
+        py = sys.executable
+        if kind == "old_asgi":  # the old tree's own echo server and lookback
+            env["PYTHONPATH"] = f"{self.old / 'service'}{os.pathsep}{self.old}"
+            argv = [py, "-m", "tests.bench.echo_server", "--port", str(port)]
+            return Server("echo-old", argv, env, port, self.server_cpu, cwd=self.old)
+        if kind == "picows":
+            argv = [py, "-m", "tests.bench.echo_picows", "--port", str(port)]
+            return Server("echo-picows", argv, env, port, self.server_cpu, ready_path=None)
+        argv = [py, "-m", "tests.bench.echo_server", "--port", str(port)]
+        if kind == "new_direct":
+            argv.append("--direct")
+        return Server(f"echo-{kind}", argv, env, port, self.server_cpu)
+
+    def step_echo(self) -> dict[str, Any]:
+        """The echo ceiling (no model, a reply per hop) of each transport tried."""
+        out: dict[str, Any] = {}
+        for kind in ECHOES:
+            if kind == "picows" and importlib.util.find_spec("picows") is None:
+                out[kind] = {"skipped": "picows is not installed"}
+                continue
+            with self.echo_server(kind) as srv:
+                res = ramp(
+                    self.cfg(srv.url, DEFAULT, 1),
+                    start=128,
+                    max_sessions=4000,
+                    max_trials=3 if self.quick else 8,
+                    max_time=25.0 if self.quick else 150.0,
+                )
+                print(format_ramp(res), file=sys.stderr, flush=True)
+                best = res.get("best") or {}
+                out[kind] = {
+                    "max_sessions": res["max_sessions"],
+                    "client_bottleneck": res["client_bottleneck"],
+                    "client_cpu_at_max": (best.get("client") or {}).get("cpu_total"),
+                }
+            log(f"echo {kind}: {out[kind]['max_sessions']}")
+        return out
+
+    def step_cpu150(self) -> dict[str, Any]:
+        n = 40 if self.quick else 150
+        out = {"old": self.fixed(self.old, DEFAULT, n), "new": self.fixed(None, DEFAULT, n)}
+        o, w = out["old"].get("server_us_per_result"), out["new"].get("server_us_per_result")
+        if o and w:
+            out["ratio_new_over_old"] = w / o
+        log(f"cpu at {n} sessions: old {o} us/result, new {w} us/result")
+        return out
+
+    def step_fpm1(self) -> dict[str, Any]:
+        return self.ramp_pair(DEFAULT, 1)
+
+    def step_points(self) -> dict[str, Any]:
+        top = (self.results.get("fpm1") or {}).get("new", {}).get("max_sessions") or 400
+        out: dict[str, Any] = {}
+        for frac in (0.5, 0.9, 1.0):
+            n = max(4, int(top * frac))
+            out[f"{frac:g}"] = {
+                "sessions": n,
+                "old": self.fixed(self.old, DEFAULT, n),
+                "new": self.fixed(None, DEFAULT, n),
+            }
+        return out
+
+    def step_fpm4(self) -> dict[str, Any]:
+        return self.ramp_pair(DEFAULT, 4)
+
+    def step_fpm10(self) -> dict[str, Any]:
+        return self.ramp_pair(DEFAULT, 10)
+
+    def step_fpm10_batch(self) -> dict[str, Any]:
+        return self.ramp_pair(DEFAULT, 10, results="batch")
+
+    def step_fpm1_binary(self) -> dict[str, Any]:
+        out = self.ramp_pair(DEFAULT, 1, result_format="binary")
+        json_max = (self.results.get("fpm1") or {}).get("new", {}).get("max_sessions")
+        if json_max:
+            out["ratio_binary_over_json"] = out["new"]["max_sessions"] / json_max
+        return out
+
+    def step_silero1(self) -> dict[str, Any]:
+        return self.ramp_pair(SILERO, 1)
+
+    def step_silero4(self) -> dict[str, Any]:
+        return self.ramp_pair(SILERO, 4)
+
+    def run(self, steps: list[str]) -> dict[str, Any]:
+        for name in steps:
+            log(f"--- {name} ---")
+            t = time.monotonic()
+            try:
+                self.results[name] = getattr(self, f"step_{name}")()
+            except Exception as exc:  # one failed step must not lose the others
+                log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+                self.results[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            self.results[name]["step_s"] = time.monotonic() - t
+        return self.results
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def to_markdown(res: dict[str, Any]) -> str:
+    lines = [f"# Data plane, old ({res['old_rev']}) against new, one run", ""]
+    echo = res.get("echo") or {}
+    if echo:
+        lines += [
+            _row("echo ceiling (1 frame/msg)", "sessions", "client CPU at max"),
+            _row("---", "---", "---"),
+        ]
+        for kind in ECHOES:
+            e = echo.get(kind) or {}
+            bound = " (client-bound)" if e.get("client_bottleneck") else ""
+            top = e.get("max_sessions", e.get("skipped", "–"))
+            lines.append(_row(kind, f"{top}{bound}", _f(e.get("client_cpu_at_max"))))
+        lines.append("")
+    lines += [
+        _row("step", "old max", "new max", "new / old", "client CPU at new max"),
+        _row("---", "---", "---", "---", "---"),
+    ]
+    for name in STEPS:
+        r = res.get(name) or {}
+        new = r.get("new") or {}
+        if "max_sessions" not in new:
+            continue
+        bound = " (client-bound)" if new.get("client_bottleneck") else ""
+        ratio = r.get("ratio") or r.get("ratio_binary_over_json")
+        old = (r.get("old") or {}).get("max_sessions", "")
+        lines.append(
+            _row(name, old, f"{new['max_sessions']}{bound}", _f(ratio), _f(new.get("client_cpu_at_max")))
+        )
+    c = res.get("cpu150") or {}
+    if "new" in c:
+        head = ("fixed load", "sessions", "server CPU (cores)", "µs per result", "rows per batch")
+        lines += ["", _row(*head, "model CPU share", "p50 / p99 ms"), _row(*["---"] * 7)]
+        rows = [("cpu150 old", c["old"]), ("cpu150 new", c["new"])]
+        for frac, p in (res.get("points") or {}).items():
+            if isinstance(p, dict) and "new" in p:
+                rows += [(f"{frac} of new max, old", p["old"]), (f"{frac} of new max, new", p["new"])]
+        for label, r in rows:
+            lat = f"{_f(r.get('p50_ms'), '.1f')} / {_f(r.get('p99_ms'), '.1f')}"
+            lines.append(
+                _row(
+                    label,
+                    r.get("sessions"),
+                    _f(r.get("cpu_share")),
+                    _f(r.get("server_us_per_result"), ".1f"),
+                    _f(r.get("rows_per_batch"), ".1f"),
+                    _f(r.get("model_cpu_share")),
+                    lat,
+                )
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: Any, spec: str = ".2f") -> str:
+    return format(v, spec) if isinstance(v, int | float) else "–"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--old", default=BASE_REV, help="git revision of the old code")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", help=f"comma-separated steps of {','.join(STEPS)}")
+    args = p.parse_args(argv)
+    steps = args.only.split(",") if args.only else list(STEPS)
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        p.error(f"unknown steps: {sorted(unknown)}")
+    ab = AB(args)
+    res = ab.run(steps)
+    res["host"] = socket.gethostname()
+    res["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    res["cpus"] = os.cpu_count()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{dt.date.today().isoformat()}-{socket.gethostname()}-ab"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    md = to_markdown(res)
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
