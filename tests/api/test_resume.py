@@ -191,7 +191,8 @@ async def test_snapshot_of_a_changed_model_is_incompatible(srv: Server, default_
     snap.graph_sha256 = "f" * 64
     state = ResumeState("C" * 22, "owner", key_fingerprint("k1"))
     await svc.resumer.issue(state)
-    assert (await svc.resumer.store.sync([Put(state.sid, "owner", snap.encode(), release=True)])) == [True]
+    sealed = svc.resumer.seal(state, snap.encode())
+    assert (await svc.resumer.store.sync([Put(state.sid, "owner", sealed, release=True)])) == [True]
     assert await refusal(url(srv, resume=state.token)) == ("resume_incompatible", 4466)
     # a snapshot of another format version, and a damaged one: each its own code
     good = snap.encode()
@@ -201,7 +202,8 @@ async def test_snapshot_of_a_changed_model_is_incompatible(srv: Server, default_
     ):
         st = ResumeState(code[-7:].rjust(22, "D"), "owner", key_fingerprint("k1"))
         await svc.resumer.issue(st)
-        assert (await svc.resumer.store.sync([Put(st.sid, "owner", blob, release=True)])) == [True]
+        sealed = svc.resumer.seal(st, blob)
+        assert (await svc.resumer.store.sync([Put(st.sid, "owner", sealed, release=True)])) == [True]
         assert await refusal(url(srv, resume=st.token)) == (code, 4466)
     assert svc.engine.resolve("silero-vad").table.used == 0  # nothing leaked
     assert first["resume_token"]

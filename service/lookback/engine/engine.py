@@ -140,7 +140,15 @@ class Engine:
             inline=inline_model_calls(s.model_calls, step.provider),
         )
         return ServedModel(
-            sm.spec, sm.path, step_compute, table, batcher, seq, step_compute.multistep, max_steps
+            sm.spec,
+            sm.path,
+            step_compute,
+            table,
+            batcher,
+            seq,
+            step_compute.multistep,
+            max_steps,
+            self.settings.session_events_kept,
         )
 
     # -- lookup ----------------------------------------------------------------------------
