@@ -184,6 +184,7 @@ class LookbackClient:
                 else:
                     self.resumes += 1
                     backoff = 0.1
+                    st.rotated = 0
                 sender = asyncio.create_task(st.send(ws, realtime))
                 try:
                     async for raw in ws:

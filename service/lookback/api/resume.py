@@ -187,7 +187,7 @@ class Resumer:
         self._configured = settings.resume_secret is not None
         if settings.resume_secret is not None:
             self._current = self._adopt(settings.resume_secret.get_secret_value().encode())
-        self._next_refresh = 0.0  # an unknown key id asks the store at most this often
+        self._refreshed = -SECRET_REFRESH_S  # monotonic time of the last refresh
         self._task: asyncio.Task[None] | None = None
         self.connections: Iterable[Resumable] = ()
         self._next_ping = 0.0
@@ -235,7 +235,7 @@ class Resumer:
         (current first) and adopts the store's: the one it then signs with, and every
         other one it knows, which it accepts.
         """
-        self._next_refresh = time.monotonic() + SECRET_REFRESH_S / 4
+        self._refreshed = time.monotonic()
         if self._configured:
             return
         offer = [self._keys[k][0] for k in reversed(self._keys)]
@@ -286,7 +286,7 @@ class Resumer:
         if m is None:
             raise LookbackError("resume token is malformed", code="resume_token_invalid")
         sid, kid, tag = m.groups()
-        if kid not in self._keys and time.monotonic() >= self._next_refresh:
+        if kid not in self._keys and time.monotonic() - self._refreshed >= SECRET_REFRESH_S / 4:
             await self.refresh()  # signed by a replica whose secret this one has not seen yet
         if self._current is None:
             raise LookbackError("state store unreachable: cannot resume now", code="resume_unavailable")
@@ -437,7 +437,7 @@ class Resumer:
         for tick in itertools.count():
             await asyncio.sleep(interval / ticks)  # the checkpoint period, not a wait for a condition
             try:
-                if time.monotonic() >= self._next_refresh + SECRET_REFRESH_S * 3 / 4:
+                if time.monotonic() - self._refreshed >= SECRET_REFRESH_S:
                     await self.refresh()  # a store that restarted empty gets the secrets back
                 await self.checkpoint(tick % ticks, ticks)
             except Exception:  # a failed tick must not end checkpointing
