@@ -86,3 +86,37 @@ async def test_client_resumes_transparently(srv: Server, speech_clip: np.ndarray
 
     assert norm(got[1:]) == norm(ref[1:])  # results, events and summary, bit for bit
     assert sum(m["type"] == "result" for m in got) == ref[-1]["steps"]
+
+
+async def test_client_retries_a_rotated_secret_briefly_then_says_so(
+    silero_model: str, speech_clip: np.ndarray
+) -> None:
+    """A resume answered resume_secret_rotated (no replica holds the token's secret) is
+    retried a few times, as another replica may yet re-offer it, then raised with its code."""
+    from lookback.client import MAX_ROTATED_TRIES, LookbackClientError
+
+    messages = frames_of(speech_clip, 4)
+    first = make_settings(snapshot_interval_s=0.05, resume_secret="a" * 32)
+    second = make_settings(snapshot_interval_s=0.05, resume_secret="b" * 32)
+    with running_server(first) as one, running_server(second) as two:
+        relay = Relay(one.port)
+        await relay.start()
+        client = LookbackClient(f"http://127.0.0.1:{relay.port}")
+
+        async def source() -> AsyncIterator[bytes]:
+            for i, m in enumerate(messages):
+                if i == 100:
+                    await asyncio.sleep(0.2)  # a checkpoint lands: the token is durable
+                    relay.target = two.port  # the session's replica is gone; the other never knew it
+                    relay.cut()
+                yield m
+
+        try:
+            with pytest.raises(LookbackClientError) as err:
+                async for _ in client.stream(source(), model="silero-vad"):
+                    pass
+        finally:
+            await relay.stop()
+        assert err.value.code == "resume_secret_rotated"
+        m = two.get("/metrics").text
+        assert f'lookback_resumes_total{{outcome="rotated"}} {MAX_ROTATED_TRIES + 1}.0' in m

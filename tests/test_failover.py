@@ -19,10 +19,12 @@ from typing import Any
 
 import httpx
 import orjson
+import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from lookback.state_store import Put
-from lookback.state_store.redis import RedisStore
+from lookback.state_store import NEEDS_SNAPSHOT, WRITTEN, Put
+from lookback.state_store.memory import MemoryStore
+from lookback.state_store.redis import SECRET_KEY, RedisStore
 from tests.api.resume_util import Inbox
 from tests.api.ws_util import ws_connect
 from tests.conftest import Spawned, spawn_server
@@ -209,3 +211,99 @@ async def test_redis_down_at_start_then_back_then_lost_mid_stream(tmp_path: Path
                 assert time.monotonic() < deadline, "readyz never reported the lost store"
                 await asyncio.sleep(0.05)
             assert 'lookback_state_store_up{kind="redis"} 0.0' in (await http.get("/metrics")).text
+
+
+async def resume_on(replica: Spawned, token: str, **q: int) -> tuple[Any, dict[str, Any]]:
+    """Resume on one replica, retrying what a client retries: the old owner's lease, a
+    store not reached yet, a secret the replicas have not re-offered yet."""
+    extra = "".join(f"&{k}={v}" for k, v in q.items())
+    deadline = time.monotonic() + 30
+    while True:
+        ws = await ws_connect(f"{replica.ws}/v1/stream?resume={token}{extra}")
+        first = orjson.loads(await ws.recv())
+        if first["type"] == "ready":
+            return ws, first
+        await ws.close()
+        assert first["code"] in ("resume_conflict", "resume_unavailable", "resume_secret_rotated"), first
+        assert time.monotonic() < deadline, f"{replica.url} never resumed the session: {first}"
+        await asyncio.sleep(0.1)  # client backoff between attempts
+
+
+async def durable_then_dropped(ws: Any, inbox: Inbox, reader: Any, pcm: bytes, samples: int) -> None:
+    await send_pcm(ws, pcm, end=False)
+    await inbox.wait_for(lambda ms: any(m["type"] == "checkpoint" and m["samples"] == samples for m in ms))
+    ws.transport.abort()
+    await reader
+
+
+async def test_resumes_across_replicas_survive_an_empty_redis_restart(
+    tmp_path: Path, silero_model: str
+) -> None:
+    """Redis without persistence restarts empty mid-run and a replica born in the gap
+    sets a new shared secret. Tokens issued before still resume on every replica (the
+    replicas re-offer their secrets), and tokens issued after resume across replicas too."""
+    port = free_port()
+    env = {
+        "LOOKBACK_MODELS": "silero-vad",
+        "LOOKBACK_DEFAULT_MODEL": "silero-vad",
+        "LOOKBACK_SNAPSHOT_INTERVAL_S": "0.1",
+        "LOOKBACK_RESUME_LEASE_S": "1.0",
+        "LOOKBACK_STATE_STORE": f"redis://127.0.0.1:{port}/0",
+    }
+    with contextlib.ExitStack() as stack:
+        first_redis = redis_server(tmp_path, port=port)
+        first_redis.__enter__()
+        a, b = (stack.enter_context(spawn_server(tmp_path, **env)) for _ in range(2))
+        inbox = Inbox()
+        ws = await ws_connect(f"{a.ws}/v1/stream?model=silero-vad&resumable=1")
+        reader = asyncio.create_task(inbox.run(ws))
+        await send_pcm(ws, PCM[: 30 * MSG], end=False)
+        await inbox.wait_for(
+            lambda ms: any(m["type"] == "checkpoint" and m["samples"] == 30 * MSG // 2 for m in ms)
+        )
+        token = inbox.msgs[0]["resume_token"]
+        assert token
+
+        first_redis.__exit__(None, None, None)  # Redis gone, and back empty on the same port
+        (tmp_path / "again").mkdir()
+        stack.enter_context(redis_server(tmp_path / "again", port=port))
+        newborn = aioredis.from_url(env["LOOKBACK_STATE_STORE"])
+        assert await newborn.set(SECRET_KEY, b"n" * 32, nx=True)  # what a replica starting now does
+        await newborn.aclose()
+        c = stack.enter_context(spawn_server(tmp_path, **env))
+
+        await durable_then_dropped(ws, inbox, reader, PCM[30 * MSG : 40 * MSG], 40 * MSG // 2)
+
+        # a token of before the restart, on the replica that never saw the old store
+        ws, ready = await resume_on(c, token, sent=40 * MSG // 2)
+        assert ready["resumed"] is True and ready["replay_from_sample"] == 40 * MSG // 2
+        inbox = Inbox([ready])
+        reader = asyncio.create_task(inbox.run(ws))
+        await durable_then_dropped(ws, inbox, reader, PCM[40 * MSG : 60 * MSG], 60 * MSG // 2)
+        # a token issued after it (the new shared secret), on another replica
+        ws, ready = await resume_on(b, ready["resume_token"])
+        assert ready["replay_from_sample"] == 60 * MSG // 2
+        more: list[dict[str, Any]] = []
+        reader = asyncio.create_task(collect(ws, more))
+        await send_pcm(ws, PCM[60 * MSG : 80 * MSG])
+        await reader
+        assert more[-1]["type"] == "summary" and more[-1]["steps"] == 80 * MSG // 1024
+
+
+async def test_a_lease_renewal_asks_for_the_snapshot_a_store_lost(tmp_path: Path) -> None:
+    """An idle session only renews its lease; if the store lost its snapshot (restarted
+    empty, or the window passed) the renewal says so, and the next turn writes one."""
+    with redis_server(tmp_path) as url:
+        store = RedisStore(url, window_s=60, lease_s=5, tomb_s=60)
+        await store.start()
+        assert await store.sync([Put("s1", "a", b"snap")]) == [WRITTEN]
+        assert await store.sync([Put("s1", "a", None)]) == [WRITTEN]
+        await store._r.flushall()  # what a restart without persistence leaves
+        assert await store.sync([Put("s1", "a", None)]) == [NEEDS_SNAPSHOT]
+        assert await store.sync([Put("s1", "a", b"snap")]) == [WRITTEN]
+        assert await store.claim("s1", "a") == ("ok", b"snap")
+        await store.stop()
+    memory = MemoryStore(window_s=0.05, lease_s=5, tomb_s=60)
+    assert await memory.sync([Put("s1", "a", b"snap")]) == [WRITTEN]
+    await asyncio.sleep(0.1)  # the resume window itself is what is under test
+    assert await memory.sync([Put("s1", "a", None)]) == [NEEDS_SNAPSHOT]

@@ -24,6 +24,10 @@ from websockets.exceptions import InvalidStatus
 from lookback.protocol import decode_results_binary, split_results
 
 FRAME = 128
+# Resume refusals worth another try: the old owner's lease (conflict), a store briefly
+# unreachable, a secret another replica has not re-offered yet (after an empty store restart).
+RETRY_RESUME = ("resume_conflict", "resume_unavailable", "resume_secret_rotated")
+MAX_ROTATED_TRIES = 6  # about 4 s of backoff: the replicas re-offer their secrets every second
 
 
 class LookbackClientError(Exception):
@@ -124,7 +128,9 @@ class LookbackClient:
         durable (kept in a buffer of at most ``replay_buffer_s`` seconds, trimmed at each
         ``checkpoint``) and drops the duplicate results and events the new server re-sends.
         ``checkpoint`` messages are consumed here, not yielded; ``self.resumes`` counts
-        the resumes of the last stream.
+        the resumes of the last stream. A resume refused as ``resume_conflict``,
+        ``resume_unavailable`` or (a few times) ``resume_secret_rotated`` is retried;
+        other refusals raise ``LookbackClientError`` with their code.
         """
         st = _ResumeStream(messages, 4 if encoding == "pcm_f32le" else 2, replay_buffer_s, frame_seconds)
         self.resumes = 0
@@ -167,10 +173,13 @@ class LookbackClient:
             async with conn as ws:
                 ready = orjson.loads(await ws.recv())
                 if ready.get("type") == "error":
-                    if not first and ready["code"] == "resume_conflict":  # old owner's lease
-                        backoff = await self._retry(st, backoff, max_resumes, None)
+                    code = ready["code"]
+                    if code == "resume_secret_rotated":
+                        st.rotated += 1
+                    if not first and code in RETRY_RESUME and st.rotated <= MAX_ROTATED_TRIES:
+                        backoff = await self._retry(st, backoff, max_resumes, code)
                         continue
-                    raise LookbackClientError(ready["code"], ready["message"])
+                    raise LookbackClientError(code, ready["message"])
                 st.on_ready(ready)
                 if first:
                     yield ready
@@ -178,6 +187,7 @@ class LookbackClient:
                 else:
                     self.resumes += 1
                     backoff = 0.1
+                    st.rotated = 0
                 sender = asyncio.create_task(st.send(ws, realtime))
                 try:
                     async for raw in ws:
@@ -249,6 +259,7 @@ class _ResumeStream:
         self.events_seen = 0
         self.skip_events = 0
         self.attempts = 0
+        self.rotated = 0  # resume_secret_rotated answers so far
         self.t0: float | None = None
         self._pulling: asyncio.Future[bytes | None] | None = None
 

@@ -166,6 +166,7 @@ RESUME_OUTCOMES = (
     "conflict",
     "incompatible",
     "unavailable",
+    "rotated",
     "error",
 )
 

@@ -38,6 +38,7 @@ class Close(IntEnum):
     RESUME_CONFLICT = 4465  # another connection owns the session now
     RESUME_INCOMPATIBLE = 4466  # the model changed since the snapshot
     RESUME_UNAVAILABLE = 4467  # resume is off or the state store is unreachable
+    RESUME_ROTATED = 4468  # the token's resume secret is held by no replica any more
 
 
 CLOSE_CODES: dict[Close, str] = {
@@ -60,6 +61,7 @@ CLOSE_CODES: dict[Close, str] = {
     Close.RESUME_CONFLICT: "resume refused: another connection owns the session (retry after the lease)",
     Close.RESUME_INCOMPATIBLE: "resume refused: model or snapshot format changed",
     Close.RESUME_UNAVAILABLE: "resume refused: resume disabled or state store unreachable",
+    Close.RESUME_ROTATED: "resume refused: token signed with a secret no replica holds now (retry briefly)",
 }
 
 
@@ -161,7 +163,12 @@ _SPECS = [
     ErrorSpec(
         "resume_incompatible", 409, Close.RESUME_INCOMPATIBLE, "the model's graph changed since the snapshot"
     ),
-    ErrorSpec("snapshot_invalid", 409, Close.RESUME_INCOMPATIBLE, "stored snapshot damaged or truncated"),
+    ErrorSpec(
+        "snapshot_invalid",
+        409,
+        Close.RESUME_INCOMPATIBLE,
+        "stored snapshot damaged, truncated, out of range, or not this session's (altered or moved)",
+    ),
     ErrorSpec(
         "snapshot_version",
         409,
@@ -170,6 +177,13 @@ _SPECS = [
     ),
     ErrorSpec(
         "resume_unavailable", 503, Close.RESUME_UNAVAILABLE, "resume disabled, or the state store unreachable"
+    ),
+    ErrorSpec(
+        "resume_secret_rotated",
+        410,
+        Close.RESUME_ROTATED,
+        "token signed with a resume secret no replica holds now (store restarted empty, no "
+        "resume_secret set): retry a few times over ~2 s, then start a new session",
     ),
     # -- broker sources (docs/sources.md): the message goes to the errors stream/topic, acknowledged;
     #    bad_encoding, bad_frame_size, empty_message, too_many_frames, non_finite_audio and
@@ -398,7 +412,9 @@ def summary_message(
     padded_samples: int,
     duration: float,
     events: list[dict[str, Any]],
+    events_truncated: int = 0,
 ) -> str:
+    """``events``: the last ``session_events_kept``; ``events_truncated`` counts the older ones."""
     return encode(
         {
             "type": "summary",
@@ -409,6 +425,7 @@ def summary_message(
             "padded_samples": padded_samples,
             "duration": duration,
             "events": events,
+            "events_truncated": events_truncated,
         }
     )
 

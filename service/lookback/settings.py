@@ -202,6 +202,18 @@ class Settings(BaseSettings):
     resume_tombstone_s: float = Field(
         3600.0, gt=0, description="how long a token is still told apart as expired or used"
     )
+    resume_secret: SecretStr | None = Field(
+        None,
+        description="key of resume-token and snapshot MACs, the same on every replica (e.g. from a "
+        "Kubernetes Secret); unset: a key the replicas share through the state store, which an "
+        "empty store restart can replace (docs/sessions.md)",
+    )
+    session_events_kept: int = Field(
+        1000,
+        ge=0,
+        description="events a stream session keeps for its summary and snapshots (the last N; "
+        "older ones are counted in the summary's events_truncated): bounds memory per session",
+    )
 
     # --- broker sources (docs/sources.md) --------------------------------------------------
     sources: Annotated[list[str], NoDecode] = Field(
@@ -261,6 +273,14 @@ class Settings(BaseSettings):
         """A key list that was set but holds no key (``","``) would turn auth off silently."""
         if isinstance(value, str) and value.strip() and not _csv(value):
             raise ValueError("api_keys is set but holds no key; unset it to run without auth")
+        return value
+
+    @field_validator("resume_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        """A short secret makes forgeable tokens; an empty one is a mistake, not 'unset'."""
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("resume_secret must be at least 16 characters (e.g. openssl rand -hex 32)")
         return value
 
     @field_validator("workers")

@@ -163,8 +163,8 @@ async def test_refusals_have_their_own_codes_and_leak_nothing(srv: Server) -> No
     assert await refusal(url(srv, resume="garbage")) == ("resume_token_invalid", 4460)
     # two tokens: which one counts would be a guess, so neither does
     assert await refusal(url(srv, resume=token) + f"&resume={token}") == ("duplicate_query", 4400)
-    forged = sid + "." + "A" * 32
-    assert await refusal(url(srv, resume=forged)) == ("resume_token_invalid", 4460)
+    for forged in (sid + "." + "A" * 32, token[:31] + "A" * 32):  # old shape; a known key id, wrong MACs
+        assert await refusal(url(srv, resume=forged)) == ("resume_token_invalid", 4460)
     # another key gets the same answer whether the session exists or not
     resumer = srv.app.state.resumer  # type: ignore[attr-defined]
     ghost = ResumeState("B" * 22, "x", "")
@@ -191,7 +191,8 @@ async def test_snapshot_of_a_changed_model_is_incompatible(srv: Server, default_
     snap.graph_sha256 = "f" * 64
     state = ResumeState("C" * 22, "owner", key_fingerprint("k1"))
     await svc.resumer.issue(state)
-    assert (await svc.resumer.store.sync([Put(state.sid, "owner", snap.encode(), release=True)])) == [True]
+    sealed = svc.resumer.seal(state, snap.encode())
+    assert (await svc.resumer.store.sync([Put(state.sid, "owner", sealed, release=True)])) == [True]
     assert await refusal(url(srv, resume=state.token)) == ("resume_incompatible", 4466)
     # a snapshot of another format version, and a damaged one: each its own code
     good = snap.encode()
@@ -201,7 +202,8 @@ async def test_snapshot_of_a_changed_model_is_incompatible(srv: Server, default_
     ):
         st = ResumeState(code[-7:].rjust(22, "D"), "owner", key_fingerprint("k1"))
         await svc.resumer.issue(st)
-        assert (await svc.resumer.store.sync([Put(st.sid, "owner", blob, release=True)])) == [True]
+        sealed = svc.resumer.seal(st, blob)
+        assert (await svc.resumer.store.sync([Put(st.sid, "owner", sealed, release=True)])) == [True]
         assert await refusal(url(srv, resume=st.token)) == (code, 4466)
     assert svc.engine.resolve("silero-vad").table.used == 0  # nothing leaked
     assert first["resume_token"]
@@ -284,3 +286,97 @@ async def test_a_checkpoint_round_is_spread_over_ticks_and_visits_each_session_o
         for c in conns:
             c.session.close()
         await engine.stop()
+
+
+async def dropped_session(srv: Server, key: str = "k1", frames: int = 20) -> str:
+    """A durable session whose connection then dropped and was let go: its token."""
+    inbox = Inbox()
+    ws = await ws_connect(url(srv, key))
+    reader = asyncio.create_task(inbox.run(ws))
+    await send_pcm(ws, PCM[: frames * MSG], end=False)
+    await inbox.wait_for(lambda ms: any(m["type"] == "checkpoint" for m in ms))
+    ws.transport.abort()
+    await reader
+    table = srv.app.state.engine.resolve("silero-vad").table  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while table.used:  # the server notices the drop, writes a final snapshot, frees the slot
+        assert time.monotonic() < deadline, "the dropped connection kept its slot"
+        await asyncio.sleep(0.02)
+    return str(inbox.msgs[0]["resume_token"])
+
+
+async def finish(ws: Any) -> dict[str, Any]:
+    await ws.send('{"type":"end"}')
+    msgs: list[dict[str, Any]] = []
+    await collect(ws, msgs)
+    return msgs[-1]
+
+
+async def test_bad_resume_parameters_cost_neither_the_session_nor_a_slot(srv: Server) -> None:
+    """sent= and next_step= are checked before the token is used: each bad value is
+    bad_query, no slot stays taken, and the same token still resumes afterwards."""
+    token = await dropped_session(srv)
+    table = srv.app.state.engine.resolve("silero-vad").table  # type: ignore[attr-defined]
+    for bad in (
+        {"sent": 2**64},
+        {"next_step": 2**64},
+        {"sent": "\u00b2"},  # str.isdigit() says yes, int() says no
+        {"next_step": "\u0661\u0662"},  # Arabic-Indic digits: not a plain number either
+        {"next_step": "-1"},
+        {"sent": "1e3"},
+    ):
+        assert await refusal(url(srv, resume=token, **bad)) == ("bad_query", 4400), bad
+        assert table.used == 0, bad
+    ws, ready = await resume(url(srv, resume=token, next_step=1, sent=20 * MSG // 2))
+    assert ready["resumed"] is True and ready["replay_from_sample"] > 0
+    summary = await finish(ws)
+    assert summary["type"] == "summary" and summary["events_truncated"] == 0
+    assert table.used == 0
+
+
+async def test_a_snapshot_moved_to_another_session_is_refused(srv: Server) -> None:
+    """Swap two sessions' snapshots in the store (keys k1 and k2): each is sealed to its
+    own session and key, so neither restores, and both resume once put back."""
+    svc = srv.app.state  # type: ignore[attr-defined]
+    a, b = await dropped_session(srv, "k1", 20), await dropped_session(srv, "k2", 30)
+    snaps = svc.resumer.store._snaps  # the memory store's entries, as Redis would hold them
+    sa, sb = a.split(".")[0], b.split(".")[0]
+    snaps[sa], snaps[sb] = snaps[sb], snaps[sa]
+    assert await refusal(url(srv, "k1", resume=a)) == ("snapshot_invalid", 4466)
+    assert await refusal(url(srv, "k2", resume=b)) == ("snapshot_invalid", 4466)
+    assert svc.engine.resolve("silero-vad").table.used == 0
+    snaps[sa], snaps[sb] = snaps[sb], snaps[sa]
+    for key, token, frames in (("k1", a, 20), ("k2", b, 30)):
+        ws, ready = await resume(url(srv, key, resume=token))
+        assert ready["replay_from_sample"] == frames * MSG // 2
+        assert (await finish(ws))["type"] == "summary"
+
+
+async def test_a_configured_secret_is_shared_and_a_rotated_one_is_told_apart() -> None:
+    """Two replicas with the same LOOKBACK_RESUME_SECRET and separate stores accept each
+    other's tokens and snapshots; another secret answers resume_secret_rotated, not forged."""
+    from lookback.api.resume import Resumer
+    from lookback.errors import LookbackError
+    from lookback.metrics import Metrics
+
+    one, two = (Resumer(make_settings(resume_secret="s" * 32), Metrics()) for _ in range(2))
+    other = Resumer(make_settings(resume_secret="t" * 32), Metrics())
+    for r in (one, two, other):
+        await r.start([])
+    try:
+        st = await one.new_state("k1")
+        assert st.token is not None
+        assert await two.verify(st.token, "k1") == st.sid
+        blob = b"the bytes of a snapshot"
+        assert two._unseal(one.seal(st, blob), st.sid, st.key_fp) == blob
+        with pytest.raises(LookbackError) as err:
+            await other.verify(st.token, "k1")
+        assert err.value.code == "resume_secret_rotated"
+        i = len(st.sid) + 1 + 8  # the issuer MAC's first character, after the key id
+        forged = st.token[:i] + ("A" if st.token[i] != "A" else "B") + st.token[i + 1 :]
+        with pytest.raises(LookbackError) as err:
+            await two.verify(forged, "k1")
+        assert err.value.code == "resume_token_invalid"
+    finally:
+        for r in (one, two, other):
+            await r.stop()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lookback.engine.contract import EventSpec
-from lookback.engine.events import Event, EventDetector
+from lookback.engine.events import Event, EventDetector, EventLog
 
 SR = 16000
 HOP = 512
@@ -289,3 +289,15 @@ def make_pair(spec: dict[str, float], hop: int) -> tuple[EventDetector, EventDet
         EventDetector(full, "speech", sample_rate=SR, hop=hop),
         EventDetector(full, "speech", sample_rate=SR, hop=hop),
     )
+
+
+def test_event_log_keeps_the_last_events_and_counts_the_rest() -> None:
+    """Memory per session is bounded however long the stream: 100,000 events, 5 kept."""
+    log = EventLog(5)
+    for i in range(100_000):
+        log.extend([Event("start" if i % 2 == 0 else "end", "speech", i / SR, i)])
+    assert len(log) == 5 and log.truncated == 99_995 and log.total == 100_000
+    assert [e.sample for e in log] == list(range(99_995, 100_000))
+    again = EventLog(3, log, log.truncated)  # restored with a smaller bound: older ones counted
+    assert [e.sample for e in again] == [99_997, 99_998, 99_999] and again.total == 100_000
+    assert len(EventLog(0, log)) == 0 and EventLog(0, log).truncated == 5

@@ -111,7 +111,7 @@ async def test_restore_is_bit_identical(any_model: str, batched: bool, max_steps
             assert sink.indices == ref.indices, f"cuts {cuts}"
             assert sink.times == ref.times
             assert np.array_equal(bits(sink.rows), bits(ref.rows)), f"scores differ after cuts {cuts}"
-            assert session.events == ref.events, f"events differ after cuts {cuts}"
+            assert list(session.events) == ref.events, f"events differ after cuts {cuts}"
         if batched:
             m, key = engine.metrics, handle.spec.key
             assert m.steps.labels(key)._value.get() > m.batches.labels(key)._value.get(), "no batch > 1"
@@ -206,3 +206,109 @@ def test_consistent_crc_but_lying_header_is_refused() -> None:
     body = b[:-4].replace(b'"frames":13', b'"frames":-1')
     with pytest.raises(SnapshotError):
         snapshot.decode(body + struct.pack("<I", zlib.crc32(body)))
+
+
+def _edit_header(blob: bytes, old: bytes, new: bytes) -> bytes:
+    """``blob`` with a header field rewritten and the CRC made consistent again."""
+    (hlen,) = struct.unpack_from("<I", blob, 6)
+    header = blob[10 : 10 + hlen].replace(old, new)
+    assert header != blob[10 : 10 + hlen], old
+    body = blob[:6] + struct.pack("<I", len(header)) + header + blob[10 + hlen : -4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (b'"frames":13', b'"frames":4611686018427387904'),  # 2^62: JSON parses it, nothing else should
+        (b'"steps":3', b'"steps":9007199254740993'),
+        (b'"encoding":"pcm_s16le"', b'"encoding":"pcm_u8"'),
+        (b'"failed_steps":0', b'"failed_steps":4'),
+        (b'"events":[["start"', b'"events":[["middle"'),
+        (b'"events_truncated":0', b'"events_truncated":-3'),
+    ],
+    ids=["huge-frames", "huge-steps", "encoding", "failed>steps", "event-kind", "negative-truncated"],
+)
+def test_header_fields_out_of_range_are_refused(old: bytes, new: bytes) -> None:
+    """A CRC says nothing about sense: every field is range-checked, a clear error, no crash."""
+    with pytest.raises(SnapshotError) as err:
+        snapshot.decode(_edit_header(_blob(), old, new))
+    assert err.value.code == "snapshot_invalid"
+
+
+async def test_counts_that_disagree_with_the_model_are_refused(default_model: str) -> None:
+    """steps and frames are tied by the hop: an edited step count never restores."""
+    async with running_engine("lookback-vad") as engine:
+        handle = engine.resolve("lookback-vad")
+        session = engine.open_session(handle, Collect())
+        session.push(bytes(256 * 8))
+        await session.wait_idle()
+        snap = snapshot.decode(session.snapshot())
+        session.close()
+        used = handle.table.used
+        for field, value in (("steps", 7), ("frames", 9), ("detector", (True, False, 0, 10**9))):
+            bad = snapshot.decode(snap.encode())
+            setattr(bad, field, value)
+            with pytest.raises(SnapshotError) as err:
+                StreamSession.restore(handle, Collect(), bad.encode())
+            assert err.value.code == "snapshot_invalid", field
+        assert handle.table.used == used
+        assert StreamSession.restore(handle, Collect(), snap.encode()).steps_done == 8
+
+
+KEYS = {"AAAAAAAA": b"k" * 32, "BBBBBBBB": b"j" * 32}
+
+
+def test_a_sealed_snapshot_opens_only_for_its_session() -> None:
+    blob = _blob()
+    sealed = snapshot.seal(blob, KEYS["AAAAAAAA"], "AAAAAAAA", "sid-a|fp-a")
+    assert snapshot.unseal(sealed, KEYS, "sid-a|fp-a") == blob
+    refusals = [
+        (sealed, "sid-b|fp-a", "snapshot_invalid"),  # moved to another session's entry
+        (sealed, "sid-a|fp-b", "snapshot_invalid"),  # another API key
+        (sealed[:-1] + bytes([sealed[-1] ^ 1]), "sid-a|fp-a", "snapshot_invalid"),  # edited
+        (sealed[:50], "sid-a|fp-a", "snapshot_invalid"),  # truncated
+        (sealed[:4] + b"CCCCCCCC" + sealed[12:], "sid-a|fp-a", "resume_secret_rotated"),
+        (blob, "sid-a|fp-a", "snapshot_version"),  # format 1 was stored unsealed
+    ]
+    for data, context, code in refusals:
+        with pytest.raises(SnapshotError) as err:
+            snapshot.unseal(data, KEYS, context)
+        assert err.value.code == code, (context, code)
+
+
+def test_format_1_snapshots_are_refused_by_version() -> None:
+    b = _blob()
+    body = b[:4] + struct.pack("<H", 1) + b[6:-4]
+    with pytest.raises(SnapshotError) as err:
+        snapshot.decode(body + struct.pack("<I", zlib.crc32(body)))
+    assert err.value.code == "snapshot_version" and snapshot.FORMAT_VERSION == 2
+
+
+async def test_events_and_snapshots_stay_bounded_on_a_long_stream(default_model: str) -> None:
+    """session_events_kept bounds a session's events: the snapshot of a stream six clips
+    long is the size of one two clips long, and the older events are counted, not lost silently."""
+    clip = to_s16(whole_frames(speech()))
+    async with running_engine("lookback-vad") as engine:
+        ref = await stream_clip(engine, engine.resolve("lookback-vad"), speech(), flush=False)
+        per_clip = len(ref.events)
+        assert per_clip >= 2
+    async with running_engine("lookback-vad", session_events_kept=3) as engine:
+        handle = engine.resolve("lookback-vad")
+        session = engine.open_session(handle, Collect())
+        sizes = []
+        for _ in range(6):
+            n = len(clip) // session.frame_bytes
+            await push_all(session, clip, [8] * (n // 8) + [n % 8] * (n % 8 > 0))
+            await session.wait_idle()
+            sizes.append(len(session.snapshot()))
+        assert len(session.events) == 3
+        assert session.events.total >= 6 * per_clip - 6  # a clip boundary may join two segments
+        snap = snapshot.decode(session.snapshot())
+        assert len(snap.events) == 3 and snap.events_truncated == session.events.truncated > 0
+        assert sizes[-1] - sizes[1] < 32, sizes  # only the counters' digits may grow
+        restored = StreamSession.restore(handle, Collect(), snap)
+        assert restored.events.truncated == session.events.truncated
+        assert list(restored.events) == list(session.events)
+        restored.close()
+        session.close()

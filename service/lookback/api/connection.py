@@ -582,6 +582,7 @@ class Connection:
                 padded_samples=session.padded_samples,
                 duration=session.frames * spec.frame_samples / spec.sample_rate,
                 events=[e.as_dict() for e in session.events],
+                events_truncated=session.events.truncated,
             )
         )
         self.close_after_queue(code, reason)

@@ -1,11 +1,21 @@
 """Resume: tokens, periodic checkpoints, resume on connect, migration on drain.
 
-A resume token is ``<session id>.<issuer mac><key mac>``: the session id is 128 random
-bits; the first MAC (HMAC-SHA256 under a secret every replica shares through the store)
-proves the token was issued by this service, the second binds it to the API key that
-opened the session. Both are checked before the store is asked anything, so a caller
-with another key learns nothing about whether the session exists. A successful resume
-consumes the token (the store marks its session ``used``) and issues a new one.
+A resume token is ``<session id>.<key id><issuer mac><key mac>``: the session id is 128
+random bits; the first MAC (HMAC-SHA256 under the resume secret) proves the token was
+issued by this service, the second binds it to the API key that opened the session.
+Both are checked before the store is asked anything, so a caller with another key
+learns nothing about whether the session exists. A successful resume consumes the token
+(the store marks its session ``used``) and issues a new one.
+
+The resume secret is ``settings.resume_secret`` where configured (every replica the
+same, whatever happens to the store); otherwise one the replicas share through the
+store. Each replica re-offers the secrets it holds every ``SECRET_REFRESH_S``, so a store
+that restarted empty gets them back and tokens issued before still verify on every
+replica; the key id says which secret signed a token, so one signed with a secret no
+replica holds any more is told apart (``resume_secret_rotated``) from a forged one.
+
+Snapshots go into the store sealed (``lookback.engine.snapshot.seal``): a MAC under the
+same secret binds them to their session id and API key.
 
 Checkpoints never touch the per-frame path: one task visits every session once per
 ``snapshot_interval_s``, snapshots those that advanced and are idle (tens of
@@ -42,7 +52,7 @@ from lookback.engine.events import Event
 from lookback.engine.session import ResultSink, StreamSession
 from lookback.errors import LookbackError, ModelNotFound, SnapshotError
 from lookback.protocol import Close, checkpoint_message, error_message, spec_for
-from lookback.state_store import Put, StateStore, StoreUnavailable, open_store
+from lookback.state_store import LOST, NEEDS_SNAPSHOT, Put, StateStore, StoreUnavailable, open_store
 
 if TYPE_CHECKING:
     from fastapi import WebSocket
@@ -54,8 +64,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lookback.resume")
 TICK_S = 0.025  # a checkpoint interval is spread over ticks of about this length
+SECRET_REFRESH_S = 1.0  # how often a replica re-offers and re-reads the store's secrets
+_MAX_SECRETS = 16  # secrets a replica accepts tokens of (the newest)
 _turns = itertools.count()  # spreads sessions evenly over a round's ticks
-_TOKEN = re.compile(r"^([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{32})$")
+_TOKEN = re.compile(r"^([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{8})([A-Za-z0-9_-]{32})$")
+_RESULTS = ("all", "batch", "events")
+_COUNT_PARAMS = ("next_step", "sent")  # the resume query's counters, checked before the token
 _OUTCOME_CODE = {
     "unknown": "resume_unknown",
     "expired": "resume_expired",
@@ -73,6 +87,8 @@ _METRIC_OUTCOME = {
     "snapshot_invalid": "incompatible",
     "snapshot_version": "incompatible",
     "resume_unavailable": "unavailable",
+    "resume_secret_rotated": "rotated",
+    "bad_query": "invalid",
 }
 
 
@@ -134,6 +150,28 @@ def key_fingerprint(api_key: str | None) -> str:
     return hashlib.sha256((api_key or "").encode()).hexdigest()
 
 
+def key_id(secret: bytes) -> str:
+    """8 characters naming a secret (not revealing it): tokens and snapshots carry it."""
+    return _b64(hmac.new(secret, b"key-id", hashlib.sha256).digest()[:6])
+
+
+def _context(sid: str, key_fp: str) -> str:
+    return f"{sid}|{key_fp}"
+
+
+def _count_params(ws: WebSocket) -> dict[str, int]:
+    """The resume query's counters, refused (``bad_query``) unless plain numbers in range."""
+    out = {}
+    for name in _COUNT_PARAMS:
+        v = ws.query_params.get(name)
+        if not v:
+            continue
+        if not (v.isascii() and v.isdigit()) or len(v) > 16 or int(v) > snapmod.MAX_COUNT:
+            raise LookbackError(f"{name} must be a whole number below 2^53", code="bad_query")
+        out[name] = int(v)
+    return out
+
+
 class Resumer:
     def __init__(self, settings: Settings, metrics: Metrics, store: StateStore | None = None) -> None:
         self.settings = settings
@@ -144,7 +182,12 @@ class Resumer:
             lease_s=settings.resume_lease_s,
             tomb_s=settings.resume_tombstone_s,
         )
-        self._secret: bytes | None = None
+        self._keys: dict[str, tuple[bytes, bytes]] = {}  # key id -> (secret, snapshot key)
+        self._current: str | None = None  # key id of the secret new tokens and snapshots use
+        self._configured = settings.resume_secret is not None
+        if settings.resume_secret is not None:
+            self._current = self._adopt(settings.resume_secret.get_secret_value().encode())
+        self._refreshed = -SECRET_REFRESH_S  # monotonic time of the last refresh
         self._task: asyncio.Task[None] | None = None
         self.connections: Iterable[Resumable] = ()
         self._next_ping = 0.0
@@ -153,6 +196,7 @@ class Resumer:
     async def start(self, connections: Iterable[Resumable]) -> None:
         self.connections = connections
         await self.store.start()
+        await self.refresh()
         self._publish()
         self._task = asyncio.create_task(self._loop(), name="checkpoints")
 
@@ -174,12 +218,49 @@ class Resumer:
     def readiness(self) -> dict[str, Any]:
         return {"store": self.store.kind, "available": self.store.available}
 
-    # -- tokens ------------------------------------------------------------------------------
-    async def _key(self) -> bytes | None:
-        if self._secret is None:
-            with contextlib.suppress(StoreUnavailable):
-                self._secret = await self.store.secret()
-        return self._secret
+    # -- secrets and tokens ------------------------------------------------------------------
+    def _adopt(self, secret: bytes) -> str:
+        kid = key_id(secret)
+        self._keys.pop(kid, None)  # newest last
+        self._keys[kid] = (secret, hmac.new(secret, b"snapshot-key", hashlib.sha256).digest())
+        while len(self._keys) > _MAX_SECRETS:
+            oldest = next(k for k in self._keys if k != self._current)
+            del self._keys[oldest]
+        return kid
+
+    async def refresh(self) -> None:
+        """Agree with the store on the shared secret; put back what an empty restart lost.
+
+        A configured secret needs no store. Otherwise this server offers its secrets
+        (current first) and adopts the store's: the one it then signs with, and every
+        other one it knows, which it accepts.
+        """
+        self._refreshed = time.monotonic()
+        if self._configured:
+            return
+        offer = [self._keys[k][0] for k in reversed(self._keys)]
+        if self._current is not None:
+            offer.insert(0, offer.pop(offer.index(self._keys[self._current][0])))
+        try:
+            current, known = await self.store.secrets(offer)
+        except StoreUnavailable:
+            return
+        for s in known:
+            if key_id(s) not in self._keys:
+                self._adopt(s)
+        self._current = self._adopt(current)
+
+    async def _key(self) -> tuple[str, bytes] | None:
+        if self._current is None:
+            await self.refresh()
+        return None if self._current is None else (self._current, self._keys[self._current][0])
+
+    def seal(self, st: ResumeState, data: bytes) -> bytes:
+        assert self._current is not None  # a session has a token (a secret) before any write
+        return snapmod.seal(data, self._keys[self._current][1], self._current, _context(st.sid, st.key_fp))
+
+    def _unseal(self, data: bytes, sid: str, key_fp: str) -> bytes:
+        return snapmod.unseal(data, {k: v[1] for k, v in self._keys.items()}, _context(sid, key_fp))
 
     @staticmethod
     def _macs(secret: bytes, sid: str, key_fp: str) -> tuple[str, str]:
@@ -188,10 +269,11 @@ class Resumer:
         return _b64(issuer), _b64(scoped)
 
     async def issue(self, state: ResumeState) -> None:
-        secret = await self._key()
-        if secret is not None:
+        key = await self._key()
+        if key is not None:
+            kid, secret = key
             a, b = self._macs(secret, state.sid, state.key_fp)
-            state.token = f"{state.sid}.{a}{b}"
+            state.token = f"{state.sid}.{kid}{a}{b}"
 
     async def new_state(self, api_key: str | None) -> ResumeState:
         state = ResumeState(_b64(secrets.token_bytes(16)), uuid.uuid4().hex, key_fingerprint(api_key))
@@ -203,11 +285,18 @@ class Resumer:
         m = _TOKEN.match(token)
         if m is None:
             raise LookbackError("resume token is malformed", code="resume_token_invalid")
-        secret = await self._key()
-        if secret is None:
+        sid, kid, tag = m.groups()
+        if kid not in self._keys and time.monotonic() - self._refreshed >= SECRET_REFRESH_S / 4:
+            await self.refresh()  # signed by a replica whose secret this one has not seen yet
+        if self._current is None:
             raise LookbackError("state store unreachable: cannot resume now", code="resume_unavailable")
-        sid, tag = m.groups()
-        a, b = self._macs(secret, sid, key_fingerprint(api_key))
+        if kid not in self._keys:
+            raise LookbackError(
+                "resume token was signed with a resume secret no replica holds any more "
+                "(the state store lost it): retry shortly, else start a new session",
+                code="resume_secret_rotated",
+            )
+        a, b = self._macs(self._keys[kid][0], sid, key_fingerprint(api_key))
         if not hmac.compare_digest(tag[:16], a):
             raise LookbackError("resume token was not issued by this service", code="resume_token_invalid")
         if not hmac.compare_digest(tag[16:], b):
@@ -234,6 +323,7 @@ class Resumer:
         old_sid: str | None = None
         claimed = False
         try:
+            counts = _count_params(ws)  # a bad parameter must not cost the session its token
             if not self.store.available:
                 raise LookbackError("state store unreachable: cannot resume now", code="resume_unavailable")
             old_sid = await self.verify(token, api_key)
@@ -242,10 +332,13 @@ class Resumer:
             if outcome != "ok" or data is None:
                 raise LookbackError(f"cannot resume: {outcome}", code=_OUTCOME_CODE[outcome])
             claimed = True
-            snap = snapmod.decode(data)
+            body = self._unseal(data, old_sid, state.key_fp)
+            snap = snapmod.decode(body)
             tail = self._tail(snap)  # everything that can refuse comes before the restore
-            have = ws.query_params.get("next_step", "")
-            next_step = int(have) if have.isdigit() and len(have) < 19 else snap.steps
+            next_step = counts.get("next_step", snap.steps)
+            results = snap.options.get("results", "all")
+            if results not in _RESULTS:
+                raise SnapshotError(f"snapshot results mode {results[:20]!r} is not one this server sends")
             try:
                 model = engine.resolve(snap.model, snap.version)
             except ModelNotFound as exc:
@@ -253,18 +346,20 @@ class Resumer:
                     f"model {snap.model}/{snap.version} of the snapshot is not served here",
                     code="resume_incompatible",
                 ) from exc
-            results = snap.options.get("results", "all")
             conn = connect(model, results, state.sid)
             conn.session = StreamSession.restore(
                 model, conn, snap, max_pending_steps=self.settings.max_pending_steps
             )
-            conn.resume = state
-            conn.recent = deque(maxlen=self.settings.resume_tail_messages)
-            state.resend = [r for r in tail if r[0] >= next_step]
-            conn.recent.extend(r for r in tail if r[0] < next_step)  # on_result adds the rest
-            events_sent = len(snap.events) - sum(len(r[3] or ()) for r in state.resend)
-            try:
-                if not await self.store.consume(old_sid, state.sid, state.owner, data):
+            try:  # from here a refusal must free the restored session's slot
+                conn.resume = state
+                conn.recent = deque(maxlen=self.settings.resume_tail_messages)
+                state.resend = [r for r in tail if r[0] >= next_step]
+                conn.recent.extend(r for r in tail if r[0] < next_step)  # on_result adds the rest
+                events_sent = (
+                    snap.events_truncated + len(snap.events) - sum(len(r[3] or ()) for r in state.resend)
+                )
+                sealed = self.seal(state, body)  # bound to the new session id
+                if not await self.store.consume(old_sid, state.sid, state.owner, sealed):
                     raise LookbackError("another connection took the session", code="resume_conflict")
             except BaseException:
                 conn.session.close()
@@ -286,9 +381,9 @@ class Resumer:
             await self._refuse(ws, exc.code, exc.message)
             return None
         self.metrics.resumes.labels("ok").inc()
-        sent = ws.query_params.get("sent")
-        if sent is not None and sent.isdigit() and len(sent) < 19 and int(sent) > snap.samples:
-            self.metrics.replayed_samples.inc(int(sent) - snap.samples)
+        sent = counts.get("sent", 0)
+        if sent > snap.samples:
+            self.metrics.replayed_samples.inc(sent - snap.samples)
         conn.ready_extra = {
             "resumed": True,
             "replay_from_sample": snap.samples,
@@ -342,6 +437,8 @@ class Resumer:
         for tick in itertools.count():
             await asyncio.sleep(interval / ticks)  # the checkpoint period, not a wait for a condition
             try:
+                if time.monotonic() - self._refreshed >= SECRET_REFRESH_S:
+                    await self.refresh()  # a store that restarted empty gets the secrets back
                 await self.checkpoint(tick % ticks, ticks)
             except Exception:  # a failed tick must not end checkpointing
                 log.exception("checkpoint round failed")
@@ -350,7 +447,7 @@ class Resumer:
         """One tick of a round: the sessions whose turn it is are snapshotted if idle and
         advanced, or have their lease renewed. ``checkpoint()`` visits every session."""
         self._publish()
-        if not self.store.available:
+        if not self.store.available or await self._key() is None:
             return 0
         conns: list[Resumable] = []
         puts: list[Put] = []
@@ -369,7 +466,7 @@ class Resumer:
                 continue
             data = None
             if s.frames != st.written_frames and s.idle:
-                data = s.snapshot(self._options(c))
+                data = self.seal(st, s.snapshot(self._options(c)))
             conns.append(c)
             frames.append(s.frames if data is not None else -1)
             steps.append(s.steps_done)
@@ -395,12 +492,14 @@ class Resumer:
         for c, p, f, n, good in zip(conns, puts, frames, steps, ok, strict=True):
             st = c.resume
             assert st is not None
-            if not good:
+            if good == LOST:
                 c.close_now(
                     Close.RESUME_CONFLICT, "resume_conflict", "the session was resumed on another connection"
                 )
                 continue
             if p.data is None:
+                if good == NEEDS_SNAPSHOT:  # the store lost it (expired, restarted empty)
+                    st.written_frames = -1  # the next turn writes one
                 continue
             st.written_frames = f
             st.marks.append(n)
@@ -427,10 +526,10 @@ class Resumer:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.wait_idle(), 2.0)
-            if not s.idle or s.closed:
+            if not s.idle or s.closed or await self._key() is None:
                 await self.store.sync([Put(st.sid, st.owner, None, release=True)])
                 return
-            data = s.snapshot(self._options(conn))
+            data = self.seal(st, s.snapshot(self._options(conn)))
             await self.store.sync([Put(st.sid, st.owner, data, release=True)])
             self.metrics.snapshots.labels("disconnect").inc()
             self.metrics.snapshot_bytes.inc(len(data))
@@ -444,6 +543,8 @@ class Resumer:
         or not resumable); the caller finishes those the old way.
         """
         deadline = time.monotonic() + grace / 2
+        if await self._key() is None:
+            return conns
         ready: list[C] = []
         left: list[C] = []
         puts = []
@@ -462,7 +563,7 @@ class Resumer:
                 left.append(c)
                 continue
             st.migrated = True  # the reader may still push: the client replays what follows
-            puts.append(Put(st.sid, st.owner, s.snapshot(self._options(c)), release=True))
+            puts.append(Put(st.sid, st.owner, self.seal(st, s.snapshot(self._options(c))), release=True))
             samples.append(s.frames * c.handle.spec.frame_samples)
             ready.append(c)
         try:
@@ -473,7 +574,7 @@ class Resumer:
                 c.resume.migrated = False
             return conns
         for c, p, n, good in zip(ready, puts, samples, ok, strict=True):
-            if not good:
+            if good == LOST:
                 assert c.resume is not None
                 c.resume.migrated = False
                 left.append(c)

@@ -164,7 +164,15 @@ class Engine:
             adaptive_wait=s.adaptive_wait,
         )
         return ServedModel(
-            sm.spec, sm.path, step_compute, table, batcher, seq, step_compute.multistep, max_steps
+            sm.spec,
+            sm.path,
+            step_compute,
+            table,
+            batcher,
+            seq,
+            step_compute.multistep,
+            max_steps,
+            self.settings.session_events_kept,
         )
 
     # -- lookup ----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ segment is closed, so streaming and offline scoring report the same segments.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +28,39 @@ class Event:
 
     def as_dict(self) -> dict[str, object]:
         return {"event": self.event, "label": self.label, "time": self.time}
+
+
+class EventLog:
+    """A stream's events, only the last ``keep`` of them, and how many older ones were dropped.
+
+    A session lives as long as its client streams: an unbounded list would grow memory
+    and every snapshot (rewritten each checkpoint) with the length of the stream. The
+    summary reports ``events_truncated``; the client has seen every event as it came.
+    """
+
+    __slots__ = ("_items", "truncated")
+
+    def __init__(self, keep: int, items: Iterable[Event] = (), truncated: int = 0) -> None:
+        self._items: deque[Event] = deque(maxlen=max(0, keep))
+        self.truncated = truncated
+        self.extend(items)
+
+    def extend(self, events: Iterable[Event]) -> None:
+        before = len(self._items)
+        new = list(events)
+        self._items.extend(new)
+        self.truncated += before + len(new) - len(self._items)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def total(self) -> int:
+        """Every event of the stream, kept or dropped."""
+        return self.truncated + len(self._items)
 
 
 class EventDetector:

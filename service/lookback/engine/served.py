@@ -43,6 +43,7 @@ class ServedModel:
     sequence: OrtGraph | None
     multistep: OrtGraph | None  # None: it did not prove bit-identical at load
     max_steps_per_call: int  # hops of one session one model call may take
+    keep_events: int = 1000  # events a session keeps (settings.session_events_kept)
 
     @property
     def step(self) -> OrtGraph:

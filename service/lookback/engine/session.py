@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lookback.engine.events import Event, EventDetector
+from lookback.engine.events import Event, EventDetector, EventLog
 from lookback.engine.pcm import BYTES_PER_SAMPLE, F32, Encoding, check_encoding, refuse_non_finite
 from lookback.engine.served import ServedModel
 from lookback.engine.slabs import CONTEXT
@@ -103,7 +103,7 @@ class StreamSession:
         self.detector = EventDetector(
             spec.events, spec.event_label, sample_rate=spec.sample_rate, hop=spec.hop_samples
         )
-        self.events: list[Event] = []
+        self.events = EventLog(model.keep_events)  # the last keep_events: bounded per session
         self.frames = 0
         self.steps_made = 0
         self.steps_done = 0
@@ -388,6 +388,7 @@ class StreamSession:
             failed_steps=self.steps_failed,
             detector=(d.triggered, d._pending, d._temp_end, d._start),
             events=[(e.event, e.label, e.sample) for e in self.events],
+            events_truncated=self.events.truncated,
             partial=bytes(self._buf),
             rows=rows,
             options=dict(options or {}),
@@ -429,7 +430,8 @@ class StreamSession:
         d = session.detector
         d.triggered, d._pending, d._temp_end, d._start = snap.detector
         rate = spec.sample_rate
-        session.events = [Event(k, lab, s / rate, s) for k, lab, s in snap.events]
+        kept = (Event(k, lab, s / rate, s) for k, lab, s in snap.events)
+        session.events = EventLog(model.keep_events, kept, snap.events_truncated)
         return session
 
     # -- end of stream -------------------------------------------------------------------

@@ -18,14 +18,24 @@ Layout (little-endian)::
 
 The header names the model (name, version, graph sha256), the counters, the detector and
 each row's name, dtype and shape. Decoding checks everything: magic, format version,
-lengths, the checksum, and that every row matches what the serving model declares; a
-snapshot never restores into a different graph.
+lengths, the checksum, every counter's range, and that every row matches what the
+serving model declares; a snapshot never restores into a different graph.
+
+What a state store holds is the snapshot *sealed* (``seal``/``unseal``)::
+
+    b"LBSM" | key id (8 ASCII) | HMAC-SHA256(key, context | key id | snapshot) | snapshot
+
+The context is the session id and the API key's fingerprint: a snapshot copied to
+another session's entry, or edited in the store, is refused before it is parsed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,10 +49,14 @@ if TYPE_CHECKING:
     from lookback.engine.served import ServedModel
 
 MAGIC = b"LBSS"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: events_truncated, sealed in the store (format 1 is refused)
 _PREFIX = struct.Struct("<4sHI")
 _CRC = struct.Struct("<I")
-_MAX_HEADER = 1 << 22  # a header is a few hundred bytes plus the events list
+_MAX_HEADER = 1 << 22  # a header is a few hundred bytes plus the (bounded) events list
+MAX_COUNT = (1 << 53) - 1  # counters above this are not a real stream (and break JSON)
+ENCODINGS = ("pcm_s16le", "pcm_f32le")
+SEAL_MAGIC = b"LBSM"
+_SEAL = struct.Struct("<4s8s32s")  # magic, key id, MAC
 
 
 @dataclass
@@ -63,6 +77,7 @@ class Snapshot:
     partial: bytes  # the partial hop, in ``encoding``
     rows: dict[str, np.ndarray]
     options: dict[str, str] = field(default_factory=dict)  # transport options (results mode)
+    events_truncated: int = 0  # events older than ``events`` the session no longer keeps
 
     @property
     def samples(self) -> int:
@@ -89,6 +104,7 @@ class Snapshot:
                 "failed_steps": self.failed_steps,
                 "detector": list(self.detector),
                 "events": [list(e) for e in self.events],
+                "events_truncated": self.events_truncated,
                 "partial": len(self.partial),
                 "rows": row_meta,
                 "options": self.options,
@@ -133,22 +149,31 @@ def decode(data: bytes) -> Snapshot:
         if pos + plen != len(data) - _CRC.size:
             raise SnapshotError("snapshot length does not match its header")
         triggered, pending, temp_end, start = h["detector"]
+        encoding = h["encoding"]
+        if encoding not in ENCODINGS:
+            raise SnapshotError(f"snapshot encoding {str(encoding)[:20]!r} is not one this server reads")
+        events = [(k, str(lab), _nat(s)) for k, lab, s in h["events"]]
+        if any(k not in ("start", "end") for k, _, _ in events):
+            raise SnapshotError("snapshot events must be start or end")
         snap = Snapshot(
             model=str(h["model"]),
             version=str(h["version"]),
             graph_sha256=str(h["graph_sha256"]),
-            encoding=str(h["encoding"]),
+            encoding=encoding,
             steps=_nat(h["steps"]),
             frames=_nat(h["frames"]),
             frame_samples=_nat(h["frame_samples"]),
             padded_samples=_nat(h["padded_samples"]),
             failed_steps=_nat(h["failed_steps"]),
             detector=(bool(triggered), bool(pending), _nat(temp_end), _nat(start)),
-            events=[(str(k), str(lab), _nat(s)) for k, lab, s in h["events"]],
+            events=events,
             partial=data[pos : pos + plen],
             rows=rows,
             options={str(k): str(v) for k, v in dict(h.get("options") or {}).items()},
+            events_truncated=_nat(h["events_truncated"]),
         )
+        if snap.failed_steps > snap.steps:
+            raise SnapshotError("snapshot counts more failed steps than steps")
     except SnapshotError:
         raise
     except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
@@ -157,9 +182,55 @@ def decode(data: bytes) -> Snapshot:
 
 
 def _nat(v: Any) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise ValueError(f"expected a non-negative integer, got {v!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT:
+        raise ValueError(f"expected an integer in [0, 2^53), got {str(v)[:24]}")
     return v
+
+
+# -- sealing: what the state store holds ---------------------------------------------------
+
+
+def _mac(key: bytes, kid: bytes, context: str, data: bytes) -> bytes:
+    m = hmac.new(key, b"snapshot|" + context.encode() + b"|" + kid, hashlib.sha256)
+    m.update(data)
+    return m.digest()
+
+
+def seal(data: bytes, key: bytes, kid: str, context: str) -> bytes:
+    """``data`` bound to ``context`` (session id and key fingerprint) under ``key`` (id ``kid``)."""
+    k = kid.encode("ascii")
+    if len(k) != 8:
+        raise ValueError("a key id is 8 ASCII characters")
+    return _SEAL.pack(SEAL_MAGIC, k, _mac(key, k, context, data)) + data
+
+
+def unseal(data: bytes, keys: Mapping[str, bytes], context: str) -> bytes:
+    """The snapshot inside a sealed value, if sealed for ``context`` by one of ``keys``.
+
+    SnapshotError: ``snapshot_version`` for a format 1 (unsealed) value,
+    ``resume_secret_rotated`` when no key of that id is known, ``snapshot_invalid`` for
+    anything else (moved to another session, edited, truncated).
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise SnapshotError("snapshot must be bytes")
+    data = bytes(data)
+    if data[:4] == MAGIC:
+        raise SnapshotError(
+            f"unsealed snapshot of an older format; this server reads version {FORMAT_VERSION}",
+            code="snapshot_version",
+        )
+    if len(data) < _SEAL.size or data[:4] != SEAL_MAGIC:
+        raise SnapshotError("not a sealed Lookback session snapshot")
+    _, kid, mac = _SEAL.unpack_from(data)
+    key = keys.get(kid.decode("ascii", "replace"))
+    if key is None:
+        raise SnapshotError(
+            "snapshot sealed with a resume secret no replica knows any more", code="resume_secret_rotated"
+        )
+    body = data[_SEAL.size :]
+    if not hmac.compare_digest(_mac(key, kid, context, body), mac):
+        raise SnapshotError("snapshot is not this session's: altered or moved in the state store")
+    return body
 
 
 # -- the engine side (taking and restoring: StreamSession.snapshot_value / restore) ----------
@@ -183,10 +254,20 @@ def check_compatible(snap: Snapshot, model: ServedModel) -> None:
             f"snapshot rows {sorted(got)} do not match the model's state {sorted(want)}",
             code="resume_incompatible",
         )
-    if snap.frame_samples != spec.frame_samples or snap.encoding not in ("pcm_s16le", "pcm_f32le"):
+    if snap.frame_samples != spec.frame_samples or snap.encoding not in ENCODINGS:
         raise SnapshotError(
             "snapshot frame size or encoding does not fit the model", code="resume_incompatible"
         )
     bps = 2 if snap.encoding == "pcm_s16le" else 4
     if len(snap.partial) % (spec.frame_samples * bps) or len(snap.partial) >= spec.hop_samples * bps:
         raise SnapshotError("snapshot partial hop is not a whole number of frames below one hop")
+    # idle: every sample received (plus end padding) is in a step or in the partial hop
+    if snap.frames * spec.frame_samples + snap.padded_samples != (
+        snap.steps * spec.hop_samples + len(snap.partial) // bps
+    ):
+        raise SnapshotError("snapshot step and frame counts do not agree")
+    samples = snap.samples + snap.padded_samples
+    if snap.detector[2] > samples or snap.detector[3] > samples:
+        raise SnapshotError("snapshot detector points past the stream")
+    if any(lab != spec.event_label for _, lab, _ in snap.events):
+        raise SnapshotError("snapshot events carry another label than the model's")

@@ -695,6 +695,7 @@ class DeviceHub:
                 "samples": session.samples,
                 "padded_samples": session.padded_samples,
                 "events": [{"event": e.event, "label": e.label, "time": e.time} for e in session.events],
+                "events_truncated": session.events.truncated,
             }
         )
         session.close()

@@ -40,7 +40,7 @@ from paho.mqtt.properties import Properties
 from lookback.metrics import Metrics
 from lookback.settings import Settings
 from lookback.sources.core import Commit, DeviceHub, Message, Rejection, SourceOptions, make_message
-from lookback.state_store import Put, StateStore, open_store
+from lookback.state_store import LOST, Put, StateStore, open_store
 
 log = logging.getLogger("lookback.sources.mqtt")
 
@@ -204,7 +204,7 @@ class MqttSource:
             await client.publish(f"{self.prefix}/errors", orjson.dumps(e), qos=1)
         ok = True
         if dev is not None and commit.checkpoint is not None:
-            ok = (await self.store.sync([Put(self._sid(dev), self.client_id, commit.checkpoint)]))[0]
+            ok = (await self.store.sync([Put(self._sid(dev), self.client_id, commit.checkpoint)]))[0] != LOST
         for t in commit.tokens:
             if t is not None:
                 client._client.ack(*t)

@@ -15,9 +15,26 @@ a server that lost a session (its client resumed elsewhere) cannot overwrite it.
 
 from __future__ import annotations
 
-from lookback.state_store.base import Outcome, Put, StateStore, StoreUnavailable
+from lookback.state_store.base import (
+    LOST,
+    NEEDS_SNAPSHOT,
+    WRITTEN,
+    Outcome,
+    Put,
+    StateStore,
+    StoreUnavailable,
+)
 
-__all__ = ["Outcome", "Put", "StateStore", "StoreUnavailable", "open_store"]
+__all__ = [
+    "LOST",
+    "NEEDS_SNAPSHOT",
+    "WRITTEN",
+    "Outcome",
+    "Put",
+    "StateStore",
+    "StoreUnavailable",
+    "open_store",
+]
 
 
 def open_store(url: str, *, window_s: float, lease_s: float, tomb_s: float) -> StateStore:

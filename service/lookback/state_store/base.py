@@ -8,6 +8,9 @@ from typing import Literal, Protocol
 Outcome = Literal["ok", "unknown", "expired", "used", "conflict"]
 
 
+LOST, WRITTEN, NEEDS_SNAPSHOT = 0, 1, 2  # what ``sync`` answers per put
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached now; streaming goes on without durable snapshots."""
 
@@ -29,11 +32,18 @@ class StateStore(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def secret(self) -> bytes:
-        """A key shared by every server on this store, for resume-token MACs."""
+    async def secrets(self, offer: list[bytes]) -> tuple[bytes, list[bytes]]:
+        """The resume secret every server on this store shares, and every one it knows.
 
-    async def sync(self, puts: list[Put]) -> list[bool]:
-        """Write snapshots / renew leases in one round trip; False where the lease is lost."""
+        ``offer`` (this server's secrets, its current one first) goes back into a store
+        that lost them (an empty restart): the first becomes the shared one if none is set,
+        and the others stay known, so tokens issued before the restart still verify.
+        """
+
+    async def sync(self, puts: list[Put]) -> list[int]:
+        """Write snapshots / renew leases in one round trip. Per put: ``WRITTEN``,
+        ``LOST`` (another owner has the lease) or ``NEEDS_SNAPSHOT`` (lease renewed, but
+        the store holds no snapshot: it expired or the store restarted empty)."""
 
     async def claim(self, sid: str, owner: str) -> tuple[Outcome, bytes | None]:
         """Take the lease of ``sid`` for a resume and read its snapshot."""

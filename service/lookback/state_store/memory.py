@@ -10,7 +10,7 @@ import secrets
 import time
 from collections import OrderedDict
 
-from lookback.state_store.base import Outcome, Put
+from lookback.state_store.base import LOST, NEEDS_SNAPSHOT, WRITTEN, Outcome, Put
 
 MAX_TOMBSTONES = 100_000
 
@@ -35,8 +35,8 @@ class MemoryStore:
         self._leases.clear()
         self._tombs.clear()
 
-    async def secret(self) -> bytes:
-        return self._secret
+    async def secrets(self, offer: list[bytes]) -> tuple[bytes, list[bytes]]:
+        return self._secret, [self._secret]
 
     # -- helpers ---------------------------------------------------------------------------
     def _get(self, d: dict, key: str, now: float) -> object:
@@ -63,23 +63,26 @@ class MemoryStore:
         self._tombs.move_to_end(sid)
 
     # -- interface -------------------------------------------------------------------------
-    async def sync(self, puts: list[Put]) -> list[bool]:
+    async def sync(self, puts: list[Put]) -> list[int]:
         now = time.monotonic()
         self._sweep(now)
         out = []
         for p in puts:
             lease = self._get(self._leases, p.sid, now)
             if (lease is not None and lease != p.owner) or self._get(self._tombs, p.sid, now) == "used":
-                out.append(False)
+                out.append(LOST)
                 continue
+            answer = WRITTEN
             if p.data is not None:
                 self._snaps[p.sid] = (p.data, now + self.window_s)
                 self._tomb(p.sid, "live", now)
+            elif self._get(self._snaps, p.sid, now) is None:
+                answer = NEEDS_SNAPSHOT
             if p.release:
                 self._leases.pop(p.sid, None)
             else:
                 self._leases[p.sid] = (p.owner, now + self.lease_s)
-            out.append(True)
+            out.append(answer)
         return out
 
     async def claim(self, sid: str, owner: str) -> tuple[Outcome, bytes | None]:

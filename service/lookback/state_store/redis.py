@@ -25,6 +25,7 @@ from lookback.state_store.base import Outcome, Put, StoreUnavailable
 log = logging.getLogger("lookback.state_store")
 PREFIX = "lookback:session:"
 SECRET_KEY = "lookback:resume-secret"
+KNOWN_SECRETS_KEY = "lookback:resume-secrets"  # every secret a server still holds (a set)
 
 # Many sessions per call: KEYS are (snap, tomb, lease) per session, ARGV the three TTLs
 # (window, tombstone, lease) then (owner, snapshot or '', release '1'/'0') per session.
@@ -37,13 +38,15 @@ for i = 0, #KEYS / 3 - 1 do
   if (l and l ~= owner) or redis.call('GET', tomb) == 'used' then
     out[i + 1] = 0
   else
+    out[i + 1] = 1
     if data ~= '' then
       redis.call('SET', snap, data, 'PX', ARGV[1])
       redis.call('SET', tomb, 'live', 'PX', ARGV[2])
+    elseif redis.call('EXISTS', snap) == 0 then
+      out[i + 1] = 2
     end
     if ARGV[3 * i + 6] == '1' then redis.call('DEL', lease)
     else redis.call('SET', lease, owner, 'PX', ARGV[3]) end
-    out[i + 1] = 1
   end
 end
 return out
@@ -68,6 +71,12 @@ redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[3])
 redis.call('SET', KEYS[5], 'live', 'PX', ARGV[4])
 redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[5])
 return 1
+"""
+# KEYS: the shared secret, the set of known ones; ARGV: the offered secrets, current first
+_SECRETS = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+redis.call('SADD', KEYS[2], unpack(ARGV))
+return {redis.call('GET', KEYS[1]), redis.call('SMEMBERS', KEYS[2])}
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -96,7 +105,7 @@ class RedisStore:
         self._claim = self._r.register_script(_CLAIM)
         self._consume = self._r.register_script(_CONSUME)
         self._release = self._r.register_script(_RELEASE)
-        self._secret: bytes | None = None
+        self._secrets = self._r.register_script(_SECRETS)
         self._probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -113,12 +122,9 @@ class RedisStore:
     async def _connect(self) -> None:
         try:
             await self._r.ping()
-            await self._r.set(SECRET_KEY, secrets.token_bytes(32), nx=True)
-            secret = await self._r.get(SECRET_KEY)
         except (RedisError, OSError) as exc:
             self.available = False
             raise StoreUnavailable(str(exc)) from exc
-        self._secret = secret if isinstance(secret, bytes) else None
         if not self.available:
             log.info("state store %s reachable", self.where)
         self.available = True
@@ -154,12 +160,12 @@ class RedisStore:
             self._start_probe()
             raise StoreUnavailable(str(exc)) from exc
 
-    async def secret(self) -> bytes:
-        if self._secret is None:
-            raise StoreUnavailable("state store not reached yet")
-        return self._secret
+    async def secrets(self, offer: list[bytes]) -> tuple[bytes, list[bytes]]:
+        args = offer or [secrets.token_bytes(32)]
+        current, known = await self._call(self._secrets(keys=[SECRET_KEY, KNOWN_SECRETS_KEY], args=args))
+        return bytes(current), [bytes(k) for k in known]
 
-    async def sync(self, puts: list[Put]) -> list[bool]:
+    async def sync(self, puts: list[Put]) -> list[int]:
         if not puts:
             return []
 
@@ -174,7 +180,7 @@ class RedisStore:
                     await self._sync(keys=keys, args=args, client=pipe)
                 return await pipe.execute()
 
-        return [bool(r) for batch in await self._call(run()) for r in batch]
+        return [int(r) for batch in await self._call(run()) for r in batch]
 
     async def claim(self, sid: str, owner: str) -> tuple[Outcome, bytes | None]:
         res = await self._call(self._claim(keys=_keys(sid), args=[owner, self.lease_ms]))
