@@ -29,6 +29,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -64,8 +65,9 @@ DEFAULT = "lookback-vad"
 
 
 def old_tree(rev: str) -> Path:
-    """A worktree of ``rev`` under tests/bench/out (made once), Silero linked into its store."""
-    path = REPO / "tests" / "bench" / "out" / f"ab-{rev}"
+    """A worktree of ``rev`` in the temp folder (made once; outside the repo, where no test
+    collector or type checker walks), Silero linked into its store."""
+    path = Path(tempfile.gettempdir()) / f"lookback-ab-{rev}"
     if not (path / "service").is_dir():
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True)
