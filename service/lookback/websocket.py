@@ -137,7 +137,8 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
                         break
                     ln = int.from_bytes(data[pos + 2 : pos + 10], "big")
                     head += 8
-                if ln > self.max_size or self._frag_len + ln > self.max_size:
+                # a control frame between fragments is no part of the message being gathered
+                if ln > self.max_size or (not b0 & 0x08 and self._frag_len + ln > self.max_size):
                     raise _Fail(1009, f"frame exceeds limit of {self.max_size} bytes")
                 end = head + ln
                 if end > n:
@@ -256,7 +257,19 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
     def attach(self, sink: FrameSink) -> None:
         """Deliver every message from now on to ``sink``, starting with those queued."""
         self.sink = sink
-        while not self.queue.empty():
+        self._drain_queue()
+        if self.read_paused:
+            self.read_paused = False
+            if not self._held:
+                self.transport.resume_reading()
+        if self._buf and not self._held:
+            self._parse_buffered()
+
+    def _drain_queue(self) -> None:
+        """What arrived before ``attach``, in order; stops where the sink holds."""
+        sink = self.sink
+        assert sink is not None
+        while not self._held and not self.queue.empty():
             msg: dict[str, Any] = self.queue.get_nowait()  # type: ignore[assignment]
             kind = msg["type"]
             if kind == "websocket.receive":
@@ -268,12 +281,6 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
             elif kind == "websocket.disconnect" and not self._told_sink:
                 self._told_sink = True
                 sink.on_disconnect(int(msg.get("code", 1005)))
-        if self.read_paused:
-            self.read_paused = False
-            if not self._held:
-                self.transport.resume_reading()
-        if self._buf and not self._held:
-            self._parse_buffered()
 
     def hold(self) -> None:
         """Deliver nothing more until ``release``; the socket is not read meanwhile."""
@@ -285,6 +292,9 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         if self._held:
             self._held = False
             if not self.disconnected:
+                self._drain_queue()
+                if self._held:
+                    return
                 self.transport.resume_reading()
                 self._parse_buffered()
 

@@ -25,7 +25,7 @@ from lookback.engine.snapshot import decode
 from lookback.protocol import split_results
 from lookback.state_store import Put
 from tests.api.resume_util import Inbox
-from tests.api.ws_util import ws_connect
+from tests.api.ws_util import wait_until, ws_connect
 from tests.conftest import Server, running_server
 from tests.conftest import test_settings as make_settings
 from tests.support import read_clip
@@ -331,7 +331,7 @@ async def test_bad_resume_parameters_cost_neither_the_session_nor_a_slot(srv: Se
     assert ready["resumed"] is True and ready["replay_from_sample"] > 0
     summary = await finish(ws)
     assert summary["type"] == "summary" and summary["events_truncated"] == 0
-    assert table.used == 0
+    await wait_until(lambda: table.used == 0, what="the slot freed once the session closed")
 
 
 async def test_a_snapshot_moved_to_another_session_is_refused(srv: Server) -> None:
