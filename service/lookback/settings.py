@@ -81,8 +81,14 @@ class Settings(BaseSettings):
     )
     adaptive_wait: bool = Field(
         True,
-        description="grow the fill wait with load: none while the process uses under half a "
-        "core, max_wait_ms from 85%; false: every small batch may wait max_wait_ms",
+        description="grow the fill wait with load: none while the process uses under 30% of a "
+        "core, max_wait_ms from 70%; false: every small batch may wait max_wait_ms",
+    )
+    batch_fill_rows: int = Field(
+        64,
+        ge=1,
+        description="a batch waiting to fill starts once it has this many steps: past about "
+        "64 rows a model call's cost per row no longer falls (CPU)",
     )
     model_calls: Literal["auto", "thread", "inline"] = Field(
         "auto",

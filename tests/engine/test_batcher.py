@@ -387,7 +387,7 @@ def test_adaptive_wait_grows_with_load_and_is_published() -> None:
         adaptive_wait=True,
     )
     assert b.wait == 0.0  # idle until measured otherwise
-    for busy, want in ((0.2, 0.0), (0.5, 0.0), (0.675, 0.002), (0.85, 0.004), (1.0, 0.004)):
+    for busy, want in ((0.2, 0.0), (0.3, 0.0), (0.5, 0.002), (0.7, 0.004), (1.0, 0.004)):
         b.load.busy, b.load.model_share = busy, 0.25
         b._tune()
         assert b.wait == pytest.approx(want), busy
@@ -418,3 +418,17 @@ def test_load_window_measures_cpu_and_the_model_share() -> None:
     assert w.busy > 0.3
     assert 0.2 < w.model_share < 1.0
     assert not w.add(0.0, t0)  # a window has not passed since it closed
+
+
+async def test_a_waiting_batch_starts_at_fill_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # three open sessions, room for 8, a 60 s wait: two steps are enough (batch_fill_rows=2)
+    async with running_engine(
+        "silero-vad", max_batch_size=8, max_wait_ms=60_000, adaptive_wait=False, batch_fill_rows=2
+    ) as engine:
+        handle = engine.resolve("silero-vad")
+        rec = Recorder(handle, monkeypatch)
+        ss = slots(handle, 3)
+        t0 = time.monotonic()
+        await asyncio.gather(*(handle.batcher.submit_future(s, 0, payload(s)) for s in ss[:2]))
+        assert rec.sizes == [2]
+        assert time.monotonic() - t0 < 30

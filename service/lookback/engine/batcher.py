@@ -45,7 +45,7 @@ from lookback.metrics import Metrics
 log = logging.getLogger("lookback.batcher")
 
 # adaptive wait: none below this share of a core in use, max_wait_ms from _WAIT_FULL up
-_WAIT_FROM, _WAIT_FULL = 0.5, 0.85
+_WAIT_FROM, _WAIT_FULL = 0.3, 0.7
 
 #: One batch: the steps in, one score row per hop out (``[sum of counts, labels]``).
 Compute = Callable[[Sequence[Step]], np.ndarray]
@@ -63,12 +63,16 @@ class MicroBatcher:
         max_wait_ms: float,
         inline: bool = False,
         adaptive_wait: bool = False,
+        fill_rows: int = 0,
     ) -> None:
         self.compute = compute  # looked up per batch: tests and tools may wrap it
         self.occupancy = occupancy
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.adaptive = adaptive_wait
+        # a waiting batch also stops at this many steps (0: max_batch_size): past it a
+        # model call's cost per row no longer falls, so waiting buys latency, not CPU
+        self.fill_rows = fill_rows or max_batch_size
         self.wait = 0.0 if adaptive_wait else self.max_wait  # this batch's fill budget
         self.load = LoadWindow()
         self.inline = inline  # call the model on the event loop (single-CPU processes)
@@ -208,7 +212,7 @@ class MicroBatcher:
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Hold the batch until it is full, every open session is in it, or its oldest
         step has waited ``max_wait``; False if there was nothing to wait for."""
-        target = min(self.max_batch_size, self.occupancy())
+        target = min(self.max_batch_size, self.fill_rows, self.occupancy())
         remaining = self._ready[0].t_ready + self.wait - time.perf_counter()
         if len(self._ready) >= target or remaining <= 0:
             return False

@@ -162,6 +162,7 @@ class Engine:
             max_wait_ms=s.max_wait_ms,
             inline=inline_model_calls(s.model_calls, step.provider),
             adaptive_wait=s.adaptive_wait,
+            fill_rows=s.batch_fill_rows,
         )
         return ServedModel(
             sm.spec,
