@@ -62,6 +62,19 @@ def frame_header(opcode: int, n: int) -> bytes:
     return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big")
 
 
+_TEXT_HEADS = [bytes((0x81, n)) for n in range(126)]
+
+
+def text_frame(data: bytes) -> bytes:
+    """A whole text message as one frame (header and payload)."""
+    n = len(data)
+    return (_TEXT_HEADS[n] if n < 126 else frame_header(_OP_TEXT, n)) + data
+
+
+def binary_frame(data: bytes) -> bytes:
+    return frame_header(_OP_BINARY, len(data)) + data
+
+
 def close_payload(code: int, reason: str) -> bytes:
     return code.to_bytes(2, "big") + reason.encode()[:123]
 
@@ -307,11 +320,12 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         """One text message (UTF-8 bytes), written now; the transport buffers what the
         client has not read (the caller bounds it: ``write_paused``)."""
         if not self.close_sent and not self.disconnected:
-            self.transport.write(frame_header(_OP_TEXT, len(data)) + data)
+            self.transport.write(text_frame(data))
 
-    def write_binary(self, data: bytes) -> None:
+    def write_frames(self, frames: bytes) -> None:
+        """Whole frames (``text_frame``/``binary_frame``), several messages in one write."""
         if not self.close_sent and not self.disconnected:
-            self.transport.write(frame_header(_OP_BINARY, len(data)) + data)
+            self.transport.write(frames)
 
     def close(self, code: int, reason: str = "") -> None:
         """Our close frame, written even if the client reads nothing, then a bounded wait

@@ -43,7 +43,16 @@ from lookback.loadtest.config import LoadConfig
 from lookback.loadtest.fanout import run_load
 from lookback.loadtest.ramp import ramp
 from lookback.loadtest.report import format_ramp
-from tests.bench.run_all import FIXTURE, REPO, RESULTS, Server, cpus, log, proc_cpu_seconds
+from tests.bench.run_all import (
+    FIXTURE,
+    REPO,
+    RESULTS,
+    Server,
+    cpus,
+    log,
+    lookback_server,
+    proc_cpu_seconds,
+)
 from tests.support import free_port
 
 BASE_REV = "0189e1e"  # the commit issue 25 (the data plane) started from
@@ -79,20 +88,12 @@ def old_tree(rev: str) -> Path:
 
 def server(tree: Path | None, model: str, cpu: int | None, **env: Any) -> Server:
     """``lookback serve`` of this tree (None) or of an old worktree."""
-    port = free_port()
-    base = {
-        "LOOKBACK_HOST": "127.0.0.1",
-        "LOOKBACK_PORT": str(port),
-        "LOOKBACK_LOG_LEVEL": "warning",
-        "LOOKBACK_MODELS": model,
-        "LOOKBACK_DEFAULT_MODEL": model,
-        "LOOKBACK_MAX_SESSIONS": "4200",
-        **{f"LOOKBACK_{k.upper()}": str(v) for k, v in env.items()},
-    }
+    srv = lookback_server(model, free_port(), cpu, **env)
+    srv.argv = [sys.executable, "-m", "lookback.cli", "serve"]
     if tree is not None:
-        base["PYTHONPATH"] = str(tree / "service")
-    name = f"{'old' if tree else 'new'}-{model}"
-    return Server(name, [sys.executable, "-m", "lookback.cli", "serve"], base, port, cpu)
+        srv.env["PYTHONPATH"] = str(tree / "service")
+    srv.name = f"{'old' if tree else 'new'}-{model}"
+    return srv
 
 
 _SCRAPED = frozenset(
@@ -143,6 +144,25 @@ class AB:
             **kw,
         )
 
+    def ramp(self, cfg: LoadConfig, start: int) -> dict[str, Any]:
+        """One ramp: the max, whether the client was the limit, its CPU there."""
+        res = ramp(
+            cfg,
+            start=start,
+            max_sessions=4000,
+            max_trials=3 if self.quick else 8,
+            max_time=25.0 if self.quick else 150.0,
+        )
+        print(format_ramp(res), file=sys.stderr, flush=True)
+        best = res.get("best") or {}
+        return {
+            "max_sessions": res["max_sessions"],
+            "client_bottleneck": res["client_bottleneck"],
+            "client_cpu_at_max": (best.get("client") or {}).get("cpu_total"),
+            "p99_ms_at_max": (best.get("latency_ms") or {}).get("p99"),
+            "trials": res["trials"],
+        }
+
     def ramp_pair(self, model: str, fpm: int, **kw: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
         trees: list[tuple[str, Path | None]] = [("old", self.old), ("new", None)]
@@ -151,22 +171,7 @@ class AB:
                 continue
             with server(tree, model, self.server_cpu) as srv:
                 start = max(8, int(out.get("old", {}).get("max_sessions", 64) * 0.75))
-                res = ramp(
-                    self.cfg(srv.url, model, fpm, **kw),
-                    start=start,
-                    max_sessions=4000,
-                    max_trials=3 if self.quick else 8,
-                    max_time=25.0 if self.quick else 150.0,
-                )
-                print(format_ramp(res), file=sys.stderr, flush=True)
-                best = res.get("best") or {}
-                out[name] = {
-                    "max_sessions": res["max_sessions"],
-                    "client_bottleneck": res["client_bottleneck"],
-                    "client_cpu_at_max": (best.get("client") or {}).get("cpu_total"),
-                    "p99_ms_at_max": (best.get("latency_ms") or {}).get("p99"),
-                    "trials": res["trials"],
-                }
+                out[name] = self.ramp(self.cfg(srv.url, model, fpm, **kw), start)
         if "old" in out and out["old"]["max_sessions"]:
             out["ratio"] = out["new"]["max_sessions"] / out["old"]["max_sessions"]
         log(
@@ -255,20 +260,7 @@ class AB:
                 out[kind] = {"skipped": "picows is not installed"}
                 continue
             with self.echo_server(kind) as srv:
-                res = ramp(
-                    self.cfg(srv.url, DEFAULT, 1),
-                    start=128,
-                    max_sessions=4000,
-                    max_trials=3 if self.quick else 8,
-                    max_time=25.0 if self.quick else 150.0,
-                )
-                print(format_ramp(res), file=sys.stderr, flush=True)
-                best = res.get("best") or {}
-                out[kind] = {
-                    "max_sessions": res["max_sessions"],
-                    "client_bottleneck": res["client_bottleneck"],
-                    "client_cpu_at_max": (best.get("client") or {}).get("cpu_total"),
-                }
+                out[kind] = self.ramp(self.cfg(srv.url, DEFAULT, 1), 128)
             log(f"echo {kind}: {out[kind]['max_sessions']}")
         return out
 

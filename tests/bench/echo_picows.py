@@ -17,7 +17,7 @@ import uuid
 import orjson
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
-from tests.bench.echo_server import SCORE
+from tests.bench.echo_server import SCORE, summary_bytes
 
 
 class Echo(WSListener):
@@ -67,16 +67,7 @@ class Echo(WSListener):
                 self.steps += 1
         elif kind == WSMsgType.TEXT:
             if orjson.loads(frame.get_payload_as_bytes()).get("type") == "end":
-                summary = {
-                    "type": "summary",
-                    "frames": self.frames,
-                    "steps": self.steps,
-                    "failed_steps": 0,
-                    "padded_samples": 0,
-                    "duration": self.steps * self.hop_seconds,
-                    "events": [],
-                }
-                transport.send(WSMsgType.TEXT, orjson.dumps(summary))
+                transport.send(WSMsgType.TEXT, summary_bytes(self.frames, self.steps, self.hop_seconds))
                 transport.send_close(WSCloseCode.OK)
         elif kind == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code(), frame.get_close_message())

@@ -33,6 +33,20 @@ from lookback.websocket import DIRECT
 SCORE = 0.12345679104328156  # a float32 score written as a double, as Lookback writes it
 
 
+def summary_bytes(frames: int, steps: int, hop_seconds: float) -> bytes:
+    """The echo's summary, shaped as Lookback's."""
+    body = {
+        "type": "summary",
+        "frames": frames,
+        "steps": steps,
+        "failed_steps": 0,
+        "padded_samples": 0,
+        "duration": steps * hop_seconds,
+        "events": [],
+    }
+    return orjson.dumps(body)
+
+
 class DirectEcho:
     """The echo as a FrameSink: each message a call, each reply written at once."""
 
@@ -68,16 +82,7 @@ class DirectEcho:
     def on_text(self, text: str) -> None:
         body = orjson.loads(text or "{}")
         if isinstance(body, dict) and body.get("type") == "end":
-            summary = {
-                "type": "summary",
-                "frames": self.frames,
-                "steps": self.steps,
-                "failed_steps": 0,
-                "padded_samples": 0,
-                "duration": self.steps * self.hop_seconds,
-                "events": [],
-            }
-            self.proto.write_text(orjson.dumps(summary))
+            self.proto.write_text(summary_bytes(self.frames, self.steps, self.hop_seconds))
             self.proto.close(1000, "normal")
 
     def on_disconnect(self, code: int) -> None:

@@ -53,7 +53,7 @@ from lookback.protocol import (
     summary_message,
 )
 from lookback.settings import Settings
-from lookback.websocket import DIRECT, DirectWebSocketProtocol
+from lookback.websocket import DIRECT, DirectWebSocketProtocol, binary_frame, text_frame
 
 if TYPE_CHECKING:
     from lookback.api.resume import Recent, Resumer, ResumeState
@@ -93,7 +93,8 @@ class Connection:
     because a WebSocket send costs more than the model work of a step.
     """
 
-    on_group_end: Callable[[], None] | None = None  # set for results=batch only
+    # results=batch: gather a model call's steps; direct path: write its messages at once
+    on_group_end: Callable[[], None] | None = None
 
     def __init__(
         self,
@@ -155,6 +156,13 @@ class Connection:
         self._unread = 0  # messages written while the client's transport was full
         self._done: asyncio.Future[str] | None = None  # direct path: set when the session ends
         self._room_task: asyncio.Task[None] | None = None  # direct path: waiting for room
+        # direct path: the frames of one model call's results (10 hops of a 10-frame message
+        # are 10 messages), written in one transport write, one send(), at the group's end
+        self._pending: list[bytes] = []
+        self._grouping = False
+        self._coalesce = self.direct is not None and not self.batch
+        if self._coalesce:
+            self.on_group_end = self._flush
 
     @property
     def ended(self) -> bool:
@@ -184,6 +192,7 @@ class Connection:
 
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
+        self._grouping = self._coalesce  # inside a model call's group: _flush ends it
         if self.recent is not None:  # kept for a resume to re-send (lookback.api.resume)
             # a tuple of floats, not the list: the entry holds no mutable container, so the
             # collector stops tracking it instead of promoting thousands a second to gen 2
@@ -265,6 +274,7 @@ class Connection:
             for index, t, scores, events in self.resume.resend:
                 self.on_result(index, t, scores, events)
             self._end_group()  # results=batch: the re-sent tail is one message
+            self._flush()
             self.resume.resend.clear()
 
     def _put(self, text: str) -> None:
@@ -306,10 +316,19 @@ class Connection:
         elif self._unread:
             self._unread = 0
         self.bytes_out += len(data)
-        if binary:
-            direct.write_binary(data)
+        frame = binary_frame(data) if binary else text_frame(data)
+        if self._grouping:
+            self._pending.append(frame)
         else:
-            direct.write_text(data)
+            direct.write_frames(frame)
+
+    def _flush(self) -> None:
+        """The end of a model call's group: its messages in one write."""
+        self._grouping = False
+        pending = self._pending
+        if pending and self.direct is not None:
+            self._pending = []
+            self.direct.write_frames(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def _send_now(self, text: str) -> None:
         """Send without a task switch; if the send must wait, the writer takes it over."""
@@ -342,6 +361,7 @@ class Connection:
             self.closing_since = asyncio.get_running_loop().time()
             self.close_code, self.close_reason = code, reason
             if self.direct is not None:  # everything before it is written already
+                self._flush()
                 self.direct.close(code, reason)
                 return
             self.out.append(_CLOSE)
@@ -357,6 +377,7 @@ class Connection:
         self.closing_since = asyncio.get_running_loop().time()
         self.close_code, self.close_reason = code, reason
         if self.direct is not None:
+            self._pending, self._grouping = [], False  # not to be read: dropped
             self.direct.write_text(error_message(reason, message).encode())
             self.direct.close(code, reason)
             return
