@@ -74,15 +74,15 @@ class Settings(BaseSettings):
         "1: one hop per call",
     )
     max_wait_ms: float = Field(
-        4.0,
+        2.0,
         ge=0.0,
         description="hold a small batch up to this long (from its oldest step) to fill it; "
         "0: greedy. Never waits once every open session has a step ready",
     )
     adaptive_wait: bool = Field(
         True,
-        description="grow the fill wait with load: none while the process uses under 30% of a "
-        "core, max_wait_ms from 70%; false: every small batch may wait max_wait_ms",
+        description="grow the fill wait with load: none while the process uses under half a "
+        "core, max_wait_ms from 90%; false: every small batch may wait max_wait_ms",
     )
     batch_fill_rows: int = Field(
         64,

@@ -387,7 +387,7 @@ def test_adaptive_wait_grows_with_load_and_is_published() -> None:
         adaptive_wait=True,
     )
     assert b.wait == 0.0  # idle until measured otherwise
-    for busy, want in ((0.2, 0.0), (0.3, 0.0), (0.5, 0.002), (0.7, 0.004), (1.0, 0.004)):
+    for busy, want in ((0.2, 0.0), (0.5, 0.0), (0.7, 0.002), (0.9, 0.004), (1.0, 0.004)):
         b.load.busy, b.load.model_share = busy, 0.25
         b._tune()
         assert b.wait == pytest.approx(want), busy

@@ -45,7 +45,7 @@ from lookback.metrics import Metrics
 log = logging.getLogger("lookback.batcher")
 
 # adaptive wait: none below this share of a core in use, max_wait_ms from _WAIT_FULL up
-_WAIT_FROM, _WAIT_FULL = 0.3, 0.7
+_WAIT_FROM, _WAIT_FULL = 0.5, 0.9
 
 #: One batch: the steps in, one score row per hop out (``[sum of counts, labels]``).
 Compute = Callable[[Sequence[Step]], np.ndarray]
