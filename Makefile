@@ -68,6 +68,7 @@ docs: install
 	$(BIN)/lookback docs --write
 
 bench: install silero
+	$(BIN)/python -m tests.bench.ab_bench
 	$(BIN)/python -m tests.bench.run_all
 	$(BIN)/python -m tests.bench.export_bench
 	$(BIN)/python -m tests.bench.sessions_bench --trials 20 --sessions 1000
