@@ -9,14 +9,15 @@ generator to CPU 1), because this VM moves 30% from minute to minute:
   the ramp's real-time sessions at p99 <= 20 ms, nothing lost, old then new; the load
   generator's CPU at each max (on 2 cores the client can become the limit);
 - ``fpm1_binary``: the new server with ``result_format=binary`` against JSON;
-- ``cpu150``: server CPU per result at a fixed 150 real-time sessions, old and new;
+- ``cpu150``: server CPU per result at a fixed 150 real-time sessions, old and new, in
+  ``--pairs`` alternating pairs (the median of the per-pair ratios);
 - ``points``: at 50% / 90% / 100% of the new max (1 frame/msg): p50/p99, rows per batch
   (``lookback_batch_size``), the model's share of the server's CPU
   (``lookback_model_cpu_share``) and the server's CPU, for old and new at the same loads.
 
     python -m tests.bench.ab_bench [--old REV] [--quick] [--only fpm1,cpu150,...]
 
-Writes ``tests/bench/results/<date>-<host>-ab.{json,md}``.
+Writes ``tests/bench/results/<date>-<host>-ab[-<steps>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import importlib.util
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -265,12 +267,23 @@ class AB:
         return out
 
     def step_cpu150(self) -> dict[str, Any]:
+        """Old and new alternating, ``--pairs`` times: one window moves by 20-30% here, so
+        the figure is the median of the per-pair ratios (each pair back to back)."""
         n = 40 if self.quick else 150
-        out = {"old": self.fixed(self.old, DEFAULT, n), "new": self.fixed(None, DEFAULT, n)}
-        o, w = out["old"].get("server_us_per_result"), out["new"].get("server_us_per_result")
-        if o and w:
-            out["ratio_new_over_old"] = w / o
-        log(f"cpu at {n} sessions: old {o} us/result, new {w} us/result")
+        pairs = [
+            {"old": self.fixed(self.old, DEFAULT, n), "new": self.fixed(None, DEFAULT, n)}
+            for _ in range(self.args.pairs)
+        ]
+        ratios = [
+            p["new"]["server_us_per_result"] / p["old"]["server_us_per_result"]
+            for p in pairs
+            if p["new"].get("server_us_per_result") and p["old"].get("server_us_per_result")
+        ]
+        out: dict[str, Any] = {"old": pairs[0]["old"], "new": pairs[0]["new"], "pairs": pairs}
+        if ratios:
+            out["ratio_new_over_old"] = statistics.median(ratios)
+            out["ratios"] = ratios
+        log(f"cpu at {n} sessions, new / old per pair: {[round(r, 2) for r in ratios]}")
         return out
 
     def step_fpm1(self) -> dict[str, Any]:
@@ -360,7 +373,9 @@ def to_markdown(res: dict[str, Any]) -> str:
     if "new" in c:
         head = ("fixed load", "sessions", "server CPU (cores)", "µs per result", "rows per batch")
         lines += ["", _row(*head, "model CPU share", "p50 / p99 ms"), _row(*["---"] * 7)]
-        rows = [("cpu150 old", c["old"]), ("cpu150 new", c["new"])]
+        rows = []
+        for i, pair in enumerate(c.get("pairs") or [c]):
+            rows += [(f"cpu150 old #{i + 1}", pair["old"]), (f"cpu150 new #{i + 1}", pair["new"])]
         for frac, p in (res.get("points") or {}).items():
             if isinstance(p, dict) and "new" in p:
                 rows += [(f"{frac} of new max, old", p["old"]), (f"{frac} of new max, new", p["new"])]
@@ -377,6 +392,12 @@ def to_markdown(res: dict[str, Any]) -> str:
                     lat,
                 )
             )
+    if c.get("ratios"):
+        ratios = ", ".join(f"{r:.2f}" for r in c["ratios"])
+        lines += [
+            "",
+            f"Server CPU per result, new / old, median of pairs: {c['ratio_new_over_old']:.2f} ({ratios})",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -388,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--old", default=BASE_REV, help="git revision of the old code")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--pairs", type=int, default=3, help="cpu150: old/new pairs (median of the ratios)")
     p.add_argument("--only", help=f"comma-separated steps of {','.join(STEPS)}")
     args = p.parse_args(argv)
     steps = args.only.split(",") if args.only else list(STEPS)
@@ -400,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     res["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     res["cpus"] = os.cpu_count()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{dt.date.today().isoformat()}-{socket.gethostname()}-ab"
+    part = f"-{args.only.replace(',', '-')}" if args.only else ""
+    stem = RESULTS / f"{dt.date.today().isoformat()}-{socket.gethostname()}-ab{part}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     md = to_markdown(res)
     stem.with_suffix(".md").write_text(md)
