@@ -33,7 +33,9 @@ class Settings(BaseSettings):
         "info", description="debug also enables the access log"
     )
     ws_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = Field(
-        "websockets-sansio", description="uvicorn WebSocket implementation; sansio is fastest"
+        "websockets-sansio",
+        description="websockets-sansio: uvicorn's handshake, then Lookback's framing and direct path "
+        "(lookback.websocket); another value runs uvicorn's own protocol (ASGI path, fewer guards)",
     )
     ws_per_message_deflate: bool = Field(
         False, description="PCM barely compresses and deflate costs ~27% per small message"
