@@ -199,20 +199,7 @@ def create_echo_app(hop_samples: int = 128, frame_samples: int = 128, direct: bo
                         )
                         steps += 1
                     await send(
-                        {
-                            "type": "websocket.send",
-                            "text": dumps(
-                                {
-                                    "type": "summary",
-                                    "frames": frames,
-                                    "steps": steps,
-                                    "failed_steps": 0,
-                                    "padded_samples": 0,
-                                    "duration": steps * hop_seconds,
-                                    "events": [],
-                                }
-                            ).decode(),
-                        }
+                        {"type": "websocket.send", "text": summary_bytes(frames, steps, hop_seconds).decode()}
                     )
                     await ws.close(1000, "normal")
                     return

@@ -40,6 +40,20 @@ async def _results(r: aioredis.Redis) -> dict[str, list[dict]]:
     return by_device([(f[b"device"].decode(), parse_records(f[b"records"])) for _, f in entries])
 
 
+async def _all_summaries(r: aioredis.Redis, devices: Any) -> bool:
+    """Every device has its summary in the results stream."""
+    res = await _results(r)
+    return all(any(x["type"] == "summary" for x in res.get(d, [])) for d in devices)
+
+
+def _assert_like_reference(res: dict[str, list[dict]], reference: dict[str, list[Any]]) -> None:
+    """Each device's results: every step once, in order, the reference's scores exactly."""
+    for dev, ref in reference.items():
+        steps = [x for x in res[dev] if x["type"] == "result"]
+        assert [x["step"] for x in steps] == list(range(len(ref))), dev
+        assert [x["scores"] for x in steps] == ref, dev
+
+
 async def _writers(r: aioredis.Redis) -> dict[str, set[str]]:
     """Which consumers published each device's results."""
     out: dict[str, set[str]] = {}
@@ -203,10 +217,7 @@ async def test_duplicated_reordered_malformed_gapped(redis_broker: Broker) -> No
     await _run_source(url, metrics, body)
     try:
         res = await _results(r)
-        for dev, ref in reference.items():
-            steps = [x for x in res[dev] if x["type"] == "result"]
-            assert [x["step"] for x in steps] == list(range(len(ref))), dev
-            assert [x["scores"] for x in steps] == ref, dev
+        _assert_like_reference(res, reference)
         gaps = [x for x in res[reord] if x["type"] == "gap"]
         assert len(gaps) == 1
         assert (gaps[0]["missing"], gaps[0]["policy"]) == (1, "zero_fill")
@@ -304,19 +315,12 @@ async def test_stolen_lease_fences_commits_and_replays_exactly_once(redis_broker
         for i in range(3, 6):
             await send(i)
 
-        async def finished() -> bool:
-            res = await _results(r)
-            return all(any(x["type"] == "summary" for x in res.get(d, [])) for d in m)
-
-        await _wait_for(finished, "every device's summary after the lease came back")
+        await _wait_for(lambda: _all_summaries(r, m), "every device's summary after the lease came back")
 
     await _run_source(url, metrics, body)
     try:
         res = await _results(r)
-        for dev, ref in reference.items():
-            steps = [x for x in res[dev] if x["type"] == "result"]
-            assert [x["step"] for x in steps] == list(range(len(ref))), dev
-            assert [x["scores"] for x in steps] == ref, dev
+        _assert_like_reference(res, reference)
         restores = metrics.registry.get_sample_value(
             "lookback_source_restores_total", {"source": "redis:f:audio"}
         )
@@ -373,10 +377,7 @@ async def test_consumer_joining_mid_run_takes_partitions_over_exactly_once(
 
         await _wait_for(finished, "every device's summary", 60)
         res = await _results(r)
-        for dev, ref in reference.items():
-            steps = [x for x in res[dev] if x["type"] == "result"]
-            assert [x["step"] for x in steps] == list(range(len(ref))), dev
-            assert [x["scores"] for x in steps] == ref, dev
+        _assert_like_reference(res, reference)
         moved = [d for d, w in (await _writers(r)).items() if w == {"a", "b"}]
         assert moved, "no device continued on the newcomer"
         assert await r.xlen("lookback:errors") == 0
@@ -507,19 +508,12 @@ async def test_deleted_stream_or_group_is_recreated_and_reading_goes_on(redis_br
         for i in (2, 3):
             await send(i)
 
-        async def finished() -> bool:
-            res = await _results(r)
-            return all(any(x["type"] == "summary" for x in res.get(d, [])) for d in m)
-
-        await _wait_for(finished, "every device's summary after the groups were deleted")
+        await _wait_for(lambda: _all_summaries(r, m), "every device's summary after the groups were deleted")
 
     await _run_source(url, metrics, body)
     try:
         res = await _results(r)
-        for dev, ref in reference.items():
-            steps = [x for x in res[dev] if x["type"] == "result"]
-            assert [x["step"] for x in steps] == list(range(len(ref))), dev
-            assert [x["scores"] for x in steps] == ref, dev
+        _assert_like_reference(res, reference)
         recreated = metrics.registry.get_sample_value(
             "lookback_source_groups_recreated_total", {"source": "redis:g:audio"}
         )
