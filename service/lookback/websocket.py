@@ -158,7 +158,11 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
                     break
                 payload = apply_mask(data[head:end], data[head - 4 : head])
                 pos = end
-                self._frame(b0 & 0x80, b0 & 0x0F, payload)
+                sink = self.sink
+                if b0 == 0x82 and sink is not None and self._frag is None and not self.close_sent:
+                    sink.on_binary(payload)  # a whole binary message to the sink: the hot path
+                else:
+                    self._frame(b0 & 0x80, b0 & 0x0F, payload)
         except _Fail as exc:
             self._fail(exc.code, exc.reason)
             return

@@ -303,7 +303,8 @@ class Connection:
     def _write(self, data: bytes, binary: bool = False) -> None:
         """Direct path: write now; past the transport's buffer bound, count what the client
         leaves unread and close a session that leaves ``send_queue_messages`` of it."""
-        if not self._accepts_output():
+        phase = self.phase
+        if phase is not Phase.OPEN and phase is not Phase.ENDING:  # _accepts_output, inline
             return
         direct = self.direct
         assert direct is not None
@@ -454,6 +455,8 @@ class Connection:
         self._max_bytes = s.max_message_bytes
         self._max_frames_bytes = s.max_frames_per_message * session.frame_bytes
         self._check_float = session.encoding == "pcm_f32le"
+        # int16 messages up to this size need no check before push (push checks frames)
+        self._fast_max = -1 if self._check_float else min(self._max_bytes, self._max_frames_bytes)
         self._loop = asyncio.get_running_loop()
 
     def _audio(self, data: bytes) -> bool:
@@ -462,7 +465,14 @@ class Connection:
         assert session is not None
         n = len(data)
         self.bytes_in += n
-        if self.ended:
+        if n <= self._fast_max and self.phase is Phase.OPEN:  # the common case
+            try:
+                session.push(data, time.perf_counter())
+            except BackpressureError:
+                return False
+            except LookbackError as exc:
+                self.send_error(exc.code, exc.message)
+        elif self.ended:
             self.send_error("audio_after_end", "audio received after end; ignored")
         elif n > self._max_bytes:
             self.send_error(
