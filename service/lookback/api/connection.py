@@ -465,39 +465,36 @@ class Connection:
         assert session is not None
         n = len(data)
         self.bytes_in += n
-        if n <= self._fast_max and self.phase is Phase.OPEN:  # the common case
-            try:
-                session.push(data, time.perf_counter())
-            except BackpressureError:
-                return False
-            except LookbackError as exc:
-                self.send_error(exc.code, exc.message)
-        elif self.ended:
-            self.send_error("audio_after_end", "audio received after end; ignored")
-        elif n > self._max_bytes:
-            self.send_error(
-                "message_too_large", f"message of {n} bytes exceeds max_message_bytes={self._max_bytes}"
-            )
-        elif n > self._max_frames_bytes:
-            self.send_error(
+        # int16 within the limits, session open (the common case): push checks the frames
+        if n > self._fast_max or self.phase is not Phase.OPEN:
+            refusal = self._refusal(data, n)
+            if refusal is not None:
+                self.send_error(*refusal)
+                return True
+        try:
+            session.push(data, time.perf_counter())
+        except BackpressureError:
+            return False
+        except LookbackError as exc:
+            self.send_error(exc.code, exc.message)
+        return True
+
+    def _refusal(self, data: bytes, n: int) -> tuple[str, str] | None:
+        """Why a message is refused before it reaches the session (code, message), if it is."""
+        frame_bytes = self.session.frame_bytes if self.session is not None else 1
+        if self.ended:
+            return "audio_after_end", "audio received after end; ignored"
+        if n > self._max_bytes:
+            return "message_too_large", f"message of {n} bytes exceeds max_message_bytes={self._max_bytes}"
+        if n > self._max_frames_bytes:
+            return (
                 "too_many_frames",
-                f"message holds {n // session.frame_bytes} frames; "
+                f"message holds {n // frame_bytes} frames; "
                 f"max_frames_per_message={self.settings.max_frames_per_message}",
             )
-        elif (
-            self._check_float
-            and n % session.frame_bytes == 0  # a broken frame is bad_frame_size first
-            and (problem := float_problem(_f32(data), self.settings.max_float_amplitude))
-        ):
-            self.send_error(*problem)
-        else:
-            try:
-                session.push(data, time.perf_counter())
-            except BackpressureError:
-                return False
-            except LookbackError as exc:
-                self.send_error(exc.code, exc.message)
-        return True
+        if self._check_float and n % frame_bytes == 0:  # a broken frame is bad_frame_size first
+            return float_problem(_f32(data), self.settings.max_float_amplitude)
+        return None
 
     async def _push_when_room(self, data: bytes) -> None:
         """Stop reading until the session has room for ``data``: TCP slows the client."""
