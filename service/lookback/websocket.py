@@ -248,19 +248,21 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.transport.is_closing():
             return
         self.close_sent = True
-        self.transport.write(frame_header(_OP_CLOSE, len(payload)) + payload)  # echo it
+        self._write_close(payload)  # echo it
         self._disconnect(code, reason)
         self.transport.close()
 
     def _fail(self, code: int, reason: str) -> None:
         log.info("closing a WebSocket that broke the protocol: %s", reason)
         if not self.close_sent and not self.transport.is_closing():
-            body = close_payload(code, reason)
-            self.transport.write(frame_header(_OP_CLOSE, len(body)) + body)
+            self._write_close(close_payload(code, reason))
         self.close_sent = True
         self._buf = b""
         self._disconnect(code, reason)
         self.transport.close()
+
+    def _write_close(self, payload: bytes) -> None:
+        self.transport.write(frame_header(_OP_CLOSE, len(payload)) + payload)
 
     def _disconnect(self, code: int, reason: str = "") -> None:
         if self.sink is not None:
@@ -295,9 +297,8 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
                     sink.on_binary(data)
                 else:
                     sink.on_text(msg.get("text") or "")
-            elif kind == "websocket.disconnect" and not self._told_sink:
-                self._told_sink = True
-                sink.on_disconnect(int(msg.get("code", 1005)))
+            elif kind == "websocket.disconnect":
+                self._disconnect(int(msg.get("code", 1005)))
 
     def hold(self) -> None:
         """Deliver nothing more until ``release``; the socket is not read meanwhile."""
@@ -337,8 +338,7 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.close_sent or self.disconnected:
             return
         self.close_sent = True
-        body = close_payload(code, reason)
-        self.transport.write(frame_header(_OP_CLOSE, len(body)) + body)
+        self._write_close(close_payload(code, reason))
         self._held = False
         self.read_paused = False
         self.transport.resume_reading()  # to read the peer's answer
@@ -440,11 +440,9 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
                 timer.cancel()
         self._abort_timer = self._send_timer = None
         self._buf = b""
-        sink_told = self._told_sink
-        super().connection_lost(exc)
-        if self.sink is not None and not sink_told:
-            self._told_sink = True
-            self.sink.on_disconnect(1005 if self.handshake_complete else 1006)
+        super().connection_lost(exc)  # queues a disconnect for the ASGI path
+        if self.sink is not None:
+            self._disconnect(1005 if self.handshake_complete else 1006)
 
     async def run_asgi(self) -> None:
         await super().run_asgi()

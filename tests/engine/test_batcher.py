@@ -377,15 +377,12 @@ def test_adaptive_wait_grows_with_load_and_is_published() -> None:
     from lookback.metrics import Metrics
 
     metrics = Metrics()
-    b = MicroBatcher(
-        lambda steps: np.zeros((len(steps), 1), np.float32),
-        lambda: 1,
-        label="m/1",
-        metrics=metrics,
-        max_batch_size=8,
-        max_wait_ms=4.0,
-        adaptive_wait=True,
-    )
+
+    def batcher(label: str, **kw: Any) -> MicroBatcher:  # a model call that is never made
+        zeros = lambda steps: np.zeros((len(steps), 1), np.float32)  # noqa: E731
+        return MicroBatcher(zeros, lambda: 1, label=label, metrics=metrics, max_batch_size=8, **kw)
+
+    b = batcher("m/1", max_wait_ms=4.0, adaptive_wait=True)
     assert b.wait == 0.0  # idle until measured otherwise
     for busy, want in ((0.2, 0.0), (0.5, 0.0), (0.7, 0.002), (0.9, 0.004), (1.0, 0.004)):
         b.load.busy, b.load.model_share = busy, 0.25
@@ -395,14 +392,7 @@ def test_adaptive_wait_grows_with_load_and_is_published() -> None:
     assert get("lookback_process_busy_ratio", {"model": "m/1"}) == 1.0
     assert get("lookback_model_cpu_share", {"model": "m/1"}) == 0.25
     assert get("lookback_batch_wait_budget_seconds", {"model": "m/1"}) == pytest.approx(0.004)
-    fixed = MicroBatcher(
-        lambda steps: np.zeros((len(steps), 1), np.float32),
-        lambda: 1,
-        label="m/2",
-        metrics=metrics,
-        max_batch_size=8,
-        max_wait_ms=4.0,
-    )
+    fixed = batcher("m/2", max_wait_ms=4.0)
     assert fixed.wait == pytest.approx(0.004)
 
 

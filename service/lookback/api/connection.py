@@ -33,9 +33,9 @@ import orjson
 from fastapi import WebSocket
 
 from lookback.api import direct_send
-from lookback.api.pcm_range import float_problem
 from lookback.engine.engine import Engine
 from lookback.engine.events import Event
+from lookback.engine.pcm import float_problem
 from lookback.engine.session import StreamSession
 from lookback.errors import BackpressureError, LookbackError
 from lookback.metrics import Metrics
@@ -46,10 +46,8 @@ from lookback.protocol import (
     event_message,
     ready_message,
     result_bytes,
-    result_message,
     results_binary,
     results_bytes,
-    results_message,
     summary_message,
 )
 from lookback.settings import Settings
@@ -202,10 +200,7 @@ class Connection:
         elif self.want_results:
             single = self.single
             body = {single: scores[0]} if single is not None else dict(zip(self.labels, scores, strict=True))
-            if self.direct is not None:
-                self._write(result_bytes(index, time, body))
-            else:
-                self._put(result_message(index, time, body))
+            self._put_json(result_bytes(index, time, body))
         elif self.batch:
             if self._rows and index != self._first + len(self._rows):
                 self._end_group()  # a gap (failed steps in a re-sent tail): steps stay contiguous
@@ -231,18 +226,13 @@ class Connection:
             for i in range(0, len(rows), MAX_BINARY_ROWS):
                 part = rows[i : i + MAX_BINARY_ROWS]
                 self._write_binary(results_binary(self._first + i, part, len(self.labels)))
-            for ev in events:
-                self._put(event_message(ev.as_dict()))
-            return
-        single = self.single
-        if single is not None:
-            scores = {single: [r[0] for r in rows]}
         else:
-            scores = {label: [r[i] for r in rows] for i, label in enumerate(self.labels)}
-        if self.direct is not None:
-            self._write(results_bytes(self._first, times, scores))
-        else:
-            self._put(results_message(self._first, times, scores))
+            single = self.single
+            if single is not None:
+                scores = {single: [r[0] for r in rows]}
+            else:
+                scores = {label: [r[i] for r in rows] for i, label in enumerate(self.labels)}
+            self._put_json(results_bytes(self._first, times, scores))
         for ev in events:
             self._put(event_message(ev.as_dict()))
 
@@ -293,6 +283,13 @@ class Connection:
         self.out.append(text)
         if self._idle is not None:
             self._wake()
+
+    def _put_json(self, data: bytes) -> None:
+        """A message orjson encoded: written as is on the direct path, as text over ASGI."""
+        if self.direct is not None:
+            self._write(data)
+        else:
+            self._put(data.decode())
 
     def _write_binary(self, data: bytes) -> None:
         if self.direct is not None:
@@ -481,7 +478,8 @@ class Connection:
 
     def _refusal(self, data: bytes, n: int) -> tuple[str, str] | None:
         """Why a message is refused before it reaches the session (code, message), if it is."""
-        frame_bytes = self.session.frame_bytes if self.session is not None else 1
+        assert self.session is not None
+        frame_bytes = self.session.frame_bytes
         if self.ended:
             return "audio_after_end", "audio received after end; ignored"
         if n > self._max_bytes:

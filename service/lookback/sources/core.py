@@ -52,7 +52,7 @@ _MAX_SKIPPED = 1024  # sequence numbers remembered per device to tell "late" fro
 MAX_SEQ = 2**63 - 1  # a seq must fit a signed 64-bit integer: JSON, checkpoints, Lua all take it
 MAX_DEVICE_BYTES = 256  # a device id is part of broker keys and of every record
 MAX_NAME_CHARS = 256  # model / version names
-DEFAULT_MAX_FLOAT_AMPLITUDE = 4.0  # Settings.max_float_amplitude's default
+DEFAULT_MAX_FLOAT_AMPLITUDE: float = Settings.model_fields["max_float_amplitude"].default
 
 
 # -- values exchanged with adapters -------------------------------------------------------
