@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
 import orjson
 
 
@@ -363,9 +364,11 @@ MAX_BINARY_ROWS = 0xFFFF
 RESULT_FORMATS = ("json", "binary")
 
 
-def results_binary(first: int, rows: Sequence[Sequence[float]], labels: int) -> bytes:
+def results_binary(first: int, rows: Sequence[Sequence[float]] | np.ndarray, labels: int) -> bytes:
     """Steps ``first, first + 1, ...`` (at most ``MAX_BINARY_ROWS``) as one binary message."""
     head = BINARY_RESULTS.pack(BINARY_RESULTS_KIND, labels, len(rows), first)
+    if isinstance(rows, np.ndarray):  # float32 [n, labels]: its bytes, row by row
+        return head + rows.astype("<f4", copy=False).tobytes()
     if labels == 1:
         return head + struct.pack(f"<{len(rows)}f", *[r[0] for r in rows])
     return head + struct.pack(f"<{len(rows) * labels}f", *[x for r in rows for x in r])

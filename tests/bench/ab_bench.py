@@ -71,8 +71,10 @@ STEPS = (
     "silero4",
 )
 ECHOES = ("old_asgi", "new_asgi", "new_direct", "picows")
+FLOORS = ("new_direct", "picows")  # cpu150: the echo's CPU per message at the same load
 SILERO = "silero-vad"
 DEFAULT = "lookback-vad"
+REALTIME_MSGS_PER_S = 16000 / 128  # one 128-sample frame per message, real time
 
 
 def old_tree(rev: str) -> Path:
@@ -183,45 +185,53 @@ class AB:
         return out
 
     def fixed(self, tree: Path | None, model: str, n: int, fpm: int = 1) -> dict[str, Any]:
-        """A fixed load of ``n`` sessions: the server's CPU over the middle of the window,
-        rows per batch and the model's CPU share over it, latency."""
+        """A fixed load of ``n`` sessions on ``lookback serve`` (see ``fixed_on``)."""
         with server(tree, model, self.server_cpu) as srv:
-            cfg = replace(self.cfg(srv.url, model, fpm), sessions=n)
             key = f"{model}/1" if model == DEFAULT else f"{model}/6.2.3"
-            window: dict[str, Any] = {}
-            done = threading.Event()
+            return self.fixed_on(srv, model, n, fpm, key)
 
-            def sample() -> None:
-                deadline = time.monotonic() + 120
-                while not done.is_set() and time.monotonic() < deadline:
-                    try:
-                        if int(httpx.get(f"{srv.url.replace('ws', 'http')}/readyz").json()["sessions"]) >= n:
-                            break
-                    except (httpx.HTTPError, ValueError, KeyError):
-                        pass
-                    done.wait(0.05)
-                if done.wait(0.2 + cfg.warmup):
-                    return
-                m0, c0, w0 = scrape(srv.port, key), proc_cpu_seconds(srv.pid), time.monotonic()
-                if done.wait(0.8 * cfg.duration):
-                    return
-                m1, c1, w1 = scrape(srv.port, key), proc_cpu_seconds(srv.pid), time.monotonic()
-                batches = m1.get("lookback_batch_size_count", 0) - m0.get("lookback_batch_size_count", 0)
-                rows = m1.get("lookback_batch_size_sum", 0) - m0.get("lookback_batch_size_sum", 0)
-                window.update(
-                    cpu_share=(c1 - c0) / (w1 - w0),
-                    rows_per_batch=rows / batches if batches else None,
-                    model_cpu_share=m1.get("lookback_model_cpu_share"),
-                    results_per_s=rows / (w1 - w0),
-                )
+    def fixed_on(self, srv: Server, model: str, n: int, fpm: int, key: str | None) -> dict[str, Any]:
+        """A fixed load of ``n`` sessions: the server's CPU over the middle of the window,
+        rows per batch and the model's CPU share over it (``key``: the model's metrics;
+        None for an echo server, whose messages per second are the client's), latency."""
+        cfg = replace(self.cfg(srv.url, model, fpm), sessions=n)
+        window: dict[str, Any] = {}
+        done = threading.Event()
 
-            th = threading.Thread(target=sample, daemon=True)
-            th.start()
-            try:
-                res = run_load(cfg)
-            finally:
-                done.set()
-                th.join()
+        def sample() -> None:
+            deadline = time.monotonic() + 120
+            while key is not None and not done.is_set() and time.monotonic() < deadline:
+                try:
+                    if int(httpx.get(f"{srv.url.replace('ws', 'http')}/readyz").json()["sessions"]) >= n:
+                        break
+                except (httpx.HTTPError, ValueError, KeyError):
+                    pass
+                done.wait(0.05)
+            if done.wait((0.2 if key else 2.0) + cfg.warmup):  # an echo has no /readyz count
+                return
+            m0 = scrape(srv.port, key) if key else {}
+            c0, w0 = proc_cpu_seconds(srv.pid), time.monotonic()
+            if done.wait(0.8 * cfg.duration):
+                return
+            m1 = scrape(srv.port, key) if key else {}
+            c1, w1 = proc_cpu_seconds(srv.pid), time.monotonic()
+            batches = m1.get("lookback_batch_size_count", 0) - m0.get("lookback_batch_size_count", 0)
+            rows = m1.get("lookback_batch_size_sum", 0) - m0.get("lookback_batch_size_sum", 0)
+            window.update(
+                cpu_share=(c1 - c0) / (w1 - w0),
+                rows_per_batch=rows / batches if batches else None,
+                model_cpu_share=m1.get("lookback_model_cpu_share"),
+                # an echo replies once per frame, as many as the sessions send in real time
+                results_per_s=rows / (w1 - w0) if key else n * REALTIME_MSGS_PER_S,
+            )
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        try:
+            res = run_load(cfg)
+        finally:
+            done.set()
+            th.join()
         lat = res.get("latency_ms") or {}
         out = {
             "sessions": n,
@@ -270,10 +280,15 @@ class AB:
         """Old and new alternating, ``--pairs`` times: one window moves by 20-30% here, so
         the figure is the median of the per-pair ratios (each pair back to back)."""
         n = 40 if self.quick else 150
-        pairs = [
-            {"old": self.fixed(self.old, DEFAULT, n), "new": self.fixed(None, DEFAULT, n)}
-            for _ in range(self.args.pairs)
-        ]
+        pairs = []
+        for _ in range(self.args.pairs):
+            pair = {"old": self.fixed(self.old, DEFAULT, n), "new": self.fixed(None, DEFAULT, n)}
+            for kind in FLOORS:  # the transport alone at the same load: the floor under both
+                if kind == "picows" and importlib.util.find_spec("picows") is None:
+                    continue
+                with self.echo_server(kind) as srv:
+                    pair[f"echo_{kind}"] = self.fixed_on(srv, DEFAULT, n, 1, None)
+            pairs.append(pair)
         ratios = [
             p["new"]["server_us_per_result"] / p["old"]["server_us_per_result"]
             for p in pairs
@@ -376,6 +391,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         rows = []
         for i, pair in enumerate(c.get("pairs") or [c]):
             rows += [(f"cpu150 old #{i + 1}", pair["old"]), (f"cpu150 new #{i + 1}", pair["new"])]
+            rows += [(f"cpu150 echo {k} #{i + 1}", pair[f"echo_{k}"]) for k in FLOORS if f"echo_{k}" in pair]
         for frac, p in (res.get("points") or {}).items():
             if isinstance(p, dict) and "new" in p:
                 rows += [(f"{frac} of new max, old", p["old"]), (f"{frac} of new max, new", p["new"])]

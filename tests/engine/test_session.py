@@ -368,3 +368,48 @@ async def test_a_sink_that_closes_the_session_gets_no_more_rows_of_that_step(sil
         step.waiter.set_result([[0.1], [0.2], [0.3]])
         assert sink.indices == [0] and session.closed and session.slot == -1
         assert handle.table.used == 0
+
+
+class RowsSink(Collect):
+    """A sink that takes a multi-hop step's rows in one call (``GroupedSink.on_rows``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.row_calls = 0
+        self.hop, self.rate = 0, SR
+
+    def on_rows(self, first: int, rows: np.ndarray) -> None:
+        self.row_calls += 1
+        assert rows.dtype == np.float32 and rows.ndim == 2 and len(rows) > 1
+        assert np.isfinite(rows).all()
+        for i, row in enumerate(rows.tolist()):
+            k = first + i
+            self.on_result(k, (k + 1) * self.hop / self.rate, row, None)
+
+
+async def test_multi_hop_rows_in_one_pass_equal_the_per_step_path(any_model: str) -> None:
+    """A sink with ``on_rows`` gets a 10-hop step's rows as one array when no hop has an
+    event, and the per-step calls otherwise: the results and events are the same, bit
+    for bit, as a sink that only has ``on_result``."""
+    clip = speech()
+    async with running_engine(any_model.split("/")[0]) as engine:
+        handle = engine.resolve(any_model.split("/")[0])
+        data = to_s16(whole_frames(clip))
+        sinks: list[Collect] = []
+        for sink in (Collect(), RowsSink()):
+            if isinstance(sink, RowsSink):
+                sink.hop = handle.spec.hop_samples
+            session = engine.open_session(handle, sink)
+            frames = len(data) // session.frame_bytes
+            await push_all(session, data, even_bursts(frames, 10 * handle.spec.frames_per_hop))
+            session.flush()
+            await session.wait_idle()
+            sink.events = list(session.events)
+            session.close()
+            sinks.append(sink)
+        plain, rows = sinks
+        assert isinstance(rows, RowsSink) and rows.row_calls > 0
+        assert rows.indices == plain.indices == list(range(len(plain.indices)))
+        assert rows.times == plain.times
+        assert np.array_equal(rows.scores, plain.scores)
+        assert plain.events and rows.events == plain.events  # the clip has speech: rows with events too

@@ -122,6 +122,7 @@ class Connection:
         if self.batch:
             self.on_group_end = self._end_group
         self.labels = handle.spec.labels
+        self._hop, self._rate = handle.spec.hop_samples, handle.spec.sample_rate
         self.single = self.labels[0] if len(self.labels) == 1 else None
         # result_format=binary: results as binary messages (protocol.BINARY_RESULTS)
         self.binary = ws.query_params.get("result_format") == "binary"
@@ -214,6 +215,32 @@ class Connection:
         if events:
             for ev in events:
                 self._put(event_message(ev.as_dict()))
+
+    def on_rows(self, first: int, rows: np.ndarray) -> None:
+        """Consecutive results with no event (a step of several hops), in one pass: with
+        ``results=batch`` one message straight from the array, no Python row per hop."""
+        if self.recent is not None or self.want_results:  # a message (or a resume entry) per step
+            hop, rate = self._hop, self._rate
+            for i, row in enumerate(rows.tolist()):
+                k = first + i
+                self.on_result(k, (k + 1) * hop / rate, row, None)
+            return
+        if not self.batch:  # results=events: nothing to send
+            return
+        if self._rows:
+            self._end_group()
+        n = len(rows)
+        if self.binary:
+            for i in range(0, n, MAX_BINARY_ROWS):
+                self._write_binary(results_binary(first + i, rows[i : i + MAX_BINARY_ROWS], len(self.labels)))
+            return
+        hop, rate = self._hop, self._rate
+        times = [(k + 1) * hop / rate for k in range(first, first + n)]  # as the session's
+        if self.single is not None:
+            scores = {self.single: rows.ravel().tolist()}
+        else:
+            scores = dict(zip(self.labels, rows.T.tolist(), strict=True))
+        self._put_json(results_bytes(first, times, scores))
 
     def _end_group(self) -> None:
         """Send the gathered steps as one ``results`` message, then their events."""

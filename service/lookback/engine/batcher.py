@@ -23,7 +23,9 @@ process may use a single CPU that thread buys no parallelism and costs two threa
 hand-offs per batch, so ``model_calls=auto`` then calls the model inline on the event
 loop, yielding to it once per batch.
 
-Every step carries a waiter (see ``step.py``) that gets the step's rows. A failed batch
+Every step carries a waiter (see ``step.py``) that gets the step's rows: a list of one row
+of Python floats for a one-hop step, a float32 array ``[count, labels]`` for a step of
+several hops (its consumer can take them in one pass). A failed batch
 fails every waiter with ``InferenceError`` and the batcher carries on with the next batch.
 """
 
@@ -199,14 +201,22 @@ class MicroBatcher:
                 counts = [s.count for s in batch]
                 readies, arrivals = np.repeat(readies, counts), np.repeat(arrivals, counts)
             self._m_wait.observe_many(t0 - readies, self._label)
-            rows = out.tolist()  # python floats: cheaper per step than numpy row views
-            pos = 0
-            for step in batch:
-                try:
-                    step.waiter.set_result(rows[pos : pos + step.count])
-                except Exception:  # a broken consumer must not stop the batcher
-                    log.exception("waiter raised on a result")
-                pos += step.count
+            if total == n:  # one hop each: python floats, cheaper per step than row views
+                rows = out.tolist()
+                for i, step in enumerate(batch):
+                    try:
+                        step.waiter.set_result(rows[i : i + 1])
+                    except Exception:  # a broken consumer must not stop the batcher
+                        log.exception("waiter raised on a result")
+            else:  # a step of several hops gets its rows as one array, for a one-pass consumer
+                pos = 0
+                for step in batch:
+                    k = step.count
+                    try:
+                        step.waiter.set_result(out[pos : pos + k] if k > 1 else [out[pos].tolist()])
+                    except Exception:  # a broken consumer must not stop the batcher
+                        log.exception("waiter raised on a result")
+                    pos += k
             self._m_latency.observe_many(time.perf_counter() - arrivals, self._label)
 
     async def _fill(self, loop: asyncio.AbstractEventLoop) -> bool:

@@ -51,13 +51,19 @@ class ResultSink(Protocol):
 
 
 class GroupedSink(ResultSink, Protocol):
-    """A sink that also learns where each model call's results end (``results=batch``).
+    """A sink that also learns where each model call's results end (``results=batch``),
+    and may take a call's consecutive results in one pass.
 
-    Optional: the session looks ``on_group_end`` up once, so sinks without it (offline,
-    sources, tests) are unchanged and pay nothing. It may be None to opt out per instance.
+    Optional: the session looks ``on_group_end`` and ``on_rows`` up once, so sinks without
+    them (offline, sources, tests) are unchanged and pay nothing. Either may be None to opt
+    out per instance.
     """
 
     on_group_end: Callable[[], None] | None
+    #: ``on_rows(first, rows)``: steps ``first, first + 1, ...`` with scores ``rows``
+    #: (float32 ``[n, labels]``, n > 1, every value finite), none of them with an event;
+    #: called instead of ``on_result`` per step, where those conditions hold.
+    on_rows: Callable[[int, np.ndarray], None] | None
 
 
 class StreamSession:
@@ -100,6 +106,7 @@ class StreamSession:
         self._event_col = labels.index(spec.event_label)
         # called after the last on_result of each step group (one model call of this session)
         self._group_end: Callable[[], None] | None = getattr(sink, "on_group_end", None)
+        self._on_rows: Callable[[int, np.ndarray], None] | None = getattr(sink, "on_rows", None)
         self.detector = EventDetector(
             spec.events, spec.event_label, sample_rate=spec.sample_rate, hop=spec.hop_samples
         )
@@ -252,7 +259,8 @@ class StreamSession:
         return self.steps_made * self.hop
 
     # -- completion (called by the batcher on the event loop) ----------------------------
-    def set_result(self, rows: list[list[float]]) -> None:
+    def set_result(self, rows: list[list[float]] | np.ndarray) -> None:
+        """The in-flight step's rows (see ``step.py``): one list row, or an array of several."""
         step = self._in_flight
         assert step is not None
         if self._room is None and self._idle is None and not self.closed:
@@ -266,6 +274,19 @@ class StreamSession:
             if self.closed:
                 return
         index = step.index
+        if isinstance(rows, np.ndarray):  # several hops: in one pass when no row needs a look
+            if (
+                self._on_rows is not None
+                and not self.detector.triggered
+                # False on NaN too: the state guard makes a failed hop's whole row NaN
+                and rows[:, self._event_col].max() < self._thr
+            ):
+                self.steps_done += len(rows)
+                self._on_rows(index, rows)
+                if not self.closed and self._group_end is not None:
+                    self._group_end()
+                return
+            rows = rows.tolist()
         for row in rows:
             if row[0] != row[0]:  # NaN: the state guard reset this session (engine/guard.py)
                 self.steps_failed += 1

@@ -2,7 +2,9 @@
 
 A step carries ``count`` consecutive hops of one session and their PCM: one on the hot
 path, up to ``max_steps_per_call`` when audio arrived faster than it was scored. Its
-result is a list of ``count`` score rows, in hop order. The waiter has the
+result is its ``count`` score rows in hop order: a list holding one list of Python floats
+for a one-hop step, a float32 array ``[count, labels]`` for more (the batcher's rows,
+handed over without a Python object per hop). The waiter has the
 ``asyncio.Future`` completion interface, so the session can be its own waiter on the
 streaming hot path.
 """
