@@ -130,7 +130,16 @@ class DirectWebSocketProtocol(WebSocketsSansIOProtocol):
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:
-        pos, n = 0, len(data)
+        n = len(data)
+        sink = self.sink
+        # The hot path: the read is exactly one whole masked binary frame of 126..65535
+        # bytes (one message of audio) and the sink takes it; anything else, the loop below.
+        if n > 8 and data[0] == 0x82 and data[1] == 0xFE and sink is not None and not self._held:
+            ln = (data[2] << 8) | data[3]
+            if ln + 8 == n and ln <= self.max_size and self._frag is None and not self.close_sent:
+                sink.on_binary(apply_mask(data[8:], data[4:8]))
+                return
+        pos = 0
         try:
             while n - pos >= 2 and not self._held:
                 b0, b1 = data[pos], data[pos + 1]
