@@ -11,6 +11,7 @@ scoring (the offline path fed by the same decoder) agrees with the stream.
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -65,16 +66,25 @@ async def test_scores_do_not_depend_on_message_boundaries_at_any_rate(default_mo
         assert ref.events, "the clip must produce events for the check to mean something"
         rng = random.Random(rate)
         unit = 128 if rate == 16000 else 1  # PCM at the model's rate: whole 128-sample frames
-        plans = [[k * 128] for k in (1, 7, 10, 37)] + [[rng.randint(1, 900 // unit) * unit for _ in range(50)]]
+        plans = [[k * 128] for k in (1, 7, 10, 37)] + [
+            [rng.randint(1, 900 // unit) * unit for _ in range(50)]
+        ]
         for plan in plans:
-            sink, session = await stream_wire(engine, handle, data, "pcm_s16le", rate, cuts(len(data), 2, plan))
+            sink, session = await stream_wire(
+                engine, handle, data, "pcm_s16le", rate, cuts(len(data), 2, plan)
+            )
             session.close()
             same(sink, ref)
 
 
 @pytest.mark.parametrize(
     ("encoding", "rate"),
-    [(e, r) for e in ("mulaw", "alaw", "pcm_f32le") for r in (8000, 16000, 48000) if (e, r) != ("pcm_f32le", 16000)],
+    [
+        (e, r)
+        for e in ("mulaw", "alaw", "pcm_f32le")
+        for r in (8000, 16000, 48000)
+        if (e, r) != ("pcm_f32le", 16000)
+    ],
 )
 async def test_every_encoding_is_chunking_invariant(default_model: str, encoding: str, rate: int) -> None:
     clip = speech()[: 16000 * 3]
@@ -86,7 +96,9 @@ async def test_every_encoding_is_chunking_invariant(default_model: str, encoding
         session.close()
         rng = random.Random(7)
         for plan in ([7 * 128], [37 * 128], [rng.randint(1, 700) for _ in range(40)]):
-            sink, session = await stream_wire(engine, handle, data, encoding, rate, cuts(len(data), bps, plan))
+            sink, session = await stream_wire(
+                engine, handle, data, encoding, rate, cuts(len(data), bps, plan)
+            )
             session.close()
             same(sink, ref)
 
@@ -102,7 +114,8 @@ async def test_g711_at_the_model_rate_equals_its_decoded_pcm(default_model: str)
         handle = engine.resolve(default_model)
         a, s1 = await stream_wire(engine, handle, codes, "mulaw", 16000, cuts(len(codes), 1, [160]))
         b, s2 = await stream_wire(engine, handle, pcm, "pcm_s16le", 16000, cuts(len(pcm), 2, [128]))
-        s1.close(), s2.close()
+        s1.close()
+        s2.close()
         same(a, b)
 
 
@@ -156,7 +169,7 @@ async def test_offline_scoring_through_the_same_decoder_agrees_with_the_stream(
         dec = make_decoder(encoding, rate, spec.sample_rate, spec.frame_samples)
         assert dec is not None
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[np.ndarray]:
             for k in range(0, len(data), 4096):
                 yield dec.feed(dec.check(data[k : k + 4096]))
             yield dec.flush()

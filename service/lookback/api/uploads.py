@@ -23,6 +23,7 @@ import numpy as np
 import soundfile as sf
 from starlette.requests import ClientDisconnect, Request
 
+from lookback.engine.decoder import make_decoder
 from lookback.engine.pcm import float_problem
 from lookback.errors import RequestError
 
@@ -139,9 +140,15 @@ class RawSource(Source):
         first: bytes | None = None,
         limit: int | None = None,
         max_amplitude: float = 4.0,
+        sample_rate: int | None = None,
     ) -> None:
         self.max_amplitude = max_amplitude
-        self.dtype = np.dtype("<i2" if encoding == "pcm_s16le" else "<f4")
+        spec = handle.spec
+        # another encoding or rate: the WebSocket session's decoder, so the numbers match
+        self.decoder = make_decoder(
+            encoding, sample_rate, spec.sample_rate, spec.frame_samples, max_amplitude=max_amplitude
+        )
+        self.dtype = np.dtype({"pcm_s16le": "<i2", "pcm_f32le": "<f4"}.get(encoding, "u1"))
         self.max_samples = int(max_seconds * handle.spec.sample_rate)
         self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
         self._first = first
@@ -198,6 +205,10 @@ class RawSource(Source):
                 if self.samples > self.max_samples:
                     raise RequestError("audio exceeds max_upload_seconds", code="audio_too_long")
                 yield audio
+        if self.decoder is not None and not left:
+            tail = self.decoder.flush()
+            self.samples += tail.size
+            yield tail
         if left:  # the header promised more than the body held
             raise RequestError(
                 f"audio is truncated: header promises "
@@ -206,6 +217,8 @@ class RawSource(Source):
             )
 
     def _decode(self, blob: bytes, at: int, nbytes: int) -> np.ndarray:
+        if self.decoder is not None:  # model-rate float32 frames; samples count at that rate
+            return self.decoder.feed(self.decoder.check(blob[at : at + nbytes]))
         data = np.frombuffer(blob, self.dtype, count=nbytes // self.dtype.itemsize, offset=at)
         audio = np.empty(data.size, np.float32)
         if self.dtype.kind == "i":

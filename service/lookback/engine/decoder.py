@@ -34,7 +34,9 @@ def needs_decoder(encoding: str, sample_rate: int | None, model_rate: int) -> bo
 def check_rate(sample_rate: int) -> None:
     if sample_rate not in SAMPLE_RATES:
         rates = ", ".join(str(r) for r in SAMPLE_RATES)
-        raise BadAudio(f"sample_rate {sample_rate} is not supported; use one of {rates}", code="bad_sample_rate")
+        raise BadAudio(
+            f"sample_rate {sample_rate} is not supported; use one of {rates}", code="bad_sample_rate"
+        )
 
 
 class WireDecoder:

@@ -18,8 +18,8 @@ import numpy as np
 
 from lookback.engine.batcher import MicroBatcher
 from lookback.engine.compute import StepCompute
-from lookback.engine.graph import CPU, run_warmup
 from lookback.engine.decoder import make_decoder
+from lookback.engine.graph import CPU, run_warmup
 from lookback.engine.offline import OfflineChunk, score_clip
 from lookback.engine.pcm import Encoding
 from lookback.engine.served import Occupancy, ServedModel
@@ -240,7 +240,11 @@ class Engine:
             max_amplitude=self.settings.max_float_amplitude,
         )
         return StreamSession(
-            handle, sink, encoding=encoding, max_pending_steps=self.settings.max_pending_steps, decoder=decoder
+            handle,
+            sink,
+            encoding=encoding,
+            max_pending_steps=self.settings.max_pending_steps,
+            decoder=decoder,
         )
 
     def score(

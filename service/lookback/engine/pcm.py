@@ -38,7 +38,9 @@ def _mulaw_table() -> np.ndarray:
 def _alaw_table() -> np.ndarray:
     a = np.arange(256, dtype=np.int32) ^ 0x55
     exponent, mantissa = (a >> 4) & 7, a & 0x0F
-    magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    magnitude = np.where(
+        exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0)
+    )
     return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
 
 

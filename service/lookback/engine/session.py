@@ -23,8 +23,8 @@ from typing import Protocol
 
 import numpy as np
 
-from lookback.engine.events import Event, EventDetector, EventLog
 from lookback.engine.decoder import WireDecoder
+from lookback.engine.events import Event, EventDetector, EventLog
 from lookback.engine.pcm import BYTES_PER_SAMPLE, F32, Encoding, check_encoding, refuse_non_finite
 from lookback.engine.served import ServedModel
 from lookback.engine.slabs import CONTEXT
