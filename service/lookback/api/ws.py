@@ -62,21 +62,21 @@ def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ServedModel, str, int |
     return handle, encoding, rate, results
 
 
-@router.websocket("/v1/stream")
-async def stream(ws: WebSocket) -> None:
-    state = ws.app.state
-    s: Settings = state.settings
-    metrics: Metrics = state.metrics
-    admission: Admission = state.admission
-    # Refusals that need no session: HTTP answers before the upgrade.
+async def admit(ws: WebSocket) -> bool:
+    """Refusals that need no session, as HTTP answers before the upgrade; True: go on.
+
+    Shared by every WebSocket route (``/v1/stream``, the telephony media stream)."""
+    s: Settings = ws.app.state.settings
+    metrics: Metrics = ws.app.state.metrics
+    admission: Admission = ws.app.state.admission
     if not auth.origin_ok(s, ws):
         metrics.sessions_refused.labels("origin").inc()
         await ws.send_denial_response(error_response("origin_not_allowed", "Origin not allowed"))
-        return
+        return False
     if not auth.key_ok(s, auth.ws_key(ws)):
         metrics.sessions_refused.labels("unauthorized").inc()
         await ws.send_denial_response(error_response("unauthorized", "missing or wrong API key"))
-        return
+        return False
     busy = admission.refusal()
     if busy is not None:
         code, message = busy
@@ -84,6 +84,17 @@ async def stream(ws: WebSocket) -> None:
         await ws.send_denial_response(
             error_response("draining" if code == "draining" else "server_busy", message)
         )
+        return False
+    return True
+
+
+@router.websocket("/v1/stream")
+async def stream(ws: WebSocket) -> None:
+    state = ws.app.state
+    s: Settings = state.settings
+    metrics: Metrics = state.metrics
+    admission: Admission = state.admission
+    if not await admit(ws):
         return
     admission.reserved += 1
     registry: Connections = state.connections
