@@ -159,9 +159,11 @@ def test_ndjson_stream(server: Server, model: str, speech_wav: bytes, wav_result
     }
 
 
-def test_raw_needs_the_model_sample_rate(server: Server, silero_model: str, speech_clip: np.ndarray) -> None:
+def test_raw_needs_a_supported_sample_rate(
+    server: Server, silero_model: str, speech_clip: np.ndarray
+) -> None:
     raw = speech_clip[:RATE].tobytes()
-    for params in ({}, {"sample_rate": 8000}):
+    for params in ({}, {"sample_rate": 11025}):
         r = score(server.url, raw, RAW, model=SILERO, **params)
         assert r.status_code == 400, params
         assert error_code(r) == "bad_sample_rate"
