@@ -43,14 +43,18 @@ def soxr_stream(rate: int) -> Callable[[np.ndarray, bool], np.ndarray]:
     return lambda x, last: s.resample_chunk(x, last=last)
 
 
-def run(make: Callable[[int], Callable[[np.ndarray, bool], np.ndarray]], rate: int, x: np.ndarray) -> np.ndarray:
+def run(
+    make: Callable[[int], Callable[[np.ndarray, bool], np.ndarray]], rate: int, x: np.ndarray
+) -> np.ndarray:
     f = make(rate)
     step = rate // 50
     parts = [f(x[i : i + step], i + step >= x.size) for i in range(0, x.size, step)]
     return np.concatenate(parts)
 
 
-def tone_response(make: Callable[[int], Callable[[np.ndarray, bool], np.ndarray]], rate: int, freq: float) -> tuple[float, float]:
+def tone_response(
+    make: Callable[[int], Callable[[np.ndarray, bool], np.ndarray]], rate: int, freq: float
+) -> tuple[float, float]:
     """(gain dB, residual dB re the fitted tone) of a 0.5-amplitude tone, 1 s."""
     n = rate
     x = (0.5 * np.sin(2 * np.pi * freq * np.arange(n) / rate)).astype(np.float32)
