@@ -202,3 +202,33 @@ async def test_partial_samples_and_unsupported_rates_are_refused(default_model: 
         plain = engine.open_session(handle, Collect(), encoding="pcm_s16le")
         assert plain.decoder is None  # no sample_rate: the model's rate, nothing resampled
         plain.close()
+
+
+async def test_a_damaged_decoder_state_is_refused_as_invalid(default_model: str) -> None:
+    from lookback.engine import snapshot
+    from lookback.errors import SnapshotError
+
+    async with running_engine(default_model) as engine:
+        handle = engine.resolve(default_model)
+        session = engine.open_session(handle, Collect(), encoding="mulaw", sample_rate=8000)
+        session.push(bytes(range(256)) * 3)
+        await session.wait_idle()
+        snap = session.snapshot_value()
+        session.close()
+        assert snap.decoder is not None and snap.samples == 768
+        good = snapshot.decode(snap.encode())
+        StreamSession.restore(handle, Collect(), good).close()
+        damaged = [
+            {**snap.decoder, "received": 767},  # disagrees with the state blob
+            {**snap.decoder, "sample_rate": 11025},
+            {**snap.decoder, "encoding": "pcm_u8"},
+            {**snap.decoder, "state": "!!"},
+            {**snap.decoder, "state": snap.decoder["state"][:-8]},
+            {"encoding": "mulaw"},
+        ]
+        for bad in damaged:
+            snap.decoder = bad
+            with pytest.raises(SnapshotError) as exc:
+                StreamSession.restore(handle, Collect(), snapshot.decode(snap.encode()))
+            assert exc.value.code == "snapshot_invalid", bad
+        assert handle.table.used == 0  # no slot leaked by a refused restore
