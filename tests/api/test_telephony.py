@@ -210,3 +210,11 @@ async def test_v1_stream_rates_and_whole_samples(tel_server: Server) -> None:
         assert [m["code"] for m in s.errors] == ["bad_sample_rate"] and s.close_code == 4400
     s = await run_session(tel_server.ws, encoding="ulaw")
     assert [m["code"] for m in s.errors] == ["bad_encoding"] and s.close_code == 4400
+
+
+async def test_no_start_within_the_idle_timeout_closes_4408(default_model: str) -> None:
+    settings = make_settings(models=[default_model], default_model=default_model, idle_timeout_s=0.5)
+    with running_server(settings) as srv:
+        connected = json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        s = await media_session(srv.ws, [connected])
+        assert [m["code"] for m in s.errors] == ["idle_timeout"] and s.close_code == 4408

@@ -208,7 +208,13 @@ async def media_stream(ws: WebSocket) -> None:
             track = q.get("track", "inbound")
             handle = state.engine.resolve(q.get("model") or None, q.get("version") or None)
             encoding, rate, sid, call = media_format(await _start_event(ws, s.idle_timeout_s))
-        except (ConnectionError, TimeoutError):
+        except ConnectionError:
+            return
+        except TimeoutError:
+            metrics.error("idle_timeout")
+            msg = f"no start event within idle_timeout_s={s.idle_timeout_s:g}"
+            await ws.send_text(error_message("idle_timeout", msg))
+            await ws.close(code=Close.IDLE_TIMEOUT, reason="idle_timeout")
             return
         except LookbackError as exc:
             metrics.sessions_refused.labels("bad_request").inc()
