@@ -389,7 +389,7 @@ async def test_a_resampled_g711_session_resumes_bit_identically(srv: Server) -> 
     from tests.engine.rate_support import at_rate, encode
 
     mu = encode(at_rate(CLIP[: 16000 * 6], 8000), "mulaw")
-    q = {"encoding": "mulaw", "sample_rate": 8000}
+    q: dict[str, Any] = {"encoding": "mulaw", "sample_rate": 8000}
 
     async def send(ws: Any, audio: bytes, end: bool = True) -> None:
         for i in range(0, len(audio), 160):  # 20 ms packets
