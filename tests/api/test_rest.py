@@ -206,6 +206,25 @@ def test_score_body_errors(server: Server, silero_model: str, speech_clip: np.nd
 # -- WAV streamed as it arrives -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("rate", "fmt"), [(8000, "WAV"), (48000, "FLAC"), (44100, "WAV")])
+def test_a_file_at_another_rate_is_resampled_only_when_asked(
+    server: Server, silero_model: str, speech_clip: np.ndarray, rate: int, fmt: str
+) -> None:
+    """A 16-bit WAV streams through the raw path's decoder, FLAC through libsndfile's
+    float blocks into the same decoder: both equal the raw body at that rate exactly."""
+    from tests.engine.rate_support import at_rate, encode
+
+    pcm = encode(at_rate(speech_clip[: RATE * 3], rate), "pcm_s16le")
+    body = _wav(np.frombuffer(pcm, "<i2"), fmt, rate=rate)
+    assert error_code(score(server.url, body, model=SILERO)) == "bad_sample_rate"  # not asked
+    assert error_code(score(server.url, body, model=SILERO, sample_rate=16000)) == "bad_sample_rate"
+    raw = score(server.url, pcm, RAW, model=SILERO, sample_rate=rate)
+    got = score(server.url, body, model=SILERO, sample_rate=rate)
+    assert raw.status_code == got.status_code == 200, got.text
+    assert got.json()["scores"] == raw.json()["scores"]
+    assert got.json()["steps"] == raw.json()["steps"] == -(-(len(pcm) // 2 * RATE // rate) // 512)
+
+
 def _wav_variant(samples: np.ndarray, kind: str) -> bytes:
     """The same 16-bit PCM audio in WAV layouts the streaming parser must follow."""
     data = samples.astype("<i2").tobytes()

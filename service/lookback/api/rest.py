@@ -182,15 +182,15 @@ async def score(
         rate_grace=s.upload_rate_grace_s,
     )
     try:
+        if sample_rate is not None and sample_rate not in (*SAMPLE_RATES, handle.spec.sample_rate):
+            raise RequestError(
+                f"sample_rate {sample_rate} not supported; use one of "
+                f"{', '.join(str(r) for r in SAMPLE_RATES)} (the model's is {handle.spec.sample_rate})",
+                code="bad_sample_rate",
+            )
         if ctype in RAW_TYPES:
             if sample_rate is None:
                 raise RequestError("raw PCM needs the sample_rate query parameter", code="bad_sample_rate")
-            if sample_rate not in (*SAMPLE_RATES, handle.spec.sample_rate):
-                raise RequestError(
-                    f"sample_rate {sample_rate} not supported; use one of "
-                    f"{', '.join(str(r) for r in SAMPLE_RATES)} (the model's is {handle.spec.sample_rate})",
-                    code="bad_sample_rate",
-                )
             source: Source = RawSource(
                 body,
                 encoding,
@@ -207,6 +207,7 @@ async def score(
                 s.max_upload_seconds,
                 s.offline_chunk_steps,
                 max_amplitude=s.max_float_amplitude,
+                sample_rate=sample_rate,
             )
         await source.check()
     except BaseException:

@@ -582,6 +582,8 @@ class DeviceHub:
                         handle, _Sink(dev), snap, max_pending_steps=self.opts.max_pending_steps
                     )
                 )
+                if dev.session.decoder is not None:  # a setting, not part of the snapshot
+                    dev.session.decoder.max_amplitude = self.opts.max_amplitude
                 self.metrics.source_restores.labels(self.source).inc()
             except LookbackError as exc:
                 # the model changed since the checkpoint: the device starts a new session
