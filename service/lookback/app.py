@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import State
 
 from lookback import __version__, protocol
-from lookback.api import rest, ws
+from lookback.api import rest, telephony, ws
 from lookback.api.admission import Admission
 from lookback.api.connection import Connections
 from lookback.api.responses import error_response
@@ -107,6 +107,7 @@ def create_app(
     app.state.resumer = resumer  # None when resume is off (docs/sessions.md)
     app.include_router(rest.router)
     app.include_router(ws.router)
+    app.include_router(telephony.router)
 
     @app.exception_handler(LookbackError)
     async def _lookback_error(request: Request, exc: LookbackError) -> JSONResponse:

@@ -77,7 +77,24 @@ class ErrorSpec:
 _SPECS = [
     # -- WebSocket messages (session stays open unless a close code is given) --
     ErrorSpec(
-        "bad_frame_size", 400, None, "binary message is not a whole number of 128-sample frames; dropped"
+        "bad_frame_size",
+        400,
+        None,
+        "binary message is not a whole number of 128-sample frames (PCM at the model's rate); dropped",
+    ),
+    ErrorSpec(
+        "partial_sample",
+        400,
+        None,
+        "binary message is not a whole number of samples of its encoding (G.711 or another rate: "
+        "any whole number of samples is a valid message); dropped",
+    ),
+    ErrorSpec(
+        "bad_media_event",
+        400,
+        None,
+        "telephony media stream: an event that is not valid JSON, of an unknown kind, out of "
+        "sequence or with a bad payload; dropped (before `start`: the session closes with 4400)",
     ),
     ErrorSpec("empty_message", 400, None, "empty binary message; ignored"),
     ErrorSpec("message_too_large", 413, None, "binary message above max_message_bytes; dropped"),
@@ -122,12 +139,13 @@ _SPECS = [
         "the model call failed for the batch holding this step; the step has no result",
     ),
     # -- connect / request parameters --
-    ErrorSpec("bad_encoding", 400, Close.BAD_REQUEST, "encoding must be pcm_s16le or pcm_f32le"),
+    ErrorSpec("bad_encoding", 400, Close.BAD_REQUEST, "encoding must be pcm_s16le, pcm_f32le, mulaw or alaw"),
     ErrorSpec(
         "bad_sample_rate",
         400,
         Close.BAD_REQUEST,
-        "sample_rate differs from the model's; Lookback never resamples silently",
+        "sample_rate not one of 8000, 16000, 22050, 24000, 32000, 44100, 48000 (or the model's); a "
+        "container at another rate than the model's; raw REST bodies without sample_rate",
     ),
     ErrorSpec("bad_query", 400, Close.BAD_REQUEST, "a query parameter has an invalid value"),
     ErrorSpec(

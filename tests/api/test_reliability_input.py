@@ -185,7 +185,7 @@ WS_CASES: dict[str, WsCase] = {
     "wrong_sample_rate": WsCase(
         errors=("bad_sample_rate",),
         close=4400,
-        query=SILERO_Q + "&sample_rate=8000",
+        query=SILERO_Q + "&sample_rate=11025",
         then_valid=False,
         ready=False,
     ),
@@ -329,7 +329,7 @@ REST_CASES: dict[str, RestCase] = {
     "wrong_content_type": RestCase(b"hello", "text/plain", 415, "bad_audio"),
     "raw_odd_length": RestCase(b"abc", RAW, 415, "bad_audio", {"sample_rate": "16000"}),
     "raw_without_rate": RestCase(PCM[:2048], RAW, 400, "bad_sample_rate"),
-    "raw_wrong_rate": RestCase(PCM[:2048], RAW, 400, "bad_sample_rate", {"sample_rate": "8000"}),
+    "raw_wrong_rate": RestCase(PCM[:2048], RAW, 400, "bad_sample_rate", {"sample_rate": "11025"}),
     "raw_f32_nan": RestCase(
         np.r_[F32[:1000], np.float32(np.nan)].astype("<f4").tobytes(),
         RAW,

@@ -159,9 +159,11 @@ def test_ndjson_stream(server: Server, model: str, speech_wav: bytes, wav_result
     }
 
 
-def test_raw_needs_the_model_sample_rate(server: Server, silero_model: str, speech_clip: np.ndarray) -> None:
+def test_raw_needs_a_supported_sample_rate(
+    server: Server, silero_model: str, speech_clip: np.ndarray
+) -> None:
     raw = speech_clip[:RATE].tobytes()
-    for params in ({}, {"sample_rate": 8000}):
+    for params in ({}, {"sample_rate": 11025}):
         r = score(server.url, raw, RAW, model=SILERO, **params)
         assert r.status_code == 400, params
         assert error_code(r) == "bad_sample_rate"
@@ -202,6 +204,25 @@ def test_score_body_errors(server: Server, silero_model: str, speech_clip: np.nd
 
 
 # -- WAV streamed as it arrives -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("rate", "fmt"), [(8000, "WAV"), (48000, "FLAC"), (44100, "WAV")])
+def test_a_file_at_another_rate_is_resampled_only_when_asked(
+    server: Server, silero_model: str, speech_clip: np.ndarray, rate: int, fmt: str
+) -> None:
+    """A 16-bit WAV streams through the raw path's decoder, FLAC through libsndfile's
+    float blocks into the same decoder: both equal the raw body at that rate exactly."""
+    from tests.engine.rate_support import at_rate, encode
+
+    pcm = encode(at_rate(speech_clip[: RATE * 3], rate), "pcm_s16le")
+    body = _wav(np.frombuffer(pcm, "<i2"), fmt, rate=rate)
+    assert error_code(score(server.url, body, model=SILERO)) == "bad_sample_rate"  # not asked
+    assert error_code(score(server.url, body, model=SILERO, sample_rate=16000)) == "bad_sample_rate"
+    raw = score(server.url, pcm, RAW, model=SILERO, sample_rate=rate)
+    got = score(server.url, body, model=SILERO, sample_rate=rate)
+    assert raw.status_code == got.status_code == 200, got.text
+    assert got.json()["scores"] == raw.json()["scores"]
+    assert got.json()["steps"] == raw.json()["steps"] == -(-(len(pcm) // 2 * RATE // rate) // 512)
 
 
 def _wav_variant(samples: np.ndarray, kind: str) -> bytes:

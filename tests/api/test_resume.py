@@ -380,3 +380,53 @@ async def test_a_configured_secret_is_shared_and_a_rotated_one_is_told_apart() -
     finally:
         for r in (one, two, other):
             await r.stop()
+
+
+async def test_a_resampled_g711_session_resumes_bit_identically(srv: Server) -> None:
+    """8 kHz µ-law (a phone call): the resampler's state is in the snapshot, checkpoints and
+    ``replay_from_sample`` count the client's 8 kHz samples, and the merged results equal an
+    uninterrupted run bit for bit."""
+    from tests.engine.rate_support import at_rate, encode
+
+    mu = encode(at_rate(CLIP[: 16000 * 6], 8000), "mulaw")
+    q: dict[str, Any] = {"encoding": "mulaw", "sample_rate": 8000}
+
+    async def send(ws: Any, audio: bytes, end: bool = True) -> None:
+        for i in range(0, len(audio), 160):  # 20 ms packets
+            await ws.send(audio[i : i + 160])
+        if end:
+            await ws.send('{"type":"end"}')
+
+    async with ws_connect(url(srv, **q)) as ws:
+        ref: list[dict[str, Any]] = []
+        reader = asyncio.create_task(collect(ws, ref))
+        await send(ws, mu)
+        await reader
+    ref_results, ref_events = split(ref)
+    assert ref_events and ref[0]["encoding"] == "mulaw"
+    inbox = Inbox()
+    ws = await ws_connect(url(srv, **q))
+    reader = asyncio.create_task(inbox.run(ws))
+    await send(ws, mu[: 160 * 137], end=False)
+    await inbox.wait_for(lambda ms: any(m["type"] == "checkpoint" and m["samples"] > 8000 for m in ms))
+    checkpoints = [m["samples"] for m in inbox.msgs if m["type"] == "checkpoint"]
+    assert all(0 < c <= 160 * 137 for c in checkpoints)  # client (8 kHz) samples
+    token = inbox.msgs[0]["resume_token"]
+    ws.transport.abort()
+    await reader
+    results, events = split(inbox.msgs)
+    ws2, ready = await resume(url(srv, resume=token, next_step=max(results) + 1, **q))
+    n = ready["replay_from_sample"]
+    assert 8000 < n <= 160 * 137
+    more: list[dict[str, Any]] = [ready]
+    reader = asyncio.create_task(collect(ws2, more))
+    await send(ws2, mu[n:])  # 1 byte a sample: sample n is byte n
+    await reader
+    r2, e2 = split(more)
+    for step, text in r2.items():
+        assert results.setdefault(step, text) == text
+    assert results == ref_results
+    assert events + e2[len(events) - ready["events_sent"] :] == ref_events
+    assert {k: v for k, v in more[-1].items() if k != "session_id"} == {
+        k: v for k, v in ref[-1].items() if k != "session_id"
+    }

@@ -260,7 +260,7 @@ async def test_audio_after_end(server: Server, silero_model: str, speech_clip: n
 REFUSALS = [
     ({"encoding": "pcm_u8"}, "bad_encoding"),
     ({"encoding": ""}, "bad_encoding"),
-    ({"sample_rate": "8000"}, "bad_sample_rate"),
+    ({"sample_rate": "11025"}, "bad_sample_rate"),
     ({"sample_rate": "sixteen"}, "bad_sample_rate"),
     ({"results": "xyz"}, "bad_query"),
     ({"results": "BATCH"}, "bad_query"),

@@ -248,7 +248,7 @@ async def test_closed_session_refuses_audio_and_frees_its_slot(silero_model: str
 async def test_unknown_encoding_is_refused(silero_model: str) -> None:
     async with running_engine("silero-vad") as engine:
         with pytest.raises(BadAudio) as info:
-            engine.open_session(engine.resolve("silero-vad"), Collect(), encoding="mulaw")  # type: ignore[arg-type]
+            engine.open_session(engine.resolve("silero-vad"), Collect(), encoding="pcm_u8")  # type: ignore[arg-type]
         assert info.value.code == "bad_encoding"
         assert engine.resolve("silero-vad").table.used == 0
 

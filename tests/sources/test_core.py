@@ -38,7 +38,14 @@ def test_validate_audio_reasons() -> None:
     )
     assert validate_audio(frame[:100], "pcm_s16le", 4)[0] == "bad_frame_size"  # type: ignore[index]
     assert validate_audio(b"", "pcm_s16le", 4)[0] == "empty_message"  # type: ignore[index]
-    assert validate_audio(frame, "mulaw", 4)[0] == "bad_encoding"  # type: ignore[index]
+    assert validate_audio(frame, "pcm_u8", 4)[0] == "bad_encoding"  # type: ignore[index]
+    # G.711 and other rates: any whole number of samples, up to max_frames frames' duration
+    assert validate_audio(bytes(160), "mulaw", 4) is None
+    assert validate_audio(bytes(160), "alaw", 3, sample_rate=8000) is None
+    assert validate_audio(bytes(65), "mulaw", 1, sample_rate=8000)[0] == "too_many_frames"  # type: ignore[index]
+    assert validate_audio(bytes(3), "pcm_s16le", 4, sample_rate=8000)[0] == "partial_sample"  # type: ignore[index]
+    assert validate_audio(bytes(2 * 384), "pcm_s16le", 1, sample_rate=48000) is None
+    assert validate_audio(bytes(100), "pcm_s16le", 4, sample_rate=16000)[0] == "bad_frame_size"  # type: ignore[index]
     nan = np.full(128, np.nan, "<f4").tobytes()
     assert validate_audio(nan, "pcm_f32le", 4)[0] == "non_finite_audio"  # type: ignore[index]
 
@@ -208,6 +215,81 @@ async def test_a_flooding_device_does_not_hold_back_its_neighbours(redis_broker:
         for d, want in ref.items():
             assert [x["scores"] for x in await _records(r, d) if x["type"] == "result"] == want, d
         assert (await r.xpending("n:audio:0", "g"))["pending"] == 0
+    finally:
+        await src.stop()
+        await engine.stop()
+        await r.aclose()
+
+
+async def test_devices_at_other_rates_and_in_g711_score_as_a_solo_session(redis_broker: Broker) -> None:
+    """A telephony device (8 kHz µ-law, 20 ms messages) and a browser one (48 kHz int16)
+    through Redis: results equal one session fed the same bytes (the decoder is chunking-
+    invariant); a message in another rate than its device's session is refused."""
+    from tests.engine.engine_support import Collect
+    from tests.engine.rate_support import at_rate, encode
+
+    clip = np.frombuffer(device_audio(1, 125)["dev-0000"], "<i2")
+    devices = {
+        "phone": ("mulaw", 8000, encode(at_rate(clip, 8000), "mulaw"), 160),
+        "browser": ("pcm_s16le", 48000, encode(at_rate(clip, 48000), "pcm_s16le"), 2 * 960),
+    }
+    engine = Engine(conftest.test_settings(models=["lookback-vad"]))
+    await engine.start()
+    ref: dict[str, list[list[float]]] = {}
+    try:
+        handle = engine.resolve("lookback-vad")
+        for dev, (enc, rate, audio, _) in devices.items():
+            audio = audio + audio[:2]  # what the `end` message adds
+            sink = Collect()
+            sess = engine.open_session(handle, sink, encoding=enc, sample_rate=rate)  # type: ignore[arg-type]
+            for i in range(0, len(audio), 4000):
+                sess.push(audio[i : i + 4000])
+                await sess.wait_idle()
+            sess.flush()
+            await sess.wait_idle()
+            sess.close()
+            ref[dev] = [list(map(float, row)) for row in sink.rows]
+    finally:
+        await engine.stop()
+    metrics = Metrics()
+    url = f"{redis_broker.url}?stream=t:audio&partitions=1&group=g&consumer=c"
+    engine, src = await _source(url, metrics, SourceOptions())
+    r = aioredis.from_url(redis_broker.url)
+    try:
+        for dev, (enc, rate, audio, size) in devices.items():
+            parts = [audio[i : i + size] for i in range(0, len(audio), size)]
+            for seq, part in enumerate(parts):
+                await publish(
+                    r, dev, seq, part, stream="t:audio", partitions=1, encoding=enc, sample_rate=str(rate)
+                )
+            wrong = parts[0][:512]  # whole frames at 16 kHz: refused for its rate, not its size
+            await publish(r, dev, len(parts), wrong, stream="t:audio", partitions=1, encoding=enc)
+            await publish(
+                r,
+                dev,
+                len(parts) + 1,
+                parts[0][:2],
+                stream="t:audio",
+                partitions=1,
+                encoding=enc,
+                sample_rate=str(rate),
+                end=True,
+            )
+        deadline = time.monotonic() + 60
+        for dev in devices:
+            while not any(x["type"] == "summary" for x in await _records(r, dev)):
+                assert time.monotonic() < deadline, f"no summary for {dev}"
+                await asyncio.sleep(0.05)  # poll the output stream
+        import orjson
+
+        errors: Any = await r.xrange("lookback:errors")
+        got_errors = sorted(
+            (orjson.loads(f[b"error"])["device"], orjson.loads(f[b"error"])["reason"]) for _, f in errors
+        )
+        assert got_errors == [("browser", "bad_sample_rate"), ("phone", "bad_sample_rate")]
+        for dev in devices:
+            got = [x["scores"] for x in await _records(r, dev) if x["type"] == "result"]
+            assert got == ref[dev] and len(got) > 100
     finally:
         await src.stop()
         await engine.stop()

@@ -477,7 +477,7 @@ class Connection:
         session = self.session
         assert session is not None
         self._max_bytes = s.max_message_bytes
-        self._max_frames_bytes = s.max_frames_per_message * session.frame_bytes
+        self._max_frames_bytes = session.wire_bytes(s.max_frames_per_message)
         self._check_float = session.encoding == "pcm_f32le"
         # int16 messages up to this size need no check before push (push checks frames)
         self._fast_max = -1 if self._check_float else min(self._max_bytes, self._max_frames_bytes)

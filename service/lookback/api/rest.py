@@ -23,6 +23,7 @@ from lookback.api.admission import ScoreLease
 from lookback.api.query import unique_query
 from lookback.api.uploads import CONTAINER_TYPES, RAW_TYPES, Body, RawSource, Source, open_container
 from lookback.engine.offline import OfflineChunk
+from lookback.engine.pcm import SAMPLE_RATES
 from lookback.errors import LookbackError, RequestError
 
 if TYPE_CHECKING:
@@ -144,9 +145,16 @@ async def score(
     version: Annotated[str | None, Query(description="default: latest")] = None,
     format: Annotated[Literal["json", "ndjson"], Query()] = "json",
     encoding: Annotated[
-        Literal["pcm_s16le", "pcm_f32le"], Query(description="raw PCM bodies only")
+        Literal["pcm_s16le", "pcm_f32le", "mulaw", "alaw"], Query(description="raw bodies only")
     ] = "pcm_s16le",
-    sample_rate: Annotated[int | None, Query(ge=1, le=384000, description="raw PCM: required")] = None,
+    sample_rate: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=384000,
+            description="raw bodies: required; 8000, 16000, 22050, 24000, 32000, 44100 or 48000",
+        ),
+    ] = None,
 ) -> Response:
     svc = _state(request)
     s = svc.settings
@@ -174,12 +182,13 @@ async def score(
         rate_grace=s.upload_rate_grace_s,
     )
     try:
+        if sample_rate is not None and sample_rate not in (*SAMPLE_RATES, handle.spec.sample_rate):
+            raise RequestError(
+                f"sample_rate {sample_rate} not supported; use one of "
+                f"{', '.join(str(r) for r in SAMPLE_RATES)} (the model's is {handle.spec.sample_rate})",
+                code="bad_sample_rate",
+            )
         if ctype in RAW_TYPES:
-            if sample_rate is not None and sample_rate != handle.spec.sample_rate:
-                raise RequestError(
-                    f"sample_rate {sample_rate} differs from the model's {handle.spec.sample_rate}",
-                    code="bad_sample_rate",
-                )
             if sample_rate is None:
                 raise RequestError("raw PCM needs the sample_rate query parameter", code="bad_sample_rate")
             source: Source = RawSource(
@@ -189,6 +198,7 @@ async def score(
                 s.max_upload_seconds,
                 s.offline_chunk_steps,
                 max_amplitude=s.max_float_amplitude,
+                sample_rate=sample_rate,
             )
         else:
             source = await open_container(
@@ -197,6 +207,7 @@ async def score(
                 s.max_upload_seconds,
                 s.offline_chunk_steps,
                 max_amplitude=s.max_float_amplitude,
+                sample_rate=sample_rate,
             )
         await source.check()
     except BaseException:

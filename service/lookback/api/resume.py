@@ -350,6 +350,8 @@ class Resumer:
             conn.session = StreamSession.restore(
                 model, conn, snap, max_pending_steps=self.settings.max_pending_steps
             )
+            if conn.session.decoder is not None:  # a setting, not part of the snapshot
+                conn.session.decoder.max_amplitude = self.settings.max_float_amplitude
             try:  # from here a refusal must free the restored session's slot
                 conn.resume = state
                 conn.recent = deque(maxlen=self.settings.resume_tail_messages)
@@ -452,6 +454,7 @@ class Resumer:
         conns: list[Resumable] = []
         puts: list[Put] = []
         frames: list[int] = []
+        taken: list[int] = []  # client samples in each snapshot (its rate, not the model's)
         steps: list[int] = []
         visited = 0
         for c in list(self.connections):
@@ -469,6 +472,7 @@ class Resumer:
                 data = self.seal(st, s.snapshot(self._options(c)))
             conns.append(c)
             frames.append(s.frames if data is not None else -1)
+            taken.append(s.client_samples)
             steps.append(s.steps_done)
             puts.append(Put(st.sid, st.owner, data))
         if not puts:
@@ -489,7 +493,7 @@ class Resumer:
         self.metrics.snapshot_write.observe(time.perf_counter() - t0)
         self.metrics.snapshots.labels("checkpoint").inc(len(written))
         self.metrics.snapshot_bytes.inc(sum(len(p.data or b"") for p in written))
-        for c, p, f, n, good in zip(conns, puts, frames, steps, ok, strict=True):
+        for c, p, f, n, t, good in zip(conns, puts, frames, steps, taken, ok, strict=True):
             st = c.resume
             assert st is not None
             if good == LOST:
@@ -510,7 +514,7 @@ class Resumer:
                 if st.token is not None:
                     token = st.token
                     st.token_sent = True
-            c.send_message(checkpoint_message(f * c.handle.spec.frame_samples, token))
+            c.send_message(checkpoint_message(t, token))
         return len(written)
 
     # -- end of a connection -----------------------------------------------------------------
@@ -564,7 +568,7 @@ class Resumer:
                 continue
             st.migrated = True  # the reader may still push: the client replays what follows
             puts.append(Put(st.sid, st.owner, self.seal(st, s.snapshot(self._options(c))), release=True))
-            samples.append(s.frames * c.handle.spec.frame_samples)
+            samples.append(s.client_samples)
             ready.append(c)
         try:
             ok = await self.store.sync(puts) if puts else []

@@ -23,7 +23,8 @@ import numpy as np
 import soundfile as sf
 from starlette.requests import ClientDisconnect, Request
 
-from lookback.engine.pcm import float_problem
+from lookback.engine.decoder import WireDecoder, make_decoder
+from lookback.engine.pcm import SAMPLE_RATES, float_problem
 from lookback.errors import RequestError
 
 if TYPE_CHECKING:
@@ -139,9 +140,15 @@ class RawSource(Source):
         first: bytes | None = None,
         limit: int | None = None,
         max_amplitude: float = 4.0,
+        sample_rate: int | None = None,
     ) -> None:
         self.max_amplitude = max_amplitude
-        self.dtype = np.dtype("<i2" if encoding == "pcm_s16le" else "<f4")
+        spec = handle.spec
+        # another encoding or rate: the WebSocket session's decoder, so the numbers match
+        self.decoder = make_decoder(
+            encoding, sample_rate, spec.sample_rate, spec.frame_samples, max_amplitude=max_amplitude
+        )
+        self.dtype = np.dtype({"pcm_s16le": "<i2", "pcm_f32le": "<f4"}.get(encoding, "u1"))
         self.max_samples = int(max_seconds * handle.spec.sample_rate)
         self.chunk_bytes = chunk_steps * handle.spec.hop_samples * self.dtype.itemsize
         self._first = first
@@ -198,6 +205,10 @@ class RawSource(Source):
                 if self.samples > self.max_samples:
                     raise RequestError("audio exceeds max_upload_seconds", code="audio_too_long")
                 yield audio
+        if self.decoder is not None and not left:
+            tail = self.decoder.flush()
+            self.samples += tail.size
+            yield tail
         if left:  # the header promised more than the body held
             raise RequestError(
                 f"audio is truncated: header promises "
@@ -206,6 +217,8 @@ class RawSource(Source):
             )
 
     def _decode(self, blob: bytes, at: int, nbytes: int) -> np.ndarray:
+        if self.decoder is not None:  # model-rate float32 frames; samples count at that rate
+            return self.decoder.feed(self.decoder.check(blob[at : at + nbytes]))
         data = np.frombuffer(blob, self.dtype, count=nbytes // self.dtype.itemsize, offset=at)
         audio = np.empty(data.size, np.float32)
         if self.dtype.kind == "i":
@@ -271,9 +284,18 @@ def _parse_wav_head(buf: bytes | bytearray) -> object:
 
 
 async def open_container(
-    body: Body, handle: ServedModel, max_seconds: float, chunk_steps: int, *, max_amplitude: float = 4.0
+    body: Body,
+    handle: ServedModel,
+    max_seconds: float,
+    chunk_steps: int,
+    *,
+    max_amplitude: float = 4.0,
+    sample_rate: int | None = None,
 ) -> Source:
-    """Stream a 16-bit PCM WAV as it arrives; spool anything else for libsndfile."""
+    """Stream a 16-bit PCM WAV as it arrives; spool anything else for libsndfile.
+
+    A file at another rate than the model's is resampled only when ``sample_rate`` (the
+    query) names that rate: the client asked for it."""
     head = bytearray()
     parsed: object = _NEED_MORE
     while parsed is _NEED_MORE and len(head) <= _WAV_HEAD_MAX + 8:
@@ -284,20 +306,25 @@ async def open_container(
         parsed = _parse_wav_head(head)
     if not isinstance(parsed, _WavHead):  # not one we stream: libsndfile decides
         return await _ContainerSource.open(
-            body, bytes(head), handle, max_seconds, chunk_steps, max_amplitude=max_amplitude
+            body,
+            bytes(head),
+            handle,
+            max_seconds,
+            chunk_steps,
+            max_amplitude=max_amplitude,
+            asked=sample_rate,
         )
     spec, max_bytes = handle.spec, body.max_bytes
-    _check_format(parsed.channels, parsed.rate, spec.sample_rate)
+    _check_format(parsed.channels, parsed.rate, spec.sample_rate, sample_rate)
     if parsed.data_bytes is not None and parsed.data_offset + parsed.data_bytes > max_bytes:
         raise RequestError(
             f"the WAV header declares {parsed.data_offset + parsed.data_bytes} "
             f"bytes; max_upload_bytes={max_bytes}",
             code="upload_too_large",
         )
-    if parsed.data_bytes is not None and parsed.data_bytes // 2 > max_seconds * spec.sample_rate:
+    if parsed.data_bytes is not None and parsed.data_bytes // 2 > max_seconds * parsed.rate:
         raise RequestError(
-            f"audio of {parsed.data_bytes / 2 / spec.sample_rate:.0f}s exceeds "
-            f"max_upload_seconds={max_seconds:g}",
+            f"audio of {parsed.data_bytes / 2 / parsed.rate:.0f}s exceeds max_upload_seconds={max_seconds:g}",
             code="audio_too_long",
         )
     return RawSource(
@@ -308,15 +335,20 @@ async def open_container(
         chunk_steps,
         first=bytes(head[parsed.data_offset :]),
         limit=parsed.data_bytes,
+        max_amplitude=max_amplitude,
+        sample_rate=parsed.rate,
     )
 
 
-def _check_format(channels: int, rate: int, model_rate: int) -> None:
+def _check_format(channels: int, rate: int, model_rate: int, asked: int | None = None) -> None:
     if channels != 1:
         raise RequestError(f"audio has {channels} channels; send mono", code="bad_channels")
-    if rate != model_rate:
+    if asked is not None and asked != rate:
+        raise RequestError(f"sample_rate={asked} but the audio is {rate} Hz", code="bad_sample_rate")
+    if rate != model_rate and (asked != rate or rate not in SAMPLE_RATES):
         raise RequestError(
-            f"audio is {rate} Hz; the model needs {model_rate} Hz (Lookback never resamples silently)",
+            f"audio is {rate} Hz; the model needs {model_rate} Hz (Lookback never resamples silently: "
+            f"add sample_rate={rate} to ask for it, if it is one of {', '.join(map(str, SAMPLE_RATES))})",
             code="bad_sample_rate",
         )
 
@@ -324,11 +356,20 @@ def _check_format(channels: int, rate: int, model_rate: int) -> None:
 class _ContainerSource(Source):
     """WAV/FLAC/OGG through libsndfile, from a spooled temp file, block by block."""
 
-    def __init__(self, path: str, info: sf.SoundFile, chunk: int, max_amplitude: float) -> None:
+    def __init__(
+        self,
+        path: str,
+        info: sf.SoundFile,
+        chunk: int,
+        max_amplitude: float,
+        decoder: WireDecoder | None = None,
+    ) -> None:
         self.path = path
         self.file = info
         self.chunk = chunk
         self.max_amplitude = max_amplitude
+        self.decoder = decoder  # a file at another rate (asked for): resampled as it is read
+        self.read = 0  # file samples read
 
     @classmethod
     async def open(
@@ -340,6 +381,7 @@ class _ContainerSource(Source):
         chunk_steps: int,
         *,
         max_amplitude: float = 4.0,
+        asked: int | None = None,
     ) -> _ContainerSource:
         """Spool ``head`` (the bytes already read) and the rest of ``body``, then open."""
         fd, path = tempfile.mkstemp(prefix="lookback-", suffix=".upload")
@@ -357,7 +399,7 @@ class _ContainerSource(Source):
                 raise RequestError(f"body is not decodable audio: {detail}", code="bad_audio") from exc
             spec = handle.spec
             try:
-                _check_format(snd.channels, snd.samplerate, spec.sample_rate)
+                _check_format(snd.channels, snd.samplerate, spec.sample_rate, asked)
             except RequestError:
                 snd.close()
                 raise
@@ -367,14 +409,16 @@ class _ContainerSource(Source):
                     "audio is truncated: the WAV header promises more data than the body holds",
                     code="bad_audio",
                 )
-            if snd.frames > max_seconds * spec.sample_rate:
+            if snd.frames > max_seconds * snd.samplerate:
                 snd.close()
                 raise RequestError(
-                    f"audio of {snd.frames / spec.sample_rate:.0f}s exceeds "
-                    f"max_upload_seconds={max_seconds:g}",
+                    f"audio of {snd.frames / snd.samplerate:.0f}s exceeds max_upload_seconds={max_seconds:g}",
                     code="audio_too_long",
                 )
-            return cls(path, snd, chunk_steps * spec.hop_samples, max_amplitude)
+            dec = make_decoder(
+                "pcm_f32le", snd.samplerate, spec.sample_rate, spec.frame_samples, max_amplitude=max_amplitude
+            )
+            return cls(path, snd, chunk_steps * spec.hop_samples, max_amplitude, dec)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -391,15 +435,21 @@ class _ContainerSource(Source):
             problem = float_problem(block, self.max_amplitude)  # float WAVs: one rule with raw f32
             if problem is not None:
                 raise RequestError(problem[1], code=problem[0])
-            self.samples += block.size
-            yield block
+            self.read += block.size
+            out = block if self.decoder is None else self.decoder.feed(block)
+            self.samples += out.size  # at the model's rate
+            yield out
             if block.size < self.chunk:
                 break
-        if self.samples < self.file.frames:
+        if self.read < self.file.frames:
             raise RequestError(
-                f"audio is truncated: header promises {self.file.frames} samples, body holds {self.samples}",
+                f"audio is truncated: header promises {self.file.frames} samples, body holds {self.read}",
                 code="bad_audio",
             )
+        if self.decoder is not None:
+            tail = self.decoder.flush()
+            self.samples += tail.size
+            yield tail
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, WebSocket
@@ -19,7 +20,7 @@ from lookback.api.connection import Connection, Connections
 from lookback.api.query import check_unique_query
 from lookback.api.responses import error_response
 from lookback.engine.engine import Engine
-from lookback.engine.pcm import BYTES_PER_SAMPLE
+from lookback.engine.pcm import BYTES_PER_SAMPLE, ENCODINGS_TEXT, SAMPLE_RATES
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
 from lookback.protocol import RESULT_FORMATS, Close, error_message, spec_for
@@ -32,30 +33,59 @@ if TYPE_CHECKING:
 router = APIRouter()
 
 
-def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ServedModel, str, str]:
-    q = ws.query_params
-    handle = engine.resolve(q.get("model") or None, q.get("version") or None)
+def parse_audio_query(q: Mapping[str, str], model_rate: int) -> tuple[str, int | None]:
+    """(encoding, sample_rate): the wire form the client declares (no rate: the model's)."""
     encoding = q.get("encoding", "pcm_s16le")
     if encoding not in BYTES_PER_SAMPLE:
         raise LookbackError(
-            f"encoding {encoding[:40]!r} not supported; use pcm_s16le or pcm_f32le", code="bad_encoding"
+            f"encoding {encoding[:40]!r} not supported; use {ENCODINGS_TEXT}", code="bad_encoding"
         )
     rate = q.get("sample_rate")
-    if rate is not None:
-        try:
-            ok = int(rate) == handle.spec.sample_rate
-        except ValueError:
-            ok = False
-        if not ok:
-            raise LookbackError(
-                f"sample_rate {rate[:20]!r} does not match the model's "
-                f"{handle.spec.sample_rate}; resample on the client",
-                code="bad_sample_rate",
-            )
+    if rate is None:
+        return encoding, None
+    if not (rate.isascii() and rate.isdigit() and int(rate) in (*SAMPLE_RATES, model_rate)):
+        rates = ", ".join(str(r) for r in SAMPLE_RATES)
+        raise LookbackError(
+            f"sample_rate {rate[:20]!r} not supported; use one of {rates} (the model's is {model_rate})",
+            code="bad_sample_rate",
+        )
+    return encoding, int(rate)
+
+
+def _parse_query(ws: WebSocket, engine: Engine) -> tuple[ServedModel, str, int | None, str]:
+    q = ws.query_params
+    handle = engine.resolve(q.get("model") or None, q.get("version") or None)
+    encoding, rate = parse_audio_query(q, handle.spec.sample_rate)
     results = q.get("results", "all")
     if results not in ("all", "batch", "events"):
         raise LookbackError(f"results must be all, batch or events, not {results[:20]!r}", code="bad_query")
-    return handle, encoding, results
+    return handle, encoding, rate, results
+
+
+async def admit(ws: WebSocket) -> bool:
+    """Refusals that need no session, as HTTP answers before the upgrade; True: go on.
+
+    Shared by every WebSocket route (``/v1/stream``, the telephony media stream)."""
+    s: Settings = ws.app.state.settings
+    metrics: Metrics = ws.app.state.metrics
+    admission: Admission = ws.app.state.admission
+    if not auth.origin_ok(s, ws):
+        metrics.sessions_refused.labels("origin").inc()
+        await ws.send_denial_response(error_response("origin_not_allowed", "Origin not allowed"))
+        return False
+    if not auth.key_ok(s, auth.ws_key(ws)):
+        metrics.sessions_refused.labels("unauthorized").inc()
+        await ws.send_denial_response(error_response("unauthorized", "missing or wrong API key"))
+        return False
+    busy = admission.refusal()
+    if busy is not None:
+        code, message = busy
+        metrics.sessions_refused.labels(code).inc()
+        await ws.send_denial_response(
+            error_response("draining" if code == "draining" else "server_busy", message)
+        )
+        return False
+    return True
 
 
 @router.websocket("/v1/stream")
@@ -64,22 +94,7 @@ async def stream(ws: WebSocket) -> None:
     s: Settings = state.settings
     metrics: Metrics = state.metrics
     admission: Admission = state.admission
-    # Refusals that need no session: HTTP answers before the upgrade.
-    if not auth.origin_ok(s, ws):
-        metrics.sessions_refused.labels("origin").inc()
-        await ws.send_denial_response(error_response("origin_not_allowed", "Origin not allowed"))
-        return
-    if not auth.key_ok(s, auth.ws_key(ws)):
-        metrics.sessions_refused.labels("unauthorized").inc()
-        await ws.send_denial_response(error_response("unauthorized", "missing or wrong API key"))
-        return
-    busy = admission.refusal()
-    if busy is not None:
-        code, message = busy
-        metrics.sessions_refused.labels(code).inc()
-        await ws.send_denial_response(
-            error_response("draining" if code == "draining" else "server_busy", message)
-        )
+    if not await admit(ws):
         return
     admission.reserved += 1
     registry: Connections = state.connections
@@ -95,7 +110,7 @@ async def stream(ws: WebSocket) -> None:
                 )
             token = ws.query_params.get("resume")
             if token is None:
-                handle, encoding, results = _parse_query(ws, state.engine)
+                handle, encoding, rate, results = _parse_query(ws, state.engine)
         except LookbackError as exc:
             metrics.sessions_refused.labels("bad_request").inc()
             metrics.error(exc.code)
@@ -123,7 +138,7 @@ async def stream(ws: WebSocket) -> None:
             return
         conn = Connection(ws, s, metrics, handle, results, uuid.uuid4().hex[:16], worker=admission.worker)
         try:
-            conn.session = state.engine.open_session(handle, conn, encoding=encoding)
+            conn.session = state.engine.open_session(handle, conn, encoding=encoding, sample_rate=rate)
         except LookbackError as exc:
             metrics.sessions_refused.labels("capacity").inc()
             await ws.send_text(error_message(exc.code, exc.message))

@@ -18,6 +18,7 @@ import numpy as np
 
 from lookback.engine.batcher import MicroBatcher
 from lookback.engine.compute import StepCompute
+from lookback.engine.decoder import make_decoder
 from lookback.engine.graph import CPU, run_warmup
 from lookback.engine.offline import OfflineChunk, score_clip
 from lookback.engine.pcm import Encoding
@@ -222,10 +223,28 @@ class Engine:
 
     # -- work ------------------------------------------------------------------------------
     def open_session(
-        self, handle: ServedModel, sink: ResultSink, *, encoding: Encoding = "pcm_s16le"
+        self,
+        handle: ServedModel,
+        sink: ResultSink,
+        *,
+        encoding: Encoding = "pcm_s16le",
+        sample_rate: int | None = None,
     ) -> StreamSession:
+        """``sample_rate``: the client's, when it differs from the model's (None: the model's)."""
+        spec = handle.spec
+        decoder = make_decoder(
+            encoding,
+            sample_rate,
+            spec.sample_rate,
+            spec.frame_samples,
+            max_amplitude=self.settings.max_float_amplitude,
+        )
         return StreamSession(
-            handle, sink, encoding=encoding, max_pending_steps=self.settings.max_pending_steps
+            handle,
+            sink,
+            encoding=encoding,
+            max_pending_steps=self.settings.max_pending_steps,
+            decoder=decoder,
         )
 
     def score(

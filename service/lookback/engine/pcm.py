@@ -1,6 +1,9 @@
 """PCM in one place: wire encodings, the non-finite and range checks, scaling to the model's
 input and its ``BT``/``B1T`` layout.
 
+G.711 (``mulaw``, ``alaw``: 8 bits a sample, telephony) decodes through a 256-entry table
+to the 16-bit value ITU-T G.711 assigns each code, then like ``pcm_s16le``.
+
 The session, the batched step, offline scoring and the REST decoder all go through
 here, so a sample means the same number on every path: int16 ``x`` becomes the float32
 ``x * (1/32768)`` (exact: a power of two), float32 arrives already in ``[-1, 1)``, and a
@@ -15,11 +18,42 @@ import numpy as np
 
 from lookback.errors import BadAudio
 
-Encoding = Literal["pcm_s16le", "pcm_f32le"]
-BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4}
+Encoding = Literal["pcm_s16le", "pcm_f32le", "mulaw", "alaw"]
+BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, "alaw": 1}
+ENCODINGS_TEXT = "pcm_s16le, pcm_f32le, mulaw or alaw"
+# sample rates a client may send; any other than the model's is resampled (engine/resample.py)
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 S16 = np.dtype("<i2")
 F32 = np.dtype("<f4")
 _S16_UNIT = np.float32(1.0 / 32768.0)
+
+
+def _mulaw_table() -> np.ndarray:
+    u = ~np.arange(256, dtype=np.int32) & 0xFF
+    exponent, mantissa = (u >> 4) & 7, u & 0x0F
+    magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+    return np.where(u & 0x80, -magnitude, magnitude).astype(np.int16)
+
+
+def _alaw_table() -> np.ndarray:
+    a = np.arange(256, dtype=np.int32) ^ 0x55
+    exponent, mantissa = (a >> 4) & 7, a & 0x0F
+    magnitude = np.where(
+        exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0)
+    )
+    return np.where(a & 0x80, magnitude, -magnitude).astype(np.int16)
+
+
+G711: dict[str, np.ndarray] = {"mulaw": _mulaw_table(), "alaw": _alaw_table()}
+# float32 samples of each code (value / 32768, exact)
+_G711_F32 = {name: table.astype(np.float32) * np.float32(1.0 / 32768.0) for name, table in G711.items()}
+# the code nearest zero (mulaw 0, alaw +8/32768): a gap filled with byte 0 would be full scale
+SILENCE_BYTE = {"pcm_s16le": 0, "pcm_f32le": 0, "mulaw": 0xFF, "alaw": 0xD5}
+
+
+def silence(encoding: str, samples: int) -> bytes:
+    """``samples`` samples of silence in ``encoding`` (G.711's zero code is not byte 0)."""
+    return bytes([SILENCE_BYTE[encoding]]) * (samples * BYTES_PER_SAMPLE[encoding])
 
 
 def check_encoding(encoding: str) -> None:
@@ -58,6 +92,9 @@ def float_problem(audio: np.ndarray, max_amplitude: float) -> tuple[str, str] | 
 
 def decode(data: bytes, encoding: str, *, offset: int = 0, count: int = -1) -> np.ndarray:
     """Float32 samples in ``[-1, 1)`` from PCM bytes (checked finite for pcm_f32le)."""
+    table = _G711_F32.get(encoding)
+    if table is not None:
+        return table[np.frombuffer(data, np.uint8, count=count, offset=offset)]
     if encoding == "pcm_s16le":
         pcm = np.frombuffer(data, S16, count=count, offset=offset)
         audio = np.empty(pcm.size, np.float32)

@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from lookback.engine.decoder import WireDecoder
 from lookback.engine.events import Event, EventDetector, EventLog
 from lookback.engine.pcm import BYTES_PER_SAMPLE, F32, Encoding, check_encoding, refuse_non_finite
 from lookback.engine.served import ServedModel
@@ -74,12 +75,16 @@ class StreamSession:
         *,
         encoding: Encoding = "pcm_s16le",
         max_pending_steps: int = 64,
+        decoder: WireDecoder | None = None,
     ) -> None:
         check_encoding(encoding)
         spec = model.spec
         self.model = model
         self.sink = sink
-        self.encoding = encoding
+        self.encoding = encoding  # on the wire; with a decoder, frames below are its float32 output
+        self.decoder = decoder
+        if decoder is not None:
+            encoding = "pcm_f32le"
         self.max_pending = max_pending_steps
         self.frame_bytes = spec.frame_samples * BYTES_PER_SAMPLE[encoding]
         self.hop = spec.hop_samples
@@ -162,6 +167,8 @@ class StreamSession:
             raise SessionClosed("session is closed")
         if n == 0:
             raise BadAudio("empty audio message", code="empty_message")
+        if self.decoder is not None:
+            return self._push_decoded(data, t_arrival)
         if n % self.frame_bytes:
             raise BadAudio(
                 f"message of {n} bytes is not a whole number of {self.frame_bytes}-byte frames",
@@ -192,8 +199,37 @@ class StreamSession:
             self._add_hops(hops, new_steps, t_arrival)
         return new_steps
 
+    def _push_decoded(self, data: bytes, t_arrival: float | None) -> int:
+        """Wire audio through the decoder, its whole frames through ``push``; refused whole."""
+        dec = self.decoder
+        assert dec is not None
+        audio = dec.check(data)
+        need = (len(self._buf) // 4 + dec.output_samples(len(data))) // self.hop
+        if need and self.pending_steps + need > self.max_pending:
+            raise BackpressureError(
+                f"{self.pending_steps} steps already waiting; audio arrives faster than it is scored"
+            )
+        frames = dec.feed(audio)
+        if not frames.size:
+            return 0
+        self.decoder = None  # the frames are model-rate float32 now
+        try:
+            return self.push(frames.tobytes(), t_arrival)
+        finally:
+            self.decoder = dec
+
     def flush(self) -> int:
         """Zero-pad a partial hop into a step so no accepted audio is left unscored."""
+        if self.decoder is not None and not self.closed:  # the decoder's tail first
+            tail = self.decoder.flush()
+            if tail.size:
+                self.frames += tail.size // self.model.spec.frame_samples
+                self._buf += tail.tobytes()
+                whole = len(self._buf) // self.hop_bytes
+                if whole:
+                    hops = bytes(self._buf[: whole * self.hop_bytes])
+                    del self._buf[: whole * self.hop_bytes]
+                    self._add_hops(hops, whole, time.perf_counter())
         if self.closed or not self._buf:
             return 0
         missing = self.hop_bytes - len(self._buf)
@@ -347,7 +383,22 @@ class StreamSession:
             room.set_result(None)
 
     def steps_for(self, nbytes: int) -> int:
+        if self.decoder is not None:
+            nbytes = self.decoder.output_samples(nbytes) * 4
         return (len(self._buf) + nbytes) // self.hop_bytes
+
+    def wire_bytes(self, frames: int) -> int:
+        """Client bytes of ``frames`` model frames' duration (what message bounds count)."""
+        if self.decoder is not None:
+            return self.decoder.wire_bytes(frames * self.model.spec.frame_samples)
+        return frames * self.frame_bytes
+
+    @property
+    def client_samples(self) -> int:
+        """Samples the client has sent (at its rate) that this session has taken."""
+        if self.decoder is not None:
+            return self.decoder.received
+        return self.frames * self.model.spec.frame_samples
 
     async def wait_for_room(self, nbytes: int) -> None:
         """Wait until a message of ``nbytes`` fits the step bound (transport backpressure).
@@ -401,7 +452,7 @@ class StreamSession:
             model=spec.name,
             version=spec.version,
             graph_sha256=spec.graph.sha256,
-            encoding=self.encoding,
+            encoding=self.encoding if self.decoder is None else "pcm_f32le",
             steps=self.steps_done,
             frames=self.frames,
             frame_samples=spec.frame_samples,
@@ -413,6 +464,7 @@ class StreamSession:
             partial=bytes(self._buf),
             rows=rows,
             options=dict(options or {}),
+            decoder=None if self.decoder is None else self.decoder.get_state(),
         )
 
     def snapshot(self, options: dict[str, str] | None = None) -> bytes:
@@ -426,13 +478,17 @@ class StreamSession:
         """A session in a fresh slot that continues ``data`` bit-identically."""
         snap = data if isinstance(data, Snapshot) else decode(data)
         check_compatible(snap, model)
+        spec = model.spec
+        decoder = None
+        if snap.decoder is not None:
+            decoder = WireDecoder.from_state(snap.decoder, spec.sample_rate, spec.frame_samples)
         session = cls(
             model,
             sink,
-            encoding=snap.encoding,  # type: ignore[arg-type]  # checked by check_compatible
+            encoding=snap.encoding if decoder is None else decoder.encoding,  # type: ignore[arg-type]
             max_pending_steps=max_pending_steps,
+            decoder=decoder,
         )
-        spec = model.spec
         try:
             for name, arr in snap.rows.items():
                 if name == CONTEXT:

@@ -78,10 +78,15 @@ class Snapshot:
     rows: dict[str, np.ndarray]
     options: dict[str, str] = field(default_factory=dict)  # transport options (results mode)
     events_truncated: int = 0  # events older than ``events`` the session no longer keeps
+    # the client's encoding and rate when they are not the model's (engine/decoder.py):
+    # then ``encoding`` and ``partial`` are the decoder's float32 output
+    decoder: dict[str, Any] | None = None
 
     @property
     def samples(self) -> int:
         """Client samples consumed into this snapshot: where a resumed client restarts."""
+        if self.decoder is not None:
+            return _nat(self.decoder.get("received", -1))
         return self.frames * self.frame_samples
 
     def encode(self) -> bytes:
@@ -108,6 +113,7 @@ class Snapshot:
                 "partial": len(self.partial),
                 "rows": row_meta,
                 "options": self.options,
+                **({} if self.decoder is None else {"decoder": self.decoder}),
             }
         )
         body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header)), header, *blobs, self.partial])
@@ -171,6 +177,7 @@ def decode(data: bytes) -> Snapshot:
             rows=rows,
             options={str(k): str(v) for k, v in dict(h.get("options") or {}).items()},
             events_truncated=_nat(h["events_truncated"]),
+            decoder=_decoder(h.get("decoder")),
         )
         if snap.failed_steps > snap.steps:
             raise SnapshotError("snapshot counts more failed steps than steps")
@@ -179,6 +186,15 @@ def decode(data: bytes) -> Snapshot:
     except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
         raise SnapshotError(f"snapshot header is malformed: {exc}") from exc
     return snap
+
+
+def _decoder(v: Any) -> dict[str, Any] | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict) or set(v) != {"encoding", "sample_rate", "state", "received"}:
+        raise ValueError("decoder must hold encoding, sample_rate, state and received")
+    _nat(v["received"])
+    return v
 
 
 def _nat(v: Any) -> int:
@@ -266,7 +282,7 @@ def check_compatible(snap: Snapshot, model: ServedModel) -> None:
         snap.steps * spec.hop_samples + len(snap.partial) // bps
     ):
         raise SnapshotError("snapshot step and frame counts do not agree")
-    samples = snap.samples + snap.padded_samples
+    samples = snap.frames * spec.frame_samples + snap.padded_samples  # the model's rate
     if snap.detector[2] > samples or snap.detector[3] > samples:
         raise SnapshotError("snapshot detector points past the stream")
     if any(lab != spec.event_label for _, lab, _ in snap.events):

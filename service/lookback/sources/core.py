@@ -35,8 +35,16 @@ from typing import Any, Literal, Protocol, cast
 import numpy as np
 import orjson
 
+from lookback.engine.decoder import make_decoder, needs_decoder
 from lookback.engine.events import Event
-from lookback.engine.pcm import BYTES_PER_SAMPLE, Encoding, float_problem
+from lookback.engine.pcm import (
+    BYTES_PER_SAMPLE,
+    ENCODINGS_TEXT,
+    SAMPLE_RATES,
+    Encoding,
+    float_problem,
+    silence,
+)
 from lookback.engine.session import StreamSession
 from lookback.errors import CapacityError, LookbackError, SnapshotError
 from lookback.metrics import Metrics
@@ -72,6 +80,7 @@ class Message:
     sent: float | None = None  # producer's wall clock (time.time()), for publish latency
     token: Any = None  # what the adapter acknowledges once the commit is applied
     partition: str = ""
+    sample_rate: int | None = None  # the producer's, when not the model's (resampled)
 
 
 @dataclass(slots=True)
@@ -116,27 +125,45 @@ class Adapter(Protocol):
 
 
 def validate_audio(
-    audio: bytes, encoding: str, max_frames: int, max_amplitude: float = DEFAULT_MAX_FLOAT_AMPLITUDE
+    audio: bytes,
+    encoding: str,
+    max_frames: int,
+    max_amplitude: float = DEFAULT_MAX_FLOAT_AMPLITUDE,
+    sample_rate: int | None = None,
 ) -> tuple[str, str] | None:
     """(reason, detail) when an audio payload cannot be fed, else None.
 
     Float audio follows the WebSocket's and REST's rule (``engine.pcm.float_problem``).
+    PCM at 16 kHz comes in whole frames; G.711 or another rate in any whole number of
+    samples, at most ``max_frames`` frames' duration.
     """
     bps = BYTES_PER_SAMPLE.get(encoding)
     if bps is None:
-        return "bad_encoding", f"encoding must be pcm_s16le or pcm_f32le, not {encoding[:40]!r}"
+        return "bad_encoding", f"encoding must be {ENCODINGS_TEXT}, not {encoding[:40]!r}"
     if not audio:
         return "empty_message", "message carries no audio"
-    if len(audio) % (FRAME_SAMPLES * bps):
+    if needs_decoder(encoding, sample_rate, 16000):
+        rate = sample_rate or 16000
+        if len(audio) % bps:
+            return "partial_sample", f"{len(audio)} bytes is not a whole number of {bps}-byte samples"
+        if len(audio) // bps > max_frames * FRAME_SAMPLES * rate // 16000:
+            return "too_many_frames", f"more than max_frames_per_message={max_frames} frames' duration"
+    elif len(audio) % (FRAME_SAMPLES * bps):
         return (
             "bad_frame_size",
             f"{len(audio)} bytes is not a whole number of {FRAME_SAMPLES * bps}-byte frames",
         )
-    if len(audio) // (FRAME_SAMPLES * bps) > max_frames:
+    elif len(audio) // (FRAME_SAMPLES * bps) > max_frames:
         return "too_many_frames", f"more than max_frames_per_message={max_frames} frames"
     if bps == 4:
         return float_problem(np.frombuffer(audio, "<f4"), max_amplitude)
     return None
+
+
+def _rate(session: StreamSession, *, model: bool = False) -> int:
+    """The device's sample rate (its decoder's), or the model's."""
+    dec = session.decoder
+    return session.model.spec.sample_rate if model or dec is None else dec.sample_rate
 
 
 def _finite(x: float) -> bool:
@@ -196,7 +223,10 @@ def make_message(
     if encoding is None:
         encoding = "pcm_s16le"
     if not isinstance(encoding, str):
-        return reject("bad_encoding", f"encoding must be pcm_s16le or pcm_f32le, not {_shown(encoding)}")
+        return reject("bad_encoding", f"encoding must be {ENCODINGS_TEXT}, not {_shown(encoding)}")
+    rate = fields.get("sample_rate")
+    if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or rate not in SAMPLE_RATES):
+        return reject("bad_sample_rate", f"sample_rate must be one of {SAMPLE_RATES}, not {_shown(rate)}")
     names: dict[str, str | None] = {}
     for key in ("model", "version"):
         v = fields.get(key)
@@ -219,10 +249,12 @@ def make_message(
         if isinstance(ts, bool) or not isinstance(ts, int | float) or not _finite(ts):
             return reject("invalid_field", f"`ts` must be a finite number (time.time()), not {_shown(ts)}")
         sent = float(ts)
-    bad = validate_audio(audio, encoding, max_frames, max_amplitude)
+    bad = validate_audio(audio, encoding, max_frames, max_amplitude, rate)
     if bad is not None:
         return reject(*bad)
-    return Message(dev, n, audio, encoding, names["model"], names["version"], end, sent, token, partition)
+    return Message(
+        dev, n, audio, encoding, names["model"], names["version"], end, sent, token, partition, rate
+    )
 
 
 # -- checkpoints ---------------------------------------------------------------------------
@@ -550,6 +582,8 @@ class DeviceHub:
                         handle, _Sink(dev), snap, max_pending_steps=self.opts.max_pending_steps
                     )
                 )
+                if dev.session.decoder is not None:  # a setting, not part of the snapshot
+                    dev.session.decoder.max_amplitude = self.opts.max_amplitude
                 self.metrics.source_restores.labels(self.source).inc()
             except LookbackError as exc:
                 # the model changed since the checkpoint: the device starts a new session
@@ -596,19 +630,34 @@ class DeviceHub:
                 return
             await self._admission()
             enc = cast(Encoding, msg.encoding)
+            spec = handle.spec
+            dec = make_decoder(
+                enc,
+                msg.sample_rate,
+                spec.sample_rate,
+                spec.frame_samples,
+                max_amplitude=self.opts.max_amplitude,
+            )
             dev.session = await self._with_room(
                 lambda: StreamSession(
-                    handle, _Sink(dev), encoding=enc, max_pending_steps=self.opts.max_pending_steps
+                    handle,
+                    _Sink(dev),
+                    encoding=enc,
+                    max_pending_steps=self.opts.max_pending_steps,
+                    decoder=dec,
                 )
             )
             self.metrics.source_sessions.labels(self.source, "opened").inc()
         session = dev.session
-        if msg.encoding != session.encoding:
+        if msg.encoding != session.encoding or _rate(session) != (
+            msg.sample_rate or _rate(session, model=True)
+        ):
             await self._reject(
                 dev,
                 msg,
-                "bad_encoding",
-                f"device session streams {session.encoding}, message is {msg.encoding}",
+                "bad_encoding" if msg.encoding != session.encoding else "bad_sample_rate",
+                f"device session streams {session.encoding} at {_rate(session)} Hz, message is "
+                f"{msg.encoding} at {msg.sample_rate or 'the model rate'}",
                 consume=True,
             )
             return
@@ -625,8 +674,10 @@ class DeviceHub:
 
     async def _feed(self, session: StreamSession, audio: bytes) -> None:
         """Push in pieces that fit the step bound, each scored before the next."""
-        piece = max(session.frame_bytes, (self.opts.max_pending_steps * session.hop_bytes) // 2)
-        piece -= piece % session.frame_bytes
+        unit = session.frame_bytes if session.decoder is None else session.decoder.sample_bytes
+        half = self.opts.max_pending_steps * session.hop // 2 // session.model.spec.frame_samples
+        piece = max(unit, session.wire_bytes(half))
+        piece -= piece % unit
         for i in range(0, len(audio), piece):
             session.push(audio[i : i + piece])
             await session.wait_idle()
@@ -658,7 +709,7 @@ class DeviceHub:
         fill = 0
         if session is not None and policy == "zero_fill":
             fill = missing * len(msg.audio) // BYTES_PER_SAMPLE[session.encoding]
-            if fill > self.opts.max_gap_fill_s * session.model.spec.sample_rate:
+            if fill > self.opts.max_gap_fill_s * _rate(session):
                 policy, fill = "reset", 0  # too long to pretend it was silence
         dev.records.append(
             {
@@ -674,7 +725,7 @@ class DeviceHub:
         if session is None:
             return
         if policy == "zero_fill":
-            await self._feed(session, bytes(fill * BYTES_PER_SAMPLE[session.encoding]))
+            await self._feed(session, silence(session.encoding, fill))
         else:
             await self._end(dev, "gap")
 

@@ -67,14 +67,16 @@ return 0
 """
 
 
-_FIELDS = {k: k.encode() for k in ("device", "seq", "encoding", "model", "version", "end", "ts")}
+_FIELDS = {
+    k: k.encode() for k in ("device", "seq", "encoding", "sample_rate", "model", "version", "end", "ts")
+}
 _DIGITS = re.compile(rb"[0-9]{1,20}")
 _BOOLS = {b"1": True, b"true": True, b"0": False, b"false": False}
 
 
 def _value(name: str, raw: bytes) -> object:
     """A Redis field as the JSON value it spells, or the raw bytes (which the core refuses)."""
-    if name == "seq":
+    if name in ("seq", "sample_rate"):
         return int(raw) if _DIGITS.fullmatch(raw) else raw  # int() alone takes " +1_0 "
     if name == "end":
         return _BOOLS.get(raw, raw)
