@@ -11,6 +11,8 @@ generator to CPU 1), because this VM moves 30% from minute to minute:
 - ``fpm1_binary``: the new server with ``result_format=binary`` against JSON;
 - ``cpu150``: server CPU per result at a fixed 150 real-time sessions, old and new, in
   ``--pairs`` alternating pairs (the median of the per-pair ratios);
+- ``indep``: at each tree's 1-frame max and 15% above it, the project's load generator
+  and an independent one (``indep_load``: picows' client, no Lookback code) side by side;
 - ``points``: at 50% / 90% / 100% of the new max (1 frame/msg): p50/p99, rows per batch
   (``lookback_batch_size``), the model's share of the server's CPU
   (``lookback_model_cpu_share``) and the server's CPU, for old and new at the same loads.
@@ -63,6 +65,7 @@ STEPS = (
     "cpu150",
     "fpm1",
     "points",
+    "indep",
     "fpm4",
     "fpm10",
     "fpm10_batch",
@@ -207,7 +210,7 @@ class AB:
                 except (httpx.HTTPError, ValueError, KeyError):
                     pass
                 done.wait(0.05)
-            if done.wait((0.2 if key else 2.0) + cfg.warmup):  # an echo has no /readyz count
+            if done.wait((0.2 if key else 0.5) + cfg.warmup):  # an echo has no /readyz count
                 return
             m0 = scrape(srv.port, key) if key else {}
             c0, w0 = proc_cpu_seconds(srv.pid), time.monotonic()
@@ -316,6 +319,38 @@ class AB:
             }
         return out
 
+    def indep(self, srv: Server, n: int) -> dict[str, Any]:
+        """``n`` real-time sessions from the independent load generator (``indep_load``)."""
+        cfg = self.cfg(srv.url, DEFAULT, 1)
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            argv = [sys.executable, "-m", "tests.bench.indep_load", "--url", srv.url, "--sessions", str(n)]
+            argv += ["--seconds", str(cfg.duration), "--warmup", str(cfg.warmup), "--wav", str(FIXTURE)]
+            argv += ["--json", out.name]
+            if self.client_cpus:
+                argv += ["--cpu", str(self.client_cpus[0])]
+            subprocess.run(argv, cwd=REPO, check=False, capture_output=True, timeout=180)
+            text = Path(out.name).read_text()
+        return json.loads(text) if text else {"passed": False, "error": "no result"}
+
+    def step_indep(self) -> dict[str, Any]:
+        """Both load generators at each tree's max from the ``fpm1`` ramp and 15% above it:
+        they agree when both pass at the max (and both fail above, or both pass)."""
+        out: dict[str, Any] = {}
+        for name, tree in (("old", self.old), ("new", None)):
+            top = ((self.results.get("fpm1") or {}).get(name) or {}).get("max_sessions") or 150
+            for frac in (1.0, 1.15):
+                n = max(4, int(top * frac))
+                with server(tree, DEFAULT, self.server_cpu) as srv:
+                    own = self.fixed_on(srv, DEFAULT, n, 1, None)
+                with server(tree, DEFAULT, self.server_cpu) as srv:
+                    ind = self.indep(srv, n)
+                out[f"{name} {frac:g}"] = {"sessions": n, "own": own, "indep": ind}
+                log(
+                    f"indep {name} x{frac:g} ({n}): own {own['passed']} p99 {_f(own.get('p99_ms'), '.1f')}, "
+                    f"indep {ind.get('passed')} p99 {_f(ind.get('p99_ms'), '.1f')}"
+                )
+        return out
+
     def step_fpm4(self) -> dict[str, Any]:
         return self.ramp_pair(DEFAULT, 4)
 
@@ -408,6 +443,24 @@ def to_markdown(res: dict[str, Any]) -> str:
                     lat,
                 )
             )
+    ind = res.get("indep") or {}
+    if any(isinstance(v, dict) and "own" in v for v in ind.values()):
+        lines += [
+            "",
+            _row("both load generators", "sessions", "own: pass, p99 ms", "independent: pass, p99 ms"),
+            _row(*["---"] * 4),
+        ]
+        for label, v in ind.items():
+            if isinstance(v, dict) and "own" in v:
+                o, i = v["own"], v["indep"]
+                lines.append(
+                    _row(
+                        f"{label} x the ramp's max",
+                        v["sessions"],
+                        f"{o.get('passed')}, {_f(o.get('p99_ms'), '.1f')}",
+                        f"{i.get('passed')}, {_f(i.get('p99_ms'), '.1f')}",
+                    )
+                )
     if c.get("ratios"):
         ratios = ", ".join(f"{r:.2f}" for r in c["ratios"])
         lines += [
