@@ -93,6 +93,7 @@ class Connection:
 
     # results=batch: gather a model call's steps; direct path: write its messages at once
     on_group_end: Callable[[], None] | None = None
+    on_group_begin: Callable[[], None] | None = None  # direct path: gather a step's results
 
     def __init__(
         self,
@@ -161,6 +162,7 @@ class Connection:
         self._grouping = False
         self._coalesce = self.direct is not None and not self.batch
         if self._coalesce:
+            self.on_group_begin = self._begin_group
             self.on_group_end = self._flush
 
     @property
@@ -191,7 +193,6 @@ class Connection:
 
     # -- ResultSink ----------------------------------------------------------------------
     def on_result(self, index: int, time: float, scores: list[float], events: list[Event] | None) -> None:
-        self._grouping = self._coalesce  # inside a model call's group: _flush ends it
         if self.recent is not None:  # kept for a resume to re-send (lookback.api.resume)
             # a tuple of floats, not the list: the entry holds no mutable container, so the
             # collector stops tracking it instead of promoting thousands a second to gen 2
@@ -201,7 +202,10 @@ class Connection:
         elif self.want_results:
             single = self.single
             body = {single: scores[0]} if single is not None else dict(zip(self.labels, scores, strict=True))
-            self._put_json(result_bytes(index, time, body))
+            if self.direct is not None:  # _put_json, inlined: the hot path
+                self._write(result_bytes(index, time, body))
+            else:
+                self._put(result_bytes(index, time, body).decode())
         elif self.batch:
             if self._rows and index != self._first + len(self._rows):
                 self._end_group()  # a gap (failed steps in a re-sent tail): steps stay contiguous
@@ -288,6 +292,7 @@ class Connection:
             )
         )
         if self.resume is not None:  # a resume re-sends the results the client may have missed
+            self._grouping = self._coalesce
             for index, t, scores, events in self.resume.resend:
                 self.on_result(index, t, scores, events)
             self._end_group()  # results=batch: the re-sent tail is one message
@@ -346,6 +351,10 @@ class Connection:
             self._pending.append(frame)
         else:
             direct.write_frames(frame)
+
+    def _begin_group(self) -> None:
+        """A step of several hops: its results' frames wait for ``_flush``, one write."""
+        self._grouping = True
 
     def _flush(self) -> None:
         """The end of a model call's group: its messages in one write."""

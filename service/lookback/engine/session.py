@@ -55,12 +55,15 @@ class GroupedSink(ResultSink, Protocol):
     """A sink that also learns where each model call's results end (``results=batch``),
     and may take a call's consecutive results in one pass.
 
-    Optional: the session looks ``on_group_end`` and ``on_rows`` up once, so sinks without
-    them (offline, sources, tests) are unchanged and pay nothing. Either may be None to opt
-    out per instance.
+    Optional: the session looks ``on_group_end``, ``on_group_begin`` and ``on_rows`` up
+    once, so sinks without them (offline, sources, tests) are unchanged and pay nothing.
+    Any may be None to opt out per instance.
     """
 
     on_group_end: Callable[[], None] | None
+    #: called before the results of a step of several hops (whose end ``on_group_end``
+    #: marks): a one-hop step's only result needs no gathering
+    on_group_begin: Callable[[], None] | None
     #: ``on_rows(first, rows)``: steps ``first, first + 1, ...`` with scores ``rows``
     #: (float32 ``[n, labels]``, n > 1, every value finite), none of them with an event;
     #: called instead of ``on_result`` per step, where those conditions hold.
@@ -112,6 +115,7 @@ class StreamSession:
         # called after the last on_result of each step group (one model call of this session)
         self._group_end: Callable[[], None] | None = getattr(sink, "on_group_end", None)
         self._on_rows: Callable[[int, np.ndarray], None] | None = getattr(sink, "on_rows", None)
+        self._group_begin: Callable[[], None] | None = getattr(sink, "on_group_begin", None)
         self.detector = EventDetector(
             spec.events, spec.event_label, sample_rate=spec.sample_rate, hop=spec.hop_samples
         )
@@ -318,11 +322,15 @@ class StreamSession:
                 and rows[:, self._event_col].max() < self._thr
             ):
                 self.steps_done += len(rows)
+                if self._group_begin is not None:
+                    self._group_begin()
                 self._on_rows(index, rows)
                 if not self.closed and self._group_end is not None:
                     self._group_end()
                 return
             rows = rows.tolist()
+        if len(rows) > 1 and self._group_begin is not None:
+            self._group_begin()
         for row in rows:
             if row[0] != row[0]:  # NaN: the state guard reset this session (engine/guard.py)
                 self.steps_failed += 1
