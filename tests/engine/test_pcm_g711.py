@@ -1,5 +1,6 @@
-"""G.711 decode tables (and the producers' encoder) against independent references: the standard library's ``audioop``
-(Python 3.11/3.12; deprecated, removed in 3.13) and the ITU-T G.711 tables' defining points."""
+"""G.711 decode tables (and the producers' encoder) against independent references: the
+standard library's ``audioop`` (Python 3.11/3.12; deprecated, removed in 3.13) and the ITU-T
+G.711 tables' defining points."""
 
 from __future__ import annotations
 
