@@ -80,6 +80,8 @@ def encode_g711(samples: np.ndarray, encoding: str) -> bytes:
     if encoding not in _G711_ENCODE:
         _G711_ENCODE[encoding] = {"mulaw": _mulaw_encode_table, "alaw": _alaw_encode_table}[encoding]()
     return _G711_ENCODE[encoding][np.asarray(samples, np.int16).view(np.uint16)].tobytes()
+
+
 # float32 samples of each code (value / 32768, exact)
 _G711_F32 = {name: table.astype(np.float32) * np.float32(1.0 / 32768.0) for name, table in G711.items()}
 # the code nearest zero (mulaw 0, alaw +8/32768): a gap filled with byte 0 would be full scale
