@@ -45,6 +45,10 @@ def _alaw_table() -> np.ndarray:
 
 
 G711: dict[str, np.ndarray] = {"mulaw": _mulaw_table(), "alaw": _alaw_table()}
+# float32 samples of each code (value / 32768, exact)
+_G711_F32 = {name: table.astype(np.float32) * np.float32(1.0 / 32768.0) for name, table in G711.items()}
+# the code nearest zero (mulaw 0, alaw +8/32768): a gap filled with byte 0 would be full scale
+SILENCE_BYTE = {"pcm_s16le": 0, "pcm_f32le": 0, "mulaw": 0xFF, "alaw": 0xD5}
 
 
 def _mulaw_encode_table() -> np.ndarray:
@@ -80,12 +84,6 @@ def encode_g711(samples: np.ndarray, encoding: str) -> bytes:
     if encoding not in _G711_ENCODE:
         _G711_ENCODE[encoding] = {"mulaw": _mulaw_encode_table, "alaw": _alaw_encode_table}[encoding]()
     return _G711_ENCODE[encoding][np.asarray(samples, np.int16).view(np.uint16)].tobytes()
-
-
-# float32 samples of each code (value / 32768, exact)
-_G711_F32 = {name: table.astype(np.float32) * np.float32(1.0 / 32768.0) for name, table in G711.items()}
-# the code nearest zero (mulaw 0, alaw +8/32768): a gap filled with byte 0 would be full scale
-SILENCE_BYTE = {"pcm_s16le": 0, "pcm_f32le": 0, "mulaw": 0xFF, "alaw": 0xD5}
 
 
 def silence(encoding: str, samples: int) -> bytes:
