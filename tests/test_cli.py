@@ -7,6 +7,7 @@ subprocess, the way a user would.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import soundfile as sf
 
 from lookback.cli import main
+from lookback.engine.pcm import encode_g711
 from lookback.protocol import CLOSE_CODES, ERRORS
-from tests.api.ws_util import HOPS, manifest, require_model
+from tests.api.ws_util import END, HOPS, manifest, require_model, run_session
 from tests.conftest import (
     AUDIO,
     DEFAULT_MODEL,
@@ -124,6 +127,38 @@ def test_stream_default_model(server: Server, capsys: pytest.CaptureFixture[str]
     assert main(["stream", str(SPEECH), "--url", server.url]) == 0
     events = EVENT_LINE.findall(capsys.readouterr().out)
     assert events and events == _rest_events(server, DEFAULT_MODEL)
+
+
+def test_stream_and_score_a_file_at_its_own_rate(
+    server: Server, silero_model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An 8 kHz WAV: refused unless --sample-rate names its rate; streamed as µ-law it prints
+    the events a raw ``/v1/stream?encoding=mulaw&sample_rate=8000`` session gets."""
+    pcm, _ = sf.read(SPEECH, dtype="int16")
+    wav = tmp_path / "call.wav"
+    sf.write(wav, pcm[::2], 8000, subtype="PCM_16")  # any 8 kHz audio will do
+    assert main(["stream", str(wav), "--url", server.url, "--model", SILERO]) == 2
+    assert "error [bad_sample_rate]" in capsys.readouterr().err
+    argv = ["stream", str(wav), "--url", server.url, "--model", SILERO, "--encoding", "mulaw"]
+    assert main([*argv, "--sample-rate", "native"]) == 0
+    events = EVENT_LINE.findall(capsys.readouterr().out)
+    wire = encode_g711(pcm[::2], "mulaw")
+    raw = asyncio.run(
+        run_session(
+            server.ws,
+            [wire[i : i + 160] for i in range(0, len(wire), 160)] + [END],
+            model=SILERO,
+            encoding="mulaw",
+            sample_rate=8000,
+        )
+    )
+    assert events and events == [
+        (f"{m['time']:.3f}", m["event"]) for m in raw.messages if m["type"] == "event"
+    ]
+    assert main(["score", str(wav), "--url", server.url, "--model", SILERO, "--sample-rate", "8000"]) == 0
+    assert EVENT_LINE.findall(capsys.readouterr().out)
+    assert main(["score", str(wav), "--url", server.url, "--model", SILERO, "--sample-rate", "48000"]) == 2
+    assert "error [bad_sample_rate]" in capsys.readouterr().err
 
 
 def test_score_prints_events(server: Server, silero_model: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from lookback.client import FRAME, LookbackClient, LookbackClientError, frames_of, read_wav
-from tests.api.ws_util import HOPS, require_model
+from lookback.client import FRAME, LookbackClient, LookbackClientError, file_messages, frames_of, read_wav
+from lookback.engine.pcm import encode_g711
+from tests.api.ws_util import END, HOPS, require_model, run_session
 from tests.conftest import AUDIO, DEFAULT_MODEL, SILERO, Server, running_server
 from tests.conftest import test_settings as make_settings
 
@@ -146,6 +147,122 @@ async def test_api_key(keyed_server: Server, speech_clip: np.ndarray) -> None:
     with pytest.raises(LookbackClientError) as info:
         await _collect(LookbackClient(keyed_server.url, api_key="wrong"), [])
     assert (info.value.code, info.value.status) == ("unauthorized", 401)
+
+
+# -- other rates and encodings: the client sends, the server resamples and decodes -----------
+
+
+def _wav_at(tmp_path: Path, clip: np.ndarray, rate: int) -> Path:
+    """The 16 kHz clip as a WAV at ``rate`` (linear interpolation: any input will do)."""
+    n = len(clip) * rate // 16000
+    x = np.interp(np.arange(n) * (16000 / rate), np.arange(len(clip)), clip.astype(np.float64))
+    path = tmp_path / f"clip_{rate}.wav"
+    sf.write(path, np.round(x).astype(np.int16), rate, subtype="PCM_16")
+    return path
+
+
+def _wire_bytes(path: Path, encoding: str) -> bytes:
+    """The file in ``encoding``, built without the client: what a raw producer would send."""
+    if encoding == "pcm_f32le":
+        return sf.read(path, dtype="float32")[0].astype("<f4").tobytes()
+    pcm = sf.read(path, dtype="int16")[0]
+    return pcm.astype("<i2").tobytes() if encoding == "pcm_s16le" else encode_g711(pcm, encoding)
+
+
+def _of(msgs: list[dict], *kinds: str) -> list[dict]:
+    return [m for m in msgs if m["type"] in kinds]
+
+
+@pytest.mark.parametrize(
+    ("rate", "encoding"), [(48000, "pcm_s16le"), (44100, "pcm_f32le"), (8000, "mulaw"), (8000, "alaw")]
+)
+async def test_stream_at_the_files_rate_equals_the_raw_websocket(
+    server: Server, silero_model: str, speech_clip: np.ndarray, tmp_path: Path, rate: int, encoding: str
+) -> None:
+    """A file streamed at its own rate (``sample_rate="native"``, 20 ms messages) gives the
+    results (``==``) of the same bytes sent raw to ``/v1/stream?encoding=&sample_rate=`` in
+    other cuts (37 samples a message): the server does the resampling either way."""
+    path = _wav_at(tmp_path, speech_clip[: 16000 * 3], rate)
+    audio = file_messages(path, encoding=encoding, sample_rate="native")
+    assert audio.sample_rate == rate and audio.rate == rate
+    width = {"pcm_s16le": 2, "pcm_f32le": 4}.get(encoding, 1)
+    assert {len(m) for m in audio.messages[:-1]} == {rate // 50 * width}  # 20 ms each
+    wire = _wire_bytes(path, encoding)
+    assert b"".join(audio.messages) == wire
+    client = LookbackClient(server.url)
+    got = await _collect(client, audio.messages, model=SILERO, encoding=encoding, sample_rate=rate)
+    step = 37 * width
+    raw = await run_session(
+        server.ws,
+        [*(wire[i : i + step] for i in range(0, len(wire), step)), END],
+        model=SILERO,
+        encoding=encoding,
+        sample_rate=rate,
+    )
+    results = _of(got, "result", "event")
+    assert len(_of(got, "result")) == -(-3 * 16000 // HOPS[SILERO])
+    assert results == _of(raw.messages, "result", "event")
+    assert got[-1]["type"] == "summary" and got[-1]["steps"] == raw.messages[-1]["steps"]
+
+
+async def test_stream_paces_other_rates_in_their_own_samples(
+    server: Server, silero_model: str, speech_clip: np.ndarray, tmp_path: Path
+) -> None:
+    """realtime at 8 kHz µ-law: 0.25 s of audio takes about 0.25 s, not half or double."""
+    path = _wav_at(tmp_path, speech_clip[:4000], 8000)
+    audio = file_messages(path, encoding="mulaw", sample_rate=8000)
+    client = LookbackClient(server.url)
+    t0 = time.monotonic()
+    msgs = await _collect(
+        client, audio.messages, model=SILERO, encoding="mulaw", sample_rate=8000, realtime=True
+    )
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+    assert msgs[-1]["type"] == "summary"
+
+
+async def test_score_a_file_at_its_own_rate_agrees_with_the_stream(
+    server: Server, silero_model: str, speech_clip: np.ndarray, tmp_path: Path
+) -> None:
+    path = _wav_at(tmp_path, speech_clip[: 16000 * 3], 48000)
+    client = LookbackClient(server.url)
+    with pytest.raises(LookbackClientError) as info:
+        await client.score(path, model=SILERO)
+    assert info.value.code == "bad_sample_rate"
+    rest = await client.score(path, model=SILERO, sample_rate="native")
+    audio = file_messages(path, sample_rate="native")
+    got = await _collect(client, audio.messages, model=SILERO, sample_rate=audio.sample_rate)
+    streamed = [m["scores"]["speech"] for m in _of(got, "result")]
+    assert len(rest["scores"]["speech"]) == len(streamed)
+    assert np.allclose(rest["scores"]["speech"], streamed, rtol=0, atol=1e-5)
+
+
+def test_file_messages_never_resamples_unasked(speech_clip: np.ndarray, tmp_path: Path) -> None:
+    path = _wav_at(tmp_path, speech_clip[:1600], 48000)
+    for rate in (None, 44100):
+        with pytest.raises(LookbackClientError) as info:
+            file_messages(path, sample_rate=rate)
+        assert info.value.code == "bad_sample_rate"
+    assert file_messages(path, sample_rate=48000).sample_rate == 48000
+    odd = tmp_path / "odd.wav"
+    sf.write(odd, np.zeros(1000, np.int16), 11025)
+    with pytest.raises(LookbackClientError) as info:
+        file_messages(odd, sample_rate="native")
+    assert info.value.code == "bad_sample_rate"
+    # 16 kHz PCM keeps whole frames (the server's rule at the model's rate); G.711 20 ms packets
+    sixteen = file_messages(SPEECH, frames_per_message=4)
+    assert sixteen.sample_rate is None and {len(m) for m in sixteen.messages[:-1]} == {4 * FRAME * 2}
+    f32 = file_messages(SPEECH, encoding="pcm_f32le", sample_rate="native")
+    assert f32.sample_rate is None and {len(m) for m in f32.messages} == {FRAME * 4}
+    mu = file_messages(SPEECH, encoding="mulaw", message_ms=10)
+    assert {len(m) for m in mu.messages[:-1]} == {160}
+    assert (
+        file_messages(path, sample_rate="native", message_ms=1).messages[0]
+        == _wire_bytes(path, "pcm_s16le")[:96]
+    )
+    odd44 = _wav_at(tmp_path, speech_clip[:1600], 44100)
+    with pytest.raises(LookbackClientError) as info:
+        file_messages(odd44, sample_rate="native", message_ms=1)
+    assert info.value.code == "bad_message_size"
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+import soundfile as sf
 
-from lookback.client import LookbackClient, frames_of
+from lookback.client import LookbackClient, file_messages, frames_of
 from tests.conftest import Server, running_server
 from tests.conftest import test_settings as make_settings
 
@@ -60,9 +63,24 @@ def srv(silero_model: str) -> Iterator[Server]:
         yield s
 
 
-async def test_client_resumes_transparently(srv: Server, speech_clip: np.ndarray) -> None:
-    messages = frames_of(speech_clip, 4)
-    ref = [m async for m in LookbackClient(srv.url).stream(messages, model="silero-vad")]
+@pytest.mark.parametrize(("encoding", "rate"), [("pcm_s16le", None), ("mulaw", 8000), ("pcm_f32le", 48000)])
+async def test_client_resumes_transparently(
+    srv: Server, speech_clip: np.ndarray, tmp_path: Path, encoding: str, rate: int | None
+) -> None:
+    """Also in another wire form: checkpoints and the replay count the client's own samples
+    (8 kHz µ-law bytes, 48 kHz floats), and the server's resampler state is in the snapshot."""
+    if rate is None:
+        messages = frames_of(speech_clip, 4)
+    else:  # the clip at that rate (any audio will do), in 20 ms messages
+        x = np.interp(
+            np.arange(len(speech_clip) * rate // 16000) * (16000 / rate),
+            np.arange(len(speech_clip)),
+            speech_clip,
+        )
+        sf.write(tmp_path / "clip.wav", np.round(x).astype(np.int16), rate, subtype="PCM_16")
+        messages = file_messages(tmp_path / "clip.wav", encoding=encoding, sample_rate=rate).messages
+    form: dict[str, Any] = {"encoding": encoding, "sample_rate": rate}
+    ref = [m async for m in LookbackClient(srv.url).stream(messages, model="silero-vad", **form)]
     relay = Relay(srv.port)
     await relay.start()
     client = LookbackClient(f"http://127.0.0.1:{relay.port}")
@@ -75,7 +93,7 @@ async def test_client_resumes_transparently(srv: Server, speech_clip: np.ndarray
             yield m
 
     try:
-        got = [m async for m in client.stream(source(), model="silero-vad")]
+        got = [m async for m in client.stream(source(), model="silero-vad", **form)]
     finally:
         await relay.stop()
     assert client.resumes == 2

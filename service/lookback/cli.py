@@ -146,21 +146,38 @@ def _models_convert(args: argparse.Namespace) -> int:
     return convert_command(args.name, args.rest, args)
 
 
-def cmd_stream(args: argparse.Namespace) -> int:
-    from lookback.client import LookbackClient, frames_of, read_wav
+def _rate_arg(text: str | None) -> int | str | None:
+    """``--sample-rate``: None, ``native`` (the file's own rate) or a number of Hz."""
+    return text if text in (None, "native") else int(text)
 
-    samples, rate = read_wav(args.file)
-    messages = frames_of(samples, args.frames_per_message)
+
+def _sample_rate(text: str) -> str:
+    if text != "native" and not text.isdigit():
+        raise argparse.ArgumentTypeError("a rate in Hz (e.g. 48000) or native")
+    return text
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from lookback.client import LookbackClient, file_messages
+
+    audio = file_messages(
+        args.file,
+        encoding=args.encoding,
+        sample_rate=_rate_arg(args.sample_rate),
+        frames_per_message=args.frames_per_message,
+        message_ms=args.message_ms,
+    )
     client = LookbackClient(args.url, api_key=args.api_key)
-    total = len(samples) / rate
+    total = audio.duration
 
     async def run() -> int:
         async for msg in client.stream(
-            messages,
+            audio.messages,
             model=args.model,
+            encoding=args.encoding,
+            sample_rate=audio.sample_rate,
             realtime=args.realtime,
             results="all" if args.all else "events",
-            frame_seconds=128 / rate,
         ):
             kind = msg.get("type")
             if kind == "result":
@@ -189,7 +206,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     size = Path(args.file).stat().st_size
     if size > 8 << 20:
         print(f"uploading {size / 1e6:.0f} MB ...", file=sys.stderr)
-    result = asyncio.run(client.score(args.file, model=args.model))
+    result = asyncio.run(client.score(args.file, model=args.model, sample_rate=_rate_arg(args.sample_rate)))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -280,10 +297,33 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--url", default="http://127.0.0.1:8000")
         c.add_argument("--model")
         c.add_argument("--api-key")
+        c.add_argument(
+            "--sample-rate",
+            type=_sample_rate,
+            help="send the file at its own rate, which the server resamples: native, or that rate "
+            "in Hz (the client never resamples; without this the file must be 16 kHz)",
+        )
         if name == "stream":
             c.add_argument("--realtime", action="store_true", help="pace frames at real time")
             c.add_argument("--all", action="store_true", help="print every score too")
-            c.add_argument("--frames-per-message", type=int, default=1)
+            c.add_argument(
+                "--encoding",
+                choices=["pcm_s16le", "pcm_f32le", "mulaw", "alaw"],
+                default="pcm_s16le",
+                help="wire encoding (mulaw/alaw: G.711, as a phone line carries it)",
+            )
+            c.add_argument(
+                "--frames-per-message",
+                type=int,
+                default=1,
+                help="128-sample frames a message (PCM at 16 kHz)",
+            )
+            c.add_argument(
+                "--message-ms",
+                type=int,
+                default=20,
+                help="milliseconds a message in any other form (G.711, another rate; default 20)",
+            )
         else:
             c.add_argument("--json", action="store_true")
         c.set_defaults(func=func)

@@ -1,7 +1,9 @@
 """Async Python client for Lookback: WebSocket streaming and REST scoring.
 
 ``stream`` sends frames from any (async) iterable while a concurrent reader yields the
-server's messages, so a long stream never deadlocks on an unread socket.
+server's messages, so a long stream never deadlocks on an unread socket. ``file_messages``
+cuts a file into messages in the wire form asked for (PCM, G.711; the file's own rate when
+asked, which the server resamples): the client never resamples.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import orjson
 import websockets
 from websockets.exceptions import InvalidStatus
 
+from lookback.engine.pcm import BYTES_PER_SAMPLE, SAMPLE_RATES, encode_g711
 from lookback.protocol import decode_results_binary, split_results
 
 FRAME = 128
+MODEL_RATE = 16000  # the rate FRAME is counted in: what a stream without sample_rate carries
+MESSAGE_MS = 20  # per message in another wire form (G.711, another rate): a telephony packet
 # Resume refusals worth another try: the old owner's lease (conflict), a store briefly
 # unreachable, a secret another replica has not re-offered yet (after an empty store restart).
 RETRY_RESUME = ("resume_conflict", "resume_unavailable", "resume_secret_rotated")
@@ -55,6 +60,88 @@ def frames_of(samples: np.ndarray, frames_per_message: int = 1) -> list[bytes]:
     return [samples[i : i + step].tobytes() for i in range(0, len(samples), step)]
 
 
+def encode(samples: np.ndarray, encoding: str) -> bytes:
+    """int16 (or float32 for ``pcm_f32le``) samples -> the wire bytes of ``encoding``."""
+    if encoding == "pcm_f32le":
+        if samples.dtype != np.float32:
+            samples = samples.astype(np.float32) * np.float32(1 / 32768)
+        return samples.astype("<f4").tobytes()
+    if samples.dtype != np.int16:
+        raise LookbackClientError("bad_encoding", f"{encoding} is encoded from int16 samples")
+    if encoding == "pcm_s16le":
+        return samples.astype("<i2").tobytes()
+    if encoding in ("mulaw", "alaw"):
+        return encode_g711(samples, encoding)
+    raise LookbackClientError("bad_encoding", f"unknown encoding {encoding!r}")
+
+
+class FileAudio:
+    """A file cut into messages: ``messages``, the ``sample_rate`` to declare (None: the model's),
+    the file's ``rate`` and ``duration`` in seconds."""
+
+    def __init__(self, messages: list[bytes], sample_rate: int | None, rate: int, duration: float) -> None:
+        self.messages, self.sample_rate, self.rate, self.duration = messages, sample_rate, rate, duration
+
+
+def file_messages(
+    path: str | Path,
+    *,
+    encoding: str = "pcm_s16le",
+    sample_rate: int | str | None = None,
+    frames_per_message: int = 1,
+    message_ms: int = MESSAGE_MS,
+) -> FileAudio:
+    """A soundfile-readable file as messages in ``encoding``, at the file's own rate.
+
+    ``sample_rate``: None (the file must be at the model's 16 kHz: nothing is resampled
+    unless asked), ``"native"`` (declare the file's rate; the server resamples), or a number
+    that must be the file's rate (the client never resamples). PCM at 16 kHz goes in whole
+    128-sample frames, ``frames_per_message`` a message (the last zero-padded); any other
+    form in messages of ``message_ms`` ms (any whole number of samples is allowed there;
+    20 ms is a telephony packet), the last one shorter.
+    """
+    if encoding not in BYTES_PER_SAMPLE:
+        raise LookbackClientError("bad_encoding", f"unknown encoding {encoding!r}")
+    samples, rate = read_wav(path)
+    if sample_rate is None:
+        if rate != MODEL_RATE:
+            raise LookbackClientError(
+                "bad_sample_rate",
+                f"{path} is {rate} Hz and the client does not resample: declare its rate "
+                "(sample_rate='native', --sample-rate native) and the server resamples it",
+            )
+    elif sample_rate != "native" and int(sample_rate) != rate:
+        raise LookbackClientError(
+            "bad_sample_rate",
+            f"{path} is {rate} Hz, not {sample_rate}; the client does not resample (use native)",
+        )
+    if rate not in SAMPLE_RATES:
+        rates = ", ".join(str(r) for r in SAMPLE_RATES)
+        raise LookbackClientError("bad_sample_rate", f"{path} is {rate} Hz; the server takes {rates}")
+    declared = None if rate == MODEL_RATE else rate
+    if encoding == "pcm_f32le":
+        import soundfile as sf
+
+        data, _ = sf.read(str(path), dtype="float32", always_2d=True)
+        audio: np.ndarray = data[:, 0].copy()
+    else:
+        audio = samples
+    if rate == MODEL_RATE and encoding in ("pcm_s16le", "pcm_f32le"):
+        messages = [
+            encode(np.frombuffer(m, audio.dtype), encoding) for m in frames_of(audio, frames_per_message)
+        ]
+    else:
+        per, rest = divmod(rate * message_ms, 1000)
+        if per < 1 or rest:
+            raise LookbackClientError(
+                "bad_message_size", f"{message_ms} ms is not a whole number of samples at {rate} Hz"
+            )
+        wire = encode(audio, encoding)
+        step = per * BYTES_PER_SAMPLE[encoding]
+        messages = [wire[i : i + step] for i in range(0, len(wire), step)]
+    return FileAudio(messages, declared, rate, len(samples) / rate)
+
+
 class LookbackClient:
     def __init__(
         self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None, timeout: float = 60.0
@@ -79,10 +166,27 @@ class LookbackClient:
             return _json_or_raise(r)
 
     async def score(
-        self, path: str | Path, *, model: str | None = None, version: str | None = None
+        self,
+        path: str | Path,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        sample_rate: int | str | None = None,
     ) -> dict[str, Any]:
-        """Score a clip file with ``POST /v1/score``; the file is streamed, not loaded."""
-        params = {k: v for k, v in {"model": model, "version": version}.items() if v}
+        """Score a clip file with ``POST /v1/score``; the file is streamed, not loaded.
+
+        ``sample_rate`` (a number, or ``"native"``: the file's) lets the server resample a
+        file at another rate than the model's; without it such a file is refused.
+        """
+        if sample_rate == "native":
+            import soundfile as sf
+
+            sample_rate = int(sf.info(str(path)).samplerate)
+        params = {
+            k: str(v)
+            for k, v in {"model": model, "version": version, "sample_rate": sample_rate}.items()
+            if v
+        }
         suffix = Path(path).suffix.lower()
         ctype = {".flac": "audio/flac", ".ogg": "audio/ogg"}.get(suffix, "audio/wav")
 
@@ -107,6 +211,7 @@ class LookbackClient:
         model: str | None = None,
         version: str | None = None,
         encoding: str = "pcm_s16le",
+        sample_rate: int | None = None,
         results: str = "all",
         realtime: bool = False,
         frame_seconds: float = FRAME / 16000,
@@ -131,10 +236,17 @@ class LookbackClient:
         the resumes of the last stream. A resume refused as ``resume_conflict``,
         ``resume_unavailable`` or (a few times) ``resume_secret_rotated`` is retried;
         other refusals raise ``LookbackClientError`` with their code.
+
+        ``encoding`` and ``sample_rate`` declare the messages' wire form (no ``sample_rate``:
+        the model's; ``file_messages`` builds them); samples, pacing and replay count in
+        that form (``frame_seconds`` paces 128 samples when no ``sample_rate`` is given).
         """
-        st = _ResumeStream(messages, 4 if encoding == "pcm_f32le" else 2, replay_buffer_s, frame_seconds)
+        sample_seconds = 1 / sample_rate if sample_rate else frame_seconds / FRAME
+        st = _ResumeStream(messages, BYTES_PER_SAMPLE.get(encoding, 2), replay_buffer_s, sample_seconds)
         self.resumes = 0
         query = {"model": model, "version": version, "encoding": encoding, "results": results}
+        if sample_rate:
+            query["sample_rate"] = str(sample_rate)
         if result_format != "json":  # binary: results as float32 rows, yielded as dicts all the same
             query["result_format"] = result_format
         if resume:
@@ -240,13 +352,13 @@ class _ResumeStream:
         messages: Iterable[bytes] | AsyncIterable[bytes],
         bytes_per_sample: int,
         replay_buffer_s: float,
-        frame_seconds: float,
+        sample_seconds: float,
     ) -> None:
         self.source = messages
         self.iter: Any = None
         self.bps = bytes_per_sample
-        self.frame_seconds = frame_seconds
-        self.limit = int(replay_buffer_s / frame_seconds * FRAME) * bytes_per_sample
+        self.sample_seconds = sample_seconds
+        self.limit = int(replay_buffer_s / sample_seconds) * bytes_per_sample
         self.buf: deque[tuple[int, bytes]] = deque()  # (first sample, message) not yet durable
         self.buf_bytes = 0
         self.pulled = 0  # samples taken from the source
@@ -351,7 +463,7 @@ class _ResumeStream:
                 break
             await self._pull()
             if realtime:
-                delay = self.t0 + self.pulled / FRAME * self.frame_seconds - time.monotonic()
+                delay = self.t0 + self.pulled * self.sample_seconds - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing to real time, not waiting on state
         await ws.send(orjson.dumps({"type": "end"}).decode())

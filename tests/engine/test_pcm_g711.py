@@ -1,5 +1,6 @@
-"""G.711 decode tables against independent references: the standard library's ``audioop``
-(Python 3.11/3.12; deprecated, removed in 3.13) and the ITU-T G.711 tables' defining points."""
+"""G.711 decode tables (and the producers' encoder) against independent references: the
+standard library's ``audioop`` (Python 3.11/3.12; deprecated, removed in 3.13) and the ITU-T
+G.711 tables' defining points."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from lookback.engine.pcm import BYTES_PER_SAMPLE, G711, decode, silence
+from lookback.engine.pcm import BYTES_PER_SAMPLE, G711, decode, encode_g711, silence
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -53,3 +54,24 @@ def test_decode_is_the_table_over_32768_and_silence_is_near_zero() -> None:
         assert x.dtype == np.float32
         assert np.array_equal(x, G711[enc].astype(np.float32) / np.float32(32768))
         assert np.abs(decode(silence(enc, 10), enc)).max() <= 8 / 32768
+
+
+ALL_INT16 = np.arange(-32768, 32768, dtype=np.int16)
+
+
+@pytest.mark.skipif(audioop is None, reason="audioop is gone from this Python (3.13+)")
+@pytest.mark.parametrize("encoding", ["mulaw", "alaw"])
+def test_encoder_equals_audioop_for_every_int16(encoding: str) -> None:
+    """The encoder the client and the load generator use: every 16-bit value, clipping included."""
+    lin2 = audioop.lin2ulaw if encoding == "mulaw" else audioop.lin2alaw
+    assert encode_g711(ALL_INT16, encoding) == lin2(ALL_INT16.tobytes(), 2)
+
+
+@pytest.mark.parametrize("encoding", ["mulaw", "alaw"])
+def test_encoding_a_decoded_code_gives_the_code_back(encoding: str) -> None:
+    """Each code's own value encodes to it (µ-law's -0, 0x7F, encodes as +0, 0xFF)."""
+    back = np.frombuffer(encode_g711(G711[encoding], encoding), np.uint8)
+    codes = np.arange(256)
+    if encoding == "mulaw":
+        codes[0x7F] = 0xFF
+    assert np.array_equal(back, codes)

@@ -1,12 +1,14 @@
 """The browser demo (service/lookback/web/) in a real headless Chromium.
 
-Chromium's fake capture device plays a speech WAV as the microphone; the page resamples
-it to 16 kHz in an AudioContext, frames it in an AudioWorklet and streams it to a real
-Lookback server (``running_server``). The tests read what the page showed through its
-``window.lookbackDemo`` hooks, fail on any console error, and save screenshots under
-``tests/artifacts/``. Driver: Playwright's Python package with Debian's ``/usr/bin/chromium``
-(``playwright install`` is never needed). Without Chromium or Playwright the tests fail
-when ``CI`` is set and skip loudly otherwise.
+Chromium's fake capture device plays a speech WAV as the microphone; the page takes it
+at the AudioContext's native rate (44.1 or 48 kHz) in an AudioWorklet and streams it as
+``pcm_f32le`` with that ``sample_rate`` to a real Lookback server (``running_server``),
+which resamples it; ``?resample=browser`` (the fallback for rates the server does not
+take) has the browser resample to 16 kHz and sends ``pcm_s16le`` frames. The tests read
+what the page showed through its ``window.lookbackDemo`` hooks, fail on any console
+error, and save screenshots under ``tests/artifacts/``. Driver: Playwright's Python
+package with Debian's ``/usr/bin/chromium`` (``playwright install`` is never needed).
+Without Chromium or Playwright the tests fail when ``CI`` is set and skip loudly otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import pytest
 import soundfile as sf
 import websockets.sync.client as ws_client
 
+from lookback.engine.resample import Resampler
 from tests.conftest import (
     AUDIO,
     DEFAULT_MODEL,
@@ -180,29 +183,60 @@ def _report(name: str, d: dict[str, Any]) -> None:
     )
 
 
+def _model_frames(samples: int, rate: int, model_rate: int = 16000) -> int:
+    """Model-rate frames a session is fed from ``samples`` at ``rate`` once the stream ends:
+    the resampler's outputs up to the last input instant, the last frame zero-padded."""
+    if rate == model_rate:
+        return -(-samples // 128)
+    r = Resampler(rate, model_rate)
+    released = -(-samples * r.up // r.down)
+    return -(-released // 128)
+
+
+def _mic_session(page: Page, model: str) -> tuple[str, dict[str, Any]]:
+    """Start the microphone, wait for speech, scores and latencies, stop; what the page saw."""
+    key = _pick(page, model)
+    page.page.click("#start")
+    # The fake microphone loops the clip: speech begins 0.5 s in.
+    page.wait(
+        "() => { const d = window.lookbackDemo; return d.state === 'streaming' && "
+        "d.events.some(e => e.event === 'start') && d.latencies.length >= 10 && "
+        "d.ready && d.results * d.ready.hop_samples >= 3 * d.ready.sample_rate }",
+        25,
+    )
+    page.screenshot(f"demo-microphone-{model}.png")
+    page.page.click("#stop")
+    page.wait("() => window.lookbackDemo.state === 'closed' && window.lookbackDemo.summary", 10)
+    d = page.demo()
+    _report(f"microphone {key}", d)
+    assert f"{d['ready']['model']}/{d['ready']['version']}" == key
+    assert d["ready"]["frame_samples"] == 128 and d["ready"]["sample_rate"] == 16000
+    assert d["results"] > 0 and d["results"] == d["summary"]["steps"], d["summary"]
+    assert d["summary"]["failed_steps"] == 0
+    # every sample taken reached the session: the frames the server counted are the ones
+    # the page's audio makes at the rate it declared
+    assert (
+        d["summary"]["frames"]
+        == d["framesTaken"]
+        == _model_frames(d["samplesTaken"], d["wire"]["sampleRate"])
+    )
+    return key, d
+
+
 @pytest.mark.parametrize("model", MODEL_PARAMS)
 def test_microphone_streams_scores_and_events(browser: Any, demo_server: Server, model: str) -> None:
+    """The native rate: float32 at the context's rate, resampled by the server."""
     with open_page(browser, demo_server.url + "/") as page:  # "/" redirects to /demo/
         assert page.page.url.endswith("/demo/")
-        key = _pick(page, model)
-        page.page.click("#start")
-        # The fake microphone loops the clip: speech begins 0.5 s in.
-        page.wait(
-            "() => { const d = window.lookbackDemo; return d.state === 'streaming' && "
-            "d.events.some(e => e.event === 'start') && d.latencies.length >= 10 && "
-            "d.ready && d.results * d.ready.hop_samples >= 3 * d.ready.sample_rate }",
-            25,
+        _, d = _mic_session(page, model)
+        shot = ARTIFACTS / f"demo-microphone-{model}.png"
+        wire = d["wire"]
+        assert wire["encoding"] == "pcm_f32le" and wire["resampledBy"] == "server", wire
+        assert wire["sampleRate"] in (44100, 48000), wire
+        assert any(
+            f"sending pcm_f32le at {wire['sampleRate']} Hz (the server resamples)" in line
+            for line in d["log"]
         )
-        shot = page.screenshot(f"demo-microphone-{model}.png")
-        page.page.click("#stop")
-        page.wait("() => window.lookbackDemo.state === 'closed' && window.lookbackDemo.summary", 10)
-        d = page.demo()
-        _report(f"microphone {key}", d)
-        assert f"{d['ready']['model']}/{d['ready']['version']}" == key
-        assert d["ready"]["frame_samples"] == 128
-        assert d["results"] > 0 and d["results"] == d["summary"]["steps"], d["summary"]
-        assert d["summary"]["frames"] == d["framesSent"]
-        assert d["summary"]["failed_steps"] == 0
         starts = [e for e in d["events"] if e["event"] == "start" and e["label"] == "speech"]
         assert starts, d["events"]
         assert d["latencies"] and 0 < d["p50"] <= d["p95"] < 1000, (d["p50"], d["p95"])
@@ -211,6 +245,17 @@ def test_microphone_streams_scores_and_events(browser: Any, demo_server: Server,
         assert "Session ended normally" in page.page.inner_text("#message")
         assert page.errors == [], page.errors
         assert shot.stat().st_size > 10_000
+
+
+def test_microphone_resampled_by_the_browser_where_asked(browser: Any, demo_server: Server) -> None:
+    """The fallback (a device rate the server does not take; forced here by
+    ``?resample=browser``): a context at 16 kHz, pcm_s16le frames of 128 samples, as before."""
+    with open_page(browser, demo_server.url + "/demo/?resample=browser") as page:
+        _, d = _mic_session(page, MODELS[0])
+        assert d["wire"] == {"encoding": "pcm_s16le", "sampleRate": 16000, "resampledBy": "browser"}
+        assert d["summary"]["frames"] == d["framesSent"] == d["samplesTaken"] // 128
+        assert any(e["event"] == "start" for e in d["events"]), d["events"]
+        assert d["errors"] == [] and page.errors == [], (d["errors"], page.errors)
 
 
 @pytest.mark.parametrize("model", MODEL_PARAMS)
@@ -229,6 +274,7 @@ def test_wav_file_streams_at_real_time(browser: Any, demo_server: Server, model:
         d = page.demo()
         _report(f"file {model}", d)
         assert d["source"] == "file"
+        assert d["wire"]["resampledBy"] == "server" and d["wire"]["encoding"] == "pcm_f32le", d["wire"]
         # Real-time pace through the worklet: the whole 4.5 s (16 kHz) arrives (duration
         # counts audio received, not padding); the render quanta round it up a little.
         assert 4.5 * 16000 <= d["summary"]["duration"] * 16000 <= 4.5 * 16000 + 2048

@@ -51,6 +51,41 @@ _G711_F32 = {name: table.astype(np.float32) * np.float32(1.0 / 32768.0) for name
 SILENCE_BYTE = {"pcm_s16le": 0, "pcm_f32le": 0, "mulaw": 0xFF, "alaw": 0xD5}
 
 
+def _mulaw_encode_table() -> np.ndarray:
+    """The µ-law code of every int16 (index: the value as uint16), as ITU-T G.711 encodes."""
+    x = np.arange(65536, dtype=np.int32)
+    x = np.where(x >= 32768, x - 65536, x) >> 2  # 14 bits
+    mask = np.where(x < 0, 0x7F, 0xFF)
+    mag = np.minimum(np.abs(x), 8159) + 33
+    seg = np.searchsorted(np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF]), mag)
+    code = np.where(seg >= 8, 0x7F, (seg << 4) | ((mag >> (seg + 1)) & 0x0F))
+    return (code ^ mask).astype(np.uint8)
+
+
+def _alaw_encode_table() -> np.ndarray:
+    """The A-law code of every int16 (index: the value as uint16), as ITU-T G.711 encodes."""
+    x = np.arange(65536, dtype=np.int32)
+    x = np.where(x >= 32768, x - 65536, x) >> 3  # 13 bits
+    mask = np.where(x >= 0, 0xD5, 0x55)
+    mag = np.where(x >= 0, x, -x - 1)
+    seg = np.searchsorted(np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF]), mag)
+    code = np.where(seg >= 8, 0x7F, (seg << 4) | ((mag >> np.where(seg < 2, 1, seg)) & 0x0F))
+    return (code ^ mask).astype(np.uint8)
+
+
+_G711_ENCODE: dict[str, np.ndarray] = {}
+
+
+def encode_g711(samples: np.ndarray, encoding: str) -> bytes:
+    """int16 samples -> G.711 bytes (``mulaw`` or ``alaw``): what a phone line would carry.
+
+    The encoder producers use (the client, the load generator); the server only decodes.
+    """
+    if encoding not in _G711_ENCODE:
+        _G711_ENCODE[encoding] = {"mulaw": _mulaw_encode_table, "alaw": _alaw_encode_table}[encoding]()
+    return _G711_ENCODE[encoding][np.asarray(samples, np.int16).view(np.uint16)].tobytes()
+
+
 def silence(encoding: str, samples: int) -> bytes:
     """``samples`` samples of silence in ``encoding`` (G.711's zero code is not byte 0)."""
     return bytes([SILENCE_BYTE[encoding]]) * (samples * BYTES_PER_SAMPLE[encoding])

@@ -9,6 +9,11 @@ bound), results lost (none by the end: each session sends ``end`` and compares t
 summary's step count), errors and close codes. ``--ramp`` searches the largest N whose p99
 stays under the bound with nothing lost.
 
+``--encoding`` (``pcm_f32le``, G.711 ``mulaw``/``alaw``) and ``--sample-rate`` (8 to 48 kHz)
+load the server's decoder and resampler: messages are then ``--message-ms`` (20) of audio at
+that rate, and a step is timed from the message that completed it after the resampler's
+look-ahead (``rawclient.WireTiming``).
+
 The client must never be the bottleneck, so it is cheap and spread over processes:
 
 - a minimal asyncio WebSocket client (``RawSession``): the HTTP upgrade is written by

@@ -27,10 +27,29 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--p99-ms", type=float, default=20.0, help="latency bound (ms)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per run/trial")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds streamed before measuring")
-    p.add_argument("--wav", help="16 kHz mono clip to loop (default: synthetic tone + noise)")
+    p.add_argument(
+        "--wav", help="mono clip to loop, at --sample-rate (default 16 kHz; default: synthetic tone + noise)"
+    )
     p.add_argument("--model")
     p.add_argument("--version")
     p.add_argument("--frames-per-message", type=int, default=1)
+    p.add_argument(
+        "--encoding",
+        choices=["pcm_s16le", "pcm_f32le", "mulaw", "alaw"],
+        default="pcm_s16le",
+        help="wire encoding (mulaw/alaw: G.711 telephony; the server decodes it)",
+    )
+    p.add_argument(
+        "--sample-rate",
+        type=int,
+        help="send audio at this rate (8000 ... 48000; the server resamples); default the model's 16000",
+    )
+    p.add_argument(
+        "--message-ms",
+        type=int,
+        default=20,
+        help="ms of audio a message when the form is not 16 kHz PCM (default 20, a telephony packet)",
+    )
     p.add_argument(
         "--procs",
         type=int,
@@ -97,6 +116,9 @@ def main_args(args: Any) -> int:
         cpus=parse_cpus(args.cpus),
         results=args.results,
         result_format=args.result_format,
+        encoding=args.encoding,
+        sample_rate=args.sample_rate,
+        message_ms=args.message_ms,
     )
     try:
         if args.ramp:

@@ -48,8 +48,52 @@ class LoadConfig:
     results: str = "all"  # all | batch (one `results` message per model call) | events
     result_format: str = "json"  # json | binary (protocol.BINARY_RESULTS)
     resumable: bool = False  # ?resumable=1: the server checkpoints every session (docs/sessions.md)
+    # The wire form: pcm_s16le at the model's rate by default; another encoding (pcm_f32le,
+    # G.711 mulaw/alaw) and/or sample_rate puts the server's decoder and resampler under load.
+    encoding: str = "pcm_s16le"
+    sample_rate: int | None = None  # None: the model's (16 kHz), sent without the query parameter
+    message_ms: int = 20  # per message when the form is not PCM at 16 kHz (whole frames are)
     seed: int = 0
     quiet: bool = False
+
+
+# ------------------------------------------------------------------------------------------
+# The wire form
+
+
+ENCODINGS = ("pcm_s16le", "pcm_f32le", "mulaw", "alaw")
+RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)  # engine.pcm.SAMPLE_RATES
+
+
+def wire_rate(cfg: LoadConfig) -> int:
+    return cfg.sample_rate or SAMPLE_RATE
+
+
+def whole_frames(cfg: LoadConfig) -> bool:
+    """PCM at the model's rate: messages of whole frames, as today. Otherwise (G.711, another
+    rate) messages of ``message_ms`` ms, and the server decodes/resamples into frames."""
+    return cfg.encoding in ("pcm_s16le", "pcm_f32le") and wire_rate(cfg) == SAMPLE_RATE
+
+
+def message_samples(cfg: LoadConfig) -> int:
+    """Wire samples a message carries."""
+    if whole_frames(cfg):
+        return cfg.frames_per_message * FRAME
+    return wire_rate(cfg) * cfg.message_ms // 1000
+
+
+def message_seconds(cfg: LoadConfig) -> float:
+    """The send period of a session."""
+    if whole_frames(cfg):
+        return cfg.frames_per_message * FRAME_SECONDS
+    return message_samples(cfg) / wire_rate(cfg)
+
+
+def message_frames(cfg: LoadConfig) -> float:
+    """A message's duration in 8 ms frames (``frames_per_message`` when framed; 20 ms: 2.5)."""
+    if whole_frames(cfg):
+        return cfg.frames_per_message
+    return cfg.message_ms / (FRAME_SECONDS * 1000)
 
 
 # ------------------------------------------------------------------------------------------
@@ -104,10 +148,18 @@ def check_urls(cfg: LoadConfig) -> None:
         raise LoadtestError("results must be all, batch or events")
     if cfg.result_format not in ("json", "binary"):
         raise LoadtestError("result_format must be json or binary")
+    if cfg.encoding not in ENCODINGS:
+        raise LoadtestError(f"encoding must be one of {', '.join(ENCODINGS)}")
+    if cfg.sample_rate is not None and cfg.sample_rate not in RATES:
+        raise LoadtestError(f"sample_rate must be one of {', '.join(str(r) for r in RATES)}")
+    if not whole_frames(cfg) and (cfg.message_ms < 1 or wire_rate(cfg) * cfg.message_ms % 1000):
+        raise LoadtestError(f"message_ms must be a whole number of samples at {wire_rate(cfg)} Hz")
 
 
 def query_string(cfg: LoadConfig) -> str:
-    q = {"model": cfg.model, "version": cfg.version, "encoding": "pcm_s16le", "results": cfg.results}
+    q = {"model": cfg.model, "version": cfg.version, "encoding": cfg.encoding, "results": cfg.results}
+    if cfg.sample_rate is not None:
+        q["sample_rate"] = str(cfg.sample_rate)
     if cfg.resumable:
         q["resumable"] = "1"
     if cfg.result_format != "json":
@@ -124,13 +176,14 @@ def log(cfg: LoadConfig, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def sessions_per_proc(frames_per_message: int) -> int:
+def sessions_per_proc(frames_per_message: float) -> int:
     """SESSIONS_PER_PROC at 1 frame/message; more with bigger messages at the same message load
-    (a session sends 125/k messages and gets up to 125 results per second)."""
+    (a session sends 125/k messages and gets up to 125 results per second). ``k`` is in
+    8 ms frames (20 ms messages: 2.5)."""
     k = max(1, frames_per_message)
     return int(SESSIONS_PER_PROC * 2 / (1 + 1 / k))
 
 
 def proc_count(cfg: LoadConfig) -> int:
-    per = sessions_per_proc(cfg.frames_per_message)
+    per = sessions_per_proc(message_frames(cfg))
     return max(1, min(cfg.sessions, cfg.procs or math.ceil(cfg.sessions / per)))

@@ -22,16 +22,21 @@ from typing import Any
 
 from lookback.loadtest.audio import build_messages, load_audio
 from lookback.loadtest.config import (
-    FRAME_SECONDS,
+    FRAME,
+    SAMPLE_RATE,
     LoadConfig,
     auth_headers,
     check_urls,
     log,
+    message_samples,
+    message_seconds,
     proc_count,
     query_string,
+    whole_frames,
+    wire_rate,
 )
-from lookback.loadtest.libclient import LibSession
-from lookback.loadtest.rawclient import Proc, RawSession, SessionBase
+from lookback.loadtest.libclient import LibSession, LibWireSession
+from lookback.loadtest.rawclient import Proc, RawSession, RawWireSession, SessionBase
 from lookback.loadtest.report import merge
 
 
@@ -61,11 +66,21 @@ async def proc_run(
     import numpy as np
 
     rng = random.Random(seed)
-    samples = load_audio(cfg.wav, cfg.seed)
+    samples = load_audio(cfg.wav, cfg.seed, wire_rate(cfg))
     proc = Proc(cfg)
-    msgs = build_messages(samples, cfg.frames_per_message, seed, framed=cfg.client == "raw")
+    msgs = build_messages(
+        samples,
+        cfg.frames_per_message,
+        seed,
+        framed=cfg.client == "raw",
+        encoding=cfg.encoding,
+        message_samples=None if whole_frames(cfg) else message_samples(cfg),
+    )
     query, headers = query_string(cfg), auth_headers(cfg)
-    cls: Any = RawSession if cfg.client == "raw" else LibSession
+    if proc.timing is None:
+        cls: Any = RawSession if cfg.client == "raw" else LibSession
+    else:
+        cls = RawWireSession if cfg.client == "raw" else LibWireSession
     sem = asyncio.Semaphore(cfg.connect_concurrency)
 
     async def open_one(i: int) -> SessionBase:
@@ -84,7 +99,7 @@ async def proc_run(
     t0 = await asyncio.get_running_loop().run_in_executor(None, recv_start)
 
     # Phase slots: each session gets a random phase in the message period, quantized to 1 ms.
-    period = cfg.frames_per_message * FRAME_SECONDS
+    period = message_seconds(cfg)
     gran = 0.001
     n_slots = max(1, round(period / gran))
     slots: list[list[SessionBase]] = [[] for _ in range(n_slots)]
@@ -164,6 +179,8 @@ async def proc_run(
         frames += s.frames_sent
         results += s.results
         events += s.events
+    if proc.timing is not None:  # messages sent -> model-rate frames they carry
+        frames = int(frames * message_samples(cfg) * SAMPLE_RATE / wire_rate(cfg) / FRAME)
     window = (wall1 - wall0) if wall0 is not None else 0.0
     cpu = (cpu1 - cpu0) / window if cpu0 is not None and window > 0 else 0.0
     sl = np.frombuffer(slips, np.float64) if len(slips) else np.zeros(1)

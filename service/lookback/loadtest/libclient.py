@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from lookback.loadtest.config import split_url
-from lookback.loadtest.rawclient import Proc, SessionBase
+from lookback.loadtest.rawclient import Proc, SessionBase, WireTimed
 
 
 class LibSession(SessionBase):
@@ -100,3 +100,7 @@ class LibSession(SessionBase):
         if not s.ready and s.failure is None:
             s.failure = f"closed_{s.close_code}" if s.close_code else "no_ready"
         return s
+
+
+class LibWireSession(WireTimed, LibSession):
+    """``LibSession`` sending another wire form (G.711, another rate)."""

@@ -22,7 +22,16 @@ from typing import Any, cast
 
 import orjson
 
-from lookback.loadtest.config import FRAME, WRITE_BUFFER_LIMIT, LoadConfig, split_url
+from lookback.loadtest.config import (
+    FRAME,
+    SAMPLE_RATE,
+    WRITE_BUFFER_LIMIT,
+    LoadConfig,
+    message_samples,
+    split_url,
+    whole_frames,
+    wire_rate,
+)
 from lookback.protocol import BINARY_RESULTS, BINARY_RESULTS_KIND
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -49,12 +58,41 @@ def ws_frame(opcode: int, payload: bytes, mask: bytes) -> bytes:
     return head + mask + body
 
 
+class WireTiming:
+    """Which message completes a step when messages are not whole frames at the model's rate.
+
+    The server resamples (engine/resample.py): model sample ``j`` needs wire samples up to
+    ``j * down / up`` plus the filter's look-ahead of ``half`` samples, so step ``i`` (model
+    samples up to ``(i + 1) * hop``) completes in the message holding wire sample
+    ``half + floor(((i + 1) * hop - 1) * down / up)``.
+    """
+
+    def __init__(self, rate: int, samples_per_message: int, model_rate: int = SAMPLE_RATE) -> None:
+        if rate == model_rate:
+            self.up = self.down = 1
+            self.half = 0
+        else:
+            from lookback.engine.resample import Resampler
+
+            r = Resampler(rate, model_rate)
+            self.up, self.down, self.half = r.up, r.down, r.half
+        self.per = samples_per_message
+        self.model_per = samples_per_message * model_rate / rate  # model samples a message
+
+    def message_of(self, step: int, hop: int) -> int:
+        """Index of the message (from the session's first) that completes ``step``."""
+        return (self.half + ((step + 1) * hop - 1) * self.down // self.up) // self.per
+
+
 class Proc:
     """What all sessions of one client process share: clock window and the latency sink."""
 
     def __init__(self, cfg: LoadConfig) -> None:
         self.cfg = cfg
-        self.k = cfg.frames_per_message
+        # whole frames: k frames a message; another wire form counts messages (k = 1) and
+        # times steps through ``timing``
+        self.timing = None if whole_frames(cfg) else WireTiming(wire_rate(cfg), message_samples(cfg))
+        self.k = cfg.frames_per_message if self.timing is None else 1
         self.meas_start = math.inf
         self.meas_end = math.inf
         self.latencies = array("d")
@@ -184,6 +222,46 @@ class SessionBase:
         if self.summary is not None and isinstance(self.summary.get("steps"), int):
             return int(self.summary["steps"])
         return math.ceil(self.frames_sent / self.hop_frames)
+
+
+class WireTimed(SessionBase):
+    """Result timing for messages of another wire form (``Proc.timing``), so the default
+    path's arithmetic stays as it is. Sessions of such runs are ``RawWireSession`` or
+    ``libclient.LibWireSession``; ``frames_sent`` counts their messages."""
+
+    def on_result(self, step: int, now: float) -> None:
+        self.results += 1
+        timing = self.proc.timing
+        assert timing is not None
+        m = timing.message_of(step, self.hop_frames * FRAME)
+        st = self.send_times
+        if 0 <= m < len(st):
+            ts = st[m]
+            if self.proc.meas_start <= ts < self.proc.meas_end:
+                self.proc.latencies.append(now - ts)
+
+    def overdue(self, now: float, bound: float) -> tuple[int, int]:
+        timing = self.proc.timing
+        assert timing is not None
+        st, hop = self.send_times, self.hop_frames * FRAME
+        late = total = 0
+        step = self.results
+        while True:
+            m = timing.message_of(step, hop)
+            if m >= len(st):
+                return late, total
+            ts = st[m]
+            if self.proc.meas_start <= ts < self.proc.meas_end:
+                total += 1
+                late += now - ts > bound
+            step += 1
+
+    def expected_steps(self) -> int:
+        if self.summary is not None and isinstance(self.summary.get("steps"), int):
+            return int(self.summary["steps"])
+        timing = self.proc.timing
+        assert timing is not None
+        return math.ceil(self.frames_sent * timing.model_per / (self.hop_frames * FRAME))
 
 
 class RawSession(SessionBase, asyncio.Protocol):
@@ -374,3 +452,7 @@ class RawSession(SessionBase, asyncio.Protocol):
         if not s.ready and s.failure is None:
             s.failure = f"closed_{s.close_code}" if s.close_code else "no_ready"
         return s
+
+
+class RawWireSession(WireTimed, RawSession):
+    """``RawSession`` sending another wire form (G.711, another rate)."""

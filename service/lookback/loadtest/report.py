@@ -122,8 +122,14 @@ def format_report(r: dict[str, Any]) -> str:
     c = r["config"]
     lat = r["latency_ms"]
     cl = r["client"]
+    encoding, rate = c.get("encoding", "pcm_s16le"), c.get("sample_rate") or 16000
+    if encoding in ("pcm_s16le", "pcm_f32le") and rate == 16000:
+        per = f"{r['frames_per_message']} frame(s)/message"
+    else:
+        per = f"{c['message_ms']} ms/message"
+    form = "" if (encoding, rate) == ("pcm_s16le", 16000) else f" {encoding} at {rate} Hz,"
     lines = [
-        f"{r['sessions']} sessions x {r['frames_per_message']} frame(s)/message, "
+        f"{r['sessions']} sessions x {per},{form} "
         f"model {c.get('model') or '(server default)'}, {r['measured_s']:.1f} s measured after "
         f"{c['warmup']:.1f} s warm-up, {r['procs']} client process(es), {c['client']} client",
         f"  connected {r['connected']}/{r['sessions']} in {r['connect_s']:.1f} s"

@@ -1,5 +1,7 @@
-// Lookback browser demo: microphone or WAV file -> AudioWorklet (128-sample pcm_s16le
-// frames) -> WebSocket /v1/stream -> scores, events and round-trip latency.
+// Lookback browser demo: microphone or WAV file -> AudioWorklet (float32 at the audio
+// device's own rate, which the server resamples; or, where that rate is not one the server
+// takes, 128-sample pcm_s16le frames the browser resampled) -> WebSocket /v1/stream ->
+// scores, events and round-trip latency.
 // No build step and no third-party code: everything here is served by Lookback.
 "use strict";
 
@@ -22,7 +24,7 @@
     audio_after_end: "Audio arrived after the end of the stream and was ignored.",
     inference_failed: "The model failed on one step; that step has no score.",
     bad_encoding: "The server does not accept this audio encoding.",
-    bad_sample_rate: "The audio sample rate does not match the model's.",
+    bad_sample_rate: "The server does not accept this audio sample rate.",
     bad_query: "The server refused the connection parameters.",
     unknown_model: "That model is not loaded on the server.",
     unknown_version: "That model version is not loaded on the server.",
@@ -58,6 +60,22 @@
   // Closes after which the session is resumed with its token (docs/sessions.md).
   const RESUMABLE = new Set([1006, 1011, 1012, 4100]);
   const REPLAY_LIMIT_S = 60; // audio kept for a replay, at most
+  // Rates the server resamples from (README: sample_rate); the page sends its audio
+  // device's rate when it is one of these, and `?resample=browser` forces the fallback.
+  const SERVER_RATES = [8000, 16000, 22050, 24000, 32000, 44100, 48000];
+  const NATIVE_QUANTA = 3; // render quanta a message at the native rate: 8 ms at 48 kHz
+
+  function gcd(a, b) { return b ? gcd(b, a % b) : a; }
+
+  // The server's resampler (engine/resample.py) as far as timing goes: output k (model
+  // rate) sits at input k * down / up and needs `half` inputs of look-ahead (32 zero
+  // crossings of the lower rate each side).
+  function resampling(rateIn, rateOut) {
+    if (rateIn === rateOut) return { up: 1, down: 1, half: 0 };
+    const g = gcd(rateIn, rateOut);
+    const up = rateOut / g, down = rateIn / g;
+    return { up, down, half: Math.ceil(32 * Math.max(up, down) / up) };
+  }
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -71,8 +89,8 @@
   const demo = {
     state: "idle", message: "", models: null, ready: null, summary: null, source: null,
     results: 0, framesSent: 0, lastScores: null, events: [], latencies: [], errors: [],
-    closes: [], log: [], resumes: 0, gapFree: true, framesTaken: 0,
-    p50: null, p95: null,
+    closes: [], log: [], resumes: 0, gapFree: true, framesTaken: 0, samplesTaken: 0,
+    wire: null, p50: null, p95: null,
   };
   window.lookbackDemo = demo;
 
@@ -221,19 +239,38 @@
   }
 
   // -------------------------------------------------------------------------- session
-  // One streaming session: an AudioContext at the model's rate, the worklet, a source
-  // (microphone or file) and the WebSocket.
+  // One streaming session: an AudioContext (the device's rate, or the model's), the
+  // worklet, a source (microphone or file) and the WebSocket.
   let sess = null;
 
   class Session {
     constructor(model, kind) {
       this.model = model;
       this.kind = kind; // "microphone" | "file"
-      this.rate = model.sample_rate || 16000;
+      this.modelRate = model.sample_rate || 16000;
       this.hop = model.hop_samples || 128;
       this.frame = model.frame_samples || 128;
-      // Created synchronously inside the click handler: counts as a user gesture.
-      this.ctx = new AudioContext({ sampleRate: this.rate, latencyHint: "interactive" });
+      // Created synchronously inside the click handler: counts as a user gesture. The
+      // device's own rate goes to the server as float32 (its resampler is inside the
+      // parity guarantee); a rate it does not take falls back to a context at the
+      // model's rate, which the browser resamples into.
+      const forced = new URLSearchParams(location.search).get("resample") === "browser";
+      let ctx = forced ? null : new AudioContext({ latencyHint: "interactive" });
+      if (ctx && !SERVER_RATES.includes(ctx.sampleRate)) {
+        ctx.close().catch(() => {});
+        ctx = null;
+      }
+      this.ctx = ctx || new AudioContext({ sampleRate: this.modelRate, latencyHint: "interactive" });
+      this.rate = this.ctx.sampleRate;
+      const native = ctx !== null && this.rate !== this.modelRate;
+      this.encoding = native ? "pcm_f32le" : "pcm_s16le";
+      this.bps = native ? 4 : 2; // bytes a sample
+      this.quanta = native ? NATIVE_QUANTA : 1;
+      this.rs = resampling(this.rate, this.modelRate);
+      demo.wire = {
+        encoding: this.encoding, sampleRate: this.rate,
+        resampledBy: native ? "server" : ctx ? "none" : "browser",
+      };
       this.ws = null;
       this.node = null;
       this.source = null;
@@ -250,7 +287,7 @@
       // resume: the token, audio not yet durable (checkpoint), dedup of re-sent results
       this.resumeToken = null;
       this.replay = []; // {start, pcm}: frames after the last checkpoint
-      this.pos = 0; // samples taken from the worklet
+      this.pos = 0; // samples taken from the worklet (at this.rate)
       this.nextStep = 0;
       this.eventsSeen = 0;
       this.skipEvents = 0;
@@ -258,15 +295,24 @@
       this.attempts = 0;
     }
 
+    // Model-rate samples the server has released after `n` samples at this.rate (the
+    // resampler's look-ahead held back), and after the end (flush: none held back).
+    modelSamples(n, ended) {
+      const { up, down, half } = this.rs;
+      const m = ended ? n : n - half;
+      return m <= 0 ? 0 : Math.ceil(m * up / down);
+    }
+
     async setupAudio() {
-      if (this.ctx.sampleRate !== this.rate) {
-        throw new Error(`this browser could not open audio at ${this.rate} Hz ` +
-          `(got ${this.ctx.sampleRate} Hz) and Lookback never resamples; try a Chromium-based browser`);
+      if (!SERVER_RATES.includes(this.rate)) {
+        throw new Error(`this browser could not open audio at ${this.modelRate} Hz ` +
+          `(got ${this.ctx.sampleRate} Hz, a rate the server does not take); try a Chromium-based browser`);
       }
       await this.ctx.audioWorklet.addModule("worklet.js");
       this.node = new AudioWorkletNode(this.ctx, "lookback-pcm-framer", {
         numberOfInputs: 1, numberOfOutputs: 1, outputChannelCount: [1],
         channelCount: 1, channelCountMode: "explicit", channelInterpretation: "speakers",
+        processorOptions: { encoding: this.encoding, quanta: this.quanta },
       });
       this.node.port.onmessage = (e) => this.onFrame(e.data);
       this.node.connect(this.ctx.destination); // silent output; keeps the node pulled
@@ -276,7 +322,7 @@
     connect() {
       const m = this.model;
       const q = new URLSearchParams({
-        model: m.name, version: m.version, encoding: "pcm_s16le",
+        model: m.name, version: m.version, encoding: this.encoding,
         sample_rate: String(this.rate), results: "all",
       });
       q.set("resumable", "1");
@@ -310,8 +356,10 @@
       const ws = this.ws;
       if (!this.readyMsg || this.ending) return;
       this.replay.push({ start: this.pos, pcm: msg.pcm });
-      this.pos += msg.pcm.byteLength / 2;
-      demo.framesTaken = this.pos / this.frame;
+      this.pos += msg.pcm.byteLength / this.bps;
+      demo.samplesTaken = this.pos;
+      // model-rate frames the session will have been fed once the stream ends
+      demo.framesTaken = Math.ceil(this.modelSamples(this.pos, true) / this.frame);
       while (this.replay.length && this.replay[0].start < this.pos - REPLAY_LIMIT_S * this.rate) {
         this.replay.shift();
       }
@@ -320,11 +368,12 @@
       ws.send(msg.pcm);
       this.framesSent += 1;
       demo.framesSent = this.framesSent;
-      // The frame that completes a hop completes model step floor(samples / hop) - 1.
-      const before = Math.floor(this.samplesSent / this.hop);
-      this.samplesSent += msg.pcm.byteLength / 2;
-      const after = Math.floor(this.samplesSent / this.hop);
-      if (after > before) this.sendTimes.set(after - 1, now);
+      // The message that completes a hop (in model-rate samples, after the server's
+      // resampler) completes model step floor(samples / hop) - 1.
+      const before = Math.floor(this.modelSamples(this.samplesSent, false) / this.hop);
+      this.samplesSent += msg.pcm.byteLength / this.bps;
+      const after = Math.floor(this.modelSamples(this.samplesSent, false) / this.hop);
+      for (let step = before; step < after; step++) this.sendTimes.set(step, now);
     }
 
     onMessage(e) {
@@ -350,9 +399,8 @@
     handleCheckpoint(msg) {
       if (msg.resume_token) this.resumeToken = msg.resume_token;
       // audio before msg.samples is durable on the server: no replay will need it
-      while (this.replay.length && this.replay[0].start + this.replay[0].pcm.byteLength / 2 <= msg.samples) {
-        this.replay.shift();
-      }
+      const durable = (f) => f.start + f.pcm.byteLength / this.bps <= msg.samples;
+      while (this.replay.length && durable(this.replay[0])) this.replay.shift();
     }
 
     handleReady(msg) {
@@ -364,15 +412,16 @@
       threshold = typeof msg.threshold === "number" ? msg.threshold : threshold;
       this.hop = msg.hop_samples || this.hop;
       this.frame = msg.frame_samples || this.frame;
-      if (msg.sample_rate && msg.sample_rate !== this.rate) {
-        this.lastError = `the server wants ${msg.sample_rate} Hz audio, the page opened ${this.rate} Hz`;
+      if (msg.sample_rate && msg.sample_rate !== this.modelRate) {
+        this.lastError = `the model runs at ${msg.sample_rate} Hz, the page expected ${this.modelRate} Hz`;
         this.ws.close(1000);
         return;
       }
       ui.session.textContent = msg.session_id;
       ui.session.title = `${msg.model}/${msg.version}, hop ${msg.hop_samples} samples`;
       log(`connected: session ${msg.session_id}, ${msg.model}/${msg.version}, ` +
-        `hop ${msg.hop_samples} samples, threshold ${threshold}`);
+        `hop ${msg.hop_samples} samples, threshold ${threshold}; sending ${this.encoding} at ${this.rate} Hz` +
+        (this.rate !== this.modelRate ? " (the server resamples)" : ""));
       if (this.onReady) this.onReady(msg);
       this.onReady = this.onRefused = null;
     }
@@ -385,9 +434,9 @@
       this.skipEvents = Math.max(0, this.eventsSeen - (msg.events_sent || 0));
       const from = msg.replay_from_sample;
       for (const f of this.replay) {
-        const end = f.start + f.pcm.byteLength / 2;
+        const end = f.start + f.pcm.byteLength / this.bps;
         if (end <= from) continue;
-        this.ws.send(f.pcm.slice(Math.max(0, from - f.start) * 2));
+        this.ws.send(f.pcm.slice(Math.max(0, from - f.start) * this.bps));
       }
       ui.session.textContent = msg.session_id;
       log(`resumed: session ${msg.session_id}, replayed from sample ${from}`);
@@ -569,7 +618,7 @@
       const msg = e && e.name === "NotAllowedError" ? "Microphone permission was denied."
         : e && e.name === "NotFoundError" ? "No microphone was found."
         : e && e.name === "NotSupportedError" && kind === "microphone"
-          ? `This browser cannot resample the microphone to ${s.rate} Hz; use a Chromium-based ` +
+          ? `This browser cannot open the microphone at ${s.rate} Hz; use a Chromium-based ` +
             "browser, or stream a WAV file instead."
         : (kind === "file" ? "Could not read the file: " : "Could not start audio: ") + (e.message || e);
       fail(msg);
@@ -607,7 +656,7 @@
   function playFile(file) {
     if (!file) return;
     begin("file", async (s) => {
-      // decodeAudioData resamples to the context's rate (the model's); the worklet node
+      // decodeAudioData resamples to the context's rate (the device's or the model's); the worklet node
       // downmixes to mono (channelCount 1, explicit), so the file takes the mic's path.
       const data = await file.arrayBuffer();
       const buffer = await s.ctx.decodeAudioData(data);

@@ -14,7 +14,7 @@ from lookback.loadtest.config import LoadConfig
 from lookback.loadtest.fanout import run_load
 from lookback.loadtest.idle import IdleSessions
 from tests.bench.echo_server import create_echo_app
-from tests.conftest import STORE, running_server, uvicorn_in_thread
+from tests.conftest import DEFAULT_MODEL, STORE, running_server, uvicorn_in_thread
 from tests.conftest import test_settings as make_settings
 from tests.support import free_port
 
@@ -86,6 +86,39 @@ def test_short_run_against_lookback(results: str) -> None:
         assert r["connected"] == 3 and r["lost_results"] == 0 and not r["errors"]
         assert r["close_codes"] == {"1000": 3}
         assert r["results_total"] >= r["frames_sent"] // 10 and r["results_measured"] > 0
+
+
+@pytest.mark.parametrize(
+    ("encoding", "rate", "client"),
+    [("mulaw", 8000, "raw"), ("pcm_f32le", 48000, "raw"), ("alaw", 8000, "websockets")],
+)
+def test_short_run_in_another_wire_form(encoding: str, rate: int, client: str) -> None:
+    """Telephony (8 kHz G.711) and browser (48 kHz float) load: the server decodes and
+    resamples; every step is received and timed against the message that completed it."""
+    model = DEFAULT_MODEL if (STORE / DEFAULT_MODEL).is_dir() else None
+    if model is None:
+        pytest.skip("no lookback-vad in model_store")
+    with running_server(make_settings(models=[model], default_model=model)) as srv:
+        cfg = LoadConfig(
+            urls=[srv.ws],
+            sessions=3,
+            duration=0.8,
+            warmup=0.2,
+            model=model,
+            quiet=True,
+            encoding=encoding,
+            sample_rate=rate,
+            client=client,
+        )
+        r = run_load(cfg)
+    assert r["connected"] == 3 and r["lost_results"] == 0 and not r["errors"], r
+    assert r["close_codes"] == {"1000": 3}
+    # 20 ms messages for 1 s: about 125 frames (of 8 ms) per session, one step per frame
+    assert 3 * 100 <= r["frames_sent"] <= 3 * 140
+    assert r["results_total"] >= r["frames_sent"] - 3 and r["results_measured"] > 0
+    # a step waits for at most one message (20 ms) plus the resampler's look-ahead: the
+    # latencies are the server's, not a misattributed message period
+    assert r["latency_ms"]["p50"] < 20
 
 
 def test_idle_sessions_open_and_close() -> None:

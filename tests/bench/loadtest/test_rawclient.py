@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from lookback.loadtest.audio import build_messages, load_audio
-from lookback.loadtest.config import LoadConfig
-from lookback.loadtest.rawclient import WS_GUID, Proc, RawSession, ws_frame
+from lookback.loadtest.config import FRAME, LoadConfig
+from lookback.loadtest.rawclient import WS_GUID, Proc, RawSession, WireTiming, ws_frame
 
 
 def _unframe(data: bytes) -> tuple[int, bytes, int]:
@@ -53,6 +53,25 @@ def test_messages_are_whole_frames_and_loop() -> None:
     assert all(len(m) == 3 * 128 * 2 for m in msgs)
     framed = build_messages(samples, 3, seed=1)
     assert _unframe(framed[5])[1] == msgs[5]
+
+
+def test_messages_in_another_wire_form() -> None:
+    """8 kHz µ-law in 20 ms packets, 44.1 kHz float: the clip at that rate, whole, encoded."""
+    import numpy as np
+
+    from lookback.engine.pcm import G711
+
+    pcm = load_audio(None, rate=8000)
+    assert len(pcm) == 10 * 8000
+    mu = build_messages(pcm, 1, seed=1, framed=False, encoding="mulaw", message_samples=160)
+    assert len(mu) == 500 and all(len(m) == 160 for m in mu)
+    decoded = G711["mulaw"][np.frombuffer(b"".join(mu), np.uint8)].astype(np.int32)
+    assert np.abs(decoded - pcm).max() <= 1024  # G.711's largest step, near full scale
+    f32 = build_messages(
+        load_audio(None, rate=44100), 1, seed=1, framed=False, encoding="pcm_f32le", message_samples=882
+    )
+    assert len(f32[0]) == 882 * 4
+    assert np.frombuffer(f32[0], "<f4").max() < 1.0
 
 
 class _FakeTransport:
@@ -127,3 +146,27 @@ async def test_raw_client_reports_refused_upgrade() -> None:
     body = b'{"error":{"code":"server_busy","message":"cap"}}'
     s.data_received(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert s.failure == "http_503:server_busy" and not s.ready
+
+
+@pytest.mark.parametrize(("rate", "per"), [(8000, 160), (44100, 882), (48000, 960), (16000, 160)])
+@pytest.mark.parametrize("hop", [128, 512])
+def test_wire_timing_names_the_message_the_server_completes_a_step_with(
+    rate: int, per: int, hop: int
+) -> None:
+    """Against the server's own decoder: the message after which the model-rate samples of
+    step ``i`` are all out of the resampler (whole frames) is ``message_of(i)``."""
+    import numpy as np
+
+    from lookback.engine.decoder import WireDecoder
+
+    dec = WireDecoder("pcm_f32le", rate, 16000, FRAME)
+    timing = WireTiming(rate, per)
+    out = 0
+    step = 0
+    rng = np.random.default_rng(1)
+    for m in range(300):
+        out += dec.feed(rng.uniform(-0.5, 0.5, per).astype(np.float32)).size
+        while (step + 1) * hop <= out:
+            assert timing.message_of(step, hop) == m, (step, m)
+            step += 1
+    assert step > 20
