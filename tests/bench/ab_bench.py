@@ -447,7 +447,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     if any(isinstance(v, dict) and "own" in v for v in ind.values()):
         lines += [
             "",
-            _row("both load generators", "sessions", "own: pass, p99 ms", "independent: pass, p99 ms"),
+            _row("both load generators", "sessions", "own: pass, p99 ms", "independent: pass, p99 ms, scores"),
             _row(*["---"] * 4),
         ]
         for label, v in ind.items():
@@ -458,7 +458,8 @@ def to_markdown(res: dict[str, Any]) -> str:
                         f"{label} x the ramp's max",
                         v["sessions"],
                         f"{o.get('passed')}, {_f(o.get('p99_ms'), '.1f')}",
-                        f"{i.get('passed')}, {_f(i.get('p99_ms'), '.1f')}",
+                        f"{i.get('passed')}, {_f(i.get('p99_ms'), '.1f')}, "
+                        f"max |stream - REST| {_f(i.get('verify_max_abs_diff'), '.1e')}",
                     )
                 )
     if c.get("ratios"):

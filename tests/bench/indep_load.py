@@ -7,7 +7,9 @@ for the framing, the stdlib ``wave`` module for the audio, one asyncio scheduler
 sends every session's next message when it is due (real time, starts spread over one
 period; uvloop when installed), and latency taken per result from the send of the message that completed the
 result's hop to its arrival. A run passes when p99 <= ``--p99-ms``, no result is lost
-(every hop sent before ``end`` is answered, in order) and no error message arrives.
+(every hop sent before ``end`` is answered, in order), no error message arrives, and the
+scores of ``--verify`` sessions equal, within the README's 1e-5, what the REST endpoint
+gives for the exact bytes each of them sent (one batched call of another code path).
 
     python -m tests.bench.indep_load --url ws://127.0.0.1:8000 --sessions 300 \
         --seconds 6 --warmup 2 --wav tests/fixtures/audio/silero_ref_speech.wav [--json out.json]
@@ -18,11 +20,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import resource
 import sys
 import time
+import urllib.request
 import wave
 from typing import Any
 
@@ -31,6 +35,7 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 RATE = 16000
 FRAME = 128
+TOLERANCE = 1e-5  # stream against REST: another graph, the README's bound
 SLACK = 0.001  # s: sends due this soon share a wake-up (latency counts from the real send)
 
 
@@ -45,9 +50,12 @@ class Session(WSListener):
         self.hop_frames = 1
         self.sent: list[float] = []  # send time of each message
         self.next_step = 0  # results must arrive in step order, none skipped
+        self.verify = False
         self.errors = 0
         self.out_of_order = 0
         self.summary: dict[str, Any] | None = None
+        self.scores: list[float] = []  # the first label's, in step order
+        self.audio = bytearray()  # what was sent, for the REST cross-check
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -62,6 +70,7 @@ class Session(WSListener):
                 if step != self.next_step:
                     self.out_of_order += 1
                 self.next_step = step + 1
+                self.scores.append(next(iter(msg["scores"].values())))
                 # the message that completed this hop: its last frame's message
                 last_frame = (step + 1) * self.hop_frames - 1
                 sent = self.sent[last_frame // self.run.fpm]
@@ -106,6 +115,8 @@ class Run:
             )
             sessions += [listener for _, listener in batch]  # type: ignore[misc]
         await asyncio.gather(*[s.ready for s in sessions])
+        for s in sessions[: a.verify]:
+            s.verify = True
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.monotonic() + 0.05
         self.measuring_from = t0 + a.warmup
@@ -128,8 +139,11 @@ class Run:
             elif now - due > 0.005:
                 late += 1
             assert s.transport is not None
+            msg = self.msgs[len(s.sent) % n_msgs]
             s.sent.append(now)
-            s.transport.send(WSMsgType.BINARY, self.msgs[len(s.sent) % n_msgs])
+            s.transport.send(WSMsgType.BINARY, msg)
+            if s.verify:
+                s.audio += msg
             k += 1
         for s in sessions:
             assert s.transport is not None
@@ -145,6 +159,8 @@ class Run:
         def pct(q: float) -> float | None:
             return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else None
 
+        http = a.url.replace("ws://", "http://", 1).rstrip("/")
+        worst = await asyncio.to_thread(verify, http, [s for s in sessions if s.verify])
         errors = sum(s.errors for s in sessions)
         disorder = sum(s.out_of_order for s in sessions)
         lost = max(0, expected - received)
@@ -162,8 +178,37 @@ class Run:
             "summaries": sum(1 for s in sessions if s.summary is not None),
             "late_sends": late,
             "client_cpu": cpu / wall if wall > 0 else None,
-            "passed": bool(p99 is not None and p99 <= a.p99_ms and lost == 0 and not errors and not disorder),
+            "verified_sessions": min(a.verify, len(sessions)),
+            "verify_max_abs_diff": worst,
+            "passed": bool(
+                p99 is not None
+                and p99 <= a.p99_ms
+                and lost == 0
+                and not errors
+                and not disorder
+                and (worst is None or worst <= TOLERANCE)
+            ),
         }
+
+
+def verify(http: str, sessions: list[Session]) -> float | None:
+    """The largest |stream - REST| score over ``sessions`` (inf when counts differ)."""
+    worst: float | None = None
+    for s in sessions:
+        req = urllib.request.Request(
+            f"{http}/v1/score?encoding=pcm_s16le&sample_rate={RATE}",
+            data=bytes(s.audio),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            ref = next(iter(json.loads(resp.read())["scores"].values()))
+        got = s.scores
+        if len(got) != len(ref):
+            diff = math.inf
+        else:
+            diff = max((abs(x - y) for x, y in zip(got, ref, strict=True)), default=0.0)
+        worst = diff if worst is None else max(worst, diff)
+    return worst
 
 
 def read_wav(path: str) -> bytes:
@@ -183,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wav", required=True)
     p.add_argument("--p99-ms", type=float, default=20.0)
     p.add_argument("--end-timeout", type=float, default=6.0)
+    p.add_argument("--verify", type=int, default=4, help="sessions whose scores are checked against REST")
     p.add_argument("--cpu", type=int, help="pin to this CPU")
     p.add_argument("--json", help="write the result here")
     args = p.parse_args(argv)

@@ -25,5 +25,7 @@ def test_it_streams_real_time_sessions_and_accounts_every_result(tmp_path: Path)
     assert done.returncode == 0, (done.stdout, done.stderr, res)
     assert res["passed"] and res["lost"] == 0 and res["errors"] == 0 and res["out_of_order"] == 0
     assert res["summaries"] == 4
+    # every verified session's scores equal REST's for the bytes it sent (another graph: 1e-5)
+    assert res["verified_sessions"] == 4 and res["verify_max_abs_diff"] <= 1e-5, res
     # 4 sessions x 125 results a second over the 1 s window, give or take the edges
     assert 400 <= res["results_measured"] <= 560, res
