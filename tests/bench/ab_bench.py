@@ -447,7 +447,7 @@ def to_markdown(res: dict[str, Any]) -> str:
     if any(isinstance(v, dict) and "own" in v for v in ind.values()):
         lines += [
             "",
-            _row("both load generators", "sessions", "own: pass, p99 ms", "independent: pass, p99 ms, scores"),
+            _row("both load generators", "sessions", "own: pass, p99 ms", "independent: pass, p99, scores"),
             _row(*["---"] * 4),
         ]
         for label, v in ind.items():
