@@ -69,6 +69,7 @@ docs: install
 
 bench: install silero
 	$(BIN)/python -m tests.bench.ab_bench
+	$(BIN)/python -m tests.bench.inproc_bench --json tests/bench/results/$$(date +%F)-inproc.json
 	$(BIN)/python -m tests.bench.run_all
 	$(BIN)/python -m tests.bench.export_bench
 	$(BIN)/python -m tests.bench.sessions_bench --trials 20 --sessions 1000
