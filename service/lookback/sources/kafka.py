@@ -204,10 +204,8 @@ class KafkaSource:
             consumer = self.consumer
             with contextlib.suppress(KafkaException, RuntimeError):
                 await self._call(self._commit_offsets, True)
-            log.info("closing")
             try:
-                await self._call(consumer.close)
-                log.info("closed")  # leaves the group (on_revoke: nothing left to finish)
+                await self._call(consumer.close)  # leaves the group (revoke: nothing left to finish)
             except (KafkaException, RuntimeError) as exc:
                 log.warning("leaving the consumer group: %s", exc)
         await asyncio.to_thread(self.producer.flush, 10)
@@ -307,7 +305,6 @@ class KafkaSource:
     # -- partition ownership (called by librdkafka inside consume, on the consumer thread) -----
     def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         ps = [tp.partition for tp in parts]
-        log.info("assign %s", ps)
         saved = self._restore(ps)
         self._on_loop(self._assigned(ps, saved))
         if self._paused:
@@ -327,7 +324,6 @@ class KafkaSource:
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
         ps = [tp.partition for tp in parts]
-        log.info("revoke %s", ps)
         self._on_loop(self._handing_over(ps, lost=False))
         with contextlib.suppress(KafkaException):
             self._commit_offsets(False, ps)
@@ -370,7 +366,6 @@ class KafkaSource:
                     todo[p] = hi
             if not todo:
                 return out
-            log.info("restore %s", todo)
             c.assign([TopicPartition(self.output, p, OFFSET_BEGINNING) for p in todo])
             deadline = time.monotonic() + 300
             while todo:
