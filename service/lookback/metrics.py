@@ -407,7 +407,10 @@ class Metrics:
             registry=r,
         )
         self.source_steps = Counter(
-            "lookback_source_steps_total", "Steps scored and published for broker devices", ["source"], registry=r
+            "lookback_source_steps_total",
+            "Steps scored and published for broker devices",
+            ["source"],
+            registry=r,
         )
         self.source_lag = Gauge(
             "lookback_source_lag_messages",

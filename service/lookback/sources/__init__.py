@@ -22,6 +22,9 @@ class Source(Protocol):
     async def stop(self) -> None:
         """Read no more, commit everything read, release what this consumer owned."""
 
+    def alive(self) -> bool:
+        """False once the source's background work has died (``/healthz`` fails)."""
+
 
 def open_source(
     url: str,

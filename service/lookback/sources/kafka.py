@@ -70,7 +70,11 @@ def publish(
     **extra: str,
 ) -> None:
     """Producer helper (tests, bench, docs): one record keyed by the device (not flushed)."""
-    headers = [("seq", str(seq).encode()), ("encoding", encoding.encode()), ("ts", repr(time.time()).encode())]
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("seq", str(seq).encode()),
+        ("encoding", encoding.encode()),
+        ("ts", repr(time.time()).encode()),
+    ]
     if end:
         headers.append(("end", b"1"))
     headers += [(k, v.encode()) for k, v in extra.items()]
@@ -90,7 +94,7 @@ class _Saved:
 class _Offsets:
     """One partition's read-but-not-committed offsets: Kafka commits a position, not a record."""
 
-    __slots__ = ("open", "high", "committed")
+    __slots__ = ("committed", "high", "open")
 
     def __init__(self) -> None:
         self.open: set[int] = set()
@@ -374,11 +378,12 @@ class KafkaSource:
                 for m in c.consume(1000, 0.2):
                     if m.error() is not None:
                         continue
-                    p, off = m.partition(), m.offset()
+                    p, off = m.partition() or 0, m.offset() or 0  # set on records (not errors)
                     headers = dict(m.headers() or ())
                     ck, at, key = headers.get(CKPT_HEADER), headers.get(OFFSET_HEADER), m.key()
                     if ck is not None and at is not None and key is not None:
-                        out[key.decode(errors="replace")] = _Saved(p, int(at), bytes(ck))
+                        ckpt = ck.encode() if isinstance(ck, str) else ck  # bytes from librdkafka
+                        out[key.decode(errors="replace")] = _Saved(p, int(at), ckpt)
                     if p in todo and off >= todo[p] - 1:
                         del todo[p]
             return out
@@ -427,7 +432,11 @@ class KafkaSource:
             if pos > track.committed:
                 todo.append((track, TopicPartition(self.topic, p, pos)))
         if todo:
-            self.consumer.commit(offsets=[tp for _, tp in todo], asynchronous=not sync)
+            offsets = [tp for _, tp in todo]
+            if sync:
+                self.consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                self.consumer.commit(offsets=offsets, asynchronous=True)
             for track, tp in todo:
                 track.committed = tp.offset
 
@@ -463,7 +472,12 @@ class KafkaSource:
         offset = max((t[1] for t in commit.tokens if t is not None), default=-1)
         if commit.device is not None and (commit.checkpoint is not None or commit.records):
             value = orjson.dumps(
-                {"device": commit.device, "seq": commit.seq, "by": self.consumer_name, "records": commit.records}
+                {
+                    "device": commit.device,
+                    "seq": commit.seq,
+                    "by": self.consumer_name,
+                    "records": commit.records,
+                }
             )
             headers = [(OFFSET_HEADER, str(offset).encode())]
             if commit.checkpoint is not None:
