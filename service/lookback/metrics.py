@@ -420,6 +420,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.source_fetch_pauses = Counter(
+            "lookback_source_fetch_pauses_total",
+            "Times a Kafka consumer paused fetching its partitions because the core was saturated",
+            ["source"],
+            registry=r,
+        )
         self.source_rebalances = Counter(
             "lookback_source_rebalances_total",
             "Partitions this consumer was assigned, had revoked (handed over) or lost",

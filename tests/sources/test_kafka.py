@@ -299,3 +299,82 @@ async def test_many_devices_two_consumers_one_killed_exactly_once(
     handed_over = [d for d, w in writers(kafka_broker, "t.audio.results").items() if w == {"a", "b"}]
     assert handed_over, "no device moved from the killed consumer to the survivor"
     assert b.stop() == 0
+
+
+async def test_backpressure_pauses_fetching_and_loses_nothing(kafka_broker: Broker) -> None:
+    """A backlog far beyond ``max_inflight``: partitions paused, at most 4 messages in flight."""
+    audios = device_audio(10, 96)
+    reference = await solo_reference(audios)
+    m = {d: messages(a, 8) for d, a in audios.items()}  # 12 messages each, 120 in all
+    prod = _producer(kafka_broker)
+    for i in range(12):
+        for d, msgs in m.items():
+            publish(prod, "b.audio", d, i, msgs[i], end=i == 11)
+    prod.flush(10)
+    metrics = Metrics()
+    most = 0
+
+    async def body(src: KafkaSource) -> None:
+        nonlocal most
+        done = asyncio.create_task(
+            _wait_for(lambda: _summaries(kafka_broker, "b.audio.results", m), "every device's summary")
+        )
+        while not done.done():
+            most = max(most, src.hub.inflight)
+            await asyncio.sleep(0.001)  # sample the consumer while it drains
+        await done
+
+    await _run_source(
+        f"{kafka_broker.url}/b.audio?group=g&consumer=solo", metrics, body, max_inflight=4, device_queue=2
+    )
+    pauses = metrics.registry.get_sample_value(
+        "lookback_source_fetch_pauses_total", {"source": "kafka:b.audio"}
+    )
+    assert pauses is not None and pauses >= 1, "the consumer never paused its partitions"
+    assert 0 < most <= 4
+    _assert_like_reference(results(kafka_broker, "b.audio.results"), reference)
+    scored = metrics.registry.get_sample_value(
+        "lookback_source_messages_total", {"source": "kafka:b.audio", "outcome": "scored", "reason": ""}
+    )
+    assert scored == 120
+
+
+@pytest.mark.slow
+async def test_consumer_joining_mid_run_takes_partitions_over_exactly_once(
+    kafka_broker: Broker, consumers: list[ConsumerProc], tmp_path: Path
+) -> None:
+    """Rebalance: the first consumer finishes and hands over partitions to a newcomer."""
+    n_devices, frames, fpm = 40, 160, 16
+    audios = device_audio(n_devices, frames)
+    reference = await solo_reference(audios)
+    url = f"{kafka_broker.url}/j.audio?group=g&{FAST_GROUP}"
+    prod = _producer(kafka_broker)
+    prod.list_topics("j.audio", timeout=10)
+    a = ConsumerProc(url + "&consumer=a", tmp_path / "a.log").start()
+    consumers.append(a)
+    per_dev = {d: messages(x, fpm) for d, x in audios.items()}
+    n_msgs = len(next(iter(per_dev.values())))
+
+    def send(i: int) -> None:
+        for d, msgs in per_dev.items():
+            publish(prod, "j.audio", d, i, msgs[i], end=i == n_msgs - 1)
+        prod.flush(10)
+
+    for i in range(n_msgs // 2):
+        send(i)
+    await _wait_for(
+        lambda: "a" in {w for ws in writers(kafka_broker, "j.audio.results").values() for w in ws}, "a"
+    )
+    b = ConsumerProc(url + "&consumer=b", tmp_path / "b.log").start()
+    consumers.append(b)
+    for i in range(n_msgs // 2, n_msgs):
+        send(i)
+        await asyncio.sleep(0.3)  # the producers' pace: the rebalance lands mid-stream
+    await _wait_for(lambda: _summaries(kafka_broker, "j.audio.results", audios), "every device's summary", 90)
+    _assert_like_reference(results(kafka_broker, "j.audio.results"), reference)
+    moved = [d for d, w in writers(kafka_broker, "j.audio.results").items() if w == {"a", "b"}]
+    assert moved, "no device continued on the newcomer"
+    assert errors(kafka_broker, "j.audio.errors") == []
+    assert a.stop() == 0 and b.stop() == 0
+    for log in ("a.log", "b.log"):
+        assert "Traceback" not in (tmp_path / log).read_text()

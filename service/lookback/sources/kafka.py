@@ -214,7 +214,7 @@ class KafkaSource:
                 log.warning("leaving the consumer group: %s", exc)
         await asyncio.to_thread(self.producer.flush, 10)
         self._closing.set()
-        self._cx.shutdown(wait=True)
+        self._cx.shutdown(wait=False)
 
     def _check_topics(self) -> None:
         """The results topic must have a partition for every input partition (co-partitioned)."""
@@ -267,6 +267,7 @@ class KafkaSource:
     def _pause(self, consumer: Consumer) -> None:
         consumer.pause(consumer.assignment())
         self._paused = True
+        self.metrics.source_fetch_pauses.labels(self.name).inc()
 
     def _resume(self, consumer: Consumer) -> None:
         consumer.resume(consumer.assignment())
@@ -469,7 +470,10 @@ class KafkaSource:
 
             return cb
 
-        offset = max((t[1] for t in commit.tokens if t is not None), default=-1)
+        prev = self.saved.get(commit.device) if commit.device is not None else None
+        # an idle close consumes no record: the device's last consumed offset stays
+        last = prev.offset if prev is not None and prev.partition == p else -1
+        offset = max((t[1] for t in commit.tokens if t is not None), default=last)
         if commit.device is not None and (commit.checkpoint is not None or commit.records):
             value = orjson.dumps(
                 {
