@@ -154,13 +154,14 @@ async def test_devices_scored_like_solo_runs_with_bad_input_rejected(kafka_broke
         publish(prod, "k.audio", bad, 4, nan, encoding="pcm_f32le")
         publish(prod, "k.audio", bad, 5, m[bad][5], end=True)
         prod.produce("k.audio", value=m[ok][0], headers=[("seq", b"7")])  # no key: no device
+        prod.produce("k.audio", value=m[ok][0], key=b"\xff\xfe", headers=[("seq", b"8")])  # not UTF-8
         prod.flush(10)
         await _wait_for(
             lambda: (
                 _summaries(kafka_broker, "k.audio.results", m)
-                and len(errors(kafka_broker, "k.audio.errors")) >= 6
+                and len(errors(kafka_broker, "k.audio.errors")) >= 7
             ),
-            "every device's summary and 6 errors",
+            "every device's summary and 7 errors",
         )
         assert src.alive()
 
@@ -182,6 +183,7 @@ async def test_devices_scored_like_solo_runs_with_bad_input_rejected(kafka_broke
             (bad, "None", "missing_field"),
             (bad, "4", "non_finite_audio"),
             ("None", "7", "missing_field"),
+            ("None", "8", "missing_field"),
         ]
     )
     # every results record sits on its input partition and carries the device checkpoint

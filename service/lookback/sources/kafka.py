@@ -279,8 +279,10 @@ class KafkaSource:
             return  # read again after the recovery's seek
         track = self.offsets.setdefault(p, _Offsets())
         key = m.key()
-        device = key.decode(errors="replace") if key is not None else None
-        saved = self.saved.get(device) if device is not None else None
+        device: str | bytes | None = key
+        with contextlib.suppress(UnicodeDecodeError, AttributeError):
+            device = key.decode()  # not UTF-8: the bytes go on, and the core refuses them
+        saved = self.saved.get(device) if isinstance(device, str) else None
         if saved is not None and saved.partition == p and off <= saved.offset:
             # consumed before a crash or a rebalance: its results are already published
             track.high = max(track.high, off)
@@ -290,7 +292,7 @@ class KafkaSource:
         track.high = max(track.high, off)
         await self.hub.submit(self._parse(m, device))
 
-    def _parse(self, m: Any, device: str | None) -> Message | Rejection:
+    def _parse(self, m: Any, device: str | bytes | None) -> Message | Rejection:
         fields: dict[str, object] = {}
         for k, v in m.headers() or ():
             if k in _FIELDS and v is not None:
