@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from lookback.engine.engine import Engine
 from lookback.metrics import Metrics
@@ -21,6 +23,7 @@ from tests import conftest
 from tests.sources.conftest import Broker
 from tests.sources.conftest import Consumer as ConsumerProc
 from tests.sources.support import by_device, device_audio, messages, solo_reference
+from tests.support import free_port
 
 PARTITIONS = 4  # what the mock cluster gives an auto-created topic
 # the mock drops a member that left only when its session times out: keep that short
@@ -257,8 +260,15 @@ async def test_many_devices_two_consumers_one_killed_exactly_once(
     # the topics exist (4 partitions each) before the consumers join
     prod.list_topics("t.audio", timeout=10)
     prod.list_topics("t.audio.results", timeout=10)
+    port = free_port()  # the survivor's /metrics tells what it took over
     a = ConsumerProc(url + "&consumer=a", tmp_path / "a.log", **env)
-    b = ConsumerProc(url + "&consumer=b", tmp_path / "b.log", **env)
+    b = ConsumerProc(
+        url + "&consumer=b",
+        tmp_path / "b.log",
+        **env,
+        LOOKBACK_CONSUME_METRICS_PORT=str(port),
+        LOOKBACK_CONSUME_METRICS_HOST="127.0.0.1",
+    )
     consumers += [a, b]
     a.start()
     b.start()
@@ -300,6 +310,17 @@ async def test_many_devices_two_consumers_one_killed_exactly_once(
     assert errors(kafka_broker, "t.audio.errors") == []
     handed_over = [d for d, w in writers(kafka_broker, "t.audio.results").items() if w == {"a", "b"}]
     assert handed_over, "no device moved from the killed consumer to the survivor"
+    scrape = (await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/metrics", timeout=10)).text
+    value = {
+        (f.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(scrape)
+        for s in f.samples
+    }
+    src = ("source", "kafka:t.audio")
+    # b held its share, then every partition once a's session expired
+    assert value[("lookback_source_rebalances", (("change", "assigned"), src))] >= PARTITIONS + 1
+    # and continued a's devices from the checkpoints a left in the results topic
+    assert value[("lookback_source_restores", (src,))] >= len(handed_over)
     assert b.stop() == 0
 
 
