@@ -401,3 +401,26 @@ async def test_consumer_joining_mid_run_takes_partitions_over_exactly_once(
     assert a.stop() == 0 and b.stop() == 0
     for log in ("a.log", "b.log"):
         assert "Traceback" not in (tmp_path / log).read_text()
+
+
+@pytest.mark.slow
+async def test_serve_consumes_kafka_next_to_its_api(kafka_broker: Broker, tmp_path: Path) -> None:
+    """``lookback serve`` with a kafka:// source: devices scored, source metrics on its /metrics."""
+    from tests.conftest import spawn_server
+
+    audios = device_audio(3, 64)
+    reference = await solo_reference(audios)
+    prod = _producer(kafka_broker)
+    url = f"{kafka_broker.url}/s.audio?group=g&consumer=srv&{FAST_GROUP}"
+    with spawn_server(tmp_path, LOOKBACK_SOURCES=url, LOOKBACK_MODELS="lookback-vad") as srv:
+        for d, a in audios.items():
+            msgs = messages(a, 16)
+            for i, msg in enumerate(msgs):
+                publish(prod, "s.audio", d, i, msg, end=i == len(msgs) - 1)
+        prod.flush(10)
+        await _wait_for(lambda: _summaries(kafka_broker, "s.audio.results", audios), "every summary")
+        _assert_like_reference(results(kafka_broker, "s.audio.results"), reference)
+        text = (await asyncio.to_thread(httpx.get, srv.url + "/metrics", timeout=10)).text
+        steps = sum(len(r) for r in reference.values())
+        assert f'lookback_source_steps_total{{source="kafka:s.audio"}} {steps}.0' in text
+        assert (await asyncio.to_thread(httpx.get, srv.url + "/readyz", timeout=10)).status_code == 200
