@@ -201,6 +201,7 @@ async def test_devices_scored_like_solo_runs_with_bad_input_rejected(kafka_broke
     assert value("lookback_source_gaps_total", {**src_label, "policy": "zero_fill"}) == 1
 
 
+@pytest.mark.slow
 async def test_restart_resumes_from_the_results_topic_exactly_once(kafka_broker: Broker) -> None:
     """A second consumer (a restart) restores every device from its results partition."""
     audios = device_audio(3, 64)
@@ -363,14 +364,16 @@ async def test_backpressure_pauses_fetching_and_loses_nothing(kafka_broker: Brok
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("assignor", ["range", "cooperative-sticky"])
 async def test_consumer_joining_mid_run_takes_partitions_over_exactly_once(
-    kafka_broker: Broker, consumers: list[ConsumerProc], tmp_path: Path
+    kafka_broker: Broker, consumers: list[ConsumerProc], tmp_path: Path, assignor: str
 ) -> None:
-    """Rebalance: the first consumer finishes and hands over partitions to a newcomer."""
+    """Rebalance: the first consumer finishes and hands over partitions to a newcomer
+    (eager: everything revoked, then reassigned; cooperative: only what moves)."""
     n_devices, frames, fpm = 40, 160, 16
     audios = device_audio(n_devices, frames)
     reference = await solo_reference(audios)
-    url = f"{kafka_broker.url}/j.audio?group=g&{FAST_GROUP}"
+    url = f"{kafka_broker.url}/j.audio?group=g&{FAST_GROUP}&partition.assignment.strategy={assignor}"
     prod = _producer(kafka_broker)
     prod.list_topics("j.audio", timeout=10)
     a = ConsumerProc(url + "&consumer=a", tmp_path / "a.log").start()
@@ -388,11 +391,22 @@ async def test_consumer_joining_mid_run_takes_partitions_over_exactly_once(
     await _wait_for(
         lambda: "a" in {w for ws in writers(kafka_broker, "j.audio.results").values() for w in ws}, "a"
     )
-    b = ConsumerProc(url + "&consumer=b", tmp_path / "b.log").start()
+    port = free_port()
+    b = ConsumerProc(
+        url + "&consumer=b",
+        tmp_path / "b.log",
+        LOOKBACK_CONSUME_METRICS_PORT=str(port),
+        LOOKBACK_CONSUME_METRICS_HOST="127.0.0.1",
+    ).start()
     consumers.append(b)
+
+    def b_assigned() -> bool:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        return 'lookback_source_rebalances_total{change="assigned",source="kafka:j.audio"}' in text
+
+    await _wait_for(b_assigned, "partitions moved to b")  # the rest of the stream goes to both
     for i in range(n_msgs // 2, n_msgs):
         send(i)
-        await asyncio.sleep(0.3)  # the producers' pace: the rebalance lands mid-stream
     await _wait_for(lambda: _summaries(kafka_broker, "j.audio.results", audios), "every device's summary", 90)
     _assert_like_reference(results(kafka_broker, "j.audio.results"), reference)
     moved = [d for d, w in writers(kafka_broker, "j.audio.results").items() if w == {"a", "b"}]
