@@ -19,8 +19,8 @@ from lookback.sources.monitor import MonitorServer
 from lookback.sources.redis_streams import RedisStreamsSource, publish
 from tests import conftest
 from tests.sources.conftest import Broker, Consumer
+from tests.sources.kafka_support import FAST_GROUP, kafka_producer, results
 from tests.sources.support import device_audio, messages, solo_reference
-from tests.sources.test_kafka import FAST_GROUP, _producer, results
 from tests.support import free_port
 
 
@@ -109,7 +109,7 @@ async def test_kafka_consumer_reports_lag_per_partition_and_rebalances(
     audios = device_audio(6, 32)
     port = free_port()
     url = f"{kafka_broker.url}/mon.audio?group=g&consumer=mon&{FAST_GROUP}"
-    prod = _producer(kafka_broker)
+    prod = kafka_producer(kafka_broker)
     prod.list_topics("mon.audio", timeout=10)
     c = _monitored(url, tmp_path / "c.log", port)
     consumers.append(c)

@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from lookback.engine.engine import Engine
@@ -22,74 +21,11 @@ from lookback.sources.kafka import CKPT_HEADER, KafkaSource, publish
 from tests import conftest
 from tests.sources.conftest import Broker
 from tests.sources.conftest import Consumer as ConsumerProc
-from tests.sources.support import by_device, device_audio, messages, solo_reference
+from tests.sources.kafka_support import FAST_GROUP, errors, kafka_producer, read_topic, results, writers
+from tests.sources.support import device_audio, messages, solo_reference
 from tests.support import free_port
 
 PARTITIONS = 4  # what the mock cluster gives an auto-created topic
-# the mock drops a member that left only when its session times out: keep that short
-FAST_GROUP = "session.timeout.ms=6000&heartbeat.interval.ms=500"
-
-
-def _bootstrap(broker: Broker) -> str:
-    return broker.url.removeprefix("kafka://")
-
-
-def _producer(broker: Broker) -> Producer:
-    return Producer({"bootstrap.servers": _bootstrap(broker), "linger.ms": 2, "enable.idempotence": True})
-
-
-def read_topic(broker: Broker, topic: str) -> list[Any]:
-    """Every record of ``topic`` (all partitions, to their current end), as committed."""
-    c = Consumer(
-        {
-            "bootstrap.servers": _bootstrap(broker),
-            "group.id": "test-reader",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    try:
-        md = c.list_topics(topic, timeout=10)
-        if topic not in md.topics or md.topics[topic].error is not None:
-            return []
-        ends = {}
-        for p in md.topics[topic].partitions:
-            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if hi > lo:
-                ends[p] = hi
-        if not ends:
-            return []
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        out = []
-        deadline = time.monotonic() + 30
-        while ends:
-            assert time.monotonic() < deadline, f"reading {topic} timed out"
-            for m in c.consume(1000, 0.2):
-                if m.error() is not None:
-                    continue
-                out.append(m)
-                if (m.offset() or 0) >= ends.get(m.partition() or 0, 1 << 62) - 1:
-                    ends.pop(m.partition(), None)
-        return out
-    finally:
-        c.close()
-
-
-def results(broker: Broker, topic: str) -> dict[str, list[dict[str, Any]]]:
-    recs = [orjson.loads(m.value()) for m in read_topic(broker, topic)]
-    return by_device([(r["device"], r["records"]) for r in recs])
-
-
-def errors(broker: Broker, topic: str) -> list[dict[str, Any]]:
-    return [orjson.loads(m.value()) for m in read_topic(broker, topic)]
-
-
-def writers(broker: Broker, topic: str) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for m in read_topic(broker, topic):
-        r = orjson.loads(m.value())
-        out.setdefault(r["device"], set()).add(r["by"])
-    return out
 
 
 def _assert_like_reference(res: dict[str, list[dict]], reference: dict[str, list[Any]]) -> None:
@@ -139,7 +75,7 @@ async def test_devices_scored_like_solo_runs_with_bad_input_rejected(kafka_broke
     )
     metrics = Metrics()
     url = f"{kafka_broker.url}/k.audio?group=g&consumer=solo"
-    prod = _producer(kafka_broker)
+    prod = kafka_producer(kafka_broker)
 
     async def body(src: KafkaSource) -> None:
         for i in range(6):
@@ -208,7 +144,7 @@ async def test_restart_resumes_from_the_results_topic_exactly_once(kafka_broker:
     reference = await solo_reference(audios)
     m = {d: messages(a, 8) for d, a in audios.items()}  # 8 messages each
     url = f"{kafka_broker.url}/r.audio?group=g&consumer=first&{FAST_GROUP}"
-    prod = _producer(kafka_broker)
+    prod = kafka_producer(kafka_broker)
 
     def send(rng: range) -> None:
         for i in rng:
@@ -257,7 +193,7 @@ async def test_many_devices_two_consumers_one_killed_exactly_once(
     reference = await solo_reference(audios)
     url = f"{kafka_broker.url}/t.audio?group=g&{FAST_GROUP}"
     env = {"LOOKBACK_SOURCE_IDLE_TIMEOUT_S": "600"}
-    prod = _producer(kafka_broker)
+    prod = kafka_producer(kafka_broker)
     # the topics exist (4 partitions each) before the consumers join
     prod.list_topics("t.audio", timeout=10)
     prod.list_topics("t.audio.results", timeout=10)
@@ -330,7 +266,7 @@ async def test_backpressure_pauses_fetching_and_loses_nothing(kafka_broker: Brok
     audios = device_audio(10, 96)
     reference = await solo_reference(audios)
     m = {d: messages(a, 8) for d, a in audios.items()}  # 12 messages each, 120 in all
-    prod = _producer(kafka_broker)
+    prod = kafka_producer(kafka_broker)
     for i in range(12):
         for d, msgs in m.items():
             publish(prod, "b.audio", d, i, msgs[i], end=i == 11)
@@ -374,7 +310,7 @@ async def test_consumer_joining_mid_run_takes_partitions_over_exactly_once(
     audios = device_audio(n_devices, frames)
     reference = await solo_reference(audios)
     url = f"{kafka_broker.url}/j.audio?group=g&{FAST_GROUP}&partition.assignment.strategy={assignor}"
-    prod = _producer(kafka_broker)
+    prod = kafka_producer(kafka_broker)
     prod.list_topics("j.audio", timeout=10)
     a = ConsumerProc(url + "&consumer=a", tmp_path / "a.log").start()
     consumers.append(a)
@@ -424,7 +360,7 @@ async def test_serve_consumes_kafka_next_to_its_api(kafka_broker: Broker, tmp_pa
 
     audios = device_audio(3, 64)
     reference = await solo_reference(audios)
-    prod = _producer(kafka_broker)
+    prod = kafka_producer(kafka_broker)
     url = f"{kafka_broker.url}/s.audio?group=g&consumer=srv&{FAST_GROUP}"
     with spawn_server(tmp_path, LOOKBACK_SOURCES=url, LOOKBACK_MODELS="lookback-vad") as srv:
         for d, a in audios.items():
