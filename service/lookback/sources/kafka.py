@@ -2,8 +2,8 @@
 
 Input: one record per message on ``<topic>``, **keyed by the device id** (so a device's
 records stay in one partition, in order), the audio as the value and the other fields as
-headers (``seq``, ``encoding``, ``model``, ``version``, ``end``, ``ts``; the values spelled
-as in Redis: decimal digits, ``1``/``0``, a float). ``publish`` is a producer helper.
+headers (``seq``, ``encoding``, ``sample_rate``, ``model``, ``version``, ``end``, ``ts``;
+the values spelled as in Redis: decimal digits, ``1``/``0``, a float). ``publish`` is a producer helper.
 
 Output: per consumed message one record on ``output`` (default ``<topic>.results``),
 keyed by the device, on the **same partition number** as the input record, whose value is
@@ -54,7 +54,7 @@ log = logging.getLogger("lookback.sources.kafka")
 T = TypeVar("T")
 CKPT_HEADER = "lookback-checkpoint"
 OFFSET_HEADER = "lookback-offset"
-_FIELDS = ("seq", "encoding", "model", "version", "end", "ts")
+_FIELDS = ("seq", "encoding", "sample_rate", "model", "version", "end", "ts")  # headers read
 
 
 def publish(
@@ -65,6 +65,7 @@ def publish(
     audio: bytes,
     *,
     encoding: str = "pcm_s16le",
+    sample_rate: int | None = None,
     end: bool = False,
     partition: int | None = None,
     **extra: str,
@@ -75,6 +76,8 @@ def publish(
         ("encoding", encoding.encode()),
         ("ts", repr(time.time()).encode()),
     ]
+    if sample_rate is not None:
+        headers.append(("sample_rate", str(sample_rate).encode()))
     if end:
         headers.append(("end", b"1"))
     headers += [(k, v.encode()) for k, v in extra.items()]
