@@ -252,8 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", help="worker processes on one port: a number, or auto (one per usable CPU)")
     s.set_defaults(func=cmd_serve)
 
-    co = sub.add_parser("consume", help="score audio from broker sources (docs/sources.md), no HTTP")
-    co.add_argument("url", nargs="*", help="redis://...?stream=... or mqtt://...?prefix=...")
+    co = sub.add_parser(
+        "consume",
+        help="score audio from broker sources (docs/sources.md); /metrics, /healthz, /readyz "
+        "on LOOKBACK_CONSUME_METRICS_PORT",
+    )
+    co.add_argument(
+        "url",
+        nargs="*",
+        help="redis://...?stream=..., mqtt://...?prefix=... or kafka://HOSTS/TOPIC?group=...",
+    )
     co.set_defaults(func=cmd_consume)
 
     m = sub.add_parser(

@@ -400,6 +400,38 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.source_bytes = Counter(
+            "lookback_source_bytes_total",
+            "Audio bytes of the broker messages fed to device sessions",
+            ["source"],
+            registry=r,
+        )
+        self.source_steps = Counter(
+            "lookback_source_steps_total",
+            "Steps scored and published for broker devices",
+            ["source"],
+            registry=r,
+        )
+        self.source_lag = Gauge(
+            "lookback_source_lag_messages",
+            "Messages behind the end of each partition (Kafka: high watermark - position; "
+            "Redis: the consumer group's lag on the partition stream)",
+            ["source", "partition"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.source_fetch_pauses = Counter(
+            "lookback_source_fetch_pauses_total",
+            "Times a Kafka consumer paused fetching its partitions because the core was saturated",
+            ["source"],
+            registry=r,
+        )
+        self.source_rebalances = Counter(
+            "lookback_source_rebalances_total",
+            "Partitions this consumer was assigned, had revoked (handed over) or lost",
+            ["source", "change"],
+            registry=r,
+        )
         self.source_commit_seconds = Histogram(
             "lookback_source_commit_seconds",
             "Publish + checkpoint + acknowledge of one consumed message",

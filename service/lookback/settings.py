@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         default_factory=list,
         description="broker sources consumed by `lookback serve` (comma-separated URLs): "
         "redis://host:port/db?stream=lookback:audio&partitions=16&group=lookback, "
-        "mqtt://host:port?prefix=lookback",
+        "mqtt://host:port?prefix=lookback, kafka://host:port/topic?group=lookback",
     )
     source_model: str = Field(
         "", description="model of a device whose messages name none; empty: default_model"
@@ -258,6 +258,22 @@ class Settings(BaseSettings):
     )
     source_checkpoint_ttl_s: float = Field(
         7 * 86400.0, gt=0, description="how long a silent device's checkpoint (last sequence, state) is kept"
+    )
+
+    source_kafka_config: dict[str, str] = Field(
+        default_factory=dict,
+        description="librdkafka settings for kafka:// sources, as JSON (e.g. security.protocol, "
+        "sasl.mechanism, sasl.username, sasl.password, ssl.ca.location); the source URL's "
+        "dotted query parameters override them",
+    )
+    consume_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="`lookback consume` serves /metrics, /healthz and /readyz on this port; 0: off",
+    )
+    consume_metrics_host: str = Field(
+        "0.0.0.0", description="address `lookback consume` serves /metrics, /healthz and /readyz on"
     )
 
     # --- security -------------------------------------------------------------------------

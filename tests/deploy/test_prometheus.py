@@ -288,6 +288,60 @@ ALERT_UNIT_TESTS: list[dict[str, Any]] = [
 ]
 
 
+ALERT_UNIT_TESTS.append(
+    {  # a consumer falls behind on partition 0 (lag growing); partition 1 is large but draining.
+        "interval": "1m",
+        "input_series": [
+            {
+                "series": f'lookback_source_lag_messages{{job="lookback",instance="{A}",'
+                f'source="kafka:audio",partition="0"}}',
+                "values": "500+100x30",
+            },
+            {
+                "series": f'lookback_source_lag_messages{{job="lookback",instance="{A}",'
+                f'source="kafka:audio",partition="1"}}',
+                "values": "5000-100x30",
+            },
+            {
+                "series": f'lookback_source_messages_total{{job="lookback",instance="{A}",'
+                f'source="kafka:audio",outcome="rejected",reason="bad_frame_size"}}',
+                "values": "0+300x30",
+            },
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "25m",
+                "alertname": "LookbackSourceLagGrowing",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(
+                            instance=A, source="kafka:audio", partition="0", severity="warning"
+                        ),
+                        "exp_annotations": _summary(
+                            "kafka:audio partition 0 is 3000 messages behind on a:8000"
+                        ),
+                    }
+                ],
+            },
+            {
+                "eval_time": "20m",
+                "alertname": "LookbackSourceRejections",
+                "exp_alerts": [
+                    {
+                        "exp_labels": _labels(
+                            instance=A, source="kafka:audio", reason="bad_frame_size", severity="info"
+                        ),
+                        "exp_annotations": _summary(
+                            "kafka:audio rejects messages (bad_frame_size) on a:8000"
+                        ),
+                    }
+                ],
+            },
+        ],
+    }
+)
+
+
 def test_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
     promtool = require_tool("promtool")
     res = run_tool(promtool, "test", "rules", str(_unit_test_file(tmp_path, ALERT_UNIT_TESTS)))

@@ -1,4 +1,5 @@
-"""Real brokers for the source tests: redis-server and mosquitto on free loopback ports.
+"""Real brokers for the source tests: redis-server, mosquitto and librdkafka's mock Kafka
+cluster on free loopback ports.
 
 Each broker runs from a temp dir and is ready when it answers (PING / a CONNACK), never
 after a fixed sleep. ``Consumer`` runs ``lookback consume`` as a subprocess so a test can
@@ -7,6 +8,7 @@ SIGKILL or restart it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -55,6 +57,44 @@ def mqtt_broker(tmp_path: Path) -> Iterator[Broker]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def kafka_mock_cluster(tmp_path: Path, brokers: int = 1) -> Iterator[str]:
+    """librdkafka's mock cluster, owned by a child process; yields its bootstrap servers.
+
+    Ready when the child has listed the brokers' metadata (it prints them); stopped by
+    closing its stdin, killed if it does not exit.
+    """
+    log = tmp_path / f"kafka-mock-{time.monotonic_ns()}.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.sources.kafka_mock", str(brokers)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            cwd=REPO,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()  # blocks until the brokers answer (or it dies)
+        if not line.startswith("bootstrap "):
+            raise RuntimeError(f"kafka mock cluster did not start:\n{log.read_text(errors='replace')}")
+        yield line.split()[1]
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def kafka_broker(tmp_path: Path) -> Iterator[Broker]:
+    with kafka_mock_cluster(tmp_path) as bootstrap:
+        yield Broker(int(bootstrap.split(",")[0].rsplit(":", 1)[1]), f"kafka://{bootstrap}")
 
 
 class Consumer:

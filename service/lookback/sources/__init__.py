@@ -22,6 +22,9 @@ class Source(Protocol):
     async def stop(self) -> None:
         """Read no more, commit everything read, release what this consumer owned."""
 
+    def alive(self) -> bool:
+        """False once the source's background work has died (``/healthz`` fails)."""
+
 
 def open_source(
     url: str,
@@ -48,7 +51,11 @@ def open_source(
         from lookback.sources.mqtt import MqttSource
 
         return MqttSource(url, engine, opts, metrics, settings=settings, admit=admit)
-    raise ValueError(f"a source must be a redis:// or mqtt:// URL, not {url[:40]!r}")
+    if url.startswith("kafka://"):
+        from lookback.sources.kafka import KafkaSource
+
+        return KafkaSource(url, engine, opts, metrics, settings=settings, admit=admit)
+    raise ValueError(f"a source must be a redis://, mqtt:// or kafka:// URL, not {url[:40]!r}")
 
 
 def open_sources(

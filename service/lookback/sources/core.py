@@ -1,6 +1,6 @@
 """The broker-independent ingestion core: per-device sessions fed from any message source.
 
-An adapter (Redis Streams, MQTT; Kafka would be one more) turns broker records into
+An adapter (Redis Streams, MQTT, Kafka) turns broker records into
 ``Message`` (or ``Rejection``) values and ``submit``s them; the core runs one worker per
 device that feeds that device's ``StreamSession`` in order, and hands back one ``Commit``
 per consumed message: the records to publish (results, events, gap notices, summaries,
@@ -430,6 +430,8 @@ class DeviceHub:
                 await asyncio.wait_for(self._room.wait(), 0.05)
         self.inflight += 1
         self._idle.clear()
+        if isinstance(item, Message):
+            self.metrics.source_bytes.labels(self.source).inc(len(item.audio))
         if item.device is None or (isinstance(item, Rejection) and item.seq is None):
             # without a device and a sequence number it cannot be placed in any stream
             assert isinstance(item, Rejection)
@@ -449,6 +451,11 @@ class DeviceHub:
             dev.held.append(item)  # read on past it: a flood must not stall its neighbours
         else:
             dev.queue.put_nowait(item)
+
+    def saturated(self) -> bool:
+        """True while ``submit`` would wait on the shared limits (adapters pause fetching)."""
+        o = self.opts
+        return self.inflight >= o.max_inflight or self.engine.backlog >= o.shed_backlog_steps
 
     def _has_room(self, item: Message | Rejection) -> bool:
         o = self.opts
@@ -803,6 +810,8 @@ class DeviceHub:
                 self._done()
             raise BrokerFailure from exc
         self.metrics.source_commit_seconds.labels(self.source).observe(time.perf_counter() - t0)
+        if ok and (steps := sum(r["type"] == "result" for r in commit.records)):
+            self.metrics.source_steps.labels(self.source).inc(steps)
         if commit.sent is not None and ok:
             self.metrics.source_latency.labels(self.source).observe(max(0.0, time.time() - commit.sent))
         if commit.device is None:

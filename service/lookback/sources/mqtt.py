@@ -105,6 +105,9 @@ class MqttSource:
         if self._task in done:
             self._task.result()  # raises why it could not connect
 
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     def _make_client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry

@@ -184,6 +184,7 @@ class RedisStreamsSource:
         self._stopping = False
         self._pending: list[tuple[Commit, asyncio.Future[bool]]] = []
         self._flush_wake = asyncio.Event()
+        self._lagged: set[int] = set()  # partitions with a lag gauge
 
     # -- keys --------------------------------------------------------------------------------
     def _owner_key(self, p: int) -> str:
@@ -207,6 +208,9 @@ class RedisStreamsSource:
             asyncio.create_task(self._flusher(), name="redis-source-commits"),
         ]
         log.info("consuming %s x%d as %s/%s", self.stream, self.partitions, self.group, self.consumer)
+
+    def alive(self) -> bool:
+        return bool(self._tasks) and all(not t.done() for t in self._tasks)
 
     async def stop(self) -> None:
         """Read no more, commit what was read, hand the partitions back."""
@@ -263,9 +267,28 @@ class RedisStreamsSource:
                     for p in extra:
                         self._busy.add(p)
                         spawn(self._hand_back(p))
+                await self._measure_lag()
             except (RedisError, OSError) as exc:
                 log.warning("partition keeper: %s", exc)
             await asyncio.sleep(period)  # the lease renewal period
+
+    async def _measure_lag(self) -> None:
+        """Per owned partition, the group's lag (entries not yet delivered; Redis 7+)."""
+        owned = sorted(self.owned)
+        pipe = self.r.pipeline(transaction=False)
+        for p in owned:
+            pipe.xinfo_groups(stream_key(self.stream, p))
+        for p, groups in zip(owned, await pipe.execute(raise_on_error=False), strict=True):
+            if isinstance(groups, Exception):
+                continue
+            for g in groups:
+                name = g.get("name")
+                if name in (self.group, self.group.encode()) and g.get("lag") is not None:
+                    self.metrics.source_lag.labels(self.name, str(p)).set(g["lag"])
+        for p in self._lagged - set(owned):
+            with contextlib.suppress(KeyError):
+                self.metrics.source_lag.remove(self.name, str(p))
+        self._lagged = set(owned)
 
     async def _onboard(self, p: int, gen: int) -> None:
         """Claim the partition's pending entries (a previous owner's), feed them, then read.
@@ -297,6 +320,7 @@ class RedisStreamsSource:
             if self._gen.get(p) == gen and p in self.owned:
                 self.hub.blocked.discard(str(p))
                 self.reading.add(p)
+                self.metrics.source_rebalances.labels(self.name, "assigned").inc()
                 self._wake.set()
         except (RedisError, OSError) as exc:
             log.warning("claiming partition %d: %s", p, exc)
@@ -344,6 +368,7 @@ class RedisStreamsSource:
             self._drop(p, release_lease=True)
 
     def _drop(self, p: int, *, release_lease: bool) -> None:
+        self.metrics.source_rebalances.labels(self.name, "lost").inc()
         self.owned.discard(p)
         self.reading.discard(p)
         self.hub.blocked.add(str(p))
@@ -369,6 +394,7 @@ class RedisStreamsSource:
             self._gen[p] = self._gen.get(p, 0) + 1
             await self._release(keys=[self._owner_key(p)], args=[self.consumer])
             self.owned.discard(p)
+            self.metrics.source_rebalances.labels(self.name, "revoked").inc()
         except (RedisError, OSError) as exc:
             log.warning("handing back partition %d: %s", p, exc)
         finally:
