@@ -4,6 +4,7 @@ and real ``lookback consume`` processes."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,8 @@ def _summaries(broker: Broker, topic: str, devices: Any) -> bool:
     return all(any(x["type"] == "summary" for x in res.get(d, [])) for d in devices)
 
 
-async def _run_source(url: str, metrics: Metrics, body: Any, **over: Any) -> None:
-    settings = conftest.test_settings(models=["lookback-vad"])
+async def _run_source(url: str, metrics: Metrics, body: Any, model_calls: str = "auto", **over: Any) -> None:
+    settings = conftest.test_settings(models=["lookback-vad"], model_calls=model_calls)
     engine = Engine(settings, metrics)
     await engine.start()
     src = KafkaSource(url, engine, SourceOptions(max_frames=64, **over), metrics, settings=settings)
@@ -262,7 +263,11 @@ async def test_many_devices_two_consumers_one_killed_exactly_once(
 
 
 async def test_backpressure_pauses_fetching_and_loses_nothing(kafka_broker: Broker) -> None:
-    """A backlog far beyond ``max_inflight``: partitions paused, at most 4 messages in flight."""
+    """A backlog far beyond ``max_inflight``: partitions paused, at most 4 messages in flight.
+
+    The model is held (its calls wait on a gate, in the executor thread) until the consumer
+    has paused: otherwise a fast machine could score as fast as it fetches.
+    """
     audios = device_audio(10, 96)
     reference = await solo_reference(audios)
     m = {d: messages(a, 8) for d, a in audios.items()}  # 12 messages each, 120 in all
@@ -274,8 +279,29 @@ async def test_backpressure_pauses_fetching_and_loses_nothing(kafka_broker: Brok
     metrics = Metrics()
     most = 0
 
+    gate = threading.Event()
+
+    def paused() -> bool:
+        n = metrics.registry.get_sample_value(
+            "lookback_source_fetch_pauses_total", {"source": "kafka:b.audio"}
+        )
+        return bool(n)
+
     async def body(src: KafkaSource) -> None:
         nonlocal most
+        batcher = src.hub.engine.resolve("lookback-vad").batcher
+        real = batcher.compute
+
+        def held(batch: Any) -> Any:
+            gate.wait(60)
+            return real(batch)
+
+        batcher.compute = held
+        try:
+            await _wait_for(paused, "the consumer to pause its partitions")
+            most = src.hub.inflight
+        finally:
+            gate.set()
         done = asyncio.create_task(
             _wait_for(lambda: _summaries(kafka_broker, "b.audio.results", m), "every device's summary")
         )
@@ -285,7 +311,12 @@ async def test_backpressure_pauses_fetching_and_loses_nothing(kafka_broker: Brok
         await done
 
     await _run_source(
-        f"{kafka_broker.url}/b.audio?group=g&consumer=solo", metrics, body, max_inflight=4, device_queue=2
+        f"{kafka_broker.url}/b.audio?group=g&consumer=solo",
+        metrics,
+        body,
+        model_calls="thread",  # the gate blocks the executor thread, never the event loop
+        max_inflight=4,
+        device_queue=2,
     )
     pauses = metrics.registry.get_sample_value(
         "lookback_source_fetch_pauses_total", {"source": "kafka:b.audio"}

@@ -170,6 +170,7 @@ class KafkaSource:
         self._closing = threading.Event()
         self._poller: threading.Thread | None = None
         self._paused = False
+        self._early: list[Any] = []  # records a poll returned while waiting for room
         self._recovering: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -254,7 +255,10 @@ class KafkaSource:
             if full != self._paused:
                 await self._call(self._pause if full else self._resume, consumer)
             try:
-                msgs = await self._call(consumer.consume, self.batch, 0.1)
+                if self._early:
+                    msgs, self._early = self._early, []
+                else:
+                    msgs = await self._call(consumer.consume, self.batch, 0.1)
             except KafkaException as exc:
                 log.warning("reading: %s", exc)
                 await asyncio.sleep(0.5)  # back off from a failing cluster
@@ -291,9 +295,25 @@ class KafkaSource:
             track.high = max(track.high, off)
             self.metrics.source_messages.labels(self.name, "redelivery", "replayed").inc()
             return
+        item = self._parse(m, device)
+        await self._until_room()
         track.open.add(off)
         track.high = max(track.high, off)
-        await self.hub.submit(self._parse(m, device))
+        await self.hub.submit(item)
+
+    async def _until_room(self) -> None:
+        """While the core is saturated: partitions paused, the consumer still polled.
+
+        ``submit`` would wait too, but without a poll for ``max.poll.interval.ms`` the group
+        evicts this consumer; paused, a poll fetches nothing and only keeps it a member
+        (what it returns anyway, an assignment's record before its pause, is read next).
+        """
+        consumer = self.consumer
+        assert consumer is not None
+        while self.hub.saturated() and not self._stopping:
+            if not self._paused:
+                await self._call(self._pause, consumer)
+            self._early.extend(await self._call(consumer.consume, self.batch, 0.05))
 
     def _parse(self, m: Any, device: str | bytes | None) -> Message | Rejection:
         fields: dict[str, object] = {}
