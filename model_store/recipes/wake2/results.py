@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _at_fa(curve: list[dict], fa: float) -> dict | None:
@@ -21,7 +21,10 @@ def _at_fa(curve: list[dict], fa: float) -> dict | None:
 def det_png(r: dict, path: Path) -> None:
     test, val = r["test"], r["val_curve"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for rows, label, style in ((test["curve"], "test (held-out voices)", "-"), (val, "val (training voices)", "--")):
+    for rows, label, style in (
+        (test["curve"], "test (held-out voices)", "-"),
+        (val, "val (training voices)", "--"),
+    ):
         pts = sorted((max(c["false_alarms_per_hour"], 0.05), 1 - c["detection_rate"]) for c in rows)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".", ms=3, label=label)
     thr = test["threshold"]
@@ -74,7 +77,9 @@ def main() -> None:
     det_png(r, args.out.parent / "det.png")
     test, val = r["test"], r["val"]
     by = test["detection_by"]
-    fa_kind = "\n".join(f"| {k} | {v['clips']} | {v['false_alarms']} |" for k, v in test["false_alarms_by_kind"].items())
+    fa_kind = "\n".join(
+        f"| {k} | {v['clips']} | {v['false_alarms']} |" for k, v in test["false_alarms_by_kind"].items()
+    )
     fa_engine = "\n".join(
         f"| {k} | {v['clips']} | {v['false_alarms']} |" for k, v in test["false_alarms_by_engine"].items()
     )
@@ -87,8 +92,37 @@ def main() -> None:
     half, one = _at_fa(test["curve"], 0.5), _at_fa(test["curve"], 1.0)
 
     def point(p: dict | None) -> str:
-        return f"detection {p['detection_rate']} at threshold {p['threshold']} ({p['false_alarms_per_hour']}/h)" if p else "none"
+        return (
+            f"detection {p['detection_rate']} at threshold {p['threshold']} ({p['false_alarms_per_hour']}/h)"
+            if p
+            else "none"
+        )
 
+    rows = [
+        (
+            f"threshold (chosen on val: the lowest with at most {val['max_fa_per_hour']} "
+            "false alarms per hour)",
+            f"{test['threshold']}",
+        ),
+        (
+            f"detection rate ({test['positives']} phrase clips, one per held-out phrase utterance; "
+            "an event within -0.3..+0.5 s of the phrase end)",
+            f"**{test['detection_rate']}**",
+        ),
+        (
+            f"false alarms per hour ({test['negative_hours']} h of 3 s negative clips streamed back to back, "
+            "state carried)",
+            f"**{test['false_alarms_per_hour']}** ({test['false_alarms']} in {test['negative_hours']} h)",
+        ),
+        ("best detection at <= 1 false alarm per hour (test curve)", point(one)),
+        ("best detection at <= 0.5 false alarms per hour (test curve)", point(half)),
+        (
+            f"val (training voices, other utterances; {val['negative_clips']} negative clips): "
+            "detection / false alarms per hour",
+            f"{val['detection_rate']} / {val['false_alarms_per_hour']}",
+        ),
+    ]
+    summary = "| | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     pools = r["pools"]
     m = r["mining"]
     hardest = ", ".join(f'"{h["text"]}" ({h["engine"]}, {h["score"]})' for h in m["hardest"][:8])
@@ -107,14 +141,7 @@ at 0-30 dB SNR including two kinds training never had (wind, DTMF), babble of he
 voices, synthetic room reverb in 40% of clips, peak level -35..-1 dBFS.
 Pools: {pools["test"]["pos"]} phrase and {pools["test"]["neg"]} other utterances.
 
-| | value |
-|---|---|
-| threshold (chosen on val: the lowest with at most {val["max_fa_per_hour"]} false alarms per hour) | {test["threshold"]} |
-| detection rate ({test["positives"]} phrase clips, one per held-out phrase utterance; an event within -0.3..+0.5 s of the phrase end) | **{test["detection_rate"]}** |
-| false alarms per hour ({test["negative_hours"]} h of 3 s negative clips streamed back to back, state carried) | **{test["false_alarms_per_hour"]}** ({test["false_alarms"]} in {test["negative_hours"]} h) |
-| best detection at <= 1 false alarm per hour (test curve) | {point(one)} |
-| best detection at <= 0.5 false alarms per hour (test curve) | {point(half)} |
-| val (training voices, other utterances; {val["negative_clips"]} negative clips): detection / false alarms per hour | {val["detection_rate"]} / {val["false_alarms_per_hour"]} |
+{summary}
 
 ![DET curve](det.png)
 

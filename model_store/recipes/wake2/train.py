@@ -64,7 +64,9 @@ def build_model(channels: int = CHANNELS) -> StreamingModel:
     return StreamingModel(Frontend(mel_basis(48), 128), body, labels=[LABEL])
 
 
-def batches(pools: Pools, batch: int, seed: int, p_pos: float = 0.35) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    pools: Pools, batch: int, seed: int, p_pos: float = 0.35
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     while True:
         audio = np.zeros((batch, CONTEXT + CLIP), np.float32)
@@ -125,7 +127,9 @@ def score_stream(model: StreamingModel, audio: np.ndarray, chunk: int = 4096) ->
     out, t, n = [], 0, (x.size - CONTEXT) // HOP
     while t < n:
         c = min(chunk, n - t)
-        y, states = model.forward_stateful(torch.from_numpy(x[None, t * HOP : CONTEXT + (t + c) * HOP]), states)
+        y, states = model.forward_stateful(
+            torch.from_numpy(x[None, t * HOP : CONTEXT + (t + c) * HOP]), states
+        )
         out.append(y[0, :, 0].numpy())
         t += c
     model.train()
@@ -158,7 +162,9 @@ def _bucket_snr(snr: float | None) -> str:
 
 
 def _bucket_speed(stretch: float) -> str:
-    return "fast (stretch < 0.87)" if stretch < 0.87 else "slow (stretch > 1.15)" if stretch > 1.15 else "normal"
+    return (
+        "fast (stretch < 0.87)" if stretch < 0.87 else "slow (stretch > 1.15)" if stretch > 1.15 else "normal"
+    )
 
 
 def evaluate(pos: list, neg: list, thr: float, scored: tuple, detail: bool = False) -> dict:
@@ -177,7 +183,13 @@ def evaluate(pos: list, neg: list, thr: float, scored: tuple, detail: bool = Fal
     }
     if not detail:
         return r
-    groups: dict[str, dict[str, list[int]]] = {"engine": {}, "voice": {}, "snr": {}, "speed": {}, "reverb": {}}
+    groups: dict[str, dict[str, list[int]]] = {
+        "engine": {},
+        "voice": {},
+        "snr": {},
+        "speed": {},
+        "reverb": {},
+    }
     for ok, (_, _, m) in zip(detected, pos, strict=True):
         keys = {
             "engine": m["engine"],
@@ -210,12 +222,19 @@ def evaluate(pos: list, neg: list, thr: float, scored: tuple, detail: bool = Fal
         if per_clip[i] and m.get("index") is not None:
             examples.append(m["kind"])
     r["false_alarms_by_kind"] = {k: {"false_alarms": v[0], "clips": v[1]} for k, v in sorted(by_kind.items())}
-    r["false_alarms_by_engine"] = {k: {"false_alarms": v[0], "clips": v[1]} for k, v in sorted(by_engine.items())}
+    r["false_alarms_by_engine"] = {
+        k: {"false_alarms": v[0], "clips": v[1]} for k, v in sorted(by_engine.items())
+    }
     return r
 
 
 DET_THRESHOLDS = np.unique(
-    np.round(np.concatenate([np.arange(0.3, 0.9, 0.05), np.arange(0.9, 0.99, 0.005), 1 - np.geomspace(0.01, 1e-4, 25)]), 5)
+    np.round(
+        np.concatenate(
+            [np.arange(0.3, 0.9, 0.05), np.arange(0.9, 0.99, 0.005), 1 - np.geomspace(0.01, 1e-4, 25)]
+        ),
+        5,
+    )
 )
 
 
@@ -304,9 +323,20 @@ def main() -> None:
     train_round(model, train, args.steps, args.lr, args.batch, args.seed + 2, log)
     t1 = time.time()
     weights, top = mine(model, train)
-    mined = {"seconds": round(time.time() - t1, 1), "utterances": len(top), "above_0.5": int((top >= 0.5).sum())}
+    mined = {
+        "seconds": round(time.time() - t1, 1),
+        "utterances": len(top),
+        "above_0.5": int((top >= 0.5).sum()),
+    }
     order = np.argsort(-top)[:15]
-    mined["hardest"] = [{"text": train.neg_meta[i]["text"], "engine": train.neg_meta[i]["engine"], "score": round(float(top[i]), 3)} for i in order]
+    mined["hardest"] = [
+        {
+            "text": train.neg_meta[i]["text"],
+            "engine": train.neg_meta[i]["engine"],
+            "score": round(float(top[i]), 3),
+        }
+        for i in order
+    ]
     print(f"mined: {mined}", flush=True)
     train.neg_weights = weights
     if args.steps2:
@@ -326,7 +356,10 @@ def main() -> None:
     test_scored = scores(model, test_pos, test_neg)
     test_r = evaluate(test_pos, test_neg, thr, test_scored, detail=True)
     test_r["curve"] = curve(test_pos, test_neg, test_scored)
-    print(f"test: { {k: test_r[k] for k in ('detection_rate', 'false_alarms_per_hour', 'negative_hours')} }", flush=True)
+    print(
+        f"test: { {k: test_r[k] for k in ('detection_rate', 'false_alarms_per_hour', 'negative_hours')} }",
+        flush=True,
+    )
     eval_s = time.time() - t2
 
     info = {
@@ -336,7 +369,10 @@ def main() -> None:
         "batch": args.batch,
         "parameters": n_params,
         "receptive_field_frames": model.body.receptive_field(),
-        "pools": {s: {"pos": len(p.pos), "neg": len(p.neg)} for s, p in (("train", train), ("val", val), ("test", test))},
+        "pools": {
+            s: {"pos": len(p.pos), "neg": len(p.neg)}
+            for s, p in (("train", train), ("val", val), ("test", test))
+        },
         "mining": mined,
         "val": {**chosen, "max_fa_per_hour": args.val_fa, "negative_clips": len(val_neg)},
         "val_curve": val_curve,
@@ -353,7 +389,8 @@ def main() -> None:
         f"stride 2 (one step per 256 samples), 6 residual depthwise-separable causal convs at {CHANNELS} "
         f"channels (dilations 1-32), pointwise head, sigmoid; receptive field 2 s; {n_params} trainable "
         f"parameters. Held-out voices and engines: detection rate {test_r['detection_rate']} at "
-        f"{test_r['false_alarms_per_hour']} false alarms per hour ({test_r['negative_hours']} h of negatives). "
+        f"{test_r['false_alarms_per_hour']} false alarms per hour "
+        f"({test_r['negative_hours']} h of negatives). "
         "One score per 256-sample hop (16 ms); an event starts when the phrase ends. "
         "See model_store/recipes/wake2/RESULTS.md."
     )

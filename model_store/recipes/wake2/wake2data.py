@@ -115,7 +115,7 @@ def near_miss(rng: np.random.Generator) -> str:
     return OTHER_NEAR[int(rng.integers(len(OTHER_NEAR)))]
 
 
-WORDS = (
+_WORD_TEXT = (
     "the weather is nice today please call me tomorrow open door what time it turn on lights "
     "music kitchen coffee meeting number seven hello thanks good morning where are you going back "
     "look book lock lucky black table window water play stop next song volume up down set timer "
@@ -124,7 +124,8 @@ WORDS = (
     "could should lunch dinner car bus left right street city phone message send read email "
     "twenty thirty forty five six eight nine ten hundred first second third price today's news "
     "sarah john peter maria david emma lucas chloe london paris berlin monday friday weekend"
-).split()
+)
+WORDS = _WORD_TEXT.split()
 
 
 def english_sentence(rng: np.random.Generator) -> str:
@@ -177,7 +178,11 @@ def spec_for(split: str, kind: str, index: int) -> dict:
         variants = TEST_VARIANTS if group == "test" else TRAIN_VARIANTS
         var = variants[int(rng.integers(len(variants)))]
         voice = lang + (f"+{var}" if var else "")
-        params = {"speed": int(round(165 / stretch)), "pitch": int(rng.integers(5, 95)), "gap": int(rng.integers(0, 6))}
+        params = {
+            "speed": round(165 / stretch),
+            "pitch": int(rng.integers(5, 95)),
+            "gap": int(rng.integers(0, 6)),
+        }
     elif e < share[0] + share[1]:
         engine = "flite"
         voice = FLITE_VOICES[group][int(rng.integers(len(FLITE_VOICES[group])))]
@@ -192,7 +197,14 @@ def spec_for(split: str, kind: str, index: int) -> dict:
         else:
             voice = FESTIVAL_VOICES[group][int(rng.integers(len(FESTIVAL_VOICES[group])))]
         params = {}
-    return {"engine": engine, "voice": voice, "text": text, "kind": sub, "stretch": round(stretch, 3), **params}
+    return {
+        "engine": engine,
+        "voice": voice,
+        "text": text,
+        "kind": sub,
+        "stretch": round(stretch, 3),
+        **params,
+    }
 
 
 def _sox16k(path: str) -> np.ndarray:
@@ -226,9 +238,8 @@ def synth_batch(specs: list[dict]) -> list[np.ndarray]:
             for i, s in fest:
                 lines.append(f"(voice_{s['voice']})")
                 lines.append(f"(Parameter.set 'Duration_Stretch {s['stretch']})")
-                lines.append(
-                    f'(utt.save.wave (utt.synth (Utterance Text "{_clean_text(s["text"])}")) "{tmp}/{i}.wav" \'riff)'
-                )
+                text = _clean_text(s["text"])
+                lines.append(f'(utt.save.wave (utt.synth (Utterance Text "{text}")) "{tmp}/{i}.wav" \'riff)')
             script = Path(tmp) / "batch.scm"
             script.write_text("\n".join(lines) + "\n")
             subprocess.run(["festival", "--batch", str(script)], capture_output=True, timeout=600)
@@ -323,7 +334,9 @@ def main() -> None:
             summary[split] = {"pos": len(meta["pos"]), "neg": len(meta["neg"]), "noise": len(kinds)}
     print(f"wake2 datagen: {summary} in {time.time() - t0:.0f} s")
     if "cached" not in summary.values():  # what synthesising every pool took (results.py reports it)
-        (args.out / "datagen.json").write_text(json.dumps({"seconds": round(time.time() - t0), "pools": summary}))
+        (args.out / "datagen.json").write_text(
+            json.dumps({"seconds": round(time.time() - t0), "pools": summary})
+        )
 
 
 if __name__ == "__main__":

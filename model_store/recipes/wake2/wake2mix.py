@@ -7,6 +7,7 @@ fixed function of (split, seed) and training never sees the same mix twice.
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ class Pools:
     def __init__(self, folder: Path, split: str) -> None:
         with np.load(folder / f"{split}.npz") as z:
             arr = {k: z[k] for k in z.files}
-        self.pos = [arr["pos_audio"][a:b] for a, b in zip(arr["pos_offsets"][:-1], arr["pos_offsets"][1:])]
-        self.neg = [arr["neg_audio"][a:b] for a, b in zip(arr["neg_offsets"][:-1], arr["neg_offsets"][1:])]
+        self.pos = [arr["pos_audio"][a:b] for a, b in pairwise(arr["pos_offsets"])]
+        self.neg = [arr["neg_audio"][a:b] for a, b in pairwise(arr["neg_offsets"])]
         self.noise = arr["noise"]
         meta = json.loads((folder / f"{split}.json").read_text())
         self.pos_meta: list[dict] = meta["pos"]
