@@ -205,7 +205,7 @@ lookbook", "hey lockback", "hey playback", ...), or "lookback", "look back", "he
   {pools["train"]["pos"]} phrase and {pools["train"]["neg"]} other utterances (resampled by
   0.85-1.18, tilted, low-passed; reverb, noise, babble); hard-negative mining: every training
   negative utterance scored alone ({m["seconds"]} s; {m["above_0.5"]} of {m["utterances"]} scored
-  0.5 or more; hardest: {hardest}); round 2: {r["steps"][1]} steps, half of the negatives
+  0.5 or more; hardest: {hardest}); round 2: {r["steps"][1]} steps, 30% of the negatives
   drawn in proportion to their mined score; torch {r["torch"]}, one thread
 - wall-clock on 2 shared CPU cores: synthesising the pools {synth} s (first run; later runs
   reuse them: datagen stage {t.get("datagen", "?")} s this run),

@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-../../../.venv/bin/python}"
-STEPS="${STEPS:-1500}"
+STEPS="${STEPS:-1800}"
 STEPS2="${STEPS2:-1200}"
 RUN=../runs/lookback-wake2
 export PYTHONHASHSEED=0 OMP_NUM_THREADS=1

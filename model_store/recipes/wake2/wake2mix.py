@@ -15,6 +15,11 @@ from wake2data import CLIP, HOP, SR
 
 TARGET_BEFORE = 2  # hops before the phrase's end that are already positive (32 ms)
 TARGET_AFTER = 19  # hops after it (300 ms): the detector fires when the phrase ends
+IGNORE_BEFORE = 12  # hops before the positive run that are neither target (-1: no loss there)
+IGNORE_AFTER = 31  # ... nor after it, up to the end of the detection window (+500 ms)
+
+
+MINED_SHARE = 0.3  # after mining: the share of negatives drawn by their mined weight
 
 
 class Pools:
@@ -34,7 +39,7 @@ class Pools:
         self.neg_weights: np.ndarray | None = None  # hard-negative mining: sampling weights
 
     def pick_neg(self, rng: np.random.Generator) -> int:
-        if self.neg_weights is not None and rng.random() < 0.5:
+        if self.neg_weights is not None and rng.random() < MINED_SHARE:
             return int(rng.choice(len(self.neg), p=self.neg_weights))
         return int(rng.integers(len(self.neg)))
 
@@ -97,7 +102,8 @@ def make_clip(
     augment: bool = False,
     pos_index: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """audio float32 [n], target per 256-sample hop, metadata.
+    """audio float32 [n], target per 256-sample hop (1, 0, or -1 where no loss applies: just
+    before and after the positive run, where the phrase may or may not be complete), metadata.
 
     Positive clips end the phrase 1.3 s or more into the clip, half of them with other speech
     before it; negatives hold 1-3 other utterances (near misses among them), noise alone or a
@@ -125,6 +131,7 @@ def make_clip(
                 v = v[-stop:] * 10 ** (rng.uniform(-8, 0) / 20)
                 clean[stop - v.size : stop] += v
         e = end // HOP
+        target[max(0, e - IGNORE_BEFORE) : e + IGNORE_AFTER] = -1.0  # the word's last sounds: no loss
         target[max(0, e - TARGET_BEFORE) : e + TARGET_AFTER] = 1.0
         meta["end"] = end
     else:
@@ -134,7 +141,10 @@ def make_clip(
                 i = pools.pick_neg(rng)
                 v = f32(pools.neg[i])
                 v = (perturb(rng, v) if augment else v) * 10 ** (rng.uniform(-8, 0) / 20)
-                if v.size < n:  # anywhere, at most 30% of it cut off at either edge
+                whole = pools.neg_meta[i]["kind"] == "near miss"  # cut, "okay lookback" may become the phrase
+                if whole and v.size < n:
+                    start = int(rng.uniform(0, n - v.size))
+                elif v.size < n:  # anywhere, at most 30% of it cut off at either edge
                     start = int(rng.uniform(-0.3 * v.size, n - 0.7 * v.size))
                 else:
                     start = -int(rng.uniform(0, v.size - n + 1))
