@@ -8,7 +8,11 @@ normalised), a causal strided conv (K=3, stride 2: one score per 256 samples), s
 blocks of depthwise causal conv (K=3, dilations 1-32) + ReLU + pointwise conv at 96
 channels, a pointwise head and a sigmoid: a receptive field of 255 front-end frames (2 s).
 
-Round 1 trains on clips mixed on the fly from the training pools; then every training
+The loss (``wake_loss``): BCE per hop against a target that is 1 from 32 ms before to 300 ms
+after the phrase ends, with no loss on the hops around that run (the phrase may or may not
+be complete there), plus max-pool terms on each clip's highest negative hop and each phrase
+clip's highest positive hop (``--maxpool``). Round 1 trains on clips mixed on the fly from
+the training pools (a background thread); then every training
 negative utterance is scored alone and the ones that score high are drawn for 30% of the
 negatives of round 2 (hard-negative mining), which continues from round 1's weights. The
 threshold is set on val (training voices, other utterances and mixes): the lowest with at
