@@ -7,7 +7,7 @@ HOST    ?= 127.0.0.1
 PORT    ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install serve test check lint docs bench silero system-deps train train-wake clean protocol
+.PHONY: install serve test check lint docs bench silero system-deps train train-wake train-wake2 clean protocol
 
 install: $(STAMP)
 
@@ -87,6 +87,16 @@ train: install system-deps
 train-wake: install system-deps
 	$(BIN)/python -m pip install -q -e '.[train]'
 	bash model_store/recipes/wake/run.sh
+
+# Retrain lookback-wake/2 (also needs Flite, Festival and its voices; under 30 minutes on 2 CPU
+# cores, the synthesised pools are kept in model_store/recipes/data/wake2 for the next run).
+WAKE2_APT := flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts festvox-italp16k \
+	festvox-czech-dita festvox-suopuhe-lj
+train-wake2: install system-deps
+	@command -v flite >/dev/null && test -d /usr/share/festival/voices/english/ked_diphone \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(WAKE2_APT))
+	$(BIN)/python -m pip install -q -e '.[train]'
+	bash model_store/recipes/wake2/run.sh
 
 # Containers (need a Docker engine) and offline validation of the deployment files.
 IMAGE ?= lookback

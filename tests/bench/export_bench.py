@@ -5,7 +5,8 @@ replaced it) is read from git at ``--baseline-rev``; the exported one is the shi
 ``model_store/lookback-vad/1/model.onnx``. Both run in ONNX Runtime on one thread pinned to
 one core, at batch 1, 64 and 256, in interleaved rounds (A, B, A, B, ...) so that load on a
 shared machine hits both alike; the figure is the median time of one call divided by the
-batch. The wake-phrase model is timed too when it is in the store.
+batch. Every version of the wake-phrase model in the store is timed too (per stream and
+per second of audio, since versions may differ in hop).
 
     python -m tests.bench.export_bench [--rounds 7] [--json out.json]
 """
@@ -113,10 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base = baseline_graph(args.baseline_rev, Path(tmp) / "hand_written.onnx")
         result["lookback-vad"] = compare(base, vad / spec.graph.file, spec, args.rounds, args.seconds)
-    wake = STORE / "lookback-wake" / "1"
-    if (wake / "model.json").is_file():
-        wspec = load_manifest(wake / "model.json")
-        result["lookback-wake"] = single(wake / wspec.graph.file, wspec, args.rounds, args.seconds)
+    for wake in sorted((STORE / "lookback-wake").glob("*/model.json")):
+        wspec = load_manifest(wake)
+        rows = single(wake.parent / wspec.graph.file, wspec, args.rounds, args.seconds)
+        steps_per_s = wspec.sample_rate / wspec.hop_samples
+        for row in rows.values():
+            row["us_per_stream_second"] = round(row["us_per_stream"] * steps_per_s, 1)
+        result[f"lookback-wake/{wspec.version}"] = rows
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
