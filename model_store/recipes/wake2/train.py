@@ -1,7 +1,7 @@
 """Train ``lookback-wake/2`` ("hey lookback") in two rounds with hard-negative mining, export it,
 evaluate it on the held-out voices.
 
-    python train.py --data ../data/wake2 --out ../../lookback-wake/2
+    python train.py --data ../data/wake2 --out ../runs/lookback-wake2/lookback-wake/2
 
 Network (``lookback.streaming``): the default model's front end (48 mel bands, log power,
 normalised), a causal strided conv (K=3, stride 2: one score per 256 samples), six residual
@@ -342,7 +342,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", type=Path, default=here.parent / "data" / "wake2")
     ap.add_argument("--run", type=Path, default=here.parent / "runs" / "lookback-wake2")
-    ap.add_argument("--out", type=Path, default=here.parents[1] / "lookback-wake" / "2")
+    ap.add_argument("--out", type=Path, default=here.parent / "runs" / "lookback-wake2" / "lookback-wake" / "2")
     ap.add_argument("--steps", type=int, default=2200, help="round 1")
     ap.add_argument("--steps2", type=int, default=1400, help="round 2 (after mining)")
     ap.add_argument("--batch", type=int, default=48)
