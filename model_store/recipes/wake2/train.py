@@ -342,7 +342,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", type=Path, default=here.parent / "data" / "wake2")
     ap.add_argument("--run", type=Path, default=here.parent / "runs" / "lookback-wake2")
-    ap.add_argument("--out", type=Path, default=here.parent / "runs" / "lookback-wake2" / "lookback-wake" / "2")
+    candidate = here.parent / "runs" / "lookback-wake2" / "lookback-wake" / "2"  # not the served store
+    ap.add_argument("--out", type=Path, default=candidate)
     ap.add_argument("--steps", type=int, default=2200, help="round 1")
     ap.add_argument("--steps2", type=int, default=1400, help="round 2 (after mining)")
     ap.add_argument("--batch", type=int, default=48)
@@ -463,9 +464,7 @@ def main() -> None:
         clips=[test_pos[0][0]],
     )
     print(report.text())
-    shipped = args.out.resolve() == (here.parents[1] / "lookback-wake" / "2").resolve()
-    weights_path = WEIGHTS if shipped else args.run / WEIGHTS.name
-    np.savez(weights_path, **{k: v.numpy() for k, v in model.state_dict().items() if k != "frontend.basis"})
+    np.savez(WEIGHTS, **{k: v.numpy() for k, v in model.state_dict().items() if k != "frontend.basis"})
 
 
 def load_weights(path: Path | None = None) -> StreamingModel:
