@@ -74,6 +74,8 @@ bench: install silero
 	$(BIN)/python -m tests.bench.export_bench
 	$(BIN)/python -m tests.bench.sessions_bench --trials 20 --sessions 1000
 	$(BIN)/python -m tests.bench.workers_bench
+	$(BIN)/python -m tests.bench.resample_bench --out tests/bench/results/$$(date +%F)-resample.md
+	$(BIN)/python -m tests.bench.kafka_bench --json tests/bench/results/$$(date +%F)-kafka.json
 
 protocol: install
 	$(BIN)/lookback protocol
