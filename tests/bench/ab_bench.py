@@ -459,7 +459,7 @@ def to_markdown(res: dict[str, Any]) -> str:
                         v["sessions"],
                         f"{o.get('passed')}, {_f(o.get('p99_ms'), '.1f')}",
                         f"{i.get('passed')}, {_f(i.get('p99_ms'), '.1f')}, "
-                        f"max |stream - REST| {_f(i.get('verify_max_abs_diff'), '.1e')}",
+                        f"max abs diff from REST {_f(i.get('verify_max_abs_diff'), '.1e')}",
                     )
                 )
     if c.get("ratios"):
