@@ -348,10 +348,12 @@ class Resumer:
                 ) from exc
             conn = connect(model, results, state.sid)
             conn.session = StreamSession.restore(
-                model, conn, snap, max_pending_steps=self.settings.max_pending_steps
+                model,
+                conn,
+                snap,
+                max_pending_steps=self.settings.max_pending_steps,
+                max_amplitude=self.settings.max_float_amplitude,
             )
-            if conn.session.decoder is not None:  # a setting, not part of the snapshot
-                conn.session.decoder.max_amplitude = self.settings.max_float_amplitude
             try:  # from here a refusal must free the restored session's slot
                 conn.resume = state
                 conn.recent = deque(maxlen=self.settings.resume_tail_messages)

@@ -178,18 +178,23 @@ class StreamSession:
                 f"message of {n} bytes is not a whole number of {self.frame_bytes}-byte frames",
                 code="bad_frame_size",
             )
-        buffered = len(self._buf) + n
-        new_steps = buffered // self.hop_bytes
+        self._refuse_if_full(self.steps_for(n))
+        if self._is_f32:
+            refuse_non_finite(np.frombuffer(data, F32), "message")
+        return self._accept(data, time.perf_counter() if t_arrival is None else t_arrival)
+
+    def _refuse_if_full(self, new_steps: int) -> None:
         pending = self.pending_steps
         if new_steps and pending + new_steps > self.max_pending:
             raise BackpressureError(
                 f"{pending} steps already waiting; audio arrives faster than it is scored"
             )
-        if self._is_f32:
-            refuse_non_finite(np.frombuffer(data, F32), "message")
-        if t_arrival is None:
-            t_arrival = time.perf_counter()
+
+    def _accept(self, data: bytes, t_arrival: float) -> int:
+        """Checked whole frames (the session's own encoding) into the partial hop and steps."""
+        n = len(data)
         self.frames += n // self.frame_bytes
+        new_steps = (len(self._buf) + n) // self.hop_bytes
         whole = new_steps * self.hop_bytes
         if self._buf:
             self._buf += data
@@ -204,36 +209,22 @@ class StreamSession:
         return new_steps
 
     def _push_decoded(self, data: bytes, t_arrival: float | None) -> int:
-        """Wire audio through the decoder, its whole frames through ``push``; refused whole."""
+        """Wire audio through the decoder, its whole frames into steps; refused whole."""
         dec = self.decoder
         assert dec is not None
         audio = dec.check(data)
-        need = (len(self._buf) // 4 + dec.output_samples(len(data))) // self.hop
-        if need and self.pending_steps + need > self.max_pending:
-            raise BackpressureError(
-                f"{self.pending_steps} steps already waiting; audio arrives faster than it is scored"
-            )
-        frames = dec.feed(audio)
+        self._refuse_if_full(self.steps_for(len(data)))
+        frames = dec.feed(audio)  # float32 at the model's rate, finite: the session's encoding
         if not frames.size:
             return 0
-        self.decoder = None  # the frames are model-rate float32 now
-        try:
-            return self.push(frames.tobytes(), t_arrival)
-        finally:
-            self.decoder = dec
+        return self._accept(frames.tobytes(), time.perf_counter() if t_arrival is None else t_arrival)
 
     def flush(self) -> int:
         """Zero-pad a partial hop into a step so no accepted audio is left unscored."""
         if self.decoder is not None and not self.closed:  # the decoder's tail first
             tail = self.decoder.flush()
             if tail.size:
-                self.frames += tail.size // self.model.spec.frame_samples
-                self._buf += tail.tobytes()
-                whole = len(self._buf) // self.hop_bytes
-                if whole:
-                    hops = bytes(self._buf[: whole * self.hop_bytes])
-                    del self._buf[: whole * self.hop_bytes]
-                    self._add_hops(hops, whole, time.perf_counter())
+                self._accept(tail.tobytes(), time.perf_counter())
         if self.closed or not self._buf:
             return 0
         missing = self.hop_bytes - len(self._buf)
@@ -481,15 +472,24 @@ class StreamSession:
 
     @classmethod
     def restore(
-        cls, model: ServedModel, sink: ResultSink, data: bytes | Snapshot, *, max_pending_steps: int = 64
+        cls,
+        model: ServedModel,
+        sink: ResultSink,
+        data: bytes | Snapshot,
+        *,
+        max_pending_steps: int = 64,
+        max_amplitude: float = 4.0,
     ) -> StreamSession:
-        """A session in a fresh slot that continues ``data`` bit-identically."""
+        """A session in a fresh slot that continues ``data`` bit-identically (``max_amplitude``:
+        the float audio bound of its decoder, a setting rather than part of the snapshot)."""
         snap = data if isinstance(data, Snapshot) else decode(data)
         check_compatible(snap, model)
         spec = model.spec
         decoder = None
         if snap.decoder is not None:
-            decoder = WireDecoder.from_state(snap.decoder, spec.sample_rate, spec.frame_samples)
+            decoder = WireDecoder.from_state(
+                snap.decoder, spec.sample_rate, spec.frame_samples, max_amplitude=max_amplitude
+            )
         session = cls(
             model,
             sink,

@@ -458,14 +458,11 @@ class DeviceHub:
         return self.inflight >= o.max_inflight or self.engine.backlog >= o.shed_backlog_steps
 
     def _has_room(self, item: Message | Rejection) -> bool:
-        o = self.opts
-        if self.inflight >= o.max_inflight:
-            return False
-        if self.engine.backlog >= o.shed_backlog_steps:
+        if self.saturated():
             return False
         if item.device is None or item.device in self.devices:
             return True
-        return len(self.devices) < o.max_devices
+        return len(self.devices) < self.opts.max_devices
 
     def _done(self) -> None:
         self.inflight -= 1
@@ -586,11 +583,13 @@ class DeviceHub:
                 handle = self.engine.resolve(snap.model, snap.version)
                 dev.session = await self._with_room(
                     lambda: StreamSession.restore(
-                        handle, _Sink(dev), snap, max_pending_steps=self.opts.max_pending_steps
+                        handle,
+                        _Sink(dev),
+                        snap,
+                        max_pending_steps=self.opts.max_pending_steps,
+                        max_amplitude=self.opts.max_amplitude,
                     )
                 )
-                if dev.session.decoder is not None:  # a setting, not part of the snapshot
-                    dev.session.decoder.max_amplitude = self.opts.max_amplitude
                 self.metrics.source_restores.labels(self.source).inc()
             except LookbackError as exc:
                 # the model changed since the checkpoint: the device starts a new session
