@@ -202,10 +202,7 @@ class Connection:
         elif self.want_results:
             single = self.single
             body = {single: scores[0]} if single is not None else dict(zip(self.labels, scores, strict=True))
-            if self.direct is not None:  # _put_json, inlined: the hot path
-                self._write(result_bytes(index, time, body))
-            else:
-                self._put(result_bytes(index, time, body).decode())
+            self._put_json(result_bytes(index, time, body))
         elif self.batch:
             if self._rows and index != self._first + len(self._rows):
                 self._end_group()  # a gap (failed steps in a re-sent tail): steps stay contiguous
@@ -233,18 +230,9 @@ class Connection:
             return
         if self._rows:
             self._end_group()
-        n = len(rows)
-        if self.binary:
-            for i in range(0, n, MAX_BINARY_ROWS):
-                self._write_binary(results_binary(first + i, rows[i : i + MAX_BINARY_ROWS], len(self.labels)))
-            return
         hop, rate = self._hop, self._rate
-        times = [(k + 1) * hop / rate for k in range(first, first + n)]  # as the session's
-        if self.single is not None:
-            scores = {self.single: rows.ravel().tolist()}
-        else:
-            scores = dict(zip(self.labels, rows.T.tolist(), strict=True))
-        self._put_json(results_bytes(first, times, scores))
+        times = [(k + 1) * hop / rate for k in range(first, first + len(rows))]  # as the session's
+        self._send_results(first, times, rows)
 
     def _end_group(self) -> None:
         """Send the gathered steps as one ``results`` message, then their events."""
@@ -253,19 +241,22 @@ class Connection:
             return
         times, events = self._times, self._group_events
         self._rows, self._times, self._group_events = [], [], []
+        self._send_results(self._first, times, rows)
+        for ev in events:
+            self._put(event_message(ev.as_dict()))
+
+    def _send_results(self, first: int, times: list[float], rows: list[list[float]] | np.ndarray) -> None:
+        """Steps ``first, first + 1, ...`` as one ``results`` message (binary: 65535 a message)."""
         if self.binary:
             for i in range(0, len(rows), MAX_BINARY_ROWS):
                 part = rows[i : i + MAX_BINARY_ROWS]
-                self._write_binary(results_binary(self._first + i, part, len(self.labels)))
+                self._write_binary(results_binary(first + i, part, len(self.labels)))
+            return
+        if isinstance(rows, np.ndarray):  # one column per label, straight from the array
+            columns = rows.T.tolist()
         else:
-            single = self.single
-            if single is not None:
-                scores = {single: [r[0] for r in rows]}
-            else:
-                scores = {label: [r[i] for r in rows] for i, label in enumerate(self.labels)}
-            self._put_json(results_bytes(self._first, times, scores))
-        for ev in events:
-            self._put(event_message(ev.as_dict()))
+            columns = [[r[i] for r in rows] for i in range(len(self.labels))]
+        self._put_json(results_bytes(first, times, dict(zip(self.labels, columns, strict=True))))
 
     def on_error(self, index: int, error: LookbackError) -> None:
         if self._rows:
