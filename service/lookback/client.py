@@ -23,7 +23,7 @@ import orjson
 import websockets
 from websockets.exceptions import InvalidStatus
 
-from lookback.engine.pcm import BYTES_PER_SAMPLE, SAMPLE_RATES, encode_g711
+from lookback.engine.pcm import BYTES_PER_SAMPLE, RATES_TEXT, SAMPLE_RATES, encode_g711
 from lookback.protocol import decode_results_binary, split_results
 
 FRAME = 128
@@ -116,8 +116,7 @@ def file_messages(
             f"{path} is {rate} Hz, not {sample_rate}; the client does not resample (use native)",
         )
     if rate not in SAMPLE_RATES:
-        rates = ", ".join(str(r) for r in SAMPLE_RATES)
-        raise LookbackClientError("bad_sample_rate", f"{path} is {rate} Hz; the server takes {rates}")
+        raise LookbackClientError("bad_sample_rate", f"{path} is {rate} Hz; the server takes {RATES_TEXT}")
     declared = None if rate == MODEL_RATE else rate
     if encoding == "pcm_f32le":
         import soundfile as sf

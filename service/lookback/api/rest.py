@@ -23,7 +23,7 @@ from lookback.api.admission import ScoreLease
 from lookback.api.query import unique_query
 from lookback.api.uploads import CONTAINER_TYPES, RAW_TYPES, Body, RawSource, Source, open_container
 from lookback.engine.offline import OfflineChunk
-from lookback.engine.pcm import SAMPLE_RATES
+from lookback.engine.pcm import RATES_TEXT, SAMPLE_RATES
 from lookback.errors import LookbackError, RequestError
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ async def score(
         if sample_rate is not None and sample_rate not in (*SAMPLE_RATES, handle.spec.sample_rate):
             raise RequestError(
                 f"sample_rate {sample_rate} not supported; use one of "
-                f"{', '.join(str(r) for r in SAMPLE_RATES)} (the model's is {handle.spec.sample_rate})",
+                f"{RATES_TEXT} (the model's is {handle.spec.sample_rate})",
                 code="bad_sample_rate",
             )
         if ctype in RAW_TYPES:

@@ -24,7 +24,7 @@ import soundfile as sf
 from starlette.requests import ClientDisconnect, Request
 
 from lookback.engine.decoder import WireDecoder, make_decoder
-from lookback.engine.pcm import SAMPLE_RATES, float_problem
+from lookback.engine.pcm import RATES_TEXT, SAMPLE_RATES, float_problem
 from lookback.errors import RequestError
 
 if TYPE_CHECKING:
@@ -348,7 +348,7 @@ def _check_format(channels: int, rate: int, model_rate: int, asked: int | None =
     if rate != model_rate and (asked != rate or rate not in SAMPLE_RATES):
         raise RequestError(
             f"audio is {rate} Hz; the model needs {model_rate} Hz (Lookback never resamples silently: "
-            f"add sample_rate={rate} to ask for it, if it is one of {', '.join(map(str, SAMPLE_RATES))})",
+            f"add sample_rate={rate} to ask for it, if it is one of {RATES_TEXT})",
             code="bad_sample_rate",
         )
 

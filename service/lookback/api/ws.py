@@ -20,7 +20,7 @@ from lookback.api.connection import Connection, Connections
 from lookback.api.query import check_unique_query
 from lookback.api.responses import error_response
 from lookback.engine.engine import Engine
-from lookback.engine.pcm import BYTES_PER_SAMPLE, ENCODINGS_TEXT, SAMPLE_RATES
+from lookback.engine.pcm import BYTES_PER_SAMPLE, ENCODINGS_TEXT, RATES_TEXT, SAMPLE_RATES
 from lookback.errors import LookbackError
 from lookback.metrics import Metrics
 from lookback.protocol import RESULT_FORMATS, Close, error_message, spec_for
@@ -44,9 +44,8 @@ def parse_audio_query(q: Mapping[str, str], model_rate: int) -> tuple[str, int |
     if rate is None:
         return encoding, None
     if not (rate.isascii() and rate.isdigit() and int(rate) in (*SAMPLE_RATES, model_rate)):
-        rates = ", ".join(str(r) for r in SAMPLE_RATES)
         raise LookbackError(
-            f"sample_rate {rate[:20]!r} not supported; use one of {rates} (the model's is {model_rate})",
+            f"sample_rate {rate[:20]!r} not supported; use one of {RATES_TEXT} (the model's is {model_rate})",
             code="bad_sample_rate",
         )
     return encoding, int(rate)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lookback.engine.pcm import BYTES_PER_SAMPLE, SAMPLE_RATES, decode, float_problem
+from lookback.engine.pcm import BYTES_PER_SAMPLE, RATES_TEXT, SAMPLE_RATES, decode, float_problem
 from lookback.engine.resample import Resampler
 from lookback.errors import BadAudio, SnapshotError
 
@@ -33,9 +33,8 @@ def needs_decoder(encoding: str, sample_rate: int | None, model_rate: int) -> bo
 
 def check_rate(sample_rate: int) -> None:
     if sample_rate not in SAMPLE_RATES:
-        rates = ", ".join(str(r) for r in SAMPLE_RATES)
         raise BadAudio(
-            f"sample_rate {sample_rate} is not supported; use one of {rates}", code="bad_sample_rate"
+            f"sample_rate {sample_rate} is not supported; use one of {RATES_TEXT}", code="bad_sample_rate"
         )
 
 

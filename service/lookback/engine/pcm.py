@@ -23,6 +23,7 @@ BYTES_PER_SAMPLE: dict[str, int] = {"pcm_s16le": 2, "pcm_f32le": 4, "mulaw": 1, 
 ENCODINGS_TEXT = "pcm_s16le, pcm_f32le, mulaw or alaw"
 # sample rates a client may send; any other than the model's is resampled (engine/resample.py)
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+RATES_TEXT = ", ".join(str(r) for r in SAMPLE_RATES)
 S16 = np.dtype("<i2")
 F32 = np.dtype("<f4")
 _S16_UNIT = np.float32(1.0 / 32768.0)
