@@ -40,7 +40,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from lookback.sources.kafka import publish
-from tests.bench.sources_bench import _env, _free_port, _pin, clip, lookback
+from tests.bench.sources_bench import _env, _free_port, _pin, clip, drain_settings, lookback
 
 REPO = Path(__file__).resolve().parents[2]
 STORE = REPO / "model_store"
@@ -145,7 +145,6 @@ async def drain_run(bootstrap: str, n: int, msgs: int, fpm: int, audio: Any) -> 
     """CPU seconds of a ``KafkaSource`` in this process draining a backlog."""
     from lookback.engine.engine import Engine
     from lookback.metrics import Metrics
-    from lookback.settings import Settings
     from lookback.sources.core import SourceOptions
     from lookback.sources.kafka import KafkaSource
 
@@ -158,15 +157,7 @@ async def drain_run(bootstrap: str, n: int, msgs: int, fpm: int, audio: Any) -> 
             publish(prod, topic, f"d{fpm}-{i:05d}", k, audio[off : off + step].tobytes())
         prod.poll(0)
     prod.flush(30)
-    settings = Settings(
-        _env_file=None,
-        model_store=STORE,
-        models=["lookback-vad"],
-        model_calls="inline",
-        warmup_batch_sizes=[1, 64],
-        max_sessions=max(n, 16),
-        gc_freeze=False,
-    )
+    settings = drain_settings(n)
     metrics = Metrics()
     engine = Engine(settings, metrics)
     await engine.start()

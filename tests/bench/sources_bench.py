@@ -138,6 +138,21 @@ def clip() -> np.ndarray:
     return np.asarray(data, "<i2")
 
 
+def drain_settings(n: int) -> Any:
+    """Settings of a one-core engine for ``n`` devices draining a backlog (calls inline)."""
+    from lookback.settings import Settings
+
+    return Settings(
+        _env_file=None,
+        model_store=STORE,
+        models=["lookback-vad"],
+        model_calls="inline",
+        warmup_batch_sizes=[1, 64],
+        max_sessions=max(n, 16),
+        gc_freeze=False,
+    )
+
+
 async def redis_run(
     url: str, n: int, seconds: float, fpm: int, run: str, audio: np.ndarray
 ) -> dict[str, Any]:
@@ -201,7 +216,6 @@ async def drain_run(url: str, n: int, msgs: int, fpm: int, audio: np.ndarray) ->
     """
     from lookback.engine.engine import Engine
     from lookback.metrics import Metrics
-    from lookback.settings import Settings
     from lookback.sources.core import SourceOptions
     from lookback.sources.redis_streams import RedisStreamsSource
 
@@ -219,15 +233,7 @@ async def drain_run(url: str, n: int, msgs: int, fpm: int, audio: np.ndarray) ->
             )
     await pipe.execute()
     await r.aclose()
-    settings = Settings(
-        _env_file=None,
-        model_store=STORE,
-        models=["lookback-vad"],
-        model_calls="inline",
-        warmup_batch_sizes=[1, 64],
-        max_sessions=max(n, 16),
-        gc_freeze=False,
-    )
+    settings = drain_settings(n)
     metrics = Metrics()
     engine = Engine(settings, metrics)
     await engine.start()
