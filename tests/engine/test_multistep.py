@@ -105,23 +105,60 @@ async def test_multi_hop_steps_equal_single_steps_exactly(
                     seen_k.add(k)
                     audio[i] = hop_audio(rng, k, hop, encoding)
                     batch.append(Step(multi[i], index[i], payload(audio[i]), None, 0.0, count=k))  # type: ignore[arg-type]
-                got = handle.compute(batch)
-                assert got.shape == (sum(s.count for s in batch), len(handle.spec.labels))
-                want = []
-                for i in members:  # the twin: one hop per call, in hop order
-                    for j in range(len(audio[i]) // hop):
-                        one = audio[i][j * hop : (j + 1) * hop]
-                        want.append(handle.compute([Step(single[i], index[i] + j, payload(one), None, 0.0)]))  # type: ignore[arg-type]
+                twins = [single[i] for i in members]
+                assert_like_single_steps(handle, batch, twins, [audio[i] for i in members])
+                for i in members:
                     index[i] += len(audio[i]) // hop
-                np.testing.assert_array_equal(got, np.concatenate(want))
-                assert (got == np.concatenate(want)).all()
-                after_multi, after_single = slab_rows(handle, multi), slab_rows(handle, single)
-                for slab in after_multi:
-                    assert np.array_equal(after_multi[slab], after_single[slab]), f"{slab} differs"
             for s in multi + single:
                 handle.table.release(s)
         assert CONTEXT in handle.table.slabs or handle.spec.context_samples == 0
     assert seen_k == set(KS)  # the cut points covered every k in 1..32
+
+
+def assert_like_single_steps(
+    handle: ServedModel, batch: list[Step], twins: list[int], audio: list[np.ndarray]
+) -> None:
+    """Run ``batch``, then each step's hops one per call on its twin slot: every score
+    equal (==), and every slab row of the batch's slots equal to its twin's."""
+    hop = handle.spec.hop_samples
+    got = handle.compute(batch)
+    assert got.shape == (sum(s.count for s in batch), len(handle.spec.labels))
+    want = []
+    for step, twin, samples in zip(batch, twins, audio, strict=True):  # in hop order
+        for j in range(len(samples) // hop):
+            one = samples[j * hop : (j + 1) * hop]
+            want.append(handle.compute([Step(twin, step.index + j, payload(one), None, 0.0)]))  # type: ignore[arg-type]
+    assert (got == np.concatenate(want)).all()
+    after_multi = slab_rows(handle, [s.slot for s in batch])
+    after_single = slab_rows(handle, twins)
+    for slab in after_multi:
+        assert np.array_equal(after_multi[slab], after_single[slab]), f"{slab} differs"
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        [4, 4, 4],  # one message size for everyone: the audio goes straight into the windows
+        [2, 1, 3],  # as many hops as three steps of 2, but not uniform
+        [1, 3, 2],
+    ],
+)
+async def test_uniform_and_lookalike_batches_equal_single_steps(any_model: str, counts: list[int]) -> None:
+    """A batch whose steps all carry k hops takes the direct path; one whose hops merely
+    add up to k per step must not: both equal single steps exactly, twice in a row."""
+    rng = np.random.default_rng(sum(counts))
+    async with running_engine(any_model, max_batch_size=256, initial_slots=16) as engine:
+        handle = engine.resolve(any_model)
+        hop = handle.spec.hop_samples
+        slots = [handle.table.acquire() for _ in counts]
+        twins = [handle.table.acquire() for _ in counts]
+        for rnd in range(2):
+            audio = [hop_audio(rng, k, hop, "pcm_s16le") for k in counts]
+            batch = [
+                Step(s, rnd * k, payload(a), None, 0.0, count=k)  # type: ignore[arg-type]
+                for s, a, k in zip(slots, audio, counts, strict=True)
+            ]
+            assert_like_single_steps(handle, batch, twins, audio)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ same bits as k single steps, so no grouping changes any row.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,6 +45,14 @@ class StepCompute:
         self.constants = {c.name: np.full(c.shape, c.value, dtype=np_dtype(c.dtype)) for c in spec.constants}
         self._buffers: dict[str, np.ndarray] = {}
         self.n_labels = len(spec.labels)  # Manifest.labels builds a list on every call
+        # where each state and score output sits in a run's result list (no dict per call)
+        pos = {name: i for i, name in enumerate(step.output_names)}
+        self._state_pos = [pos[st.output] for st in spec.states]
+        self._score_pos = [(pos[o.name], len(o.labels)) for o in spec.outputs]
+        if multistep is not None:
+            mpos = {name: i for i, name in enumerate(multistep.output_names)}
+            self._multi_state_pos = [mpos[state_out(st.output)] for st in spec.states]
+            self._multi_score_pos = [(mpos[scores_out(o.name)], len(o.labels)) for o in spec.outputs]
 
     def __call__(self, batch: Sequence[Step]) -> np.ndarray:
         n = len(batch)
@@ -67,9 +75,9 @@ class StepCompute:
             for st in spec.states:
                 scratch = self._scratch(st.input, n, tuple(st.shape), np_dtype(st.dtype))
                 feeds[st.input] = table.gather(st.input, slots, out=scratch)
-            outs = dict(zip(self.step.output_names, self.step.run(feeds), strict=True))
+            outs = self.step.run(feeds)
             new_states, scores = reset_non_finite(
-                spec, [outs[st.output] for st in spec.states], self._scores(outs, n), n
+                spec, [outs[i] for i in self._state_pos], self._scores(outs, n), n
             )
             for st, value in zip(spec.states, new_states, strict=True):
                 table.scatter(st.input, slots, value)
@@ -82,6 +90,10 @@ class StepCompute:
         in the counts, whichever is fewer calls."""
         spec = self.spec
         hop = spec.hop_samples
+        k = batch[0].count
+        if all(s.count == k for s in batch):  # the usual case: one call, audio straight in
+            slots = np.array([s.slot for s in batch], dtype=np.intp)
+            return self._run_group(slots, k, lambda dest: self._fill_audio(dest, batch))
         counts = np.array([s.count for s in batch], dtype=np.intp)
         slots = np.array([s.slot for s in batch], dtype=np.intp)
         first = np.cumsum(counts) - counts  # each step's first row in ``samples`` and the result
@@ -93,7 +105,7 @@ class StepCompute:
             for k in sorted(distinct, reverse=True):
                 rows = np.flatnonzero(counts == k) if len(distinct) > 1 else np.arange(len(batch))
                 hops = first[rows][:, None] + np.arange(k)  # [m, k] sample rows
-                scores[hops.ravel()] = self._run_group(slots[rows], samples, hops, k)
+                scores[hops.ravel()] = self._run_group(slots[rows], k, _take(samples, hops))
             return scores
         done = np.zeros_like(counts)  # hops of each step already run
         k = 1 << (int(counts.max()).bit_length() - 1)
@@ -101,13 +113,17 @@ class StepCompute:
             rows = np.flatnonzero(counts & k)
             if rows.size:
                 hops = (first[rows] + done[rows])[:, None] + np.arange(k)  # [m, k] sample rows
-                scores[hops.ravel()] = self._run_group(slots[rows], samples, hops, k)
+                scores[hops.ravel()] = self._run_group(slots[rows], k, _take(samples, hops))
                 done[rows] += k
             k >>= 1
         return scores
 
-    def _run_group(self, slots: np.ndarray, samples: np.ndarray, hops: np.ndarray, k: int) -> np.ndarray:
-        """k hops for each of ``slots``: scores [m * k, labels], row i * k + j = slot i, hop j."""
+    def _run_group(self, slots: np.ndarray, k: int, fill: Callable[[np.ndarray], None]) -> np.ndarray:
+        """k hops for each of ``slots``: scores [m * k, labels], row i * k + j = slot i, hop j.
+
+        ``fill(dest)`` writes the hops' audio into ``dest`` [m, k, hop] (a view of the
+        windows' new samples), after the context is in place.
+        """
         spec = self.spec
         m = len(slots)
         ctx, hop = spec.context_samples, spec.hop_samples
@@ -116,15 +132,15 @@ class StepCompute:
         with table.lock:
             if ctx:
                 table.gather_context(slots, window[:, : ctx + hop])
-            window[:, ctx:] = samples[hops].reshape(m, k * hop)
+            fill(window[:, ctx:].reshape(m, k, hop))
             feeds = dict(self.constants)
             audio = self.input.layout(window)
             if k == 1:
                 feeds[spec.audio_input.name] = audio
                 for st in spec.states:
                     feeds[st.input] = table.gather(st.input, slots)
-                outs = dict(zip(self.step.output_names, self.step.run(feeds), strict=True))
-                new_states = [outs[st.output] for st in spec.states]
+                outs = self.step.run(feeds)
+                new_states = [outs[i] for i in self._state_pos]
                 scores = self._scores(outs, m)
             else:
                 assert self.multistep is not None, "a multi-hop step needs the multi-step graph"
@@ -132,12 +148,9 @@ class StepCompute:
                 feeds[AUDIO] = audio
                 for st in spec.states:
                     feeds[state_in(st.input)] = table.gather(st.input, slots)
-                outs = dict(zip(self.multistep.output_names, self.multistep.run(feeds), strict=True))
-                new_states = [outs[state_out(st.output)] for st in spec.states]
-                cols = [
-                    np.asarray(outs[scores_out(o.name)], np.float32).reshape(k, m, len(o.labels))
-                    for o in spec.outputs
-                ]
+                outs = self.multistep.run(feeds)
+                new_states = [outs[i] for i in self._multi_state_pos]
+                cols = [np.asarray(outs[i], np.float32).reshape(k, m, n) for i, n in self._multi_score_pos]
                 per_hop = cols[0] if len(cols) == 1 else np.concatenate(cols, axis=2)
                 scores = per_hop.transpose(1, 0, 2).reshape(m * k, -1)
             new_states, scores = reset_non_finite(spec, new_states, scores, m)
@@ -181,29 +194,28 @@ class StepCompute:
         return buf[:n]
 
     def _fill_audio(self, dest: np.ndarray, batch: Sequence[Step]) -> None:
-        """Write each step's new samples into ``dest`` [n, hop], refusing a wrong length."""
-        hop = self.spec.hop_samples
+        """Write step i's new samples into ``dest[i]`` ([hop], or [k, hop] for steps of k
+        hops), refusing a wrong length."""
+        per = dest[0].size
         payloads = [s.payload for s in batch]
         # join takes any buffer: a float32 payload (4 bytes a sample) makes the blob longer
-        # than n int16 hops, so the length alone tells an all-int16 batch (the common case).
+        # than n int16 steps, so the length alone tells an all-int16 batch (the common case).
         blob = b"".join(payloads)  # type: ignore[arg-type]
-        if len(blob) == len(payloads) * hop * 2 and type(payloads[0]) is bytes:
+        if len(blob) == len(payloads) * per * 2 and type(payloads[0]) is bytes:
             self.input.put_s16(dest, blob)
             return
         for i, p in enumerate(payloads):
             if isinstance(p, bytes):
-                if len(p) != hop * 2:
-                    raise BadAudio(f"a step must carry exactly {hop} samples ({hop * 2} bytes)")
+                if len(p) != per * 2:
+                    raise BadAudio(f"a step must carry exactly {per} samples ({per * 2} bytes)")
                 self.input.put_s16(dest[i], p)
             else:
-                if p.shape != (hop,):
-                    raise BadAudio(f"a step must carry exactly {hop} samples, got {p.shape}")
+                if p.shape != (per,):
+                    raise BadAudio(f"a step must carry exactly {per} samples, got {p.shape}")
                 self.input.put_f32(dest[i], p)
 
-    def _scores(self, outs: dict[str, np.ndarray], n: int) -> np.ndarray:
-        cols = [
-            np.asarray(outs[o.name], dtype=np.float32).reshape(n, len(o.labels)) for o in self.spec.outputs
-        ]
+    def _scores(self, outs: list[np.ndarray], n: int) -> np.ndarray:
+        cols = [np.asarray(outs[i], dtype=np.float32).reshape(n, labels) for i, labels in self._score_pos]
         return cols[0] if len(cols) == 1 else np.concatenate(cols, axis=1)
 
     def multistep_agrees(self, batch: int = 3, steps: int = 5, seed: int = 0) -> bool:
@@ -275,3 +287,12 @@ def initial_states(spec: Manifest, batch: int) -> dict[str, np.ndarray]:
         shape.insert(st.batch_axis, batch)
         out[st.input] = np.full(shape, st.initial, dtype=np_dtype(st.dtype))
     return out
+
+
+def _take(samples: np.ndarray, hops: np.ndarray) -> Callable[[np.ndarray], None]:
+    """A ``fill`` for ``_run_group``: rows ``hops`` [m, k] of ``samples`` [total, hop]."""
+
+    def fill(dest: np.ndarray) -> None:
+        dest[...] = samples[hops]
+
+    return fill
