@@ -11,6 +11,8 @@ generator to CPU 1), because this VM moves 30% from minute to minute:
 - ``fpm1_binary``: the new server with ``result_format=binary`` against JSON;
 - ``cpu150``: server CPU per result at a fixed 150 real-time sessions, old and new, in
   ``--pairs`` alternating pairs (the median of the per-pair ratios);
+- ``cpu150_fill``: the same with both trees set to fill batches (``FILL``: every small
+  batch may wait 4 ms), the setting for a server that must spend least CPU per stream;
 - ``indep``: at each tree's 1-frame max and 15% above it, the project's load generator
   and an independent one (``indep_load``: picows' client, no Lookback code) side by side;
 - ``points``: at 50% / 90% / 100% of the new max (1 frame/msg): p50/p99, rows per batch
@@ -63,6 +65,7 @@ BASE_REV = "0189e1e"  # the commit issue 25 (the data plane) started from
 STEPS = (
     "echo",
     "cpu150",
+    "cpu150_fill",
     "fpm1",
     "points",
     "indep",
@@ -75,6 +78,9 @@ STEPS = (
 )
 ECHOES = ("old_asgi", "new_asgi", "new_direct", "picows")
 FLOORS = ("new_direct", "picows")  # cpu150: the echo's CPU per message at the same load
+# cpu150_fill: every small batch may wait up to 4 ms to fill (old and new alike), instead of
+# the new default's wait that grows with CPU use: less CPU per result for ~2 ms of latency
+FILL = {"max_wait_ms": 4, "adaptive_wait": "false"}
 SILERO = "silero-vad"
 DEFAULT = "lookback-vad"
 REALTIME_MSGS_PER_S = 16000 / 128  # one 128-sample frame per message, real time
@@ -187,9 +193,9 @@ class AB:
         )
         return out
 
-    def fixed(self, tree: Path | None, model: str, n: int, fpm: int = 1) -> dict[str, Any]:
+    def fixed(self, tree: Path | None, model: str, n: int, fpm: int = 1, **env: Any) -> dict[str, Any]:
         """A fixed load of ``n`` sessions on ``lookback serve`` (see ``fixed_on``)."""
-        with server(tree, model, self.server_cpu) as srv:
+        with server(tree, model, self.server_cpu, **env) as srv:
             key = f"{model}/1" if model == DEFAULT else f"{model}/6.2.3"
             return self.fixed_on(srv, model, n, fpm, key)
 
@@ -282,11 +288,19 @@ class AB:
     def step_cpu150(self) -> dict[str, Any]:
         """Old and new alternating, ``--pairs`` times: one window moves by 20-30% here, so
         the figure is the median of the per-pair ratios (each pair back to back)."""
+        return self._cpu_pairs(floors=True)
+
+    def step_cpu150_fill(self) -> dict[str, Any]:
+        """``cpu150`` with both trees told to fill batches (``FILL``): the CPU-first setting."""
+        return self._cpu_pairs(floors=False, **FILL)
+
+    def _cpu_pairs(self, *, floors: bool, **env: Any) -> dict[str, Any]:
         n = 40 if self.quick else 150
         pairs = []
         for _ in range(self.args.pairs):
-            pair = {"old": self.fixed(self.old, DEFAULT, n), "new": self.fixed(None, DEFAULT, n)}
-            for kind in FLOORS:  # the transport alone at the same load: the floor under both
+            pair = {"old": self.fixed(self.old, DEFAULT, n, **env)}
+            pair["new"] = self.fixed(None, DEFAULT, n, **env)
+            for kind in FLOORS if floors else ():  # the transport alone at the same load: the floor
                 if kind == "picows" and importlib.util.find_spec("picows") is None:
                     continue
                 with self.echo_server(kind) as srv:
@@ -301,7 +315,7 @@ class AB:
         if ratios:
             out["ratio_new_over_old"] = statistics.median(ratios)
             out["ratios"] = ratios
-        log(f"cpu at {n} sessions, new / old per pair: {[round(r, 2) for r in ratios]}")
+        log(f"cpu at {n} sessions {env}, new / old per pair: {[round(r, 2) for r in ratios]}")
         return out
 
     def step_fpm1(self) -> dict[str, Any]:
@@ -420,13 +434,15 @@ def to_markdown(res: dict[str, Any]) -> str:
             _row(name, old, f"{new['max_sessions']}{bound}", _f(ratio), _f(new.get("client_cpu_at_max")))
         )
     c = res.get("cpu150") or {}
-    if "new" in c:
+    if "new" in c or "new" in (res.get("cpu150_fill") or {}):
         head = ("fixed load", "sessions", "server CPU (cores)", "µs per result", "rows per batch")
         lines += ["", _row(*head, "model CPU share", "p50 / p99 ms"), _row(*["---"] * 7)]
         rows = []
-        for i, pair in enumerate(c.get("pairs") or [c]):
+        for i, pair in enumerate(c.get("pairs") or ([c] if "new" in c else [])):
             rows += [(f"cpu150 old #{i + 1}", pair["old"]), (f"cpu150 new #{i + 1}", pair["new"])]
             rows += [(f"cpu150 echo {k} #{i + 1}", pair[f"echo_{k}"]) for k in FLOORS if f"echo_{k}" in pair]
+        for i, pair in enumerate((res.get("cpu150_fill") or {}).get("pairs") or []):
+            rows += [(f"cpu150_fill old #{i + 1}", pair["old"]), (f"cpu150_fill new #{i + 1}", pair["new"])]
         for frac, p in (res.get("points") or {}).items():
             if isinstance(p, dict) and "new" in p:
                 rows += [(f"{frac} of new max, old", p["old"]), (f"{frac} of new max, new", p["new"])]
@@ -462,12 +478,15 @@ def to_markdown(res: dict[str, Any]) -> str:
                         f"max abs diff from REST {_f(i.get('verify_max_abs_diff'), '.1e')}",
                     )
                 )
-    if c.get("ratios"):
-        ratios = ", ".join(f"{r:.2f}" for r in c["ratios"])
-        lines += [
-            "",
-            f"Server CPU per result, new / old, median of pairs: {c['ratio_new_over_old']:.2f} ({ratios})",
-        ]
+    for name in ("cpu150", "cpu150_fill"):
+        r = res.get(name) or {}
+        if r.get("ratios"):
+            ratios = ", ".join(f"{x:.2f}" for x in r["ratios"])
+            lines += [
+                "",
+                f"{name}: server CPU per result, new / old, median of pairs: "
+                f"{r['ratio_new_over_old']:.2f} ({ratios})",
+            ]
     return "\n".join(lines) + "\n"
 
 
