@@ -11,7 +11,11 @@ of each is reported):
   no model call;
 - ``loop``: ``--sessions`` always-ready sessions through the real engine, batcher and
   model, 1 frame/msg (``results=all``) and 10 frames/msg (``results=batch``), the next
-  message handed to the connection on a later loop turn, as a socket read would.
+  message handed to the connection on a later loop turn, as a socket read would;
+- ``call``: one model call as the batcher makes it (``StepCompute``: windows, state
+  gathers, the run, the guard, scatters) for batches of 1, 18 (what 150 real-time
+  sessions form on one core) and 64 one-hop steps, and 28 steps of 10 hops: the fixed
+  cost a call pays whatever its rows.
 
 The transport is a stand-in that counts writes (the connection's writes end there, not in
 a kernel). ``python -m tests.bench.inproc_bench [--old REV] [--rounds 5]``
@@ -156,10 +160,41 @@ async def _loop(sessions: int, fpm: int, results: str, seconds: float) -> dict[s
     return {"us_per_message": (c1 - c0) / (w1 - w0) * 1e6}
 
 
+CALLS = ((1, 1), (18, 1), (64, 1), (28, 10))  # (steps, hops each)
+
+
+async def _call() -> dict[str, float]:
+    import numpy as np
+
+    from lookback.engine.step import Step
+
+    _, _, eng = _engine(128, 256)
+    await eng.start()
+    h = eng.resolve("lookback-vad")
+    await h.batcher.stop()  # calls by hand
+    compute = h.batcher.compute
+    slots = [h.table.acquire() for _ in range(64)]
+    rng = np.random.default_rng(0)
+    out = {}
+    for n, k in CALLS:
+        pcm = (rng.standard_normal(h.spec.hop_samples * k) * 3000).astype("<i2").tobytes()
+        batch = [Step(slots[i], 0, pcm, None, 0.0, count=k) for i in range(n)]  # type: ignore[arg-type]
+        reps, best = max(20, 3000 // (n * k)), float("inf")
+        for _ in range(7):
+            t0 = time.process_time()
+            for _ in range(reps):
+                compute(batch)
+            best = min(best, (time.process_time() - t0) / reps)
+        out[f"{n}x{k}_us"] = best * 1e6
+    return out
+
+
 def _child(kind: str, args: argparse.Namespace) -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if kind == "rows":
         out = asyncio.run(_rows(args.n))
+    elif kind == "call":
+        out = asyncio.run(_call())
     else:
         fpm, results = (1, "all") if kind == "loop1" else (10, "batch")
         out = asyncio.run(_loop(args.sessions, fpm, results, args.seconds))
@@ -195,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     got: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            for kind in ("rows", "loop1", "loop10"):
+            for kind in ("rows", "loop1", "loop10", "call"):
                 for key, value in _run(tree, kind, args).items():
                     got[name].setdefault(f"{kind}.{key}", []).append(value)
     res = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in got.items()}
