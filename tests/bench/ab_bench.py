@@ -143,6 +143,9 @@ class AB:
         self.results: dict[str, Any] = {"old_rev": args.old}
 
     def cfg(self, url: str, model: str, fpm: int, **kw: Any) -> LoadConfig:
+        """A run's settings; Lookback's runs check 4 sessions' scores against REST (an
+        echo server passes ``verify=0``: it has no REST endpoint)."""
+        kw.setdefault("verify", 4)
         return LoadConfig(
             urls=[url],
             warmup=0.5 if self.quick else 2.0,
@@ -173,6 +176,7 @@ class AB:
             "client_bottleneck": res["client_bottleneck"],
             "client_cpu_at_max": (best.get("client") or {}).get("cpu_total"),
             "p99_ms_at_max": (best.get("latency_ms") or {}).get("p99"),
+            "verify_max_abs_diff": (best.get("verify") or {}).get("max_abs_diff"),
             "trials": res["trials"],
         }
 
@@ -203,7 +207,7 @@ class AB:
         """A fixed load of ``n`` sessions: the server's CPU over the middle of the window,
         rows per batch and the model's CPU share over it (``key``: the model's metrics;
         None for an echo server, whose messages per second are the client's), latency."""
-        cfg = replace(self.cfg(srv.url, model, fpm), sessions=n)
+        cfg = replace(self.cfg(srv.url, model, fpm, verify=4 if key else 0), sessions=n)
         window: dict[str, Any] = {}
         done = threading.Event()
 
@@ -249,6 +253,7 @@ class AB:
             "p99_ms": lat.get("p99"),
             "lost": res.get("lost_results"),
             "client_cpu": (res.get("client") or {}).get("cpu_total"),
+            "verify_max_abs_diff": (res.get("verify") or {}).get("max_abs_diff"),
             **window,
         }
         if window.get("results_per_s"):
@@ -281,7 +286,7 @@ class AB:
                 out[kind] = {"skipped": "picows is not installed"}
                 continue
             with self.echo_server(kind) as srv:
-                out[kind] = self.ramp(self.cfg(srv.url, DEFAULT, 1), 128)
+                out[kind] = self.ramp(self.cfg(srv.url, DEFAULT, 1, verify=0), 128)
             log(f"echo {kind}: {out[kind]['max_sessions']}")
         return out
 
@@ -478,6 +483,18 @@ def to_markdown(res: dict[str, Any]) -> str:
                         f"max abs diff from REST {_f(i.get('verify_max_abs_diff'), '.1e')}",
                     )
                 )
+    diffs = [
+        run["verify_max_abs_diff"]
+        for step in res.values()
+        if isinstance(step, dict)
+        for pair in [step, *(step.get("pairs") or [])]
+        if isinstance(pair, dict)
+        for run in (pair.get("old"), pair.get("new"))
+        if isinstance(run, dict) and run.get("verify_max_abs_diff") is not None
+    ]
+    if diffs:
+        worst = f"{max(diffs):.1e}"
+        lines += ["", f"Scores of 4 sessions per Lookback run against /v1/score: max abs diff {worst}"]
     for name in ("cpu150", "cpu150_fill"):
         r = res.get(name) or {}
         if r.get("ratios"):

@@ -85,6 +85,13 @@ def add_arguments(p: Any) -> None:
         action="store_true",
         help="allow a non-loopback host (you are loading someone's server)",
     )
+    p.add_argument(
+        "--verify",
+        type=int,
+        default=4,
+        help="sessions whose scores are checked against /v1/score for the audio they sent "
+        "(default 4; 0 for a server without the REST endpoint)",
+    )
     p.add_argument("--json", help="write the full report here")
 
 
@@ -119,6 +126,7 @@ def main_args(args: Any) -> int:
         encoding=args.encoding,
         sample_rate=args.sample_rate,
         message_ms=args.message_ms,
+        verify=args.verify,
     )
     try:
         if args.ramp:

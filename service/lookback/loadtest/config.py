@@ -19,6 +19,7 @@ MAX_AUDIO_SECONDS = 60.0  # the looped clip is cut to this (pre-built messages s
 WRITE_BUFFER_LIMIT = 256 * 1024  # a session whose socket the server stopped reading skips sends
 MAX_SESSIONS = 20000  # bounded in count ...
 MAX_SECONDS = 3600.0  # ... and in time
+VERIFY_TOLERANCE = 1e-5  # streamed scores against /v1/score's (another graph): the README's bound
 
 
 class LoadtestError(Exception):
@@ -55,6 +56,9 @@ class LoadConfig:
     message_ms: int = 20  # per message when the form is not PCM at 16 kHz (whole frames are)
     seed: int = 0
     quiet: bool = False
+    # sessions whose scores are checked against /v1/score after the run (loadtest.verify);
+    # 0 for a server without the REST endpoint (the benches' echo servers)
+    verify: int = 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,6 +152,8 @@ def check_urls(cfg: LoadConfig) -> None:
         raise LoadtestError("results must be all, batch or events")
     if cfg.result_format not in ("json", "binary"):
         raise LoadtestError("result_format must be json or binary")
+    if cfg.verify < 0:
+        raise LoadtestError("verify must be >= 0")
     if cfg.encoding not in ENCODINGS:
         raise LoadtestError(f"encoding must be one of {', '.join(ENCODINGS)}")
     if cfg.sample_rate is not None and cfg.sample_rate not in RATES:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from lookback.loadtest import verify
 from lookback.loadtest.audio import build_messages, load_audio
 from lookback.loadtest.config import (
     FRAME,
@@ -95,6 +96,10 @@ async def proc_run(
     sessions = list(await asyncio.gather(*(open_one(i) for i in range(n))))
     connect_s = time.monotonic() - t_c
     live = [s for s in sessions if s.ready and not s.closed]
+    # the first process's first sessions keep their scores for the REST cross-check
+    verified = sessions[: cfg.verify] if offset == 0 and cfg.results != "events" else []
+    for s in verified:
+        s.keep_scores()
     report(("connected", len(live)))
     t0 = await asyncio.get_running_loop().run_in_executor(None, recv_start)
 
@@ -164,6 +169,22 @@ async def proc_run(
     for s in sessions:
         s.close()
     await asyncio.sleep(0)
+    checked = None
+    if verified:
+        raw = (
+            msgs
+            if cfg.client != "raw"
+            else build_messages(
+                samples,
+                cfg.frames_per_message,
+                seed,
+                framed=False,
+                encoding=cfg.encoding,
+                message_samples=None if whole_frames(cfg) else message_samples(cfg),
+            )
+        )
+        pairs = [(cfg.urls[i % len(cfg.urls)], s) for i, s in enumerate(verified)]
+        checked = await asyncio.get_running_loop().run_in_executor(None, verify.check, cfg, pairs, raw)
 
     failures: Counter[str] = Counter(s.failure for s in sessions if s.failure and not s.ready)
     errors: Counter[str] = Counter()
@@ -210,6 +231,7 @@ async def proc_run(
         "slip_p99_ms": float(np.percentile(sl, 99) * 1e3),
         "slip_max_ms": float(sl.max() * 1e3),
         "pid": os.getpid(),
+        "verify": checked,
     }
 
 

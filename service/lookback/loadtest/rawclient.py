@@ -106,6 +106,12 @@ class SessionBase:
         self.proc = proc
         self.msgs = msgs
         self.pos = start_msg % len(msgs)
+        self.first_msg = self.pos  # message i went out as msgs[(first_msg + i) % len(msgs)]
+        self.labels: list[str] = []
+        # a verified session's scores, row by row in label order (see keep_scores)
+        self.kept: array[float] | None = None
+        self.kept_rows = 0
+        self.kept_disorder = 0
         self.send_times = array("d")
         self.frames_sent = 0
         self.skipped = 0
@@ -123,7 +129,32 @@ class SessionBase:
         self.ready_fut: asyncio.Future[None] = loop.create_future()
         self.done_fut: asyncio.Future[None] = loop.create_future()
 
+    def keep_scores(self) -> None:
+        """Keep every score this session receives, for ``loadtest.verify``."""
+        self.kept = array("d")
+
+    def _keep(self, first: int, rows: list[list[float]]) -> None:
+        assert self.kept is not None
+        if first != self.kept_rows:  # a step missed or repeated: the rows no longer line up
+            self.kept_disorder += 1
+        for row in rows:
+            self.kept.extend(row)
+        self.kept_rows = first + len(rows)
+
+    def _keep_text(self, msg: Any) -> None:
+        if not isinstance(msg, dict) or not self.labels:
+            return
+        scores = msg.get("scores")
+        if msg.get("type") == "result" and isinstance(scores, dict):
+            self._keep(int(msg.get("step", -1)), [[float(scores[lab]) for lab in self.labels]])
+        elif msg.get("type") == "results" and isinstance(scores, dict):
+            cols = [scores[lab] for lab in self.labels]
+            self._keep(int(msg.get("step", -1)), [list(r) for r in zip(*cols, strict=True)])
+
     def on_text(self, payload: bytes, now: float) -> None:
+        if self.kept is not None:
+            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                self._keep_text(orjson.loads(payload))
         if payload.startswith(_RESULT_PREFIX):
             end = payload.find(b",", 24)
             try:
@@ -151,6 +182,7 @@ class SessionBase:
         elif kind == "ready":
             hop = int(msg.get("hop_samples") or FRAME)
             self.hop_frames = max(1, hop // FRAME)
+            self.labels = [str(lab) for lab in msg.get("labels") or []]
             self.ready = True
             if not self.ready_fut.done():
                 self.ready_fut.set_result(None)
@@ -172,7 +204,10 @@ class SessionBase:
         if len(payload) < BINARY_RESULTS.size or payload[0] != BINARY_RESULTS_KIND:
             self.errors["unexpected_binary"] += 1
             return
-        _, _, rows, first = BINARY_RESULTS.unpack_from(payload)
+        _, n_labels, rows, first = BINARY_RESULTS.unpack_from(payload)
+        if self.kept is not None and len(payload) == BINARY_RESULTS.size + 4 * rows * n_labels:
+            values = struct.unpack_from(f"<{rows * n_labels}f", payload, BINARY_RESULTS.size)
+            self._keep(first, [list(values[i * n_labels : (i + 1) * n_labels]) for i in range(rows)])
         for i in range(rows):
             self.on_result(first + i, now)
 

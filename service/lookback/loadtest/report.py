@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
-from lookback.loadtest.config import CLIENT_CPU_LIMIT, SLIP_LIMIT_S, LoadConfig, proc_count
+from lookback.loadtest.config import CLIENT_CPU_LIMIT, SLIP_LIMIT_S, VERIFY_TOLERANCE, LoadConfig, proc_count
 
 
 def merge(cfg: LoadConfig, outs: list[dict[str, Any]], failures: list[str]) -> dict[str, Any]:
@@ -57,6 +57,17 @@ def merge(cfg: LoadConfig, outs: list[dict[str, Any]], failures: list[str]) -> d
     lost = add("lost_results")
     p99 = pct(99)
     window = max((o["window_s"] for o in outs), default=0.0) or cfg.duration
+    checks = [o["verify"] for o in outs if o.get("verify")]
+    verified = None
+    if checks:
+        verified = {
+            "sessions": sum(c["sessions"] for c in checks),
+            "skipped": sum(c["skipped"] for c in checks),
+            "max_abs_diff": max(c["max_abs_diff"] for c in checks),
+            "tolerance": VERIFY_TOLERANCE,
+            "failures": [f for c in checks for f in c["failures"]],
+        }
+        verified["passed"] = not verified["failures"] and verified["max_abs_diff"] <= VERIFY_TOLERANCE
     ok = (
         not failures
         and connected == cfg.sessions
@@ -64,6 +75,7 @@ def merge(cfg: LoadConfig, outs: list[dict[str, Any]], failures: list[str]) -> d
         and not errors
         and p99 is not None
         and p99 <= cfg.p99_ms
+        and (verified is None or verified["passed"])
     )
     return {
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("api_key", "quiet")},
@@ -110,6 +122,7 @@ def merge(cfg: LoadConfig, outs: list[dict[str, Any]], failures: list[str]) -> d
             "reasons": reasons,
         },
         "process_failures": failures,
+        "verify": verified,
         "passed": ok,
     }
 
@@ -156,9 +169,17 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append("  WARNING: the client may be the bottleneck: " + "; ".join(cl["reasons"]))
     for f in r["process_failures"]:
         lines.append(f"  FAILURE: {f}")
-    lines.append(
-        f"  {'PASS' if r['passed'] else 'FAIL'} (p99 <= {r['bound_ms']:g} ms, nothing lost, no errors)"
-    )
+    v = r.get("verify")
+    if v:
+        skipped = f", {v['skipped']} skipped (too long to upload)" if v["skipped"] else ""
+        lines.append(
+            f"  scores of {v['sessions']} session(s) against /v1/score: max abs diff "
+            f"{v['max_abs_diff']:.1e} (bound {v['tolerance']:g}){skipped}"
+        )
+        lines += [f"  VERIFY FAILURE: {f}" for f in v["failures"]]
+    checked = ", scores match REST" if v else ""
+    verdict = "PASS" if r["passed"] else "FAIL"
+    lines.append(f"  {verdict} (p99 <= {r['bound_ms']:g} ms, nothing lost, no errors{checked})")
     return "\n".join(lines)
 
 

@@ -128,3 +128,82 @@ def test_idle_sessions_open_and_close() -> None:
 
     with _echo(hop=128) as url:
         assert asyncio.run(run(url)) == 5
+
+
+@pytest.mark.parametrize(
+    ("client", "results", "result_format", "encoding", "rate"),
+    [
+        ("raw", "all", "json", "pcm_s16le", None),
+        ("raw", "batch", "binary", "pcm_s16le", None),
+        ("websockets", "batch", "json", "pcm_s16le", None),
+        ("raw", "all", "json", "mulaw", 8000),
+    ],
+)
+def test_scores_under_load_match_rest(
+    client: str, results: str, result_format: str, encoding: str, rate: int | None
+) -> None:
+    """``verify``: the first sessions' every score, however it came (one message per
+    step, one per model call, binary rows; resampled G.711), equals what /v1/score gives
+    for the exact audio each sent, within the bound, and the run passes on it."""
+    if not (STORE / DEFAULT_MODEL).is_dir():
+        pytest.skip("no lookback-vad in model_store")
+    with running_server(make_settings(models=[DEFAULT_MODEL], default_model=DEFAULT_MODEL)) as srv:
+        cfg = LoadConfig(
+            urls=[srv.ws],
+            sessions=4,
+            duration=0.8,
+            warmup=0.2,
+            quiet=True,
+            frames_per_message=3,
+            client=client,
+            results=results,
+            result_format=result_format,
+            encoding=encoding,
+            sample_rate=rate,
+            procs=2,
+            verify=2,
+        )
+        r = run_load(cfg)
+    v = r["verify"]
+    assert v is not None and v["sessions"] == 2 and not v["failures"], v
+    assert v["max_abs_diff"] <= v["tolerance"] == 1e-5
+    assert r["passed"], r
+
+
+def test_a_score_off_by_more_than_the_bound_fails_the_run() -> None:
+    """``loadtest.verify.check`` against the real REST endpoint, with one kept score moved
+    by 1e-4 and another session one result short: both are caught, and the report fails."""
+    if not (STORE / DEFAULT_MODEL).is_dir():
+        pytest.skip("no lookback-vad in model_store")
+    from lookback.loadtest.audio import build_messages, load_audio
+    from lookback.loadtest.rawclient import Proc, SessionBase
+    from lookback.loadtest.report import merge
+    from lookback.loadtest.verify import check, reference
+
+    with running_server(make_settings(models=[DEFAULT_MODEL], default_model=DEFAULT_MODEL)) as srv:
+        cfg = LoadConfig(urls=[srv.ws], quiet=True, frames_per_message=4, verify=2)
+        raw = build_messages(load_audio(None, 0), 4, 0, framed=False)
+        audio = b"".join(raw[3:20])
+        ref = reference(cfg, srv.ws, audio, ["speech"])
+
+        async def session(shift: float, drop: int) -> SessionBase:
+            s = SessionBase(Proc(cfg), raw, 3)
+            s.ready, s.labels = True, ["speech"]
+            s.send_times.extend([0.0] * 17)  # messages 3..19 went out
+            s.keep_scores()
+            rows = [list(row) for row in ref[: len(ref) - drop]]
+            rows[5][0] += shift
+            s._keep(0, rows)
+            return s
+
+        off, short = asyncio.run(session(1e-4, 0)), asyncio.run(session(0.0, 1))
+        got = check(cfg, [(srv.ws, off), (srv.ws, short)], raw)
+    assert got["sessions"] == 2 and 0.9e-4 < got["max_abs_diff"] < 1.1e-4
+    assert got["failures"] == [f"session 1: {len(ref) - 1} results streamed, REST scored {len(ref)} steps"]
+    out = {"latencies": b"", "cpu": 0.0, "slip_p99_ms": 0.0, "messages": 0, "cpu_s": 0.0, "verify": got}
+    zero = ("connected", "connect_s", "lost_results", "no_summary", "send_skipped", "frames_sent")
+    out.update({k: 0 for k in (*zero, "results", "events", "window_s", "end_wait_s")})
+    out.update({k: {} for k in ("errors", "close_codes", "connect_failures")})
+    out.update(slip_p50_ms=0.0, slip_max_ms=0.0)
+    report = merge(cfg, [out], [])
+    assert report["verify"]["passed"] is False and report["passed"] is False
