@@ -529,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     res["cpus"] = os.cpu_count()
     RESULTS.mkdir(parents=True, exist_ok=True)
     part = f"-{args.only.replace(',', '-')}" if args.only else ""
-    stem = RESULTS / f"{dt.date.today().isoformat()}-{socket.gethostname()}-ab{part}"
+    base = f"{dt.date.today().isoformat()}-{socket.gethostname()}-ab{part}"
+    stem, n = RESULTS / base, 1
+    while stem.with_suffix(".json").exists():  # a day's earlier report is kept, not overwritten
+        n += 1
+        stem = RESULTS / f"{base}-{n}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
     md = to_markdown(res)
     stem.with_suffix(".md").write_text(md)
