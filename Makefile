@@ -69,13 +69,13 @@ docs: install
 
 bench: install silero
 	$(BIN)/python -m tests.bench.ab_bench
-	$(BIN)/python -m tests.bench.inproc_bench --json tests/bench/results/$$(date +%F)-inproc.json
+	$(BIN)/python -m tests.bench.inproc_bench --json tests/bench/results/$$(date +%F-%H%M)-inproc.json
 	$(BIN)/python -m tests.bench.run_all
 	$(BIN)/python -m tests.bench.export_bench
 	$(BIN)/python -m tests.bench.sessions_bench --trials 20 --sessions 1000
 	$(BIN)/python -m tests.bench.workers_bench
-	$(BIN)/python -m tests.bench.resample_bench --out tests/bench/results/$$(date +%F)-resample.md
-	$(BIN)/python -m tests.bench.kafka_bench --json tests/bench/results/$$(date +%F)-kafka.json
+	$(BIN)/python -m tests.bench.resample_bench --out tests/bench/results/$$(date +%F-%H%M)-resample.md
+	$(BIN)/python -m tests.bench.kafka_bench --json tests/bench/results/$$(date +%F-%H%M)-kafka.json
 
 protocol: install
 	$(BIN)/lookback protocol

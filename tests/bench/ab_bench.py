@@ -58,6 +58,7 @@ from tests.bench.run_all import (
     log,
     lookback_server,
     proc_cpu_seconds,
+    report_paths,
 )
 from tests.support import free_port
 
@@ -529,14 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     res["cpus"] = os.cpu_count()
     RESULTS.mkdir(parents=True, exist_ok=True)
     part = f"-{args.only.replace(',', '-')}" if args.only else ""
-    base = f"{dt.date.today().isoformat()}-{socket.gethostname()}-ab{part}"
-    stem, n = RESULTS / base, 1
-    while stem.with_suffix(".json").exists():  # a day's earlier report is kept, not overwritten
-        n += 1
-        stem = RESULTS / f"{base}-{n}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+    out_json, out_md = report_paths(RESULTS, f"{dt.date.today().isoformat()}-{socket.gethostname()}-ab{part}")
+    out_json.write_text(json.dumps(res, indent=1, default=str))
     md = to_markdown(res)
-    stem.with_suffix(".md").write_text(md)
+    out_md.write_text(md)
     print(md)
     return 0
 

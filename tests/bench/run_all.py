@@ -275,6 +275,16 @@ class Server:
         return ""
 
 
+def report_paths(directory: Path, base: str) -> tuple[Path, Path]:
+    """``base.json`` and ``base.md`` in ``directory``, or ``base-2.*``, ``base-3.*``... where
+    a report of that name exists: a day's earlier report is kept, not overwritten."""
+    name, n = base, 1
+    while (directory / f"{name}.json").exists() or (directory / f"{name}.md").exists():
+        n += 1
+        name = f"{base}-{n}"
+    return directory / f"{name}.json", directory / f"{name}.md"
+
+
 def lookback_server(model: str, port: int, cpu: int | None, **env: Any) -> Server:
     base = {
         "LOOKBACK_HOST": "127.0.0.1",
@@ -891,11 +901,11 @@ def main(argv: list[str] | None = None) -> int:
         md += "\nNotes: " + "; ".join(notes) + "\n"
     report["markdown"] = md
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{now:%Y-%m-%d}-{host}" + ("-quick" if args.quick else "")
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(strip_blobs(report), indent=2, default=str))
-    (args.out_dir / f"{stem}.md").write_text(md)
+    out_json, out_md = report_paths(args.out_dir, f"{now:%Y-%m-%d}-{host}" + ("-quick" if args.quick else ""))
+    out_json.write_text(json.dumps(strip_blobs(report), indent=2, default=str))
+    out_md.write_text(md)
     print(md)
-    log(f"wrote {args.out_dir / stem}.json and .md in {report['elapsed_s']:.0f} s")
+    log(f"wrote {out_json} and {out_md.name} in {report['elapsed_s']:.0f} s")
     return 0
 
 
