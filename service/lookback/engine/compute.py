@@ -90,15 +90,14 @@ class StepCompute:
         in the counts, whichever is fewer calls."""
         spec = self.spec
         hop = spec.hop_samples
+        slots = np.array([s.slot for s in batch], dtype=np.intp)
         k = batch[0].count
         if all(s.count == k for s in batch):  # the usual case: one call, audio straight in
-            slots = np.array([s.slot for s in batch], dtype=np.intp)
             return self._run_group(slots, k, lambda dest: self._fill_audio(dest, batch))
         counts = np.array([s.count for s in batch], dtype=np.intp)
-        slots = np.array([s.slot for s in batch], dtype=np.intp)
         first = np.cumsum(counts) - counts  # each step's first row in ``samples`` and the result
         samples = self._scratch("samples", total, (hop,), np.dtype(np.float32))
-        self._fill_hops(samples, batch, total)
+        self._fill_hops(samples, batch)
         scores = np.empty((total, self.n_labels), np.float32)
         distinct = set(counts.tolist())
         if len(distinct) <= int(np.bitwise_or.reduce(counts)).bit_count():
@@ -160,26 +159,13 @@ class StepCompute:
                 table.store_context(slots, window[:, -ctx:])
         return scores
 
-    def _fill_hops(self, dest: np.ndarray, batch: Sequence[Step], total: int) -> None:
-        """Every step's hops into ``dest`` [total, hop], in step order."""
-        hop = self.spec.hop_samples
-        payloads = [s.payload for s in batch]
-        blob = b"".join(payloads)  # type: ignore[arg-type]
-        if len(blob) == total * hop * 2 and all(type(p) is bytes for p in payloads):
-            self.input.put_s16(dest, blob)
+    def _fill_hops(self, dest: np.ndarray, batch: Sequence[Step]) -> None:
+        """Every step's hops into ``dest`` [total hops, hop], in step order."""
+        if self._put_joined(dest, batch):
             return
         row = 0
         for s in batch:
-            n = s.count * hop
-            p = s.payload
-            if isinstance(p, bytes):
-                if len(p) != n * 2:
-                    raise BadAudio(f"a step of {s.count} hops must carry exactly {n} samples")
-                self.input.put_s16(dest[row : row + s.count], p)
-            else:
-                if p.shape != (n,):
-                    raise BadAudio(f"a step of {s.count} hops must carry exactly {n} samples")
-                self.input.put_f32(dest[row : row + s.count], p)
+            self._put(dest[row : row + s.count], s.payload)
             row += s.count
 
     def _scratch(self, name: str, n: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -194,25 +180,37 @@ class StepCompute:
         return buf[:n]
 
     def _fill_audio(self, dest: np.ndarray, batch: Sequence[Step]) -> None:
-        """Write step i's new samples into ``dest[i]`` ([hop], or [k, hop] for steps of k
-        hops), refusing a wrong length."""
-        per = dest[0].size
-        payloads = [s.payload for s in batch]
-        # join takes any buffer: a float32 payload (4 bytes a sample) makes the blob longer
-        # than n int16 steps, so the length alone tells an all-int16 batch (the common case).
-        blob = b"".join(payloads)  # type: ignore[arg-type]
-        if len(blob) == len(payloads) * per * 2 and type(payloads[0]) is bytes:
-            self.input.put_s16(dest, blob)
+        """Step i's new samples into ``dest[i]`` ([hop], or [k, hop] for steps of k hops)."""
+        if self._put_joined(dest, batch):
             return
-        for i, p in enumerate(payloads):
-            if isinstance(p, bytes):
-                if len(p) != per * 2:
-                    raise BadAudio(f"a step must carry exactly {per} samples ({per * 2} bytes)")
-                self.input.put_s16(dest[i], p)
-            else:
-                if p.shape != (per,):
-                    raise BadAudio(f"a step must carry exactly {per} samples, got {p.shape}")
-                self.input.put_f32(dest[i], p)
+        for i, s in enumerate(batch):
+            self._put(dest[i], s.payload)
+
+    def _put_joined(self, dest: np.ndarray, batch: Sequence[Step]) -> bool:
+        """The common case, every payload int16: all of ``dest`` in one conversion.
+
+        Payload lengths were checked at submission, and a float32 payload (4 bytes a
+        sample) makes the joined blob longer than ``dest`` in int16, so the length and the
+        first payload's type tell an all-int16 batch.
+        """
+        payloads = [s.payload for s in batch]
+        blob = b"".join(payloads)  # type: ignore[arg-type]
+        if len(blob) != dest.size * 2 or type(payloads[0]) is not bytes:
+            return False
+        self.input.put_s16(dest, blob)
+        return True
+
+    def _put(self, dest: np.ndarray, payload: bytes | np.ndarray) -> None:
+        """One step's samples into ``dest`` (any shape of as many), refusing a wrong length."""
+        n = dest.size
+        if isinstance(payload, bytes):
+            if len(payload) != n * 2:
+                raise BadAudio(f"a step must carry exactly {n} samples ({n * 2} bytes)")
+            self.input.put_s16(dest, payload)
+        else:
+            if payload.shape != (n,):
+                raise BadAudio(f"a step must carry exactly {n} samples, got {payload.shape}")
+            self.input.put_f32(dest, payload)
 
     def _scores(self, outs: list[np.ndarray], n: int) -> np.ndarray:
         cols = [np.asarray(outs[i], dtype=np.float32).reshape(n, labels) for i, labels in self._score_pos]
