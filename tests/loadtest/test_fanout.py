@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import uvicorn
@@ -65,6 +66,15 @@ def test_short_run_against_echo_counts_every_result(client: str, results: str) -
     assert r["results_measured"] > 0 and r["latency_ms"]["p50"] is not None
 
 
+def _run_on_lookback(**kw: Any) -> dict[str, Any]:
+    """A short run (3 sessions, 1 s) against a real server of the default model."""
+    if not (STORE / DEFAULT_MODEL).is_dir():
+        pytest.skip("no lookback-vad in model_store")
+    with running_server(make_settings(models=[DEFAULT_MODEL], default_model=DEFAULT_MODEL)) as srv:
+        short = {"urls": [srv.ws], "sessions": 3, "duration": 0.8, "warmup": 0.2, "quiet": True}
+        return run_load(LoadConfig(**{**short, **kw}))
+
+
 @pytest.mark.parametrize("results", ["all", "batch"])
 def test_short_run_against_lookback(results: str) -> None:
     models = [p.parent.parent.name for p in STORE.glob("*/*/model.json")]
@@ -95,22 +105,7 @@ def test_short_run_against_lookback(results: str) -> None:
 def test_short_run_in_another_wire_form(encoding: str, rate: int, client: str) -> None:
     """Telephony (8 kHz G.711) and browser (48 kHz float) load: the server decodes and
     resamples; every step is received and timed against the message that completed it."""
-    model = DEFAULT_MODEL if (STORE / DEFAULT_MODEL).is_dir() else None
-    if model is None:
-        pytest.skip("no lookback-vad in model_store")
-    with running_server(make_settings(models=[model], default_model=model)) as srv:
-        cfg = LoadConfig(
-            urls=[srv.ws],
-            sessions=3,
-            duration=0.8,
-            warmup=0.2,
-            model=model,
-            quiet=True,
-            encoding=encoding,
-            sample_rate=rate,
-            client=client,
-        )
-        r = run_load(cfg)
+    r = _run_on_lookback(model=DEFAULT_MODEL, encoding=encoding, sample_rate=rate, client=client)
     assert r["connected"] == 3 and r["lost_results"] == 0 and not r["errors"], r
     assert r["close_codes"] == {"1000": 3}
     # 20 ms messages for 1 s: about 125 frames (of 8 ms) per session, one step per frame
@@ -145,25 +140,17 @@ def test_scores_under_load_match_rest(
     """``verify``: the first sessions' every score, however it came (one message per
     step, one per model call, binary rows; resampled G.711), equals what /v1/score gives
     for the exact audio each sent, within the bound, and the run passes on it."""
-    if not (STORE / DEFAULT_MODEL).is_dir():
-        pytest.skip("no lookback-vad in model_store")
-    with running_server(make_settings(models=[DEFAULT_MODEL], default_model=DEFAULT_MODEL)) as srv:
-        cfg = LoadConfig(
-            urls=[srv.ws],
-            sessions=4,
-            duration=0.8,
-            warmup=0.2,
-            quiet=True,
-            frames_per_message=3,
-            client=client,
-            results=results,
-            result_format=result_format,
-            encoding=encoding,
-            sample_rate=rate,
-            procs=2,
-            verify=2,
-        )
-        r = run_load(cfg)
+    r = _run_on_lookback(
+        sessions=4,
+        frames_per_message=3,
+        client=client,
+        results=results,
+        result_format=result_format,
+        encoding=encoding,
+        sample_rate=rate,
+        procs=2,
+        verify=2,
+    )
     v = r["verify"]
     assert v is not None and v["sessions"] == 2 and not v["failures"], v
     assert v["max_abs_diff"] <= v["tolerance"] == 1e-5

@@ -80,8 +80,11 @@ def build_messages(
     x = np.tile(base, reps)
     n_msgs = max(1, len(x) // per)
     raw = [encode(x[i * per : (i + 1) * per], encoding) for i in range(n_msgs)]
-    if not framed:
-        return raw
+    return frame_messages(raw, seed) if framed else raw
+
+
+def frame_messages(raw: list[bytes], seed: int) -> list[bytes]:
+    """``raw`` as masked binary WebSocket frames, ready to write (the raw client's form)."""
     rng = random.Random(seed)
     return [ws_frame(0x2, m, rng.randbytes(4)) for m in raw]
 

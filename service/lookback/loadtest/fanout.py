@@ -21,7 +21,7 @@ from dataclasses import asdict
 from typing import Any
 
 from lookback.loadtest import verify
-from lookback.loadtest.audio import build_messages, load_audio
+from lookback.loadtest.audio import build_messages, frame_messages, load_audio
 from lookback.loadtest.config import (
     FRAME,
     SAMPLE_RATE,
@@ -69,14 +69,15 @@ async def proc_run(
     rng = random.Random(seed)
     samples = load_audio(cfg.wav, cfg.seed, wire_rate(cfg))
     proc = Proc(cfg)
-    msgs = build_messages(
+    raw = build_messages(
         samples,
         cfg.frames_per_message,
         seed,
-        framed=cfg.client == "raw",
+        framed=False,
         encoding=cfg.encoding,
         message_samples=None if whole_frames(cfg) else message_samples(cfg),
     )
+    msgs = frame_messages(raw, seed) if cfg.client == "raw" else raw
     query, headers = query_string(cfg), auth_headers(cfg)
     if proc.timing is None:
         cls: Any = RawSession if cfg.client == "raw" else LibSession
@@ -171,18 +172,6 @@ async def proc_run(
     await asyncio.sleep(0)
     checked = None
     if verified:
-        raw = (
-            msgs
-            if cfg.client != "raw"
-            else build_messages(
-                samples,
-                cfg.frames_per_message,
-                seed,
-                framed=False,
-                encoding=cfg.encoding,
-                message_samples=None if whole_frames(cfg) else message_samples(cfg),
-            )
-        )
         pairs = [(cfg.urls[i % len(cfg.urls)], s) for i, s in enumerate(verified)]
         checked = await asyncio.get_running_loop().run_in_executor(None, verify.check, cfg, pairs, raw)
 

@@ -15,11 +15,14 @@ import json
 import math
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from lookback.loadtest.config import LoadConfig, auth_headers, http_base, wire_rate
 from lookback.loadtest.rawclient import SessionBase
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_VERIFY_BYTES = 64 * 1024 * 1024
 
@@ -30,8 +33,10 @@ def sent_audio(raw: list[bytes], session: SessionBase) -> bytes:
     return b"".join(raw[(session.first_msg + i) % n] for i in range(len(session.send_times)))
 
 
-def reference(cfg: LoadConfig, url: str, audio: bytes, labels: list[str]) -> list[list[float]]:
-    """``/v1/score`` of ``audio`` in the run's wire form: one row per step, in ``labels`` order."""
+def reference(cfg: LoadConfig, url: str, audio: bytes, labels: list[str]) -> np.ndarray:
+    """``/v1/score`` of ``audio`` in the run's wire form: ``[steps, labels]`` in ``labels`` order."""
+    import numpy as np
+
     query = {"model": cfg.model, "version": cfg.version, "encoding": cfg.encoding}
     query["sample_rate"] = str(wire_rate(cfg))
     req = urllib.request.Request(
@@ -41,12 +46,14 @@ def reference(cfg: LoadConfig, url: str, audio: bytes, labels: list[str]) -> lis
     )
     with urllib.request.urlopen(req, timeout=120) as resp:
         scores = json.loads(resp.read())["scores"]
-    return [list(row) for row in zip(*(scores[lab] for lab in labels), strict=True)]
+    return np.array([scores[lab] for lab in labels], np.float64).T.reshape(-1, len(labels))
 
 
 def check(cfg: LoadConfig, sessions: list[tuple[str, SessionBase]], raw: list[bytes]) -> dict[str, Any]:
     """Each (URL, session) pair's kept scores against REST: the largest difference, and what
     could not be compared (counted as failures)."""
+    import numpy as np
+
     worst = 0.0
     failures: list[str] = []
     verified = skipped = 0
@@ -58,23 +65,20 @@ def check(cfg: LoadConfig, sessions: list[tuple[str, SessionBase]], raw: list[by
             skipped += 1
             continue
         try:
-            ref = reference(cfg, url, audio, s.labels)
+            want = reference(cfg, url, audio, s.labels)
         except (OSError, ValueError, KeyError) as exc:  # urllib's errors are OSErrors
-            detail = (
-                exc.read()[:200].decode(errors="replace") if isinstance(exc, urllib.error.HTTPError) else ""
-            )
+            detail = ""
+            if isinstance(exc, urllib.error.HTTPError):  # the error body says why
+                detail = exc.read()[:200].decode(errors="replace")
             failures.append(f"session {i}: /v1/score failed: {exc} {detail}".strip())
             continue
-        width = len(s.labels)
-        got = [list(s.kept[r * width : (r + 1) * width]) for r in range(len(s.kept) // width)]
+        got = np.frombuffer(s.kept, np.float64).reshape(-1, len(s.labels))
         verified += 1
         if s.kept_disorder:
             failures.append(f"session {i}: results out of order or missing")
-        if len(got) != len(ref):
-            failures.append(f"session {i}: {len(got)} results streamed, REST scored {len(ref)} steps")
-            continue
-        for a, b in zip(got, ref, strict=True):
-            for x, y in zip(a, b, strict=True):
-                d = abs(x - y)
-                worst = max(worst, d if d == d else math.inf)  # NaN: as far off as can be
+        if got.shape != want.shape:
+            failures.append(f"session {i}: {len(got)} results streamed, REST scored {len(want)} steps")
+        elif got.size:
+            diff = np.abs(got - want)  # NaN anywhere: as far off as can be
+            worst = max(worst, math.inf if np.isnan(diff).any() else float(diff.max()))
     return {"sessions": verified, "skipped": skipped, "max_abs_diff": worst, "failures": failures}
